@@ -1,0 +1,217 @@
+"""The one iteration loop shared by every attack, and the L-infinity threat model it steps in.
+
+Geometry (random start, step, projection) lives in :class:`LinfThreatModel`, in the manner of
+MadryLab's ``robustness`` step classes; :class:`Attack` owns the loop, restarts with the
+per-example merge, and model/gradient hygiene. Subclasses only say how the step direction is
+formed from the input gradient (:meth:`Attack.direction`).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from qgtrain.attacks.losses import get_attack_loss
+from qgtrain.attacks.quantize import check_quantization_level, quantize_gradient
+
+StepObserver = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], None]
+"""Called as ``observer(step, per_example_loss, grad, direction)`` at every inner step."""
+
+
+class LinfThreatModel:
+    """The set ``{x' : |x' - x|_inf <= eps, lo <= x' <= hi}``: init, step and projection."""
+
+    def __init__(self, eps: float, clip: tuple[float, float] = (0.0, 1.0)) -> None:
+        self.eps = float(eps)
+        self.clip = (float(clip[0]), float(clip[1]))
+
+    def random_start(self, x: torch.Tensor) -> torch.Tensor:
+        """Uniform sample from the eps-ball around ``x``, clipped to the valid range."""
+        noise = torch.empty_like(x).uniform_(-self.eps, self.eps)
+        return (x + noise).clamp_(*self.clip)
+
+    def step(self, x_adv: torch.Tensor, direction: torch.Tensor, alpha: float) -> torch.Tensor:
+        """Move ``alpha`` along ``direction`` (already a sign or quantized gradient)."""
+        return x_adv + alpha * direction
+
+    def project(self, x_adv: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Projection onto the eps-ball around ``x`` intersected with the clip box."""
+        x_adv = torch.minimum(torch.maximum(x_adv, x - self.eps), x + self.eps)
+        return x_adv.clamp_(*self.clip)
+
+
+@dataclass
+class AttackResult:
+    """Adversarial inputs, and which examples the model misclassifies on them."""
+
+    x_adv: torch.Tensor
+    fooled: torch.Tensor
+
+
+class Attack:
+    """Iterative first-order L-infinity attack: ``x <- Pi(x + alpha * direction(grad))``.
+
+    Configured by keyword arguments and called as ``attack(model, x, y) -> x_adv``. The loss is
+    computed per example and summed; gradients are taken w.r.t. the input only (no parameter
+    ``.grad`` is written); the model's train/eval flags are left exactly as found (callers choose
+    the mode: evaluation uses eval mode). ``restarts=R`` runs R random starts and keeps, per
+    example, the first input that fools the model, else the last one (Sec. 4.1, "Practical Issues").
+    Works inside ``torch.inference_mode`` (gradients are re-enabled locally) and under autocast.
+    """
+
+    name: ClassVar[str] = "attack"
+    batch_coupled: ClassVar[bool] = False
+    """True when an example's step depends on the rest of its batch (BLOB's particles)."""
+
+    def __init__(
+        self,
+        eps: float = 0.3,
+        alpha: float = 0.01,
+        steps: int = 40,
+        b: int = 1,
+        random_start: bool = True,
+        restarts: int = 1,
+        loss: str = "ce",
+        clip: tuple[float, float] = (0.0, 1.0),
+    ) -> None:
+        lo, hi = float(clip[0]), float(clip[1])
+        if not lo < hi:
+            raise ValueError(f"clip must be (low, high) with low < high, got {clip!r}")
+        if not 0 < eps <= hi - lo:
+            raise ValueError(f"eps must be in (0, {hi - lo:g}] for inputs in [{lo:g}, {hi:g}], got {eps!r}")
+        if not alpha > 0:
+            raise ValueError(f"alpha must be > 0, got {alpha!r}")
+        if isinstance(steps, bool) or int(steps) != steps or steps < 1:
+            raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
+        if isinstance(restarts, bool) or int(restarts) != restarts or restarts < 1:
+            raise ValueError(f"restarts must be an integer >= 1, got {restarts!r}")
+        self.eps = float(eps)
+        self.alpha = float(alpha)
+        self.steps = int(steps)
+        self.b = check_quantization_level(b)
+        self.random_start = bool(random_start)
+        self.restarts = int(restarts)
+        self.loss = loss
+        self.loss_fn = get_attack_loss(loss)
+        self.clip = (lo, hi)
+
+    # ---------------------------------------------------------------- configuration
+    @property
+    def threat_model(self) -> LinfThreatModel:
+        return LinfThreatModel(self.eps, self.clip)
+
+    def config(self) -> dict[str, Any]:
+        """The keyword arguments that rebuild this attack (with its registry name)."""
+        keys = ("eps", "alpha", "steps", "b", "random_start", "restarts", "loss", "clip")
+        cfg = {k: getattr(self, k) for k in keys}
+        cfg["clip"] = list(self.clip)
+        return {"name": self.name, **cfg, **self._extra_config()}
+
+    def _extra_config(self) -> dict[str, Any]:
+        return {}
+
+    def with_eps(self, eps: float) -> Attack:
+        """A copy with radius ``eps`` and the step size scaled in proportion (for eps warm-up)."""
+        scaled = copy.copy(self)
+        scaled.alpha = self.alpha * eps / self.eps
+        scaled.eps = float(eps)
+        return scaled
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.config().items() if k != "name")
+        return f"{type(self).__name__}({args})"
+
+    # ---------------------------------------------------------------- the step direction hook
+    def direction(self, grad: torch.Tensor, x_adv: torch.Tensor) -> torch.Tensor:
+        """Step direction from the input gradient: the quantized gradient (``b=1``: the sign)."""
+        return quantize_gradient(grad, self.b)
+
+    # ---------------------------------------------------------------- the loop
+    def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self.perturb(model, x, y, need_fooled=self.restarts > 1).x_adv
+
+    def perturb(
+        self,
+        model: nn.Module,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        observer: StepObserver | None = None,
+        need_fooled: bool = True,
+    ) -> AttackResult:
+        """Run the attack with restarts; return the merged adversarial inputs and the fooled mask.
+
+        ``observer`` sees every inner step of the first restart (for logging).
+        ``need_fooled=False`` skips the final forward pass when there is a single restart.
+        """
+        if x.shape[0] != y.shape[0]:
+            raise ValueError(f"x and y disagree on batch size: {x.shape[0]} vs {y.shape[0]}")
+        modes = [m.training for m in model.modules()]
+        try:
+            with torch.inference_mode(False):
+                x = x.detach().clone()
+                y = y.detach().clone()
+                return self._perturb(model, x, y, observer, need_fooled)
+        finally:
+            for module, mode in zip(model.modules(), modes, strict=True):
+                module.training = mode
+
+    def _perturb(
+        self,
+        model: nn.Module,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        observer: StepObserver | None,
+        need_fooled: bool,
+    ) -> AttackResult:
+        best = self._run_once(model, x, y, observer)
+        if self.restarts == 1 and not need_fooled:
+            return AttackResult(best, torch.zeros_like(y, dtype=torch.bool))
+        fooled = self._is_fooled(model, best, y)
+        for _ in range(self.restarts - 1):
+            if bool(fooled.all()):
+                break
+            if self.batch_coupled:
+                candidate = self._run_once(model, x, y, None)
+                new_fooled = self._is_fooled(model, candidate, y)
+                take = ~fooled
+                best[take] = candidate[take]
+                fooled = fooled | new_fooled
+            else:  # independent examples: attack only those not yet fooled
+                idx = (~fooled).nonzero().squeeze(1)
+                candidate = self._run_once(model, x[idx], y[idx], None)
+                best[idx] = candidate
+                fooled[idx] = self._is_fooled(model, candidate, y[idx])
+        return AttackResult(best, fooled)
+
+    def _run_once(
+        self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, observer: StepObserver | None
+    ) -> torch.Tensor:
+        geometry = self.threat_model
+        x_adv = geometry.random_start(x) if self.random_start else x.clone()
+        for step in range(self.steps):
+            grad, per_example_loss = self._input_gradient(model, x_adv, y)
+            direction = self.direction(grad, x_adv)
+            if observer is not None:
+                observer(step, per_example_loss, grad, direction)
+            x_adv = geometry.project(geometry.step(x_adv, direction, self.alpha), x)
+        return x_adv.detach()
+
+    def _input_gradient(
+        self, model: nn.Module, x_adv: torch.Tensor, y: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Gradient of the summed per-example loss w.r.t. the input only, and that loss."""
+        with torch.enable_grad():
+            x_adv = x_adv.detach().requires_grad_(True)
+            per_example_loss = self.loss_fn(model(x_adv), y)
+            (grad,) = torch.autograd.grad(per_example_loss.sum(), x_adv)
+        return grad.detach(), per_example_loss.detach()
+
+    @staticmethod
+    @torch.no_grad()
+    def _is_fooled(model: nn.Module, x_adv: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return model(x_adv).argmax(dim=1) != y

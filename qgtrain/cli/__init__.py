@@ -1,0 +1,1 @@
+"""Command-line entry points: ``train.py`` (LightningCLI + short flags) and ``evaluate.py``."""

@@ -1,0 +1,243 @@
+"""Madry-style min-max training: ``min_theta E[max_{x' in B(x, eps)} L(theta, x', y)]`` (paper Eq. 1).
+
+The network and the inner maximiser are injected; the inner attack is any :class:`qgtrain.attacks.Attack`
+(PGD, PQGD with few steps, FGSM-RS, BLOB, BLOB_QG) or ``None`` for standard training.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Iterable
+from typing import Any, Literal
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchmetrics import MeanMetric
+from torchmetrics.classification import MulticlassAccuracy
+
+from qgtrain import __version__
+from qgtrain.attacks import PGD, Attack
+from qgtrain.models import DATASET_SPECS, model_spec
+
+log = logging.getLogger(__name__)
+
+OptimizerFactory = Callable[[Iterable[Any]], torch.optim.Optimizer]
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The training loss became NaN or inf; training stops instead of learning from garbage."""
+
+
+def lr_lambda(schedule: str, total_steps: int) -> Callable[[int], float]:
+    """Multiplier of the base learning rate at optimizer step ``s`` of ``total_steps``.
+
+    ``constant``; ``piecewise``: x0.1 at 50% and x0.01 at 75% of training (Madry/Rice et al.);
+    ``onecycle``: linear 0 -> 1 over the first 40%, then 1 -> 0 (Wong et al.'s cyclic rate).
+    """
+    total = max(int(total_steps), 1)
+    if schedule == "constant":
+        return lambda step: 1.0
+    if schedule == "piecewise":
+        return lambda step: 1.0 if step < 0.5 * total else (0.1 if step < 0.75 * total else 0.01)
+    if schedule == "onecycle":
+        peak = 0.4 * total
+        return lambda step: (step + 1) / peak if step < peak else max(0.0, (total - step) / (total - peak))
+    raise ValueError(f"lr_schedule must be constant, piecewise or onecycle, got {schedule!r}")
+
+
+def default_val_attack() -> PGD:
+    return PGD(eps=0.3, alpha=0.01 * 4, steps=10)
+
+
+class AdversarialTraining(L.LightningModule):
+    """Adversarial training of ``net`` against the inner maximiser ``inner``.
+
+    ``objective="madry"`` trains on adversarial examples only (Eq. 1); ``"mixed"`` on
+    ``clean_weight * L(x) + (1 - clean_weight) * L(x_adv)``. The attack runs with the network in
+    eval mode when ``attack_in_eval_mode`` (so BatchNorm statistics are neither used per batch nor
+    updated by the attack's forward passes). Validation reports clean accuracy and accuracy under
+    ``val_attack`` (a cheap PGD by default), with a fixed seed so epochs are comparable.
+    """
+
+    def __init__(
+        self,
+        net: nn.Module,
+        inner: Attack | None = None,
+        val_attack: Attack | None = None,
+        objective: Literal["madry", "mixed"] = "madry",
+        clean_weight: float = 0.5,
+        attack_in_eval_mode: bool = True,
+        optimizer: OptimizerFactory = torch.optim.Adam,
+        lr_schedule: Literal["constant", "piecewise", "onecycle"] = "constant",
+        eps_warmup_epochs: float = 0.0,
+        track_clean_accuracy: bool = True,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if objective not in ("madry", "mixed"):
+            raise ValueError(f"objective must be 'madry' or 'mixed', got {objective!r}")
+        if not 0.0 <= clean_weight <= 1.0:
+            raise ValueError(f"clean_weight must be in [0, 1], got {clean_weight}")
+        if eps_warmup_epochs < 0:
+            raise ValueError(f"eps_warmup_epochs must be >= 0, got {eps_warmup_epochs}")
+        lr_lambda(lr_schedule, 1)  # validates the name
+        self.save_hyperparameters(ignore=["net", "inner", "val_attack", "optimizer"])
+        self.net = net
+        self.inner = inner
+        self.val_attack = val_attack if val_attack is not None else default_val_attack()
+        self.optimizer_factory = optimizer
+        num_classes = self._num_classes()
+        self.train_loss = MeanMetric()
+        self.train_adv_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.train_clean_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.images_per_sec = MeanMetric()
+        self.attack_time_share = MeanMetric()
+        self.val_clean_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.val_adv_acc = MulticlassAccuracy(num_classes, average="micro")
+        self._batch_start = 0.0
+        self._attack_seconds = 0.0
+
+    def _num_classes(self) -> int:
+        """From the network's dataset (registered models know theirs), else 10."""
+        dataset = getattr(self.net, "dataset", None)
+        return DATASET_SPECS[dataset].num_classes if dataset in DATASET_SPECS else 10
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    # ---------------------------------------------------------------- the inner maximisation
+    def current_inner(self) -> Attack | None:
+        """The inner attack at this point of training (eps ramped linearly during warm-up)."""
+        warmup = self.hparams.eps_warmup_epochs
+        if self.inner is None or warmup <= 0 or self._trainer is None:
+            return self.inner
+        batches = (
+            max(self.trainer.num_training_batches, 1)
+            if math.isfinite(self.trainer.num_training_batches)
+            else 1
+        )
+        progress = (self.global_step + 1) / (warmup * batches)
+        if progress >= 1:
+            return self.inner
+        return self.inner.with_eps(self.inner.eps * progress)
+
+    def craft(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Adversarial examples for training (the network's mode is restored afterwards)."""
+        attack = self.current_inner()
+        if attack is None:
+            return x
+        was_training = self.net.training
+        if self.hparams.attack_in_eval_mode:
+            self.net.eval()
+        try:
+            return attack(self.net, x, y)
+        finally:
+            self.net.train(was_training)
+
+    # ---------------------------------------------------------------- training
+    def on_train_epoch_start(self) -> None:
+        # One RNG stream per (seed, epoch, rank): random starts do not depend on what ran before,
+        # so a run resumed from an epoch boundary draws exactly what the uninterrupted run drew.
+        torch.manual_seed(self.hparams.seed * 1_000_003 + self.current_epoch * 7919 + self.global_rank)
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        self._batch_start = time.perf_counter()
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        start = time.perf_counter()
+        x_adv = self.craft(x, y)
+        self._attack_seconds = time.perf_counter() - start
+        logits_adv = self.net(x_adv)
+        loss_adv = F.cross_entropy(logits_adv, y)
+        if self.hparams.objective == "mixed":
+            logits_clean = self.net(x)
+            w = self.hparams.clean_weight
+            loss = w * F.cross_entropy(logits_clean, y) + (1 - w) * loss_adv
+            self.train_clean_acc(logits_clean.detach(), y)
+        else:
+            loss = loss_adv
+            if self.hparams.track_clean_accuracy and self.inner is not None:
+                self.train_clean_acc(self._eval_logits(x), y)
+        if not torch.isfinite(loss):
+            raise NonFiniteLossError(self._non_finite_message(loss))
+        self.train_adv_acc(logits_adv.detach(), y)
+        self.train_loss(loss.detach())
+        self.log("train/loss", self.train_loss, on_step=True, on_epoch=True, prog_bar=True)
+        self.log("train/adv_acc", self.train_adv_acc, on_step=False, on_epoch=True, prog_bar=True)
+        if self.hparams.objective == "mixed" or (
+            self.hparams.track_clean_accuracy and self.inner is not None
+        ):
+            self.log("train/clean_acc", self.train_clean_acc, on_step=False, on_epoch=True)
+        attack = self.current_inner()
+        if attack is not None:
+            self.log("train/eps", attack.eps, on_step=True, on_epoch=False)
+        return loss
+
+    @torch.no_grad()
+    def _eval_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits with the network in eval mode, so the metric does not touch BatchNorm statistics."""
+        was_training = self.net.training
+        self.net.eval()
+        try:
+            return self.net(x)
+        finally:
+            self.net.train(was_training)
+
+    def _non_finite_message(self, loss: torch.Tensor) -> str:
+        last = None
+        for cb in getattr(self.trainer, "checkpoint_callbacks", []):
+            last = getattr(cb, "last_model_path", None) or getattr(cb, "best_model_path", None) or last
+        return (
+            f"training loss is {loss.item()} at epoch {self.current_epoch}, step {self.global_step}; "
+            f"stopping (last good checkpoint: {last or 'none written yet'}); lower the learning rate "
+            "or check the data"
+        )
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        elapsed = time.perf_counter() - self._batch_start
+        if elapsed <= 0:
+            return
+        batch_size = batch[0].shape[0]
+        self.images_per_sec(batch_size * self.trainer.world_size / elapsed)
+        self.attack_time_share(min(self._attack_seconds / elapsed, 1.0))
+        self.log("perf/images_per_sec", self.images_per_sec, on_step=False, on_epoch=True)
+        self.log("perf/attack_time_share", self.attack_time_share, on_step=False, on_epoch=True)
+
+    # ---------------------------------------------------------------- validation
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        x, y = batch
+        self.val_clean_acc(self.net(x), y)
+        devices = [x.device.index or 0] if x.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(self.hparams.seed + 7 * batch_idx + 104729 * self.global_rank)
+            x_adv = self.val_attack(self.net, x, y)
+        with torch.no_grad():
+            self.val_adv_acc(self.net(x_adv), y)
+        self.log("val/clean_acc", self.val_clean_acc, on_epoch=True, prog_bar=True)
+        self.log("val/adv_acc", self.val_adv_acc, on_epoch=True, prog_bar=True)
+
+    # ---------------------------------------------------------------- optimisation
+    def configure_optimizers(self) -> dict[str, Any]:
+        optimizer = self.optimizer_factory(self.parameters())
+        total = self.trainer.estimated_stepping_batches if self._trainer is not None else 1
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(self.hparams.lr_schedule, total))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ---------------------------------------------------------------- checkpoints
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Record how to rebuild the network (for ``evaluate.py``) and the attacks used."""
+        try:
+            net = model_spec(self.net)
+        except ValueError:
+            net = None
+        checkpoint["qgtrain"] = {
+            "version": __version__,
+            "net": net,
+            "inner": self.inner.config() if self.inner is not None else None,
+            "val_attack": self.val_attack.config(),
+        }

@@ -1,0 +1,76 @@
+"""Shared fixtures: the data root (real MNIST when present), small tensors, a tiny trained model."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from qgtrain.models import TinyCNN
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def find_data_root() -> Path | None:
+    """``$QGTRAIN_DATA``, else ``../shared/data`` beside the repository, if it holds MNIST."""
+    candidates = [os.environ.get("QGTRAIN_DATA"), REPO.parent / "shared" / "data"]
+    for candidate in candidates:
+        if candidate and (Path(candidate) / "MNIST" / "raw" / "train-images-idx3-ubyte").exists():
+            return Path(candidate)
+    return None
+
+
+@pytest.fixture(scope="session")
+def data_root() -> Path:
+    root = find_data_root()
+    if root is None:
+        pytest.skip("real MNIST not found: set QGTRAIN_DATA to a folder holding MNIST/raw")
+    return root
+
+
+def load_mnist_tensors(n: int, train: bool = True, offset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """``n`` real MNIST examples as float [0, 1] tensors, else synthetic separable 28x28 data."""
+    root = find_data_root()
+    if root is not None:
+        from torchvision.datasets import MNIST
+
+        ds = MNIST(str(root), train=train, download=False)
+        x = ds.data[offset : offset + n].unsqueeze(1).float() / 255.0
+        return x, ds.targets[offset : offset + n].long()
+    generator = torch.Generator().manual_seed(1234 + offset + (0 if train else 99))
+    y = torch.randint(0, 10, (n,), generator=generator)
+    x = torch.rand(n, 1, 28, 28, generator=generator) * 0.3
+    for label in range(10):  # a bright bar per class: learnable, and an eps of 0.3 can hide it
+        rows = slice(2 + 2 * label, 4 + 2 * label)
+        x[y == label, :, rows, 4:24] += 0.6
+    return x.clamp(0, 1), y
+
+
+@pytest.fixture(scope="session")
+def mnist_small() -> tuple[torch.Tensor, torch.Tensor]:
+    """512 held-out examples (real MNIST test split when present)."""
+    return load_mnist_tensors(512, train=False)
+
+
+@pytest.fixture(scope="session")
+def trained_tiny_model() -> TinyCNN:
+    """A TinyCNN trained normally for a few seconds on 3000 examples (clean accuracy well above chance)."""
+    torch.manual_seed(0)
+    x, y = load_mnist_tensors(3000, train=True)
+    model = TinyCNN(dataset="mnist", width=8)
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(3):
+        order = torch.randperm(x.shape[0])
+        for start in range(0, x.shape[0], 100):
+            idx = order[start : start + 100]
+            loss = F.cross_entropy(model(x[idx]), y[idx])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    model.eval()
+    for p in model.parameters():
+        p.grad = None
+    return model
