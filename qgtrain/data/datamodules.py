@@ -1,0 +1,355 @@
+"""Data modules over torchvision datasets, held in memory as uint8 tensors.
+
+Root folder: ``data_dir`` argument, else ``$QGTRAIN_DATA``, else ``./data`` (torchvision layout:
+``MNIST/raw``, ``FashionMNIST/raw``, ``cifar-10-batches-py``). A seeded split of the training set is
+held out for validation (checkpoint selection); the test split is for ``evaluate.py`` only.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, ClassVar
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from qgtrain.models.normalization import dataset_spec
+
+log = logging.getLogger(__name__)
+
+DATA_ENV = "QGTRAIN_DATA"
+
+
+class DataError(RuntimeError):
+    """A dataset is missing, corrupt or malformed; the message says which file and how to fix it."""
+
+
+def resolve_data_dir(data_dir: str | os.PathLike | None = None) -> Path:
+    """``data_dir`` if given, else ``$QGTRAIN_DATA``, else ``./data``."""
+    if data_dir:
+        return Path(data_dir).expanduser()
+    return Path(os.environ.get(DATA_ENV) or "data").expanduser()
+
+
+class SeededRandomSampler(Sampler[int]):
+    """Random order drawn from ``(seed, epoch)`` alone, so a resumed run sees the same batches."""
+
+    def __init__(self, num_samples: int, seed: int) -> None:
+        self.num_samples = num_samples
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[int]:
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        return iter(torch.randperm(self.num_samples, generator=generator).tolist())
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+
+class ImageTensorDataset(Dataset):
+    """uint8 images ``(N, C, H, W)`` served as float in [0, 1]; optional pad-4 crop + flip."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, augment: bool = False) -> None:
+        self.images = images
+        self.labels = labels
+        self.augment = augment
+
+    def __len__(self) -> int:
+        return self.labels.shape[0]
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        image = self.images[index].float().div_(255.0)
+        if self.augment:
+            _, h, w = image.shape
+            padded = torch.nn.functional.pad(image, (4, 4, 4, 4))
+            top, left = torch.randint(0, 9, (2,)).tolist()
+            image = padded[:, top : top + h, left : left + w]
+            if torch.rand(()) < 0.5:
+                image = image.flip(-1)
+        return image, self.labels[index]
+
+
+class VisionDataModule(L.LightningDataModule):
+    """Common base: download/check, load into memory, validate, split, loaders."""
+
+    name: ClassVar[str]
+    folder: ClassVar[str]
+    expected_files: ClassVar[tuple[str, ...]]
+    augment_train: ClassVar[bool] = False
+
+    def __init__(
+        self,
+        data_dir: str | None = None,
+        batch_size: int = 50,
+        eval_batch_size: int = 200,
+        val_size: int = 5000,
+        train_subset: int | None = None,
+        num_workers: int | None = None,
+        download: bool = True,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if batch_size < 1 or eval_batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size} / {eval_batch_size}")
+        if val_size < 0:
+            raise ValueError(f"val_size must be >= 0, got {val_size}")
+        if train_subset is not None and train_subset < 1:
+            raise ValueError(f"train_subset must be >= 1 or null, got {train_subset}")
+        self.save_hyperparameters()
+        self.data_dir = resolve_data_dir(data_dir)
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size
+        self.val_size = val_size
+        self.train_subset = train_subset
+        self.num_workers = num_workers
+        self.download = download
+        self.seed = seed
+        self.spec = dataset_spec(self.name)
+        self.train_set: ImageTensorDataset | None = None
+        self.val_set: ImageTensorDataset | None = None
+        self.test_set: ImageTensorDataset | None = None
+
+    # ----------------------------------------------------------------- files
+    @property
+    def raw_dir(self) -> Path:
+        return self.data_dir / self.folder
+
+    def missing_files(self) -> list[str]:
+        return [f for f in self.expected_files if not (self.raw_dir / f).exists()]
+
+    def _torchvision_dataset(self, train: bool, download: bool) -> Any:
+        raise NotImplementedError
+
+    def prepare_data(self) -> None:
+        """Download when files are missing and ``download`` is on; else a one-line error."""
+        if not self.missing_files():
+            return
+        reason = "download disabled"
+        if self.download:
+            try:
+                for train in (True, False):
+                    self._torchvision_dataset(train=train, download=True)
+            except Exception as exc:  # no network, mirror down, disk full...
+                reason = f"download failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+        missing = self.missing_files()
+        if missing:
+            raise DataError(
+                f"{self.name} data not found in {self.raw_dir} (missing {', '.join(missing)}; {reason}); "
+                f"put the files there or point --data-dir / ${DATA_ENV} at the folder that holds {self.folder}/"
+            )
+
+    def _load_split(self, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """The split as ``(uint8 images (N, C, H, W), int64 labels)``, validated."""
+        split = "train" if train else "test"
+        missing = self.missing_files()
+        if missing:
+            raise DataError(
+                f"{self.name} data not found in {self.raw_dir} (missing {', '.join(missing)}); "
+                f"run with download enabled online, or point --data-dir / ${DATA_ENV} at it"
+            )
+        try:
+            dataset = self._torchvision_dataset(train=train, download=False)
+            images, labels = self._as_tensors(dataset)
+        except DataError:
+            raise
+        except Exception as exc:
+            raise DataError(
+                f"cannot read the {self.name} {split} split from {self.raw_dir} "
+                f"({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else 'corrupt file'}); "
+                "the files are truncated or corrupt: delete them and download again"
+            ) from None
+        self._validate(images, labels, split)
+        return images, labels
+
+    def _as_tensors(self, dataset: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def _validate(self, images: torch.Tensor, labels: torch.Tensor, split: str) -> None:
+        spec = self.spec
+        expected = (spec.channels, spec.size, spec.size)
+        where = f"{self.name} {split} split in {self.raw_dir}"
+        if images.dim() != 4 or tuple(images.shape[1:]) != expected:
+            raise DataError(f"{where}: images have shape {tuple(images.shape[1:])}, expected {expected}")
+        if images.shape[0] != labels.shape[0] or images.shape[0] == 0:
+            raise DataError(f"{where}: {images.shape[0]} images but {labels.shape[0]} labels")
+        if labels.min() < 0 or labels.max() >= spec.num_classes:
+            raise DataError(
+                f"{where}: labels outside [0, {spec.num_classes}) "
+                f"(found {int(labels.min())}..{int(labels.max())})"
+            )
+        if split == "train" and labels.unique().numel() < 2:
+            raise DataError(
+                f"{where}: every label is {int(labels[0])}; a classifier cannot be trained on one class"
+            )
+
+    # ----------------------------------------------------------------- splits
+    def setup(self, stage: str | None = None) -> None:
+        if stage in (None, "fit", "validate") and self.train_set is None:
+            images, labels = self._load_split(train=True)
+            if self.val_size >= images.shape[0]:
+                raise DataError(
+                    f"val_size={self.val_size} leaves no training data ({images.shape[0]} images)"
+                )
+            order = torch.randperm(images.shape[0], generator=torch.Generator().manual_seed(self.seed))
+            val_idx, train_idx = order[: self.val_size], order[self.val_size :]
+            if self.train_subset is not None:
+                train_idx = train_idx[: self.train_subset]
+            self.train_set = ImageTensorDataset(images[train_idx], labels[train_idx], self.augment_train)
+            self.val_set = ImageTensorDataset(images[val_idx], labels[val_idx])
+            log.info("%s: %d training, %d validation examples", self.name, len(train_idx), len(val_idx))
+        if stage in (None, "test", "predict") and self.test_set is None:
+            self.test_set = ImageTensorDataset(*self._load_split(train=False))
+
+    def _loader_kwargs(self) -> dict[str, Any]:
+        workers = self.num_workers if self.num_workers is not None else (4 if self.augment_train else 0)
+        return {
+            "num_workers": workers,
+            "pin_memory": torch.cuda.is_available(),
+            "persistent_workers": workers > 0,
+        }
+
+    def _distributed(self) -> bool:
+        trainer = getattr(self, "trainer", None)
+        return trainer is not None and trainer.world_size > 1
+
+    def train_dataloader(self) -> DataLoader:
+        assert self.train_set is not None, "call setup('fit') first"
+        if self._distributed():  # Lightning swaps in a DistributedSampler seeded by (seed, epoch)
+            return DataLoader(
+                self.train_set, self.batch_size, shuffle=True, drop_last=True, **self._loader_kwargs()
+            )
+        sampler = SeededRandomSampler(len(self.train_set), self.seed)
+        return DataLoader(
+            self.train_set, self.batch_size, sampler=sampler, drop_last=True, **self._loader_kwargs()
+        )
+
+    def val_dataloader(self) -> DataLoader:
+        assert self.val_set is not None, "call setup('fit') first"
+        return DataLoader(self.val_set, self.eval_batch_size, shuffle=False, **self._loader_kwargs())
+
+    def test_dataloader(self) -> DataLoader:
+        assert self.test_set is not None, "call setup('test') first"
+        return DataLoader(self.test_set, self.eval_batch_size, shuffle=False, **self._loader_kwargs())
+
+
+class MNISTDataModule(VisionDataModule):
+    """MNIST (LeCun et al.); files in ``<root>/MNIST/raw``."""
+
+    name = "mnist"
+    folder = "MNIST/raw"
+    expected_files = (
+        "train-images-idx3-ubyte",
+        "train-labels-idx1-ubyte",
+        "t10k-images-idx3-ubyte",
+        "t10k-labels-idx1-ubyte",
+    )
+
+    def _torchvision_dataset(self, train: bool, download: bool) -> Any:
+        from torchvision.datasets import MNIST
+
+        return MNIST(str(self.data_dir), train=train, download=download)
+
+    def _as_tensors(self, dataset: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        return dataset.data.unsqueeze(1).contiguous(), dataset.targets.long()
+
+
+class FashionMNISTDataModule(MNISTDataModule):
+    """Fashion-MNIST (Xiao et al.); files in ``<root>/FashionMNIST/raw``."""
+
+    name = "fashion_mnist"
+    folder = "FashionMNIST/raw"
+
+    def _torchvision_dataset(self, train: bool, download: bool) -> Any:
+        from torchvision.datasets import FashionMNIST
+
+        return FashionMNIST(str(self.data_dir), train=train, download=download)
+
+
+class CIFAR10DataModule(VisionDataModule):
+    """CIFAR-10; files in ``<root>/cifar-10-batches-py``; training with pad-4 random crop and flip."""
+
+    name = "cifar10"
+    folder = "cifar-10-batches-py"
+    expected_files = (
+        "data_batch_1",
+        "data_batch_2",
+        "data_batch_3",
+        "data_batch_4",
+        "data_batch_5",
+        "test_batch",
+    )
+    augment_train = True
+
+    def _torchvision_dataset(self, train: bool, download: bool) -> Any:
+        from torchvision.datasets import CIFAR10
+
+        return CIFAR10(str(self.data_dir), train=train, download=download)
+
+    def _load_split(self, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        # Read the batch files directly (torchvision's class insists on the official md5s, which
+        # generated test data cannot have) with an unpickler that only admits NumPy arrays.
+        names = [f"data_batch_{i}" for i in range(1, 6)] if train else ["test_batch"]
+        missing = self.missing_files()
+        if missing:
+            raise DataError(
+                f"{self.name} data not found in {self.raw_dir} (missing {', '.join(missing)}); "
+                f"run with download enabled online, or point --data-dir / ${DATA_ENV} at it"
+            )
+        images, labels = [], []
+        for name in names:
+            path = self.raw_dir / name
+            try:
+                with open(path, "rb") as handle:
+                    batch = _NumpyOnlyUnpickler(handle, encoding="latin1").load()
+                data = torch.as_tensor(np.asarray(batch["data"], dtype=np.uint8))
+                images.append(data.reshape(-1, 3, 32, 32))
+                labels.append(torch.as_tensor(np.asarray(batch["labels"]), dtype=torch.long))
+            except Exception as exc:
+                raise DataError(
+                    f"cannot read {path} ({type(exc).__name__}: {str(exc)[:200] or 'corrupt file'}); "
+                    "the file is truncated, corrupt or not a CIFAR-10 batch: delete it and download again"
+                ) from None
+        images_t, labels_t = torch.cat(images), torch.cat(labels)
+        self._validate(images_t, labels_t, "train" if train else "test")
+        return images_t, labels_t
+
+
+class _NumpyOnlyUnpickler(pickle.Unpickler):
+    """Unpickles CIFAR-10 batches (dicts of lists, bytes and NumPy arrays) and refuses anything else."""
+
+    ALLOWED = {
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy.core.multiarray", "scalar"),
+        ("numpy._core.multiarray", "scalar"),
+    }
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in self.ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a data file")
+
+
+DATAMODULES: dict[str, type[VisionDataModule]] = {
+    cls.name: cls for cls in (MNISTDataModule, FashionMNISTDataModule, CIFAR10DataModule)
+}
+
+
+def build_datamodule(name: str, **kwargs: Any) -> VisionDataModule:
+    try:
+        cls = DATAMODULES[name]
+    except KeyError:
+        raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATAMODULES)}") from None
+    return cls(**kwargs)
