@@ -128,7 +128,7 @@ def test_main_job_with_a_tiny_run_limit(
     monkeypatch.setenv("QGTRAIN_DATA", str(data_root))
     # One validation batch (val_size <= eval_batch_size). Note that jsonargparse reads
     # `--trainer.limit_train_batches 1` as 1.0, i.e. 100%: limits here are >= 2.
-    tiny = "--model tiny_cnn --epochs 1 --data.init_args.val_size 200 --trainer.enable_progress_bar false".split()
+    tiny = "--model tiny_cnn --epochs 1 --data.init_args.val_size 200 --eval-size 50 --eval-steps 2 --trainer.enable_progress_bar false".split()
     assert main(["--inner", "pqgd", "--steps", "10", *tiny, "--trainer.limit_train_batches", "3"]) == 0
     run = tmp_path / "checkpoints" / "mnist-pqgd-k10-b100"
     assert sorted(p.name for p in run.iterdir()) == ["best.ckpt", "last.ckpt"]

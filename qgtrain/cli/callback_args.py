@@ -4,6 +4,10 @@ from __future__ import annotations
 
 from lightning.pytorch.cli import LightningArgumentParser
 
+from qgtrain.callbacks import AttackVisualization, RobustnessEvaluation
+
 
 def add_callback_arguments(parser: LightningArgumentParser) -> None:
-    """Placeholder-free hook: callbacks register here as they are added to the package."""
+    """``robustness:`` (:class:`RobustnessEvaluation`) and ``visualization:`` (:class:`AttackVisualization`)."""
+    parser.add_lightning_class_args(RobustnessEvaluation, "robustness")
+    parser.add_lightning_class_args(AttackVisualization, "visualization")

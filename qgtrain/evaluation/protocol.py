@@ -60,15 +60,18 @@ def adversarial_correct(
     device: torch.device | str | None = None,
     seed: int = 0,
     on_batch: Callable[[int], None] | None = None,
+    first_batch_index: int = 0,
 ) -> torch.Tensor:
     """Boolean vector: is each example correct clean *and* on ``attack``'s output?
 
     Batch ``i`` runs under its own RNG stream ``(seed, i)`` (forked, so the caller's RNG state is
     untouched): results do not depend on what ran before, and the same seed gives the same numbers.
+    ``first_batch_index`` numbers the batches from there, so a shard holding batches ``k, k+1, ...``
+    of a longer sequence (one rank under DDP) draws exactly what the whole sequence draws for them.
     """
     out = []
     with eval_mode(model):
-        for index, (x, y) in enumerate(iterate_batches(batches, device)):
+        for index, (x, y) in enumerate(iterate_batches(batches, device), start=first_batch_index):
             devices = [x.device.index or 0] if x.device.type == "cuda" else []
             with torch.random.fork_rng(devices=devices):
                 torch.manual_seed(seed * 1_000_003 + index)
@@ -79,3 +82,18 @@ def adversarial_correct(
             if on_batch is not None:
                 on_batch(index)
     return torch.cat(out) if out else torch.zeros(0, dtype=torch.bool)
+
+
+def worst_case_correct(correct: Iterable[torch.Tensor]) -> torch.Tensor:
+    """Per-example worst case over several attacks or runs: the AND of their boolean vectors."""
+    vectors = list(correct)
+    if not vectors:
+        raise ValueError("worst_case_correct needs at least one correctness vector")
+    worst = vectors[0].clone()
+    for vector in vectors[1:]:
+        if vector.shape != worst.shape:
+            raise ValueError(
+                f"correctness vectors disagree in shape: {tuple(vector.shape)} vs {tuple(worst.shape)}"
+            )
+        worst &= vector
+    return worst

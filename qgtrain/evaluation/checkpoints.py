@@ -1,0 +1,223 @@
+"""Safe checkpoint loading: rebuild a registered network from a qgtrain checkpoint or a plain state dict.
+
+Files are read with ``torch.load(..., weights_only=True)``: only tensors and plain containers are
+unpickled, so a crafted file cannot execute code. Every failure (missing, truncated, foreign file,
+unknown architecture, mismatched weights) raises :class:`CheckpointError` with a one-line message.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import os
+import pickle
+import warnings
+import zipfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from qgtrain.models import DATASET_SPECS, MODELS, available_models, build_model
+
+NET_PREFIX = "net."
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DistributedDataParallel, torch.compile
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be used; the one-line message names the file and the fix."""
+
+
+@dataclass
+class CheckpointInfo:
+    """What was loaded, for the evaluation record."""
+
+    path: str
+    format: str  # "lightning" (a qgtrain training checkpoint) or "state_dict"
+    model: str
+    model_kwargs: dict[str, Any]
+    dataset: str
+    sha256: str
+    num_parameters: int
+    epoch: int | None = None
+    global_step: int | None = None
+    training: dict[str, Any] = field(default_factory=dict)  # checkpoint["qgtrain"]: inner attack, version
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def read_checkpoint(path: str | os.PathLike) -> Any:
+    """``torch.load(path, map_location="cpu", weights_only=True)`` with one-line errors."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    if path.is_dir():
+        raise CheckpointError(f"checkpoint {path} is a directory; pass the .ckpt/.pt file inside it")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"checkpoint {path} is empty (0 bytes); the save was interrupted")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if "weights only" in str(exc).lower():
+            raise CheckpointError(
+                f"refusing to load {path}: it holds pickled Python objects other than tensors and plain "
+                "containers (weights_only=True), or is not a PyTorch file; only checkpoints written by "
+                "qgtrain or torch.save(model.state_dict()) are accepted"
+            ) from None
+        raise CheckpointError(f"{path} is not a PyTorch checkpoint ({_first_line(exc)})") from None
+    except OSError as exc:
+        raise CheckpointError(f"cannot read checkpoint {path}: {exc.strerror or _first_line(exc)}") from None
+    except Exception as exc:  # the unpickler raises anything (IndexError, KeyError...) on garbage
+        if "zip archive" in str(exc) or isinstance(exc, EOFError | zipfile.BadZipFile):
+            reason = "truncated or corrupt"
+        else:
+            reason = "not a PyTorch checkpoint"
+        raise CheckpointError(
+            f"cannot load {path}: {reason} ({type(exc).__name__}: {_first_line(exc)[:120]}); "
+            "re-copy or re-save the checkpoint"
+        ) from None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _network_state(state: dict[str, Any], lightning: bool, path: Path) -> dict[str, torch.Tensor]:
+    """The network's tensors: ``net.*`` of a training checkpoint, or the whole state dict, unwrapped."""
+    tensors = {k: v for k, v in state.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
+    if lightning or any(k.startswith(NET_PREFIX) for k in tensors):
+        tensors = {k[len(NET_PREFIX) :]: v for k, v in tensors.items() if k.startswith(NET_PREFIX)}
+    for prefix in WRAPPER_PREFIXES:
+        if tensors and all(k.startswith(prefix) for k in tensors):
+            tensors = {k[len(prefix) :]: v for k, v in tensors.items()}
+    if not tensors:
+        raise CheckpointError(f"{path} holds no network weights (no tensors under state_dict/net.*)")
+    return tensors
+
+
+def _default_dataset(name: str) -> str:
+    """The ``dataset`` default of the model's constructor (``"mnist"`` when it has none)."""
+    parameter = inspect.signature(MODELS[name].__init__).parameters.get("dataset")
+    default = parameter.default if parameter is not None else inspect.Parameter.empty
+    return default if isinstance(default, str) else "mnist"
+
+
+def _describe_mismatch(missing: list[str], unexpected: list[str], shapes: list[str]) -> str:
+    parts = []
+    if missing:
+        parts.append(f"missing {len(missing)} keys (e.g. {missing[0]})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected keys (e.g. {unexpected[0]})")
+    if shapes:
+        parts.append(f"shape mismatch at {shapes[0]}")
+    return "; ".join(parts)
+
+
+def load_model_from_checkpoint(
+    path: str | os.PathLike,
+    model: str | None = None,
+    dataset: str | None = None,
+    model_kwargs: dict[str, Any] | None = None,
+) -> tuple[nn.Module, CheckpointInfo]:
+    """Rebuild the network stored at ``path``; return it (CPU, eval mode) and what was loaded.
+
+    A qgtrain training checkpoint records its architecture in ``checkpoint["qgtrain"]["net"]``
+    (``{"name", "kwargs"}``, see ``AdversarialTraining.on_save_checkpoint``); ``model`` and
+    ``dataset`` may be given but must agree with it. A plain state dict needs ``model`` (and
+    ``dataset``, default: the model's own default); ``model_kwargs`` adds constructor arguments (e.g. ``width``).
+    """
+    path = Path(path)
+    loaded = read_checkpoint(path)
+    if not isinstance(loaded, dict):
+        raise CheckpointError(
+            f"{path} holds a {type(loaded).__name__}, not a checkpoint or state dict; save "
+            "model.state_dict() or use a checkpoint written by train.py"
+        )
+    lightning = isinstance(loaded.get("state_dict"), dict)
+    state = loaded["state_dict"] if lightning else loaded
+    meta = loaded.get("qgtrain") if isinstance(loaded.get("qgtrain"), dict) else {}
+    spec = meta.get("net") if isinstance(meta.get("net"), dict) else None
+    tensors = _network_state(state, lightning, path)
+
+    kwargs: dict[str, Any] = {}
+    if spec is not None:
+        name = spec.get("name")
+        kwargs = dict(spec.get("kwargs") or {})
+        if model is not None and model != name:
+            raise CheckpointError(f"{path} holds a {name!r} network, but --model {model!r} was given")
+        if name not in available_models():
+            raise CheckpointError(
+                f"{path} holds an unknown architecture {name!r}; known: {', '.join(available_models())}"
+            )
+    elif model is None:
+        raise CheckpointError(
+            f"{path} does not record its architecture (a plain state dict); pass --model NAME "
+            f"(one of {', '.join(available_models())}) and --dataset"
+        )
+    else:
+        name = model
+        if name not in available_models():
+            raise CheckpointError(f"unknown model {name!r}; choose one of {', '.join(available_models())}")
+    kwargs.update(model_kwargs or {})
+    recorded = kwargs.get("dataset")
+    if dataset is not None and recorded is not None and dataset != recorded:
+        raise CheckpointError(
+            f"{path} was trained on {recorded!r}, but --dataset {dataset!r} was given; drop --dataset"
+        )
+    dataset = dataset or recorded or _default_dataset(name)
+    if dataset not in DATASET_SPECS:
+        raise CheckpointError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASET_SPECS)}")
+    if "dataset" in kwargs or spec is None:
+        kwargs["dataset"] = dataset
+    try:
+        net = build_model(name, **kwargs)
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"cannot build {name!r} with {kwargs}: {_first_line(exc)}") from None
+
+    own = net.state_dict()
+    missing = [k for k in own if k not in tensors]
+    unexpected = [k for k in tensors if k not in own]
+    shapes = [
+        f"{k}: {tuple(tensors[k].shape)} vs {tuple(v.shape)}"
+        for k, v in own.items()
+        if k in tensors and tensors[k].shape != v.shape
+    ]
+    if missing or unexpected or shapes:
+        raise CheckpointError(
+            f"{path} does not match {name}({', '.join(f'{k}={v!r}' for k, v in kwargs.items())}): "
+            f"{_describe_mismatch(missing, unexpected, shapes)}"
+        )
+    bad = [k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise CheckpointError(
+            f"{path} has non-finite (NaN/inf) weights in {bad[0]}; use an earlier checkpoint"
+        )
+    net.load_state_dict(tensors, strict=True)
+    net.eval()
+    info = CheckpointInfo(
+        path=str(path),
+        format="lightning" if lightning else "state_dict",
+        model=name,
+        model_kwargs=kwargs,
+        dataset=dataset,
+        sha256=file_sha256(path),
+        num_parameters=sum(p.numel() for p in net.parameters()),
+        epoch=loaded.get("epoch") if isinstance(loaded.get("epoch"), int) else None,
+        global_step=loaded.get("global_step") if isinstance(loaded.get("global_step"), int) else None,
+        training={k: v for k, v in meta.items() if k != "net"},
+    )
+    return net, info

@@ -1,0 +1,116 @@
+"""Figures in the style of the paper: accuracy against a swept value (Figs. 3-5), gradient histograms (Fig. 2)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from qgtrain.attacks.quantize import quantize_gradient
+
+SWEEP_AXIS = {"eps": "perturbation bound ε", "steps": "number of steps", "b": "quantization level b"}
+
+
+def _pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_sweep(sweep: dict[str, Any], path: str | os.PathLike, title: str = "") -> Path:
+    """Robust accuracy (Avg over runs, bars from Worst to best run) per attack variant vs the swept value."""
+    plt = _pyplot()
+    parameter, values = sweep["parameter"], sweep["values"]
+    fig, ax = plt.subplots(figsize=(6.0, 4.2))
+    markers = "osD^v<>ph*"
+    for i, (line, numbers) in enumerate(sweep["series"].items()):
+        avg = [100 * a for a in numbers["avg"]]
+        lower = [100 * (a - w) for a, w in zip(numbers["avg"], numbers["worst"], strict=True)]
+        upper = [100 * (b - a) for a, b in zip(numbers["avg"], numbers["best"], strict=True)]
+        dashed = line in ("pgd", "blob")  # sign-gradient baselines
+        ax.errorbar(
+            values,
+            avg,
+            yerr=[lower, upper],
+            marker=markers[i % len(markers)],
+            linestyle="--" if dashed else "-",
+            capsize=3,
+            label=line,
+        )
+    ax.plot(values, [100 * e for e in sweep["ensemble"]], color="black", linestyle=":", label="worst case")
+    ax.set_xlabel(SWEEP_AXIS.get(parameter, parameter))
+    ax.set_ylabel("robust accuracy (%)")
+    if parameter == "b" and len(values) > 1 and min(values) > 0 and max(values) / min(values) >= 50:
+        ax.set_xscale("log")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(title or f"accuracy vs {parameter}")
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def gradient_histograms(grad: torch.Tensor, b_values: Sequence[int]) -> dict[str, Any]:
+    """Per-component values of the normalised gradient ``g / M``, ``sign(g)`` and ``ζ(b g / M)`` (Fig. 2).
+
+    Returns the flattened tensors (for plotting) and summary statistics (for results.json).
+    """
+    flat = grad.reshape(grad.shape[0], -1).float()
+    row_max = flat.abs().amax(dim=1, keepdim=True)
+    normalised = flat / torch.where(row_max > 0, row_max, torch.ones_like(row_max))
+    panels: dict[str, torch.Tensor] = {"raw g/M": normalised.flatten(), "sign(g)": torch.sign(flat).flatten()}
+    stats: dict[str, Any] = {
+        "examples": int(flat.shape[0]),
+        "components": int(flat.numel()),
+        "zero_fraction": float((flat == 0).float().mean()),
+        "abs_normalised_quantiles": {
+            str(q): float(torch.quantile(normalised.abs().flatten()[:1_000_000], q)) for q in (0.5, 0.9, 0.99)
+        },
+        "quantized": {},
+    }
+    for b in b_values:
+        q = quantize_gradient(flat, int(b)).flatten()
+        panels[f"ζ(b·g/M), b={b}"] = q
+        stats["quantized"][str(b)] = {
+            "sign_like_fraction": float((q.abs() == 1).float().mean()),  # components quantized to ±1
+            "zero_fraction": float((q == 0).float().mean()),
+            "distinct_values": int(q.unique().numel()),
+        }
+    return {"panels": panels, "stats": stats}
+
+
+def plot_histograms(histograms: dict[str, Any], path: str | os.PathLike, title: str = "") -> Path:
+    """One panel per gradient representation (log-scaled counts except the sign's), as the paper's Figure 2."""
+    plt = _pyplot()
+    panels = histograms["panels"]
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.0), squeeze=False)
+    for ax, (name, values) in zip(axes[0], panels.items(), strict=True):
+        data = values.cpu().numpy()
+        if name.startswith("sign"):
+            ax.hist(data, bins=[-1.5, -0.5, 0.5, 1.5], rwidth=0.6)
+        elif name.startswith("ζ"):
+            lo, hi = int(data.min()), int(data.max())
+            step = max(1, (hi - lo + 1) // 201 + 1)  # one bin per integer level up to b = 100
+            ax.hist(data, bins=[v - 0.5 for v in range(lo, hi + step + 1, step)])
+            ax.set_yscale("log")
+        else:
+            ax.hist(data, bins=101)
+            ax.set_yscale("log")
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel("component value")
+    axes[0][0].set_ylabel("count")
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -1,0 +1,327 @@
+"""One evaluation job end to end (protocol, sweeps, masking checks, histograms) and its outputs.
+
+:func:`run_evaluation` returns a JSON-ready record holding every number and the full configuration;
+``results.md`` and the terminal summary are rendered *from that record*, so the three always agree.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import logging
+import os
+import platform
+import time
+from collections.abc import Sequence
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from qgtrain import __version__
+from qgtrain.evaluation.masking import (
+    MaskingCheck,
+    check_output_probabilities,
+    check_randomized,
+    check_restarts,
+    check_steps,
+    check_sweep,
+    check_zero_gradients,
+    input_gradients,
+)
+from qgtrain.evaluation.plots import gradient_histograms, plot_histograms, plot_sweep
+from qgtrain.evaluation.runner import (
+    Progress,
+    ProtocolResult,
+    ProtocolRunner,
+    ProtocolSettings,
+    SweepResult,
+    TensorBatches,
+)
+
+log = logging.getLogger(__name__)
+
+PACKAGES = ("torch", "torchvision", "lightning", "torchmetrics", "numpy", "matplotlib", "tqdm")
+TIMING_KEYS = frozenset({"run_seconds", "seconds", "wall_seconds", "created", "masking_seconds"})
+"""Keys whose values differ between identical runs (everything else is reproducible)."""
+
+
+def environment_info(device: torch.device | str) -> dict[str, Any]:
+    """Library versions, device and thread settings, for results.json."""
+    device = torch.device(device)
+    versions = {}
+    for package in PACKAGES:
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = None
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        device_name = torch.cuda.get_device_name(index)
+    else:
+        device_name = platform.processor() or platform.machine() or "cpu"
+    return {
+        "qgtrain": __version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "packages": versions,
+        "device": str(device),
+        "device_name": device_name,
+        "cuda": torch.version.cuda if device.type == "cuda" else None,
+        "cudnn": torch.backends.cudnn.version() if device.type == "cuda" else None,
+        "torch_threads": torch.get_num_threads(),
+        "deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
+        "cpu_count": os.cpu_count(),
+    }
+
+
+def run_masking_checks(
+    model: nn.Module,
+    batches: TensorBatches,
+    main: ProtocolResult,
+    device: torch.device | str | None,
+) -> list[MaskingCheck]:
+    """The per-model checks on the first batch, and steps/restarts checks for every main row."""
+    first = batches.head(1)
+    x, y = next(iter(first))
+    if device is not None:
+        x, y = x.to(device), y.to(device)
+    settings = main.settings
+    checks = [
+        check_output_probabilities(model, x),
+        check_randomized(model, x),
+        check_zero_gradients(model, x, y, settings.loss),
+    ]
+    k = first.num_examples
+    for row in main.rows:
+        full = row.run_correct[0][:k]
+        steps = check_steps(model, row.spec, first, full, row.seeds[0], device)
+        # An unused seed, so the single restart's start is independent of run 0's first restart.
+        restarts = check_restarts(model, row.spec, first, full, settings.seed + settings.runs, device)
+        checks.extend(c for c in (steps, restarts) if c is not None)
+    return checks
+
+
+def run_evaluation(
+    model: nn.Module,
+    batches: TensorBatches,
+    settings: ProtocolSettings,
+    device: torch.device | str,
+    sweeps: Sequence[tuple[str, Sequence[float | int]]] = (),
+    histogram_b: Sequence[int] | None = None,
+    masking: bool = True,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
+    """Run the protocol, the sweeps, the masking checks and the histograms; return the record.
+
+    The caller may add ``name``, ``checkpoint``, ``data``, ``config`` and ``command`` before writing.
+
+    ``progress.total`` (when the bar has one) is set to the number of attacked batches to run.
+    """
+    start = time.perf_counter()
+    model = model.to(device)
+    runner = ProtocolRunner(model, batches, device, progress)
+    plans = [settings] + [settings.with_value(p, v) for p, values in sweeps for v in values]
+    if progress is not None and hasattr(progress, "total"):
+        progress.total = runner.batch_cost(plans)
+        if hasattr(progress, "refresh"):
+            progress.refresh()
+    main = runner.evaluate(settings)
+    sweep_results: list[SweepResult] = [runner.sweep(settings, p, values) for p, values in sweeps]
+
+    record: dict[str, Any] = {
+        "name": "evaluation",
+        "batch_size": batches.batch_size,
+        "environment": environment_info(device),
+        "results": main.to_dict(),
+        "sweeps": [s.to_dict() for s in sweep_results],
+    }
+    checks: list[MaskingCheck] = []
+    masking_start = time.perf_counter()
+    if masking:
+        checks = run_masking_checks(model, batches, main, device)
+        for sweep in sweep_results:
+            checks.extend(check_sweep(sweep.parameter, sweep.values, sweep.series(), main.num_examples))
+    warnings = [c.warning for c in checks if c.warning]
+    for warning in warnings:
+        log.warning("gradient masking? %s", warning)
+    record["masking"] = {
+        "enabled": masking,
+        "checks": [c.to_dict() for c in checks],
+        "warnings": warnings,
+        "masking_seconds": time.perf_counter() - masking_start,
+    }
+    record["histogram"] = None
+    if histogram_b is not None:
+        x, y = next(iter(batches.head(1)))
+        grad = input_gradients(model, x.to(device), y.to(device), settings.loss).cpu()
+        record["histogram"] = gradient_histograms(grad, histogram_b)
+    record["wall_seconds"] = time.perf_counter() - start
+    return record
+
+
+# ---------------------------------------------------------------------------------------------- output
+def pct(value: float | None) -> str:
+    return "" if value is None else f"{100 * value:.2f}"
+
+
+def protocol_table(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of the Table 2 layout: runs, Worst, Avg, seconds; clean first, worst case last."""
+    runs = max((len(r["run_accuracies"]) for r in results["rows"]), default=0)
+    header = ["Attack", *[f"Run {i + 1}" for i in range(runs)], "Worst", "Avg", "Time (s)"]
+    clean = results["clean"]["accuracy"]
+    rows = [["Clean", *["" for _ in range(runs)], pct(clean), pct(clean), ""]]
+    for row in results["rows"]:
+        accuracies = [pct(a) for a in row["run_accuracies"]]
+        accuracies += [""] * (runs - len(accuracies))
+        rows.append([row["label"], *accuracies, pct(row["worst"]), pct(row["avg"]), f"{row['seconds']:.1f}"])
+    rows.append(
+        [
+            "Worst case (per example, all attacks and runs)",
+            *[""] * runs,
+            pct(results["ensemble"]["accuracy"]),
+            "",
+            "",
+        ]
+    )
+    return header, rows
+
+
+def sweep_table(sweep: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """Rows = swept values; one column per line: ``Avg (Worst)``; then the per-example worst case."""
+    lines = list(sweep["series"])
+    header = [sweep["parameter"], *lines, "worst case"]
+    rows = []
+    for i, value in enumerate(sweep["values"]):
+        cells = [
+            f"{pct(sweep['series'][k]['avg'][i])} ({pct(sweep['series'][k]['worst'][i])})" for k in lines
+        ]
+        rows.append(
+            [f"{value:g}" if isinstance(value, float) else str(value), *cells, pct(sweep["ensemble"][i])]
+        )
+    return header, rows
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def text_table(header: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(str(c)) for c in column) for column in zip(header, *rows, strict=True)]
+    fmt = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths, strict=True)).rstrip()  # noqa: E731
+    return "\n".join([fmt(header), fmt(["-" * w for w in widths]), *(fmt(r) for r in rows)])
+
+
+def describe_setup(record: dict[str, Any]) -> list[str]:
+    """Setup lines for results.md and the terminal (tolerates records without checkpoint/data)."""
+    s = record["results"]["settings"]
+    lines = []
+    ckpt, data, env = record.get("checkpoint"), record.get("data"), record["environment"]
+    if ckpt:
+        lines.append(
+            f"Checkpoint: `{ckpt['path']}` ({ckpt['format']}, model {ckpt['model']} {ckpt['model_kwargs']}, "
+            f"epoch {ckpt['epoch']}, sha256 {ckpt['sha256'][:12]})"
+        )
+    if data:
+        lines.append(
+            f"Data: {data['dataset']} test split, first {data['n']} of {data['split_size']} examples, "
+            f"batch size {data['batch_size']}"
+        )
+    else:
+        lines.append(f"Data: {record['results']['n']} examples, batch size {record['batch_size']}")
+    lines += [
+        f"Threat model: L-inf, eps = {s['eps']:g}, alpha = {s['alpha']:g}, {s['steps']} steps, loss {s['loss']}; "
+        f"{s['restarts']} restart(s) merged per example; {s['runs']} independent run(s) "
+        f"(run r uses seed {s['seed']} + r)",
+        f"Device: {env['device']} ({env['device_name']}), torch {env['packages']['torch']}, "
+        f"{env['torch_threads']} threads; wall time {record['wall_seconds']:.1f} s",
+    ]
+    return lines
+
+
+def render_markdown(record: dict[str, Any]) -> str:
+    """results.md: the setup, masking warnings, the Table 2-style table, sweep tables and figures."""
+    out = [f"# Robustness evaluation: {record['name']}", ""]
+    out += [f"- {line}" for line in describe_setup(record)]
+    out += ["", "## Gradient-masking checks", ""]
+    masking = record["masking"]
+    if not masking["enabled"]:
+        out.append("Checks disabled (--no-masking-checks).")
+    elif masking["warnings"]:
+        out += [f"- **Warning:** {w}" for w in masking["warnings"]]
+    else:
+        names = sorted({c["name"] for c in masking["checks"]})
+        out.append(f"No check fired ({', '.join(names)}).")
+    out += ["", "## Accuracy (%) per run, Worst and Avg over runs", ""]
+    out.append(markdown_table(*protocol_table(record["results"])))
+    for sweep in record["sweeps"]:
+        out += ["", f"## Sweep over {sweep['parameter']}: Avg (Worst) accuracy (%)", ""]
+        out.append(markdown_table(*sweep_table(sweep)))
+        figure = f"sweep_{sweep['parameter']}.png"
+        if figure in record.get("figures", []):
+            out += ["", f"![accuracy vs {sweep['parameter']}]({figure})"]
+    if record.get("histogram"):
+        stats = record["histogram"]
+        out += ["", "## Gradient histograms (Figure 2)", ""]
+        out.append(
+            f"{stats['examples']} examples, {stats['components']} components; exactly zero: "
+            f"{pct(stats['zero_fraction'])}%."
+        )
+        out.append("")
+        header = ["b", "components at ±1 (%)", "zero (%)", "distinct values"]
+        rows = [
+            [b, pct(q["sign_like_fraction"]), pct(q["zero_fraction"]), str(q["distinct_values"])]
+            for b, q in stats["quantized"].items()
+        ]
+        out.append(markdown_table(header, rows))
+        if "histogram.png" in record.get("figures", []):
+            out += ["", "![gradient histograms](histogram.png)"]
+    return "\n".join(out) + "\n"
+
+
+def render_summary(record: dict[str, Any]) -> str:
+    """The terminal summary: setup lines, the main table, sweep tables, warnings."""
+    out = describe_setup(record) + ["", text_table(*protocol_table(record["results"]))]
+    for sweep in record["sweeps"]:
+        out += ["", f"sweep over {sweep['parameter']} (Avg (Worst) %):", text_table(*sweep_table(sweep))]
+    out += [f"WARNING: {w}" for w in record["masking"]["warnings"]]
+    return "\n".join(out)
+
+
+def write_outputs(record: dict[str, Any], out_dir: str | os.PathLike) -> dict[str, Path]:
+    """Write results.json, results.md and the PNG figures into ``out_dir``; return their paths."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths: dict[str, Path] = {}
+    figures = []
+    for sweep in record["sweeps"]:
+        name = f"sweep_{sweep['parameter']}.png"
+        paths[name] = plot_sweep(
+            sweep, out_dir / name, title=f"{record['name']}: accuracy vs {sweep['parameter']}"
+        )
+        figures.append(name)
+    histogram = record.get("histogram")
+    if histogram and "panels" in histogram:
+        paths["histogram.png"] = plot_histograms(histogram, out_dir / "histogram.png", title=record["name"])
+        figures.append("histogram.png")
+        record["histogram"] = histogram["stats"]
+    record["figures"] = figures
+    record.setdefault("created", _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
+    paths["results.json"] = out_dir / "results.json"
+    paths["results.json"].write_text(json.dumps(record, indent=2, sort_keys=False, default=str) + "\n")
+    paths["results.md"] = out_dir / "results.md"
+    paths["results.md"].write_text(render_markdown(record))
+    return paths
+
+
+def strip_timing(value: Any) -> Any:
+    """``value`` without the keys that legitimately differ between identical runs (for comparisons)."""
+    if isinstance(value, dict):
+        return {k: strip_timing(v) for k, v in value.items() if k not in TIMING_KEYS}
+    if isinstance(value, list):
+        return [strip_timing(v) for v in value]
+    return value

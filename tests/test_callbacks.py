@@ -1,0 +1,316 @@
+"""Robustness callbacks: documented keys and TensorBoard views, exact accuracy, overfitting guard, DDP."""
+
+from __future__ import annotations
+
+import functools
+import logging
+from pathlib import Path
+from types import SimpleNamespace
+
+import lightning as L
+import pytest
+import torch
+import yaml
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import TensorBoardLogger
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.plugins.hparams import plugin_data_pb2
+
+from qgtrain.attacks import PGD, PQGD, build_attack
+from qgtrain.callbacks import AttackVisualization, RobustnessEvaluation, shard_batches, subset_indices
+from qgtrain.callbacks.robustness import limited_validation_size
+from qgtrain.cli.aliases import UsageError, expand_short_flags
+from qgtrain.cli.train import build_cli, main
+from qgtrain.data import MNISTDataModule
+from qgtrain.evaluation import adversarial_correct, clean_correct
+from qgtrain.models import TinyCNN
+from qgtrain.training import AdversarialTraining
+
+EPS = 0.1  # small enough that a briefly trained tiny CNN keeps some robust accuracy: no 0 == 0 checks
+DOCUMENTED_SCALARS = [
+    "robust/clean_acc",
+    "robust/blob_qg_acc",
+    "robust/pgd_acc",
+    "robust/worst_acc",
+    "robust/best_worst_acc",
+    "robust/eval_seconds",
+    "robust/eval_time_share",
+]
+
+
+def _datamodule(data_root: Path) -> MNISTDataModule:
+    return MNISTDataModule(
+        data_dir=str(data_root),
+        batch_size=50,
+        eval_batch_size=100,
+        val_size=200,
+        train_subset=100,
+        download=False,
+        seed=0,
+    )
+
+
+def _module(trained: TinyCNN, lr: float = 1e-4) -> AdversarialTraining:
+    net = TinyCNN(dataset="mnist", width=trained.width)
+    net.load_state_dict(trained.state_dict())
+    return AdversarialTraining(
+        net,
+        PQGD(eps=EPS, alpha=0.05, steps=2, b=100),
+        val_attack=PGD(eps=EPS, alpha=0.05, steps=2),
+        optimizer=functools.partial(torch.optim.SGD, lr=lr),
+        eps_warmup_epochs=0.0,
+    )
+
+
+def _trainer(**kwargs) -> L.Trainer:
+    defaults = dict(
+        accelerator="cpu",
+        devices=1,
+        max_epochs=1,
+        limit_val_batches=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        inference_mode=False,
+        num_sanity_val_steps=0,
+    )
+    return L.Trainer(**{**defaults, **kwargs})
+
+
+@pytest.fixture(scope="module")
+def short_run(data_root: Path, trained_tiny_model: TinyCNN, tmp_path_factory: pytest.TempPathFactory):
+    """One epoch of PQGD training with both callbacks and a TensorBoard logger."""
+    log_dir = tmp_path_factory.mktemp("tb")
+    robustness = RobustnessEvaluation(subset_size=64, batch_size=32, eps=EPS, steps=3, seed=3)
+    visualization = AttackVisualization(num_images=4, batch_size=16)
+    datamodule = _datamodule(data_root)
+    module = _module(trained_tiny_model)
+    logger = TensorBoardLogger(str(log_dir), name="run", default_hp_metric=False)
+    trainer = _trainer(logger=logger, callbacks=[robustness, visualization])
+    trainer.fit(module, datamodule=datamodule)
+    events = EventAccumulator(logger.log_dir, size_guidance={"scalars": 0, "images": 0, "histograms": 0})
+    events.Reload()
+    return SimpleNamespace(
+        trainer=trainer, module=module, datamodule=datamodule, robustness=robustness, events=events
+    )
+
+
+def test_callback_logs_the_documented_keys(short_run) -> None:
+    metrics = short_run.trainer.callback_metrics
+    assert set(DOCUMENTED_SCALARS) <= set(metrics)
+    clean, blob, pgd, worst = (
+        float(metrics[f"robust/{k}_acc"]) for k in ("clean", "blob_qg", "pgd", "worst")
+    )
+    # Robust counts need clean correctness; the worst case is per example, so at most the weaker attack.
+    assert 0.0 < worst <= min(blob, pgd) <= max(blob, pgd) <= clean <= 1.0
+    assert float(metrics["robust/eval_seconds"]) > 0 and 0 < float(metrics["robust/eval_time_share"]) < 1
+
+
+def test_tensorboard_holds_scalars_image_histograms_and_hparams(short_run) -> None:
+    tags = short_run.events.Tags()
+    assert set(DOCUMENTED_SCALARS) <= set(tags["scalars"])
+    assert {"attack/step_loss_first", "attack/step_loss_last", "attack/reference_step_loss_last"} <= set(
+        tags["scalars"]
+    )
+    assert {"images/adversarial_grid", "attack/step_loss_curve"} <= set(tags["images"])
+    assert {"attack/grad_quantized", "attack/grad_abs"} <= set(tags["histograms"])
+    # Fig. 2: the quantized gradient of PQGD (b=100) spreads over [-b, b]; its per-example maximum maps to +-b.
+    quantized = short_run.events.Histograms("attack/grad_quantized")[-1].histogram_value
+    assert max(abs(quantized.min), abs(quantized.max)) == 100.0
+    grad_abs = short_run.events.Histograms("attack/grad_abs")[-1].histogram_value
+    assert grad_abs.min >= 0 and grad_abs.max > 0
+    # The inner attack ascends: the loss on its final inputs is above the loss at its random start.
+    first = short_run.events.Scalars("attack/step_loss_first")[-1].value
+    assert short_run.events.Scalars("attack/step_loss_last")[-1].value > first
+    # HParams tab: the run's hyperparameters with the final clean and robust accuracy.
+    content = short_run.events.PluginTagToContent("hparams")
+    session = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/session_start_info"])
+    hparams = session.session_start_info.hparams
+    assert hparams["inner/name"].string_value == "pqgd" and hparams["inner/steps"].number_value == 2
+    robust = short_run.events.Scalars("hparams/robust_acc")[-1].value
+    assert robust == pytest.approx(float(short_run.trainer.callback_metrics["robust/worst_acc"]))
+
+
+def test_logged_accuracy_equals_a_direct_call_of_the_same_attack(short_run) -> None:
+    """Same subset (seeded choice), same batches, same seed: the same per-example results."""
+    robustness, net = short_run.robustness, short_run.module.net
+    val_set = short_run.datamodule.val_set
+    indices = subset_indices(len(val_set), 64, seed=3)
+    x = torch.stack([val_set[int(i)][0] for i in indices])
+    y = torch.stack([val_set[int(i)][1] for i in indices])
+    batches = list(zip(x.split(32), y.split(32), strict=True))
+    alpha = 2.5 * EPS / 3  # the documented default step size for eps=EPS, steps=3
+    attacks = {
+        "blob_qg": build_attack("blob_qg", eps=EPS, alpha=alpha, steps=3, b=100),
+        "pgd": build_attack("pgd", eps=EPS, alpha=alpha, steps=3),
+    }
+    assert {k: a.config() for k, a in attacks.items()} == {
+        k: a.config() for k, a in robustness.attacks.items()
+    }
+    direct = {name: adversarial_correct(net, attack, batches, seed=3) for name, attack in attacks.items()}
+    direct["clean"] = clean_correct(net, batches)
+    direct["worst"] = direct["blob_qg"] & direct["pgd"]
+    logged = short_run.trainer.callback_metrics
+    for key, correct in direct.items():
+        assert float(logged[f"robust/{key}_acc"]) == pytest.approx(correct.float().mean().item(), abs=1e-9)
+
+
+def test_evaluation_leaves_training_state_and_rng_untouched(short_run) -> None:
+    net = short_run.module.net
+    net.train()
+    torch.manual_seed(123)
+    rng = torch.get_rng_state()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    short_run.robustness.evaluate(short_run.trainer, short_run.module)
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert all(m.training for m in net.modules())
+    assert all(p.grad is None for p in net.parameters())
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
+
+
+def test_overfitting_guard_warns_on_a_crafted_drop(caplog: pytest.LogCaptureFixture) -> None:
+    guard = RobustnessEvaluation(overfit_margin=0.2, eps=0.3)
+    trainer = SimpleNamespace(is_global_zero=True, should_stop=False)
+    with caplog.at_level(logging.WARNING, logger="qgtrain.callbacks.robustness"):
+        fired = [
+            guard.check_overfitting(e, acc, trainer) for e, acc in enumerate([0.30, 0.45, 0.40, 0.27, 0.20])
+        ]
+    assert fired == [False, False, False, False, True]  # 0.45 -> 0.27 is 18 points; 0.45 -> 0.20 is 25
+    assert guard.best_worst_acc == 0.45 and guard.best_epoch == 1
+    assert len(caplog.records) == 1 and "catastrophic overfitting" in caplog.records[0].getMessage()
+    assert trainer.should_stop is False  # warning only, by default
+    stopper = RobustnessEvaluation(overfit_margin=0.2, eps=0.3, stop_on_overfit=True)
+    for epoch, acc in enumerate([0.6, 0.1]):
+        stopper.check_overfitting(epoch, acc, trainer)
+    assert trainer.should_stop is True
+
+
+class ScriptedRobustness(RobustnessEvaluation):
+    """Reports a crafted robust-accuracy sequence instead of running attacks."""
+
+    def __init__(self, sequence: list[float], **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.sequence = sequence
+
+    def evaluate(self, trainer, pl_module) -> dict[str, float]:
+        self._evaluated_step = trainer.global_step
+        self.last_results = {
+            "robust/clean_acc": 1.0,
+            "robust/worst_acc": self.sequence[trainer.current_epoch],
+        }
+        return self.last_results
+
+
+def test_best_checkpoint_holds_the_best_robust_model_and_collapse_stops_training(
+    data_root: Path, trained_tiny_model: TinyCNN, tmp_path: Path
+) -> None:
+    """The train CLI's checkpoint settings: `best` follows robust/worst_acc, also across epochs
+    without an evaluation (every_n_epochs=2: epochs 0, 1, 3 are evaluated, 2 is not)."""
+    scripted = ScriptedRobustness([0.5, 0.7, 0.9, 0.2, 0.2], every_n_epochs=2, stop_on_overfit=True)
+    checkpoint = ModelCheckpoint(
+        dirpath=tmp_path,
+        filename="best",
+        monitor="robust/worst_acc",
+        mode="max",
+        save_last=True,
+        save_on_train_epoch_end=True,
+        auto_insert_metric_name=False,
+    )
+    trainer = _trainer(
+        max_epochs=5, limit_train_batches=1, enable_checkpointing=True, callbacks=[scripted, checkpoint]
+    )
+    trainer.fit(_module(trained_tiny_model), datamodule=_datamodule(data_root))
+    assert scripted.overfit_detected and trainer.current_epoch == 4  # stopped after epoch 3 of 5
+    # epoch 2's 0.9 was never evaluated, so it cannot be the best; epoch 1's 0.7 is.
+    assert torch.load(tmp_path / "best.ckpt", weights_only=True)["epoch"] == 1
+    assert checkpoint.best_model_score == pytest.approx(0.7)
+
+
+def test_eval_flags_and_eps_reach_the_robustness_config(capsys: pytest.CaptureFixture) -> None:
+    argv = ["--eval-every", "3", "--eval-attack", "pgd", "--eval-steps", "7", "--eval-size", "300"]
+    with pytest.raises(SystemExit):
+        main([*argv, "--eval-b", "5", "--eps", "0.2", "--print_config"])
+    cfg = yaml.safe_load(capsys.readouterr().out)
+    rob = cfg["robustness"]
+    assert (rob["every_n_epochs"], rob["attack"], rob["steps"], rob["subset_size"], rob["b"], rob["eps"]) == (
+        3,
+        "pgd",
+        7,
+        300,
+        5,
+        0.2,
+    )
+    assert cfg["visualization"]["every_n_epochs"] == 3
+    assert cfg["checkpoint"]["monitor"] == "robust/worst_acc"
+    with pytest.raises(UsageError, match="--eval-attack must be one of"):
+        expand_short_flags(["--eval-attack", "cw"])
+    with pytest.raises(UsageError, match="--eval-every must be an integer >= 0"):
+        expand_short_flags(["--eval-every", "-1"])
+
+
+@pytest.mark.filterwarnings("ignore:.*LightningCLI's args parameter")
+def test_turning_evaluation_off_falls_back_to_validation_accuracy(tmp_path: Path) -> None:
+    common = [
+        "--checkpoint_root",
+        str(tmp_path / "ck"),
+        "--log_root",
+        str(tmp_path / "lg"),
+        "--model",
+        "tiny_cnn",
+    ]
+    monitors = {}
+    for every in ("0", "2"):
+        cli = build_cli(expand_short_flags([*common, "--eval-every", every, "--run-name", f"r{every}"]))
+        (checkpoint,) = [cb for cb in cli.trainer.callbacks if isinstance(cb, ModelCheckpoint) and cb.monitor]
+        robustness = [cb for cb in cli.trainer.callbacks if isinstance(cb, RobustnessEvaluation)]
+        assert len(robustness) == 1 and robustness[0].every_n_epochs == int(every)
+        monitors[every] = checkpoint.monitor
+    assert monitors == {"0": "val/adv_acc", "2": "robust/worst_acc"}
+
+
+@pytest.mark.parametrize(("examples", "batch", "world"), [(90, 20, 2), (100, 25, 2), (30, 20, 3), (7, 10, 2)])
+def test_shards_cover_every_batch_once(examples: int, batch: int, world: int) -> None:
+    shards = [shard_batches(examples, batch, rank, world) for rank in range(world)]
+    assert shards[0][0] == 0 and all(a[1] == b[0] for a, b in zip(shards, shards[1:], strict=False))
+    assert shards[-1][1] == -(-examples // batch)
+
+
+def test_quick_runs_get_a_quick_evaluation() -> None:
+    def trainer(limit):
+        return SimpleNamespace(
+            limit_val_batches=limit, datamodule=SimpleNamespace(eval_batch_size=100), val_dataloaders=None
+        )
+
+    assert limited_validation_size(trainer(2), 5000) == 200
+    assert limited_validation_size(trainer(0.1), 5000) == 500
+    assert limited_validation_size(trainer(100), 5000) == 5000
+    assert limited_validation_size(trainer(1.0), 5000) == 5000
+
+
+def test_bad_robustness_settings_are_one_line_errors(capsys: pytest.CaptureFixture, tmp_path: Path) -> None:
+    for argv, message in (
+        (["--robustness.steps", "0"], "robustness.steps must be an integer >= 1"),
+        (["--robustness.extra_attacks=[cw]"], "unknown attack 'cw'"),
+    ):
+        with pytest.raises(SystemExit) as info:
+            main([*argv, "--checkpoint_root", str(tmp_path / "ck"), "--log_root", str(tmp_path / "lg")])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert info.value.code == 2 and len(err) == 1 and message in err[0]
+
+
+@pytest.mark.slow
+def test_two_ddp_processes_report_what_one_process_reports(
+    data_root: Path, trained_tiny_model: TinyCNN
+) -> None:
+    """90 examples in batches of 20 (5 batches: 3 on rank 0, 2 on rank 1), BLOB_QG and PGD with random
+    starts: whole-batch sharding with per-batch seeds makes even these exact; lr=0 keeps the weights equal."""
+    results = {}
+    for devices, strategy in ((1, "auto"), (2, "ddp_spawn")):
+        robustness = RobustnessEvaluation(subset_size=90, batch_size=20, eps=EPS, steps=3, seed=1)
+        trainer = _trainer(devices=devices, strategy=strategy, limit_train_batches=1, callbacks=[robustness])
+        trainer.fit(_module(trained_tiny_model, lr=0.0), datamodule=_datamodule(data_root))
+        results[devices] = {k: float(v) for k, v in trainer.callback_metrics.items() if k.endswith("_acc")}
+    assert 0.0 < results[1]["robust/worst_acc"] < results[1]["robust/clean_acc"]
+    for key in ("robust/clean_acc", "robust/blob_qg_acc", "robust/pgd_acc", "robust/worst_acc"):
+        assert results[2][key] == results[1][key], key

@@ -1,0 +1,460 @@
+"""evaluate.py: the paper's protocol end to end on a tiny trained model, safe loading, masking checks."""
+
+from __future__ import annotations
+
+import builtins
+import io
+import json
+import re
+import struct
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from conftest import find_data_root, load_mnist_tensors
+from torch import nn
+
+from qgtrain.cli.evaluate import main
+from qgtrain.evaluation import (
+    CheckpointError,
+    ProtocolSettings,
+    TensorBatches,
+    load_model_from_checkpoint,
+)
+from qgtrain.evaluation.masking import (
+    check_output_probabilities,
+    check_randomized,
+    check_stronger_attack,
+    check_sweep,
+    check_zero_gradients,
+)
+from qgtrain.evaluation.report import run_evaluation, strip_timing, write_outputs
+from qgtrain.models import TinyCNN, model_spec
+
+FAST = ["--n", "100", "--batch-size", "100", "--steps", "5", "--quiet", "--threads", "1", "--device", "cpu"]
+
+
+# ------------------------------------------------------------------------------------ fixtures
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One torch thread: on a shared 2-core machine two threads run these small batches ~10x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def write_idx(path: Path, tensor: torch.Tensor) -> None:
+    """An MNIST idx file (magic 0x0803 for images, 0x0801 for labels), as torchvision reads it."""
+    dims = tuple(tensor.shape)
+    magic = 0x0800 + len(dims)
+    header = struct.pack(">I", magic) + b"".join(struct.pack(">I", d) for d in dims)
+    path.write_bytes(header + tensor.to(torch.uint8).contiguous().numpy().tobytes())
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Real MNIST when present, else a synthetic MNIST (conftest's separable bars) in idx format."""
+    root = find_data_root()
+    if root is not None:
+        return root
+    root = tmp_path_factory.mktemp("mnist_data")
+    raw = root / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for split, train in (("train", True), ("t10k", False)):
+        x, y = load_mnist_tensors(300, train=train)
+        write_idx(raw / f"{split}-images-idx3-ubyte", (x[:, 0] * 255).round())
+        write_idx(raw / f"{split}-labels-idx1-ubyte", y)
+    return root
+
+
+def lightning_like_checkpoint(net: nn.Module, path: Path) -> Path:
+    """The layout AdversarialTraining.on_save_checkpoint writes: state_dict under net.*, spec under qgtrain."""
+    state = {f"net.{k}": v for k, v in net.state_dict().items()}
+    torch.save({"state_dict": state, "qgtrain": {"net": model_spec(net)}, "epoch": 3}, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(trained_tiny_model: TinyCNN, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return lightning_like_checkpoint(trained_tiny_model, tmp_path_factory.mktemp("ckpt") / "tiny.ckpt")
+
+
+def run_cli(ckpt: Path, data_dir: Path, out_dir: Path, *extra: str) -> tuple[int, dict[str, Any], str]:
+    status = main(
+        ["--ckpt", str(ckpt), "--data-dir", str(data_dir), "--out-dir", str(out_dir), *FAST, *extra]
+    )
+    folder = out_dir / "run"
+    if status != 0:
+        return status, {}, ""
+    return status, json.loads((folder / "results.json").read_text()), (folder / "results.md").read_text()
+
+
+@pytest.fixture(scope="module")
+def full_run(tiny_ckpt: Path, data_dir: Path, tmp_path_factory: pytest.TempPathFactory):
+    """Every attack, two b values, two runs, two restarts, with histograms."""
+    out = tmp_path_factory.mktemp("full")
+    status, record, markdown = run_cli(
+        tiny_ckpt,
+        data_dir,
+        out,
+        *("--name", "run", "--attacks", "pgd,pqgd,blob,blob_qg", "--b", "1,100"),
+        *("--restarts", "2", "--runs", "2", "--histogram"),
+    )
+    assert status == 0
+    return record, markdown, out / "run"
+
+
+# ------------------------------------------------------------------------------------ the protocol
+def test_table_numbers_are_consistent(full_run) -> None:
+    record, _, _ = full_run
+    results = record["results"]
+    rows = results["rows"]
+    # pqgd and blob_qg get one row per b; pgd and blob one row (b = 1).
+    assert [r["label"] for r in rows] == [
+        "pgd", "pqgd (b=1)", "pqgd (b=100)", "blob", "blob_qg (b=1)", "blob_qg (b=100)",
+    ]  # fmt: skip
+    clean = results["clean"]["accuracy"]
+    ensemble = results["ensemble"]["accuracy"]
+    assert clean > 0.5  # a trained model, not chance
+    for row in rows:
+        accuracies = row["run_accuracies"]
+        assert len(accuracies) == 2 and row["seeds"] == [0, 1]
+        assert row["worst"] == min(accuracies) <= row["avg"] <= max(accuracies)
+        assert row["avg"] == pytest.approx(sum(accuracies) / 2)
+        assert row["per_example_worst_over_runs"] <= row["worst"]
+        assert ensemble <= row["worst"] <= clean
+        assert row["config"]["restarts"] == 2 and row["config"]["steps"] == 5
+        assert [c / 100 for c in row["run_correct_counts"]] == pytest.approx(accuracies)
+        assert row["seconds"] > 0
+    # b = 1 is the sign: PQGD(b=1) is PGD, bit for bit under the same seeds.
+    assert rows[1]["run_accuracies"] == rows[0]["run_accuracies"]
+    assert ensemble < clean  # eps = 0.3 breaks a normally trained model
+    assert record["data"] == record["data"] | {
+        "n": 100,
+        "batch_size": 100,
+        "split": "test",
+        "dataset": "mnist",
+    }
+    assert record["checkpoint"]["model"] == "tiny_cnn" and record["checkpoint"]["epoch"] == 3
+    assert record["environment"]["packages"]["torch"] == torch.__version__.split("+")[0]
+
+
+def test_markdown_matches_json(full_run) -> None:
+    record, markdown, _ = full_run
+    results = record["results"]
+    lines = markdown.splitlines()
+    table = [line for line in lines if line.startswith("| ")]
+    assert table[0].startswith("| Attack | Run 1 | Run 2 | Worst | Avg |")
+    clean_line = next(line for line in table if line.startswith("| Clean |"))
+    assert f"{100 * results['clean']['accuracy']:.2f}" in clean_line
+    for row in results["rows"]:
+        line = next(line for line in table if line.startswith(f"| {row['label']} |"))
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        expected = [f"{100 * a:.2f}" for a in row["run_accuracies"]]
+        assert cells[1:5] == [*expected, f"{100 * row['worst']:.2f}", f"{100 * row['avg']:.2f}"]
+    worst_line = next(line for line in table if line.startswith("| Worst case"))
+    assert f"{100 * results['ensemble']['accuracy']:.2f}" in worst_line
+    assert table.index(clean_line) < table.index(worst_line)  # clean first, worst case last
+
+
+def test_histogram_and_masking_record(full_run) -> None:
+    record, markdown, folder = full_run
+    stats = record["histogram"]
+    assert (folder / "histogram.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # b = 1 quantizes every non-zero component to +-1 (the sign); b = 100 keeps magnitudes.
+    assert stats["quantized"]["1"]["sign_like_fraction"] == pytest.approx(1 - stats["zero_fraction"])
+    assert stats["quantized"]["100"]["distinct_values"] > 3
+    names = {c["name"] for c in record["masking"]["checks"]}
+    assert {
+        "zero_gradients",
+        "output_probabilities",
+        "randomized_outputs",
+        "more_steps",
+        "more_restarts",
+    } <= names
+    assert record["masking"]["warnings"] == []  # a plain CNN with logits masks nothing
+    assert "No check fired" in markdown
+
+
+def test_eps_sweep_is_non_increasing_and_b1_is_pgd(tiny_ckpt: Path, data_dir: Path, tmp_path: Path) -> None:
+    values = [0.05, 0.1, 0.2, 0.3]
+    status, record, markdown = run_cli(
+        tiny_ckpt,
+        data_dir,
+        tmp_path,
+        *("--name", "run", "--attacks", "pgd,pqgd", "--b", "100", "--alpha", "0.1", "--runs", "1"),
+        *("--restarts", "1", "--sweep", "eps=" + ",".join(map(str, values)), "--sweep", "b=1,100"),
+    )
+    assert status == 0
+    eps_sweep, b_sweep = record["sweeps"]
+    assert eps_sweep["values"] == values and set(eps_sweep["series"]) == {"pgd", "pqgd (b=100)"}
+    for line, numbers in eps_sweep["series"].items():
+        accuracies = numbers["avg"]
+        assert all(b <= a + 0.01 for a, b in zip(accuracies, accuracies[1:], strict=False)), (
+            line,
+            accuracies,
+        )
+        assert accuracies[-1] < accuracies[0]
+    assert eps_sweep["ensemble"] == sorted(eps_sweep["ensemble"], reverse=True)
+    # The sweep point at the base eps (0.3) is the main result, computed once.
+    main_avg = {r["label"]: r["avg"] for r in record["results"]["rows"]}
+    assert eps_sweep["series"]["pgd"]["avg"][-1] == main_avg["pgd"]
+    # Over b, pqgd at b = 1 is PGD; PGD does not depend on b.
+    assert b_sweep["series"]["pqgd"]["avg"][0] == b_sweep["series"]["pgd"]["avg"][0]
+    assert b_sweep["series"]["pgd"]["avg"][0] == b_sweep["series"]["pgd"]["avg"][1]
+    for name in ("sweep_eps.png", "sweep_b.png"):
+        assert (tmp_path / "run" / name).read_bytes()[:4] == b"\x89PNG"
+        assert f"]({name})" in markdown
+    assert "## Sweep over eps" in markdown and "## Sweep over b" in markdown
+
+
+def test_same_seed_gives_identical_numbers(tiny_ckpt: Path, data_dir: Path, tmp_path: Path) -> None:
+    args = ("--name", "run", "--attacks", "pgd,blob_qg", "--b", "100", "--runs", "2", "--restarts", "2")
+    records = []
+    for folder in ("first", "second"):
+        status, record, _ = run_cli(tiny_ckpt, data_dir, tmp_path / folder, *args, "--seed", "3")
+        assert status == 0
+        records.append(strip_timing({k: record[k] for k in ("results", "sweeps", "masking", "checkpoint")}))
+    assert records[0] == records[1]
+    rows = records[0]["results"]["rows"]
+    assert rows[0]["seeds"] == [3, 4]
+    # The two runs draw different random starts (else "runs" would be one run counted twice).
+    status, other, _ = run_cli(tiny_ckpt, data_dir, tmp_path / "other", *args, "--seed", "4")
+    assert status == 0
+    assert other["results"]["rows"][0]["run_accuracies"][0] == rows[0]["run_accuracies"][1]
+
+
+# ------------------------------------------------------------------------------------ loading
+def test_checkpoint_written_by_lightning_training(data_dir: Path, tmp_path: Path) -> None:
+    import lightning as L
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from qgtrain.attacks import build_attack
+    from qgtrain.training import AdversarialTraining
+
+    torch.manual_seed(0)
+    x, y = load_mnist_tensors(64)
+    net = TinyCNN(dataset="mnist", width=4)
+    module = AdversarialTraining(net, inner=build_attack("pqgd", eps=0.3, alpha=0.1, steps=1, b=100))
+    trainer = L.Trainer(
+        max_epochs=1,
+        limit_train_batches=2,
+        limit_val_batches=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+        devices=1,
+    )
+    trainer.fit(module, DataLoader(TensorDataset(x, y), batch_size=32))
+    path = tmp_path / "last.ckpt"
+    trainer.save_checkpoint(path)
+
+    loaded, info = load_model_from_checkpoint(path)
+    assert (info.format, info.model, info.dataset) == ("lightning", "tiny_cnn", "mnist")
+    assert info.model_kwargs == {"dataset": "mnist", "width": 4}
+    assert info.training["inner"]["name"] == "pqgd" and info.training["inner"]["b"] == 100
+    assert info.global_step == 2
+    for key, value in net.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key
+    assert not loaded.training
+    status = main(
+        ["--ckpt", str(path), "--data-dir", str(data_dir), "--out-dir", str(tmp_path / "out")]
+        + ["--attacks", "pgd", "--runs", "1", "--restarts", "1", "--n", "50", "--steps", "2"]
+        + ["--quiet", "--threads", "1", "--no-masking-checks"]
+    )
+    assert status == 0
+    assert (tmp_path / "out" / f"{tmp_path.name}_last" / "results.json").exists()  # <folder>_last
+
+
+def test_plain_state_dict_needs_model(trained_tiny_model: TinyCNN, tmp_path: Path, capsys) -> None:
+    path = tmp_path / "plain.pt"
+    torch.save(trained_tiny_model.state_dict(), path)
+    with pytest.raises(CheckpointError, match="--model"):
+        load_model_from_checkpoint(path)
+    net, info = load_model_from_checkpoint(path, model="tiny_cnn", model_kwargs={"width": 8})
+    assert info.format == "state_dict" and info.dataset == "mnist"
+    x = torch.rand(4, 1, 28, 28)
+    with torch.no_grad():
+        assert torch.equal(net(x), trained_tiny_model(x))
+    # The wrong width is a one-line mismatch error, not a traceback.
+    assert main(["--ckpt", str(path), "--model", "tiny_cnn", *FAST]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and err.startswith("evaluate.py: error:") and "shape mismatch" in err
+    # A dataset that disagrees with the recorded one is refused.
+    ckpt = lightning_like_checkpoint(trained_tiny_model, tmp_path / "tiny.ckpt")
+    with pytest.raises(CheckpointError, match="trained on 'mnist'"):
+        load_model_from_checkpoint(ckpt, dataset="cifar10")
+
+
+class _WritesMarker:
+    """Unpickling this would create a file: a stand-in for arbitrary code in a crafted checkpoint."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (builtins.open, (str(self.marker), "w"))
+
+
+def bad_checkpoints(tmp_path: Path, net: nn.Module) -> dict[str, tuple[Path, str]]:
+    good = lightning_like_checkpoint(net, tmp_path / "good.ckpt")
+    truncated = tmp_path / "truncated.ckpt"
+    truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    text = tmp_path / "notes.txt"
+    text.write_text("this is not a checkpoint\n")
+    unknown = tmp_path / "unknown.ckpt"
+    state = {f"net.{k}": v for k, v in net.state_dict().items()}
+    torch.save({"state_dict": state, "qgtrain": {"net": {"name": "vit_huge", "kwargs": {}}}}, unknown)
+    pickled = tmp_path / "evil.ckpt"
+    torch.save({"state_dict": state, "payload": _WritesMarker(tmp_path / "marker")}, pickled)
+    foreign = tmp_path / "tensor.pt"
+    torch.save(torch.zeros(3), foreign)
+    return {
+        "truncated": (truncated, "truncated or corrupt"),
+        "text": (text, "not a PyTorch checkpoint"),
+        "unknown": (unknown, "unknown architecture 'vit_huge'"),
+        "pickled": (pickled, "refusing to load"),
+        "foreign": (foreign, "not a checkpoint or state dict"),
+        "missing": (tmp_path / "nowhere.ckpt", "checkpoint not found"),
+        "empty": (tmp_path, "is a directory"),
+    }
+
+
+@pytest.mark.parametrize("kind", ["truncated", "text", "unknown", "pickled", "foreign", "missing", "empty"])
+def test_bad_checkpoint_gives_one_line_error(kind: str, tmp_path: Path, capsys) -> None:
+    path, reason = bad_checkpoints(tmp_path, TinyCNN(width=4))[kind]
+    status = main(["--ckpt", str(path), *FAST, "--out-dir", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip()
+    assert status == 1
+    assert err.startswith("evaluate.py: error:") and "\n" not in err and "Traceback" not in err
+    assert reason in err and str(path) in err
+    assert not (tmp_path / "marker").exists()  # the pickled payload never ran
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "named"),
+    [
+        (["--eps", "0"], "--eps"),
+        (["--eps", "1.5"], "--eps"),
+        (["--eps", "abc"], "--eps"),
+        (["--steps", "0"], "--steps"),
+        (["--b", "0"], "--b"),
+        (["--b", "1.5"], "--b"),
+        (["--alpha", "-0.1"], "--alpha"),
+        (["--runs", "0"], "--runs"),
+        (["--restarts", "0"], "--restarts"),
+        (["--n", "0"], "--n"),
+        (["--attacks", "pgd,cw"], "--attacks"),
+        (["--dataset", "imagenet"], "--dataset"),
+        (["--model", "vit"], "--model"),
+        (["--loss", "hinge"], "--loss"),
+        (["--sweep", "lr=0.1"], "--sweep"),
+        (["--sweep", "eps=0.1,2"], "--sweep"),
+        (["--model-kwargs", "[1]"], "--model-kwargs"),
+    ],
+)
+def test_bad_arguments_exit_2_with_one_line(args: list[str], named: str, tmp_path: Path, capsys) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["--ckpt", str(tmp_path / "x.ckpt"), *args])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert re.fullmatch(rf"evaluate\.py: error: argument {named}[: /].*", err), err
+
+
+def test_too_many_examples_and_bad_device(tiny_ckpt: Path, data_dir: Path, capsys) -> None:
+    assert main(["--ckpt", str(tiny_ckpt), "--data-dir", str(data_dir), "--n", "100000", "--quiet"]) == 2
+    assert "argument --n" in capsys.readouterr().err
+    assert main(["--ckpt", str(tiny_ckpt), "--device", "tpu", "--quiet"]) == 2
+    assert "argument --device" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------ masking checks
+class _Softmax(nn.Module):
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x).softmax(dim=1)
+
+
+class _Quantized(nn.Module):
+    """Rounds its input to 4 levels: the input gradient is exactly zero (shattered gradients)."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(torch.round(x * 3) / 3)
+
+
+class _Noisy(nn.Module):
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x + 0.05 * torch.randn_like(x))
+
+
+def test_masking_checks_fire_on_masked_models(trained_tiny_model: TinyCNN, mnist_small) -> None:
+    x, y = mnist_small[0][:64], mnist_small[1][:64]
+    assert not check_zero_gradients(trained_tiny_model, x, y).fired
+    assert not check_output_probabilities(trained_tiny_model, x).fired
+    assert not check_randomized(trained_tiny_model, x).fired
+    zero = check_zero_gradients(_Quantized(trained_tiny_model), x, y)
+    assert zero.fired and zero.value == 1.0
+    assert check_output_probabilities(_Softmax(trained_tiny_model), x).fired
+    assert check_randomized(_Noisy(trained_tiny_model), x).fired
+    # More steps must not leave more robust examples than fewer steps, beyond noise (2%).
+    weak = torch.zeros(100, dtype=torch.bool)
+    weak[:40] = True
+    strong_ok, strong_bad = weak.clone(), weak.clone()
+    strong_ok[40:42] = True  # +2 examples: within noise
+    strong_bad[40:50] = True  # +10 examples
+    assert not check_stronger_attack("more_steps", weak, strong_ok, "1 step", "4 steps", "pgd").fired
+    assert (
+        "rises with 4 steps"
+        in check_stronger_attack("more_steps", weak, strong_bad, "1 step", "4 steps", "pgd").warning
+    )
+    series = {"pgd": {"avg": [0.9, 0.5, 0.7]}, "pqgd": {"avg": [0.9, 0.5, 0.4]}}
+    fired = {c.detail: c.fired for c in check_sweep("eps", [0.1, 0.2, 0.3], series, 100)}
+    assert fired == {"pgd": True, "pqgd": False}
+
+
+def test_masking_warning_reaches_json_and_markdown(
+    trained_tiny_model: TinyCNN, mnist_small, tmp_path
+) -> None:
+    x, y = mnist_small[0][:50], mnist_small[1][:50]
+    settings = ProtocolSettings(attacks=["pgd"], eps=0.3, alpha=0.05, steps=2, restarts=1, runs=1)
+    record = run_evaluation(_Softmax(trained_tiny_model), TensorBatches(x, y, 50), settings, "cpu")
+    record["name"] = "softmax"
+    paths = write_outputs(record, tmp_path)
+    saved = json.loads(paths["results.json"].read_text())
+    assert any("probabilities, not logits" in w for w in saved["masking"]["warnings"])
+    assert "**Warning:** model outputs probabilities" in paths["results.md"].read_text()
+
+
+def test_progress_bar_counts_every_attacked_batch(trained_tiny_model: TinyCNN, mnist_small) -> None:
+    from tqdm import tqdm
+
+    x, y = mnist_small[0][:60], mnist_small[1][:60]
+    settings = ProtocolSettings(attacks=["pgd"], eps=0.3, alpha=0.05, steps=1, restarts=1, runs=2)
+    bar = tqdm(total=0, file=io.StringIO())
+    record = run_evaluation(
+        trained_tiny_model,
+        TensorBatches(x, y, 25),
+        settings,
+        "cpu",
+        sweeps=[("eps", [0.1, 0.3])],
+        progress=bar,
+    )
+    # pgd at eps 0.3 (shared by the main table and the sweep) and at 0.1: 2 specs x 2 runs x 3 batches.
+    assert bar.total == bar.n == 12
+    assert record["sweeps"][0]["series"]["pgd"]["avg"][1] == record["results"]["rows"][0]["avg"]
