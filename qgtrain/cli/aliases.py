@@ -84,6 +84,11 @@ SHORT_FLAGS: list[ShortFlag] = [
     ShortFlag(
         "--resume", "continue from a checkpoint: a .ckpt path, a run folder, or 'last' for this run name"
     ),
+    ShortFlag("--eval-every", "robustness evaluation every N epochs (0 = off); also the TensorBoard views"),
+    ShortFlag("--eval-attack", f"robustness evaluation's main attack: {', '.join(ATTACKS)}"),
+    ShortFlag("--eval-steps", "robustness evaluation attack steps (integer >= 1)"),
+    ShortFlag("--eval-size", "robustness evaluation subset of the validation split (examples)"),
+    ShortFlag("--eval-b", "quantization level of the robustness evaluation's main attack (integer >= 1)"),
 ]
 
 
@@ -104,34 +109,37 @@ def short_flag_help() -> str:
     return "\n".join(lines)
 
 
-def _pre_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
-    for f in SHORT_FLAGS:
-        parser.add_argument(f.flag, dest=f.flag.lstrip("-").replace("-", "_"), default=None)
-    return parser
+def _split_short_flags(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
+    """Take the short flags out of ``argv``; everything else keeps its order.
+
+    ``--model NAME`` is the alias only when NAME is a registered model; ``--model.net ...`` and
+    other dotted LightningCLI keys pass through untouched.
+    """
+    flags = {f.flag for f in SHORT_FLAGS}
+    known = argparse.Namespace(**{f.flag.lstrip("-").replace("-", "_"): None for f in SHORT_FLAGS})
+    rest: list[str] = []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        flag, has_value, value = arg.partition("=")
+        if flag in flags and not has_value:
+            if i + 1 >= len(argv):
+                raise UsageError(f"{flag} needs a value")
+            value = argv[i + 1]
+            i += 1
+        if flag in flags and not (flag == "--model" and value not in MODELS and "." in value):
+            setattr(known, flag.lstrip("-").replace("-", "_"), value)
+        else:
+            rest.append(arg)
+            if flag in flags and not has_value:  # `--model some.dotted.Class`: LightningCLI's own
+                rest.append(value)
+        i += 1
+    return known, rest
 
 
 def expand_short_flags(argv: list[str]) -> list[str]:
     """Rewrite short flags into LightningCLI arguments (raises :class:`UsageError` on bad values)."""
-    # `--model.net ...` and friends are LightningCLI's own: keep them away from the `--model` alias.
-    passthrough, candidates = [], []
-    i = 0
-    while i < len(argv):
-        arg = argv[i]
-        is_model_alias = arg == "--model" and i + 1 < len(argv) and argv[i + 1] in MODELS
-        if (
-            arg.startswith("--model")
-            and not (arg == "--model" and is_model_alias)
-            and not arg.startswith("--model=")
-        ):
-            passthrough.append(arg)
-            if "=" not in arg and i + 1 < len(argv) and not argv[i + 1].startswith("--"):
-                passthrough.append(argv[i + 1])
-                i += 1
-        else:
-            candidates.append(arg)
-        i += 1
-    known, rest = _pre_parser().parse_known_args(candidates)
+    known, rest = _split_short_flags(argv)
     if known.model is not None and known.model not in MODELS:
         raise UsageError(f"--model must be one of {', '.join(MODELS)}, got {known.model}")
 
@@ -164,7 +172,7 @@ def expand_short_flags(argv: list[str]) -> list[str]:
         values.append(f"{inner}.steps={_positive_int('--steps', known.steps)}")
     if known.eps is not None:
         eps = _float_in("--eps", known.eps, 0.0, 1.0)
-        values += [f"{inner}.eps={eps}", f"--model.val_attack.init_args.eps={eps}"]
+        values += [f"{inner}.eps={eps}", f"--model.val_attack.init_args.eps={eps}", f"--robustness.eps={eps}"]
     if known.alpha is not None:
         values.append(f"{inner}.alpha={_float_in('--alpha', known.alpha, 0.0, float('inf'))}")
     if known.b is not None:
@@ -194,7 +202,31 @@ def expand_short_flags(argv: list[str]) -> list[str]:
         values.append(f"--run_name={known.run_name}")
     if known.resume is not None:
         values.append(f"--resume={known.resume}")
-    return head + passthrough + rest + classes + values
+    values += _eval_flags(known)
+    return head + rest + classes + values
+
+
+def _eval_flags(known: argparse.Namespace) -> list[str]:
+    """The ``--eval-*`` flags as ``--robustness.*`` (and ``--visualization.every_n_epochs``) arguments."""
+    values = []
+    if known.eval_every is not None:
+        if not known.eval_every.isdigit():
+            raise UsageError(
+                f"--eval-every must be an integer >= 0 (0 turns evaluation off), got {known.eval_every}"
+            )
+        every = int(known.eval_every)
+        values += [f"--robustness.every_n_epochs={every}", f"--visualization.every_n_epochs={every}"]
+    if known.eval_attack is not None:
+        if known.eval_attack not in ATTACKS:
+            raise UsageError(f"--eval-attack must be one of {', '.join(ATTACKS)}, got {known.eval_attack}")
+        values.append(f"--robustness.attack={known.eval_attack}")
+    if known.eval_steps is not None:
+        values.append(f"--robustness.steps={_positive_int('--eval-steps', known.eval_steps)}")
+    if known.eval_size is not None:
+        values.append(f"--robustness.subset_size={_positive_int('--eval-size', known.eval_size)}")
+    if known.eval_b is not None:
+        values.append(f"--robustness.b={_positive_int('--eval-b', known.eval_b)}")
+    return values
 
 
 def main_usage_error(prog: str, message: str) -> None:

@@ -8,8 +8,10 @@ held out for validation (checkpoint selection); the test split is for ``evaluate
 from __future__ import annotations
 
 import logging
+import math
 import os
 import pickle
+import struct
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, ClassVar
@@ -158,8 +160,7 @@ class VisionDataModule(L.LightningDataModule):
                 f"run with download enabled online, or point --data-dir / ${DATA_ENV} at it"
             )
         try:
-            dataset = self._torchvision_dataset(train=train, download=False)
-            images, labels = self._as_tensors(dataset)
+            images, labels = self._read_split(train)
         except DataError:
             raise
         except Exception as exc:
@@ -170,6 +171,10 @@ class VisionDataModule(L.LightningDataModule):
             ) from None
         self._validate(images, labels, split)
         return images, labels
+
+    def _read_split(self, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """Raw ``(images, labels)`` of a split (through torchvision unless a subclass reads the files)."""
+        return self._as_tensors(self._torchvision_dataset(train=train, download=False))
 
     def _as_tensors(self, dataset: Any) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
@@ -259,6 +264,12 @@ class MNISTDataModule(VisionDataModule):
 
         return MNIST(str(self.data_dir), train=train, download=download)
 
+    def _read_split(self, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        prefix = "train" if train else "t10k"
+        images = read_idx(self.raw_dir / f"{prefix}-images-idx3-ubyte", ndim=3)
+        labels = read_idx(self.raw_dir / f"{prefix}-labels-idx1-ubyte", ndim=1)
+        return images.unsqueeze(1).contiguous(), labels.long()
+
     def _as_tensors(self, dataset: Any) -> tuple[torch.Tensor, torch.Tensor]:
         return dataset.data.unsqueeze(1).contiguous(), dataset.targets.long()
 
@@ -322,6 +333,32 @@ class CIFAR10DataModule(VisionDataModule):
         images_t, labels_t = torch.cat(images), torch.cat(labels)
         self._validate(images_t, labels_t, "train" if train else "test")
         return images_t, labels_t
+
+
+def read_idx(path: Path, ndim: int) -> torch.Tensor:
+    """A uint8 IDX file (LeCun's MNIST format: magic ``0x0000080<ndim>``, big-endian int32 dims, data).
+
+    Raises :class:`DataError` naming ``path`` when the header is wrong or the data is truncated.
+    """
+    fix = "delete it and download again"
+    data = path.read_bytes()
+    magic = 0x0800 | ndim
+    header = 4 + 4 * ndim
+    if len(data) < 4 or int.from_bytes(data[:4], "big") != magic:
+        found = f"0x{int.from_bytes(data[:4], 'big'):08x}" if len(data) >= 4 else f"{len(data)} bytes"
+        raise DataError(
+            f"{path} is not a uint8 IDX file with {ndim} dims (magic {found}, expected 0x{magic:08x}); {fix}"
+        )
+    if len(data) < header:
+        raise DataError(f"{path} is truncated: {len(data)} bytes, shorter than its header; {fix}")
+    dims = struct.unpack(f">{ndim}I", data[4:header])
+    expected = math.prod(dims)
+    if len(data) - header != expected:
+        raise DataError(
+            f"{path} is truncated or corrupt: its header says {'x'.join(map(str, dims))} = {expected} bytes "
+            f"of data, found {len(data) - header}; {fix}"
+        )
+    return torch.frombuffer(bytearray(data[header:]), dtype=torch.uint8).reshape(dims)
 
 
 class _NumpyOnlyUnpickler(pickle.Unpickler):

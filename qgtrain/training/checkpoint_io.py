@@ -8,6 +8,11 @@ from typing import Any
 
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from qgtrain.evaluation.checkpoints import CheckpointError, read_checkpoint
+
+__all__ = ["AtomicCheckpointIO", "CheckpointError", "LastCheckpoint", "atomic_torch_save", "read_checkpoint"]
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
@@ -42,4 +47,25 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     def load_checkpoint(
         self, path: Any, map_location: Any = "cpu", weights_only: bool | None = None
     ) -> dict[str, Any]:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        return read_checkpoint(path)  # weights_only=True; one-line CheckpointError on any failure
+
+
+class LastCheckpoint(ModelCheckpoint):
+    """``<dirpath>/last.ckpt`` at the end of every training epoch, whatever the monitored metric did.
+
+    Lightning 2.6 writes a monitored callback's ``last.ckpt`` only at steps where a top-k checkpoint
+    is also written, so after an epoch without improvement ``last.ckpt`` is stale and ``--resume``
+    would roll back. This callback (no monitor, one file named ``last``) is the resume point.
+    """
+
+    def __init__(self, dirpath: str | os.PathLike) -> None:
+        super().__init__(
+            dirpath=dirpath,
+            filename=self.CHECKPOINT_NAME_LAST,
+            monitor=None,
+            save_top_k=1,
+            save_last=False,
+            every_n_epochs=1,
+            save_on_train_epoch_end=True,
+            enable_version_counter=False,
+        )

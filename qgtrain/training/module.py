@@ -15,6 +15,7 @@ from typing import Any, Literal
 import lightning as L
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
@@ -47,6 +48,26 @@ def lr_lambda(schedule: str, total_steps: int) -> Callable[[int], float]:
         peak = 0.4 * total
         return lambda step: (step + 1) / peak if step < peak else max(0.0, (total - step) / (total - peak))
     raise ValueError(f"lr_schedule must be constant, piecewise or onecycle, got {schedule!r}")
+
+
+def looks_like_probabilities(outputs: torch.Tensor, atol: float = 1e-3) -> bool:
+    """True when every row of ``outputs`` is in [0, 1] and sums to 1 (a softmax, not logits)."""
+    outputs = outputs.detach().float()
+    if outputs.dim() != 2 or outputs.shape[1] < 2 or not bool(torch.isfinite(outputs).all()):
+        return False
+    in_range = bool((outputs >= 0).all() and (outputs <= 1).all())
+    row_sums = outputs.sum(dim=1)
+    return in_range and bool(torch.allclose(row_sums, torch.ones_like(row_sums), atol=atol))
+
+
+def warn_if_probabilities(outputs: torch.Tensor) -> None:
+    """Cross-entropy and the attacks' losses expect logits; a final softmax flattens their gradients."""
+    if looks_like_probabilities(outputs):
+        rank_zero_warn(
+            "the network's outputs look like probabilities (every row is in [0, 1] and sums to 1); "
+            "AdversarialTraining and the attacks expect logits: remove the final softmax",
+            category=UserWarning,
+        )
 
 
 def default_val_attack() -> PGD:
@@ -100,6 +121,7 @@ class AdversarialTraining(L.LightningModule):
         self.val_adv_acc = MulticlassAccuracy(num_classes, average="micro")
         self._batch_start = 0.0
         self._attack_seconds = 0.0
+        self._output_checked = False
 
     def _num_classes(self) -> int:
         """From the network's dataset (registered models know theirs), else 10."""
@@ -139,13 +161,14 @@ class AdversarialTraining(L.LightningModule):
             self.net.train(was_training)
 
     # ---------------------------------------------------------------- training
-    def on_train_epoch_start(self) -> None:
-        # One RNG stream per (seed, epoch, rank): random starts do not depend on what ran before,
-        # so a run resumed from an epoch boundary draws exactly what the uninterrupted run drew.
-        torch.manual_seed(self.hparams.seed * 1_000_003 + self.current_epoch * 7919 + self.global_rank)
-
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         self._batch_start = time.perf_counter()
+        # One RNG stream per (seed, epoch, batch, rank): random starts do not depend on what ran
+        # before (the DataLoader draws its base seed from the global RNG when an epoch's iterator is
+        # created, at a point that differs between a fresh and a resumed run), so a run resumed from
+        # a checkpoint draws exactly what the uninterrupted run drew.
+        key = (self.hparams.seed, self.current_epoch, batch_idx, self.global_rank)
+        torch.manual_seed(hash(key) & 0x7FFF_FFFF_FFFF_FFFF)  # int-tuple hashes are not salted
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         x, y = batch
@@ -153,6 +176,9 @@ class AdversarialTraining(L.LightningModule):
         x_adv = self.craft(x, y)
         self._attack_seconds = time.perf_counter() - start
         logits_adv = self.net(x_adv)
+        if not self._output_checked:
+            self._output_checked = True
+            warn_if_probabilities(logits_adv)
         loss_adv = F.cross_entropy(logits_adv, y)
         if self.hparams.objective == "mixed":
             logits_clean = self.net(x)
