@@ -3,10 +3,17 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
-import pytest
-import torch
+# Tiny CPU models run fastest on one thread, and multi-process tests (DDP, subprocesses) must not
+# oversubscribe the cores: set before torch is imported, inherited by subprocesses.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 import torch.nn.functional as F
 
 from qgtrain.models import TinyCNN

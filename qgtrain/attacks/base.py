@@ -39,10 +39,22 @@ class LinfThreatModel:
         """Move ``alpha`` along ``direction`` (already a sign or quantized gradient)."""
         return x_adv + alpha * direction
 
-    def project(self, x_adv: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """Projection onto the eps-ball around ``x`` intersected with the clip box."""
-        x_adv = torch.minimum(torch.maximum(x_adv, x - self.eps), x + self.eps)
-        return x_adv.clamp_(*self.clip)
+    def bounds(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-component ``(lower, upper)`` of the set: ``max(x - eps, lo)`` and ``min(x + eps, hi)``."""
+        return (x - self.eps).clamp_(min=self.clip[0]), (x + self.eps).clamp_(max=self.clip[1])
+
+    def project(
+        self,
+        x_adv: torch.Tensor,
+        x: torch.Tensor,
+        bounds: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """Projection onto the eps-ball around ``x`` intersected with the clip box.
+
+        ``bounds`` (from :meth:`bounds`, computed once per run) saves four element-wise ops per step.
+        """
+        lower, upper = self.bounds(x) if bounds is None else bounds
+        return torch.clamp(x_adv, min=lower, max=upper)
 
 
 @dataclass
@@ -193,12 +205,13 @@ class Attack:
     ) -> torch.Tensor:
         geometry = self.threat_model
         x_adv = geometry.random_start(x) if self.random_start else x.clone()
+        bounds = geometry.bounds(x)
         for step in range(self.steps):
             grad, per_example_loss = self._input_gradient(model, x_adv, y)
             direction = self.direction(grad, x_adv)
             if observer is not None:
                 observer(step, per_example_loss, grad, direction)
-            x_adv = geometry.project(geometry.step(x_adv, direction, self.alpha), x)
+            x_adv = geometry.project(geometry.step(x_adv, direction, self.alpha), x, bounds)
         return x_adv.detach()
 
     def _input_gradient(

@@ -10,6 +10,9 @@ import torch
 from qgtrain.attacks.base import Attack
 from qgtrain.attacks.quantize import quantize_gradient
 
+_COINCIDENT_RTOL = 1e-5
+"""Squared distances below this fraction of ``|x_i|^2 + |x_j|^2`` (centred) count as 0 (rounding noise)."""
+
 
 def blob_direction(grad: torch.Tensor, particles: torch.Tensor, c: float, kernel_sign: float) -> torch.Tensor:
     """The mixed DAA direction for a batch of particles (all tensors shaped ``(n, ...)``).
@@ -18,18 +21,34 @@ def blob_direction(grad: torch.Tensor, particles: torch.Tensor, c: float, kernel
     diagonal included, as NumPy's); ``K_ij = exp(-D2_ij / (2 h2))``;
     ``r_i = sum_j K_ij (x_i - x_j) / h2``; ``d_i = g_i + (c / n) (sum_j K_ij g_j + kernel_sign * r_i)``.
     When ``n = 1`` or the median is 0 the kernel is undefined and ``d = g``.
+    Computed in float32, autocast disabled (a bf16/fp16 Gram matrix would swamp the distances).
     """
+    with torch.autocast(device_type=grad.device.type, enabled=False):
+        return _blob_direction_fp32(grad, particles, c, kernel_sign)
+
+
+def _blob_direction_fp32(
+    grad: torch.Tensor, particles: torch.Tensor, c: float, kernel_sign: float
+) -> torch.Tensor:
     n = grad.shape[0]
-    g = grad.reshape(n, -1).float()
-    x = particles.reshape(n, -1).float()
     if n < 2:
         return grad
+    g = grad.reshape(n, -1).float()
+    # Distances and r_i are translation invariant: centring on one particle cuts float32
+    # cancellation in |x_i|^2 + |x_j|^2 - 2 x_i.x_j and makes it exactly 0 when all particles agree.
+    x = particles.reshape(n, -1).float()
+    x = x - x[:1]
     sq_norms = (x * x).sum(dim=1)
-    dist2 = (sq_norms[:, None] + sq_norms[None, :] - 2.0 * (x @ x.T)).clamp_min_(0.0)
+    scale = sq_norms[:, None] + sq_norms[None, :]
+    dist2 = scale - 2.0 * (x @ x.T)
+    # Coinciding particles leave ~1e-7 relative rounding noise, which would make a zero median
+    # positive (and h2 tiny): snap distances below _COINCIDENT_RTOL * scale to exactly 0.
+    dist2 = torch.where(dist2 > _COINCIDENT_RTOL * scale, dist2, torch.zeros_like(dist2))
     dist2.fill_diagonal_(0.0)
-    ordered = dist2.flatten().sort().values
-    mid = ordered.numel() // 2  # n*n >= 4 entries; NumPy's median averages the middle pair when even
-    median = ordered[mid] if ordered.numel() % 2 else 0.5 * (ordered[mid - 1] + ordered[mid])
+    entries = dist2.flatten()
+    mid = entries.numel() // 2  # n*n >= 4 entries; NumPy's median averages the middle pair when even
+    upper = entries.kthvalue(mid + 1).values  # selection, not a full sort of n*n entries
+    median = upper if entries.numel() % 2 else 0.5 * (entries.kthvalue(mid).values + upper)
     h2 = 0.5 * median / math.log(n)
     if not bool(h2 > 0) or not bool(torch.isfinite(h2)):
         return grad

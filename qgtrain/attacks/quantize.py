@@ -27,8 +27,10 @@ def quantize_gradient(grad: torch.Tensor, b: int) -> torch.Tensor:
     flat = grad.reshape(grad.shape[0], -1).float()
     if b == 1:
         return torch.sign(flat).reshape(grad.shape).to(grad.dtype)
-    row_max = flat.abs().amax(dim=1, keepdim=True)
+    magnitude = flat.abs()
+    row_max = magnitude.amax(dim=1, keepdim=True)
     safe_max = torch.where(row_max > 0, row_max, torch.ones_like(row_max))
-    scaled = (b * flat) / safe_max
-    quantized = torch.where(scaled.abs() < 1, torch.sign(scaled), torch.round(scaled))
-    return quantized.clamp_(-b, b).reshape(grad.shape).to(grad.dtype)
+    # |zeta(v)| = max(round(|v|), 1) wherever v != 0 (the sign below 1, the rounding above), and
+    # |v| = b |g| / M exactly (IEEE rounding is sign-symmetric): a few in-place passes, no masks.
+    levels = magnitude.mul_(b).div_(safe_max).round_().clamp_(1, b)
+    return levels.mul_(torch.sign(flat)).reshape(grad.shape).to(grad.dtype)
