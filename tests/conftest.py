@@ -12,11 +12,11 @@ from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from qgtrain.models import TinyCNN  # noqa: E402
 
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
-import torch.nn.functional as F
-
-from qgtrain.models import TinyCNN
 
 REPO = Path(__file__).resolve().parents[1]
 
