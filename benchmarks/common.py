@@ -1,0 +1,164 @@
+"""Helpers shared by the benchmark scripts: threads, MNIST tensors, the evaluation protocol, tables, JSON.
+
+Everything here calls the library (``qgtrain.data``, ``qgtrain.attacks``, ``qgtrain.evaluation``);
+nothing re-implements an attack loop or an accuracy counter.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+if str(REPO_ROOT) not in sys.path:  # `python benchmarks/x.py` from the repository root
+    sys.path.insert(0, str(REPO_ROOT))
+
+from qgtrain.attacks import Attack, build_attack  # noqa: E402
+from qgtrain.data import DataError, MNISTDataModule  # noqa: E402
+from qgtrain.evaluation import adversarial_correct, clean_correct, worst_case_correct  # noqa: E402
+
+DEFAULT_OUT = REPO_ROOT / "benchmarks" / "out"
+EPS = 0.3
+
+
+def add_common_args(parser: argparse.ArgumentParser) -> None:
+    """Arguments every benchmark takes: threads, output folder, data folder, seed."""
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch intra-op threads (default 1: leaves the other core of a shared 2-core machine free)",
+    )
+    parser.add_argument(
+        "--out", type=Path, default=DEFAULT_OUT, help="output folder (default benchmarks/out)"
+    )
+    parser.add_argument("--data-dir", default=None, help="dataset root (default: $QGTRAIN_DATA or ./data)")
+    parser.add_argument("--seed", type=int, default=0, help="seed for initialisation, data order, attacks")
+
+
+def fail(message: str) -> None:
+    """One-line error, exit status 2 (the house rule for bad input)."""
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def setup_threads(threads: int) -> None:
+    if threads < 1:
+        fail(f"--threads must be >= 1, got {threads}")
+    torch.set_num_threads(threads)
+
+
+def environment(threads: int) -> dict[str, Any]:
+    """What the numbers were measured on."""
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else platform.processor() or "cpu"
+    return {
+        "date_utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "device": device,
+        "cpu_count": os.cpu_count(),
+        "torch_threads": threads,
+        "command": " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
+    }
+
+
+def mnist_datamodule(
+    data_dir: str | None, train_subset: int | None, val_size: int, batch_size: int, seed: int
+) -> MNISTDataModule:
+    """The library's MNIST module, set up for fit and test (no download: the files must be there)."""
+    try:
+        dm = MNISTDataModule(
+            data_dir=data_dir,
+            batch_size=batch_size,
+            eval_batch_size=250,
+            val_size=val_size,
+            train_subset=train_subset,
+            download=False,
+            seed=seed,
+        )
+        dm.prepare_data()
+        dm.setup("fit")
+        dm.setup("test")
+    except DataError as exc:
+        fail(str(exc).splitlines()[0])
+    return dm
+
+
+def dataset_tensors(dataset: Any, n: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first ``n`` examples of an in-memory dataset as ``(x in [0,1], y)`` tensors."""
+    n = len(dataset) if n is None else min(n, len(dataset))
+    xs, ys = zip(*(dataset[i] for i in range(n)), strict=True)
+    return torch.stack(xs), torch.as_tensor(ys)
+
+
+def batches(x: torch.Tensor, y: torch.Tensor, batch_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    return [(x[i : i + batch_size], y[i : i + batch_size]) for i in range(0, x.shape[0], batch_size)]
+
+
+def robust_accuracy(
+    model: nn.Module,
+    attacks: dict[str, Attack],
+    x: torch.Tensor,
+    y: torch.Tensor,
+    batch_size: int,
+    seed: int,
+) -> dict[str, float]:
+    """Clean accuracy, accuracy under each attack, and the ensemble worst case (per-example AND), in %."""
+    data = batches(x, y, batch_size)
+    clean = clean_correct(model, data)
+    out = {"clean": 100.0 * clean.float().mean().item()}
+    vectors = [clean]
+    for name, attack in attacks.items():
+        correct = adversarial_correct(model, attack, data, seed=seed)
+        vectors.append(correct)
+        out[name] = 100.0 * correct.float().mean().item()
+    if attacks:
+        out["worst"] = 100.0 * worst_case_correct(vectors).float().mean().item()
+    return out
+
+
+def evaluation_attacks(steps: int, restarts: int, b: int, include_pqgd: bool) -> dict[str, Attack]:
+    """The strong protocol: PGD-steps with restarts (alpha 2.5 eps/steps), BLOB_QG-steps, optional PQGD."""
+    attacks = {
+        f"pgd{steps}x{restarts}": build_attack(
+            "pgd", eps=EPS, alpha=2.5 * EPS / steps, steps=steps, restarts=restarts
+        ),
+        f"blob_qg{steps}": build_attack("blob_qg", eps=EPS, alpha=0.01, steps=steps, b=b),
+    }
+    if include_pqgd:
+        attacks[f"pqgd{steps}"] = build_attack("pqgd", eps=EPS, alpha=0.01, steps=steps, b=b)
+    return attacks
+
+
+def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[str], title: str = "") -> str:
+    """A fixed-width text table; floats with 2 decimals."""
+
+    def cell(value: Any) -> str:
+        if value is None:
+            return "—"
+        if isinstance(value, float):
+            return f"{value:.2f}"
+        return str(value)
+
+    body = [[cell(row.get(c)) for c in columns] for row in rows]
+    widths = [max(len(c), *(len(r[i]) for r in body)) if body else len(c) for i, c in enumerate(columns)]
+    lines = [title] if title else []
+    lines.append("  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)))
+    lines.append("  ".join("-" * w for w in widths))
+    lines.extend("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)) for r in body)
+    return "\n".join(lines)
+
+
+def write_json(path: Path, payload: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=2, default=str) + "\n")

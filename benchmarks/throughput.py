@@ -1,0 +1,265 @@
+"""Training throughput per inner attack, and how close the attack loop is to its own arithmetic bound.
+
+For each network and inner attack (FGSM-RS, PGD-k, PQGD-k with b=100, k in {2, 5, 10}) three
+times are measured in the same process, interleaved, median over repeats, on one real MNIST batch:
+
+* ``t_input_grad``: one forward + backward w.r.t. the input of the eval-mode network (timed as
+  k passes in a row, divided by k, so that it spans as long as the attack it is compared with);
+* ``t_train_step``: forward + backward + Adam step of the train-mode network on a batch;
+  both on the batch plus uniform noise in the eps-ball (inputs like the attack's, see below);
+* ``t_adv_step``: a full adversarial training step as :class:`AdversarialTraining` does it
+  (``module.craft(x, y)``, i.e. the library attack in eval mode, then the same training step).
+
+``efficiency = (k * t_input_grad + t_train_step) / t_adv_step``: 1.0 means the attack loop adds
+nothing beyond its gradient passes (target >= 0.9); ``attack share`` is the crafting time over the
+step time (both medians over repeats of the per-repeat ratio). ``lightning img/s`` is the
+module's own ``perf/images_per_sec`` meter under ``Trainer.fit`` over a few batches (its whole
+training step: clean-accuracy forward pass, metrics and logging included), for reference.
+
+    python benchmarks/throughput.py                      # CPU, TinyCNN and MadryMNIST, batch 128
+    python benchmarks/throughput.py --models tiny_cnn --repeats 3
+    python benchmarks/throughput.py --profile pqgd --steps-list 10   # op-level profile of one attack
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from common import (
+    EPS,
+    add_common_args,
+    dataset_tensors,
+    environment,
+    fail,
+    format_table,
+    mnist_datamodule,
+    setup_threads,
+    write_json,
+)
+from torch.utils.data import DataLoader, TensorDataset
+
+from qgtrain.attacks import Attack, build_attack
+from qgtrain.models import build_model
+from qgtrain.training import AdversarialTraining
+
+
+def inner_attacks(steps_list: list[int], attacks: list[str]) -> list[tuple[str, int, Attack]]:
+    """(label, k, attack) for every requested inner maximiser; alpha as in cheap_training's defaults."""
+    out: list[tuple[str, int, Attack]] = []
+    if "fgsm_rs" in attacks:
+        out.append(("fgsm_rs", 1, build_attack("fgsm_rs", eps=EPS)))
+    for name in ("pgd", "pqgd", "blob_qg"):
+        if name not in attacks:
+            continue
+        for k in steps_list:
+            kwargs: dict[str, Any] = {"eps": EPS, "alpha": 2.5 * EPS / k, "steps": k}
+            if name != "pgd":
+                kwargs["b"] = 100
+            out.append((f"{name}{k}", k, build_attack(name, **kwargs)))
+    return out
+
+
+def timer(fn: Callable[[], Any]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def measure(
+    model_name: str, attacks: list[tuple[str, int, Attack]], x: torch.Tensor, y: torch.Tensor, repeats: int
+) -> list[dict[str, Any]]:
+    """Interleaved medians of t_input_grad, t_train_step and t_adv_step for each attack."""
+    torch.manual_seed(0)
+    net = build_model(model_name)
+    optimizer = torch.optim.Adam(net.parameters(), lr=1e-4)
+
+    # The reference passes run on a perturbed batch, as the attack's do: a clean MNIST batch
+    # (mostly exact zeros) makes the CPU kernels ~5% faster and would bias the bound low.
+    generator = torch.Generator(device=x.device).manual_seed(0)
+    noise = torch.rand(x.shape, generator=generator, device=x.device) * 2 * EPS - EPS
+    x_perturbed = (x + noise).clamp(0.0, 1.0)
+
+    def input_grad() -> None:
+        net.eval()
+        xg = x_perturbed.detach().requires_grad_(True)
+        loss = F.cross_entropy(net(xg), y, reduction="none").sum()
+        torch.autograd.grad(loss, xg)
+
+    def train_step(inputs: torch.Tensor) -> None:
+        net.train()
+        optimizer.zero_grad(set_to_none=True)
+        F.cross_entropy(net(inputs), y).backward()
+        optimizer.step()
+
+    modules = {label: AdversarialTraining(net, inner=attack) for label, _, attack in attacks}
+    crafted: dict[str, float] = {}
+
+    def adversarial_step(label: str) -> None:
+        start = time.perf_counter()
+        x_adv = modules[label].craft(x, y)  # the library's inner maximisation, model in eval mode
+        crafted[label] = time.perf_counter() - start
+        train_step(x_adv)
+
+    for _ in range(2):  # warm-up: allocator, kernels
+        input_grad()
+        train_step(x)
+        for label, _, _ in attacks:
+            adversarial_step(label)
+    samples: dict[str, list[tuple[float, float, float, float]]] = {label: [] for label, _, _ in attacks}
+    for _ in range(repeats):
+        for label, k, _ in attacks:  # the three times of one repeat are taken back to back
+            # k passes in a row, like the attack: a short isolated pass is rarely preempted on a
+            # shared CPU while a long attack is, which would bias the ratio
+            t_in = timer(lambda k=k: [input_grad() for _ in range(k)]) / k
+            t_train = timer(lambda: train_step(x_perturbed))
+            t_adv = timer(lambda label=label: adversarial_step(label))
+            samples[label].append((t_in, t_train, t_adv, crafted[label]))
+    rows = []
+    for label, k, _ in attacks:
+        t_in, t_train, t_adv, t_craft = (statistics.median(col) for col in zip(*samples[label], strict=True))
+        # the ratio per repeat, then its median: robust to load drifting between repeats
+        efficiency = statistics.median((k * a + b) / c for a, b, c, _ in samples[label])
+        rows.append(
+            {
+                "model": model_name,
+                "inner": label,
+                "k": k,
+                "t_input_grad_ms": 1e3 * t_in,
+                "t_train_step_ms": 1e3 * t_train,
+                "t_adv_step_ms": 1e3 * t_adv,
+                "bound_ms": 1e3 * (k * t_in + t_train),
+                "efficiency": efficiency,
+                "attack_share": statistics.median(d / c for _, _, c, d in samples[label]),
+                "img_per_s": x.shape[0] / t_adv,
+            }
+        )
+    return rows
+
+
+def lightning_throughput(
+    model_name: str, attack: Attack, x: torch.Tensor, y: torch.Tensor, batches: int
+) -> float:
+    """Images per second of the module's whole training step under ``Trainer.fit`` (its perf meter)."""
+    torch.manual_seed(0)
+    module = AdversarialTraining(build_model(model_name), inner=attack)
+    n = x.shape[0]
+    data = TensorDataset(x.repeat(batches, 1, 1, 1), y.repeat(batches))
+    trainer = L.Trainer(
+        accelerator="cpu" if not torch.cuda.is_available() else "auto",
+        devices=1,
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        inference_mode=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+    )
+    trainer.fit(module, train_dataloaders=DataLoader(data, batch_size=n, shuffle=False))
+    # the module's own per-batch meter (on_train_batch_start -> end): steady state, setup excluded
+    return float(trainer.callback_metrics["perf/images_per_sec"])
+
+
+def profile(model_name: str, attack: Attack, x: torch.Tensor, y: torch.Tensor) -> str:
+    """Op-level profile of crafting with ``attack`` (sorted by self CPU time)."""
+    net = build_model(model_name).eval()
+    attack(net, x, y)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        for _ in range(3):
+            attack(net, x, y)
+    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20)
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--models", nargs="+", default=["tiny_cnn", "madry_mnist"])
+    parser.add_argument(
+        "--attacks", nargs="+", default=["fgsm_rs", "pgd", "pqgd"], help="fgsm_rs pgd pqgd blob_qg"
+    )
+    parser.add_argument("--steps-list", nargs="+", type=int, default=[2, 5, 10], help="k values")
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=5, help="interleaved repeats per measurement (median)")
+    parser.add_argument(
+        "--lightning-batches", type=int, default=4, help="batches per Trainer.fit throughput run (0: skip)"
+    )
+    parser.add_argument("--profile", default=None, help="print an op-level profile of this attack and exit")
+    parser.add_argument(
+        "--full", action="store_true", help="GPU budget: more repeats and Trainer.fit batches"
+    )
+    add_common_args(parser)
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
+    setup_threads(args.threads)
+    if args.batch_size < 1 or args.repeats < 1 or any(k < 1 for k in args.steps_list):
+        fail("--batch-size, --repeats and every --steps-list value must be >= 1")
+    unknown = [a for a in args.attacks if a not in ("fgsm_rs", "pgd", "pqgd", "blob_qg")]
+    if unknown:
+        fail(f"unknown inner attack(s) {', '.join(unknown)}; choose from fgsm_rs pgd pqgd blob_qg")
+    if args.full:
+        args.repeats = max(args.repeats, 20)
+        args.lightning_batches = max(args.lightning_batches, 50)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dm = mnist_datamodule(args.data_dir, args.batch_size, 0, args.batch_size, args.seed)
+    x, y = dataset_tensors(dm.train_set, args.batch_size)
+    x, y = x.to(device), y.to(device)
+    attacks = inner_attacks(args.steps_list, args.attacks)
+    if args.profile is not None:
+        chosen = [a for label, _, a in attacks if a.name == args.profile]
+        if not chosen:
+            fail(f"--profile {args.profile} is not among --attacks {' '.join(args.attacks)}")
+        print(profile(args.models[0], chosen[-1], x.cpu(), y.cpu()))
+        return
+    rows: list[dict[str, Any]] = []
+    for model_name in args.models:
+        start = time.perf_counter()
+        model_rows = measure(model_name, attacks, x, y, args.repeats)
+        if args.lightning_batches > 0:
+            for row, (_, _, attack) in zip(model_rows, attacks, strict=True):
+                row["lightning_img_per_s"] = lightning_throughput(
+                    model_name, attack, x.cpu(), y.cpu(), args.lightning_batches
+                )
+        rows.extend(model_rows)
+        print(f"{model_name}: measured in {time.perf_counter() - start:.0f}s", flush=True)
+    columns = [
+        "model",
+        "inner",
+        "k",
+        "t_input_grad_ms",
+        "t_train_step_ms",
+        "t_adv_step_ms",
+        "bound_ms",
+        "efficiency",
+        "attack_share",
+        "img_per_s",
+        "lightning_img_per_s",
+    ]
+    env = environment(args.threads)
+    title = (
+        f"throughput: batch {args.batch_size}, {env['device']}, {args.threads} thread(s), median of "
+        f"{args.repeats} interleaved repeats; efficiency = (k t_input_grad + t_train_step) / t_adv_step"
+    )
+    table = format_table(rows, columns, title)
+    print(table)
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / "throughput.json"
+    write_json(
+        path, {"env": env, "args": {k: str(v) for k, v in vars(args).items()}, "rows": rows, "table": table}
+    )
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
