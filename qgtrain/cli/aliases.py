@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import inspect
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,54 +42,132 @@ def _positive_int(name: str, value: str) -> int:
     return int(number)
 
 
-def _float_in(name: str, value: str, low: float, high: float, low_open: bool = True) -> float:
+def _non_negative_int(name: str, value: str) -> int:
+    if not value.isdigit():
+        raise UsageError(f"{name} must be an integer >= 0, got {value}")
+    return int(value)
+
+
+def _float_in(name: str, value: str, low: float, high: float) -> float:
+    """A number in ``(low, high]``."""
     try:
         number = float(value)
     except ValueError:
         raise UsageError(f"{name} must be a number, got {value}") from None
-    ok = (number > low if low_open else number >= low) and number <= high
-    if not ok:
-        bracket = "(" if low_open else "["
-        raise UsageError(f"{name} must be in {bracket}{low:g}, {high:g}], got {value}")
+    if not low < number <= high:
+        raise UsageError(f"{name} must be in ({low:g}, {high:g}], got {value}")
     return number
+
+
+def _radius(name: str, value: str) -> float:
+    return _float_in(name, value, 0.0, 1.0)
+
+
+def _positive_float(name: str, value: str) -> float:
+    return _float_in(name, value, 0.0, float("inf"))
+
+
+def _attack_name(name: str, value: str) -> str:
+    if value not in ATTACKS:
+        raise UsageError(f"{name} must be one of {', '.join(ATTACKS)}, got {value}")
+    return value
+
+
+def _text(name: str, value: str) -> str:
+    return value
 
 
 @dataclass(frozen=True)
 class ShortFlag:
+    """A short flag: its help, how its value is checked, and the LightningCLI keys it sets.
+
+    Flags without ``targets`` (``--dataset``, ``--inner``, ``--model``) are handled by
+    :func:`expand_short_flags` itself: they choose config files and classes.
+    """
+
     flag: str
     help: str
+    targets: tuple[str, ...] = ()
+    parse: Callable[[str, str], object] = _text
+
+    @property
+    def dest(self) -> str:
+        return self.flag.lstrip("-").replace("-", "_")
 
 
+INNER_ARGS = "--model.inner.init_args"
 SHORT_FLAGS: list[ShortFlag] = [
     ShortFlag("--dataset", f"dataset, loads configs/<name>.yaml: {', '.join(DATAMODULES)}"),
     ShortFlag("--inner", f"inner maximiser: {', '.join(INNER_CHOICES)}"),
-    ShortFlag("--steps", "inner attack steps (integer >= 1)"),
+    ShortFlag("--steps", "inner attack steps (integer >= 1)", (f"{INNER_ARGS}.steps",), _positive_int),
     ShortFlag(
-        "--eps", "L-inf radius in pixel units, (0, 1]; also used by validation and robustness evaluation"
+        "--eps",
+        "L-inf radius in pixel units, (0, 1]; also used by validation and robustness evaluation",
+        (f"{INNER_ARGS}.eps", "--model.val_attack.init_args.eps", "--robustness.eps"),
+        _radius,
     ),
-    ShortFlag("--alpha", "inner attack step size (> 0)"),
-    ShortFlag("--b", "quantization level of the inner attack (integer >= 1; 1 = sign gradient)"),
+    ShortFlag("--alpha", "inner attack step size (> 0)", (f"{INNER_ARGS}.alpha",), _positive_float),
+    ShortFlag(
+        "--b",
+        "quantization level of the inner attack (integer >= 1; 1 = sign gradient)",
+        (f"{INNER_ARGS}.b",),
+        _positive_int,
+    ),
     ShortFlag(
         "--model", f"network: {', '.join(MODELS)} (a dotted LightningCLI --model.* argument passes through)"
     ),
-    ShortFlag("--epochs", "training epochs"),
-    ShortFlag("--batch-size", "training batch size"),
-    ShortFlag("--lr", "learning rate"),
-    ShortFlag("--devices", "devices per node (int or 'auto')"),
-    ShortFlag("--num-nodes", "number of nodes"),
-    ShortFlag("--strategy", "auto, ddp, ddp_spawn, ..."),
-    ShortFlag("--precision", "32-true, 16-mixed, bf16-mixed"),
-    ShortFlag("--seed", "seed of everything: data split and order, attacks, initialisation"),
-    ShortFlag("--data-dir", "data root (default: $QGTRAIN_DATA, else ./data)"),
-    ShortFlag("--run-name", "run name (default: <dataset>-<inner>-k<steps>-b<b>)"),
+    ShortFlag("--epochs", "training epochs", ("--trainer.max_epochs",), _positive_int),
+    ShortFlag("--batch-size", "training batch size", ("--data.init_args.batch_size",), _positive_int),
+    ShortFlag("--lr", "learning rate", ("--model.optimizer.init_args.lr",), _positive_float),
+    ShortFlag("--devices", "devices per node (int or 'auto')", ("--trainer.devices",)),
+    ShortFlag("--num-nodes", "number of nodes", ("--trainer.num_nodes",), _positive_int),
+    ShortFlag("--strategy", "auto, ddp, ddp_spawn, ...", ("--trainer.strategy",)),
+    ShortFlag("--precision", "32-true, 16-mixed, bf16-mixed", ("--trainer.precision",)),
     ShortFlag(
-        "--resume", "continue from a checkpoint: a .ckpt path, a run folder, or 'last' for this run name"
+        "--seed",
+        "seed of everything: data split and order, attacks, initialisation",
+        ("--seed_everything", "--model.seed", "--data.init_args.seed"),
+        _non_negative_int,
     ),
-    ShortFlag("--eval-every", "robustness evaluation every N epochs (0 = off); also the TensorBoard views"),
-    ShortFlag("--eval-attack", f"robustness evaluation's main attack: {', '.join(ATTACKS)}"),
-    ShortFlag("--eval-steps", "robustness evaluation attack steps (integer >= 1)"),
-    ShortFlag("--eval-size", "robustness evaluation subset of the validation split (examples)"),
-    ShortFlag("--eval-b", "quantization level of the robustness evaluation's main attack (integer >= 1)"),
+    ShortFlag(
+        "--data-dir", "data root (default: $QGTRAIN_DATA, else ./data)", ("--data.init_args.data_dir",)
+    ),
+    ShortFlag("--run-name", "run name (default: <dataset>-<inner>-k<steps>-b<b>)", ("--run_name",)),
+    ShortFlag(
+        "--resume",
+        "continue from a checkpoint: a .ckpt path, a run folder, or 'last' for this run name",
+        ("--resume",),
+    ),
+    ShortFlag(
+        "--eval-every",
+        "robustness evaluation every N epochs (0 = off); also the TensorBoard views",
+        ("--robustness.every_n_epochs", "--visualization.every_n_epochs"),
+        _non_negative_int,
+    ),
+    ShortFlag(
+        "--eval-attack",
+        f"robustness evaluation's main attack: {', '.join(ATTACKS)}",
+        ("--robustness.attack",),
+        _attack_name,
+    ),
+    ShortFlag(
+        "--eval-steps",
+        "robustness evaluation attack steps (integer >= 1)",
+        ("--robustness.steps",),
+        _positive_int,
+    ),
+    ShortFlag(
+        "--eval-size",
+        "robustness evaluation subset of the validation split (examples)",
+        ("--robustness.subset_size",),
+        _positive_int,
+    ),
+    ShortFlag(
+        "--eval-b",
+        "quantization level of the robustness evaluation's main attack (integer >= 1)",
+        ("--robustness.b",),
+        _positive_int,
+    ),
 ]
 
 
@@ -116,7 +195,7 @@ def _split_short_flags(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     other dotted LightningCLI keys pass through untouched.
     """
     flags = {f.flag for f in SHORT_FLAGS}
-    known = argparse.Namespace(**{f.flag.lstrip("-").replace("-", "_"): None for f in SHORT_FLAGS})
+    known = argparse.Namespace(**{f.dest: None for f in SHORT_FLAGS})
     rest: list[str] = []
     i = 0
     while i < len(argv):
@@ -128,7 +207,7 @@ def _split_short_flags(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
             value = argv[i + 1]
             i += 1
         if flag in flags and not (flag == "--model" and value not in MODELS and "." in value):
-            setattr(known, flag.lstrip("-").replace("-", "_"), value)
+            setattr(known, flag.lstrip("-").replace("-", "_"), value)  # == ShortFlag.dest
         else:
             rest.append(arg)
             if flag in flags and not has_value:  # `--model some.dotted.Class`: LightningCLI's own
@@ -146,7 +225,6 @@ def expand_short_flags(argv: list[str]) -> list[str]:
     head: list[str] = []
     classes: list[str] = []
     values: list[str] = []
-    inner = "--model.inner.init_args"
     if known.dataset is not None:
         if known.dataset not in DATAMODULES:
             raise UsageError(f"--dataset must be one of {', '.join(DATAMODULES)}, got {known.dataset}")
@@ -164,69 +242,16 @@ def expand_short_flags(argv: list[str]) -> list[str]:
             classes.append(f"--model.inner={cls.__module__.rsplit('.', 1)[0]}.{cls.__name__}")
             # init_args of the config's attack carry over to the new class (eps, alpha, steps...);
             # those whose meaning depends on the class are reset to the new class's defaults.
-            values += [f"{inner}.{key}={value}" for key, value in class_specific_defaults(cls).items()]
+            values += [f"{INNER_ARGS}.{key}={value}" for key, value in class_specific_defaults(cls).items()]
     if known.model is not None:
         cls = MODELS[known.model]
         classes.append(f"--model.net={cls.__module__.rsplit('.', 1)[0]}.{cls.__name__}")
-    if known.steps is not None:
-        values.append(f"{inner}.steps={_positive_int('--steps', known.steps)}")
-    if known.eps is not None:
-        eps = _float_in("--eps", known.eps, 0.0, 1.0)
-        values += [f"{inner}.eps={eps}", f"--model.val_attack.init_args.eps={eps}", f"--robustness.eps={eps}"]
-    if known.alpha is not None:
-        values.append(f"{inner}.alpha={_float_in('--alpha', known.alpha, 0.0, float('inf'))}")
-    if known.b is not None:
-        values.append(f"{inner}.b={_positive_int('--b', known.b)}")
-    if known.epochs is not None:
-        values.append(f"--trainer.max_epochs={_positive_int('--epochs', known.epochs)}")
-    if known.batch_size is not None:
-        values.append(f"--data.init_args.batch_size={_positive_int('--batch-size', known.batch_size)}")
-    if known.lr is not None:
-        values.append(f"--model.optimizer.init_args.lr={_float_in('--lr', known.lr, 0.0, float('inf'))}")
-    if known.devices is not None:
-        values.append(f"--trainer.devices={known.devices}")
-    if known.num_nodes is not None:
-        values.append(f"--trainer.num_nodes={_positive_int('--num-nodes', known.num_nodes)}")
-    if known.strategy is not None:
-        values.append(f"--trainer.strategy={known.strategy}")
-    if known.precision is not None:
-        values.append(f"--trainer.precision={known.precision}")
-    if known.seed is not None:
-        if not known.seed.isdigit():
-            raise UsageError(f"--seed must be an integer >= 0, got {known.seed}")
-        seed = int(known.seed)
-        values += [f"--seed_everything={seed}", f"--model.seed={seed}", f"--data.init_args.seed={seed}"]
-    if known.data_dir is not None:
-        values.append(f"--data.init_args.data_dir={known.data_dir}")
-    if known.run_name is not None:
-        values.append(f"--run_name={known.run_name}")
-    if known.resume is not None:
-        values.append(f"--resume={known.resume}")
-    values += _eval_flags(known)
+    for flag in SHORT_FLAGS:
+        value = getattr(known, flag.dest)
+        if flag.targets and value is not None:
+            parsed = flag.parse(flag.flag, value)
+            values += [f"{target}={parsed}" for target in flag.targets]
     return head + rest + classes + values
-
-
-def _eval_flags(known: argparse.Namespace) -> list[str]:
-    """The ``--eval-*`` flags as ``--robustness.*`` (and ``--visualization.every_n_epochs``) arguments."""
-    values = []
-    if known.eval_every is not None:
-        if not known.eval_every.isdigit():
-            raise UsageError(
-                f"--eval-every must be an integer >= 0 (0 turns evaluation off), got {known.eval_every}"
-            )
-        every = int(known.eval_every)
-        values += [f"--robustness.every_n_epochs={every}", f"--visualization.every_n_epochs={every}"]
-    if known.eval_attack is not None:
-        if known.eval_attack not in ATTACKS:
-            raise UsageError(f"--eval-attack must be one of {', '.join(ATTACKS)}, got {known.eval_attack}")
-        values.append(f"--robustness.attack={known.eval_attack}")
-    if known.eval_steps is not None:
-        values.append(f"--robustness.steps={_positive_int('--eval-steps', known.eval_steps)}")
-    if known.eval_size is not None:
-        values.append(f"--robustness.subset_size={_positive_int('--eval-size', known.eval_size)}")
-    if known.eval_b is not None:
-        values.append(f"--robustness.b={_positive_int('--eval-b', known.eval_b)}")
-    return values
 
 
 def main_usage_error(prog: str, message: str) -> None:
