@@ -41,6 +41,10 @@ def test_switching_inner_attack_resets_class_specific_arguments(capsys: pytest.C
     assert fgsm["steps"] == 1 and fgsm["alpha"] is None
     none = resolved_config(capsys, "--inner", "none")["model"]["inner"]
     assert none is None
+    # Standard training stays standard when a radius is given (for validation and evaluation).
+    none_eps = resolved_config(capsys, "--inner", "none", "--eps", "0.2")
+    assert none_eps["model"]["inner"] is None
+    assert none_eps["model"]["val_attack"]["init_args"]["eps"] == 0.2 and none_eps["robustness"]["eps"] == 0.2
 
 
 def test_every_short_flag_lands_in_the_config(capsys: pytest.CaptureFixture, tmp_path: Path) -> None:
@@ -147,3 +151,25 @@ def test_main_job_with_a_tiny_run_limit(
         == 2
     )
     assert torch.load(run / "last.ckpt", weights_only=True)["global_step"] == 3
+
+
+def test_arguments_for_a_null_inner_attack_are_refused(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """A config with `inner: null` plus `--steps` must not silently train against the base class."""
+    null_inner = tmp_path / "null.yaml"
+    null_inner.write_text("model:\n  inner: null\n")
+    config = str(Path(__file__).resolve().parents[1] / "configs" / "mnist.yaml")
+    with pytest.raises(SystemExit) as info:
+        main(
+            [
+                "--config",
+                config,
+                "--config",
+                str(null_inner),
+                "--steps",
+                "10",
+                "--checkpoint_root",
+                str(tmp_path),
+            ]
+        )
+    assert info.value.code == 2
+    assert "no attack class" in capsys.readouterr().err

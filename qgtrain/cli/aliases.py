@@ -246,11 +246,13 @@ def expand_short_flags(argv: list[str]) -> list[str]:
     if known.model is not None:
         cls = MODELS[known.model]
         classes.append(f"--model.net={cls.__module__.rsplit('.', 1)[0]}.{cls.__name__}")
+    no_inner = known.inner == "none"  # then `--eps` sets only validation and evaluation radii
     for flag in SHORT_FLAGS:
         value = getattr(known, flag.dest)
         if flag.targets and value is not None:
             parsed = flag.parse(flag.flag, value)
-            values += [f"{target}={parsed}" for target in flag.targets]
+            targets = [t for t in flag.targets if not (no_inner and t.startswith(INNER_ARGS))]
+            values += [f"{target}={parsed}" for target in targets]
     return head + rest + classes + values
 
 

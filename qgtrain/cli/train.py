@@ -180,6 +180,13 @@ class QGTrainCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         config = self.config
         check_devices(config.trainer.accelerator, config.trainer.devices)
+        for key in ("inner", "val_attack"):
+            attack = config.model.get(key)
+            if attack is not None and attack.class_path.rsplit(".", 1)[-1] == "Attack":
+                # jsonargparse builds the base class when init_args meet a null attack
+                raise UsageError(
+                    f"model.{key} has arguments but no attack class; choose one with --inner NAME"
+                )
         checkpoint_root = Path(config.checkpoint_root)
         log_root = Path(config.log_root)
         base = config.run_name or default_run_name(config)
