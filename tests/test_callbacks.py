@@ -11,6 +11,7 @@ import lightning as L
 import pytest
 import torch
 import yaml
+from conftest import quiet_trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -63,19 +64,7 @@ def _module(trained: TinyCNN, lr: float = 1e-4) -> AdversarialTraining:
 
 
 def _trainer(**kwargs) -> L.Trainer:
-    defaults = dict(
-        accelerator="cpu",
-        devices=1,
-        max_epochs=1,
-        limit_val_batches=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        inference_mode=False,
-        num_sanity_val_steps=0,
-    )
-    return L.Trainer(**{**defaults, **kwargs})
+    return quiet_trainer(**{"max_epochs": 1, "limit_val_batches": 1, **kwargs})
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import find_data_root, load_mnist_tensors
+from conftest import find_data_root, load_mnist_tensors, quiet_trainer
 from torch import nn
 
 from qgtrain.cli.evaluate import main
@@ -228,7 +228,6 @@ def test_same_seed_gives_identical_numbers(tiny_ckpt: Path, data_dir: Path, tmp_
 
 # ------------------------------------------------------------------------------------ loading
 def test_checkpoint_written_by_lightning_training(data_dir: Path, tmp_path: Path) -> None:
-    import lightning as L
     from torch.utils.data import DataLoader, TensorDataset
 
     from qgtrain.attacks import build_attack
@@ -238,17 +237,7 @@ def test_checkpoint_written_by_lightning_training(data_dir: Path, tmp_path: Path
     x, y = load_mnist_tensors(64)
     net = TinyCNN(dataset="mnist", width=4)
     module = AdversarialTraining(net, inner=build_attack("pqgd", eps=0.3, alpha=0.1, steps=1, b=100))
-    trainer = L.Trainer(
-        max_epochs=1,
-        limit_train_batches=2,
-        limit_val_batches=0,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        accelerator="cpu",
-        devices=1,
-    )
+    trainer = quiet_trainer(max_epochs=1, limit_train_batches=2, limit_val_batches=0)
     trainer.fit(module, DataLoader(TensorDataset(x, y), batch_size=32))
     path = tmp_path / "last.ckpt"
     trainer.save_checkpoint(path)

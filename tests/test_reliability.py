@@ -23,7 +23,7 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, load_mnist_tensors
+from conftest import REPO, load_mnist_tensors, quiet_trainer
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -458,15 +458,7 @@ def test_attacks_survive_all_zero_gradients(name: str) -> None:
 def _fit_one_step(net: nn.Module) -> list[str]:
     x, y = load_mnist_tensors(40)
     module = AdversarialTraining(net, inner=build_attack("pgd", eps=0.1, alpha=0.05, steps=1))
-    trainer = L.Trainer(
-        max_steps=1,
-        limit_val_batches=0,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        accelerator="cpu",
-    )
+    trainer = quiet_trainer(max_steps=1, limit_val_batches=0)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         trainer.fit(module, DataLoader(TensorDataset(x, y), batch_size=20))

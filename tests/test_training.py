@@ -10,7 +10,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from conftest import REPO, load_mnist_tensors
+from conftest import REPO, load_mnist_tensors, quiet_trainer
 from torch.utils.data import DataLoader, TensorDataset
 
 from qgtrain.attacks import PGD, Attack, build_attack
@@ -22,20 +22,6 @@ from qgtrain.training import AdversarialTraining, lr_lambda
 def _loader(n: int = 64, batch_size: int = 16, offset: int = 0) -> DataLoader:
     x, y = load_mnist_tensors(n, offset=offset)
     return DataLoader(TensorDataset(x, y), batch_size=batch_size, shuffle=False)
-
-
-def _trainer(**kwargs) -> L.Trainer:
-    defaults = dict(
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        inference_mode=False,
-        num_sanity_val_steps=0,
-    )
-    return L.Trainer(**{**defaults, **kwargs})
 
 
 class ModeSpy(PGD):
@@ -58,7 +44,7 @@ def test_fast_dev_run_trains_with_every_inner_attack(inner: str) -> None:
     )
     module = AdversarialTraining(TinyCNN(width=4), attack, val_attack=PGD(eps=0.3, alpha=0.1, steps=2))
     before = [p.detach().clone() for p in module.net.parameters()]
-    trainer = _trainer(fast_dev_run=2)
+    trainer = quiet_trainer(fast_dev_run=2)
     trainer.fit(module, _loader(), _loader(offset=64))
     assert any(not torch.equal(a, b) for a, b in zip(before, module.net.parameters(), strict=True))
     metrics = trainer.callback_metrics
@@ -117,7 +103,7 @@ def test_eps_warmup_ramps_the_inner_radius() -> None:
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
             radii.append(pl_module.current_inner().eps)
 
-    _trainer(max_epochs=2, callbacks=[Record()], limit_val_batches=0).fit(module, _loader(64, 16))
+    quiet_trainer(max_epochs=2, callbacks=[Record()], limit_val_batches=0).fit(module, _loader(64, 16))
     assert radii[0] == pytest.approx(0.3 / 4) and radii[3] == pytest.approx(0.3)
     assert radii == sorted(radii) and radii[-1] == pytest.approx(0.3)
 
@@ -136,7 +122,7 @@ def test_short_pgd_training_learns_and_gains_robustness(data_root: Path) -> None
         net, PGD(eps=eps, alpha=0.04, steps=3), optimizer=lambda p: torch.optim.Adam(p, lr=2e-3)
     )
     loader = DataLoader(TensorDataset(x, y), batch_size=50, shuffle=True)
-    _trainer(max_epochs=1, limit_val_batches=0).fit(module, loader)
+    quiet_trainer(max_epochs=1, limit_val_batches=0).fit(module, loader)
     with torch.no_grad():
         clean = (net.eval()(x_test).argmax(1) == y_test).float().mean().item()
     robust = adversarial_correct(net, evaluate, [(x_test, y_test)]).float().mean().item()
