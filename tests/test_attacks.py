@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Iterator
 
@@ -13,6 +14,8 @@ from torch import nn
 
 from qgtrain.attacks import (
     Attack,
+    attack_class,
+    attack_for_budget,
     available_attacks,
     blob_direction,
     build_attack,
@@ -21,8 +24,9 @@ from qgtrain.attacks import (
     quantize_gradient,
 )
 
-ALL_ATTACKS = available_attacks()
-ITERATIVE = [name for name in ALL_ATTACKS if name not in ("fgsm", "fgsm_rs")]
+# Evaluation attacks keep the eps-ball; N-FGSM (training only, by design outside it) has its own file.
+ALL_ATTACKS = [name for name in available_attacks() if attack_class(name).stays_in_ball]
+GRADIENT_ATTACKS = [name for name in ALL_ATTACKS if attack_class(name).uses_gradients]
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -58,12 +62,16 @@ def small_batch(n: int = 6, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.rand(n, 1, 8, 8, generator=generator), torch.randint(0, 10, (n,), generator=generator)
 
 
-def quick(name: str, **kwargs: object) -> Attack:
-    """A short configuration of the named attack (few steps, a step size that reaches the boundary)."""
-    defaults: dict[str, object] = {"eps": 0.1}
-    if name in ITERATIVE:
-        defaults.update(steps=3, alpha=0.05)
-    return build_attack(name, **{**defaults, **kwargs})
+def accepts(name: str, key: str) -> bool:
+    return key in inspect.signature(attack_class(name).__init__).parameters
+
+
+def quick(name: str, eps: float = 0.1, **kwargs: object) -> Attack:
+    """A short configuration of the named attack (few steps, a step size that reaches the boundary;
+    Square: few queries)."""
+    if accepts(name, "queries"):
+        kwargs.setdefault("queries", 30)
+    return attack_for_budget(name, eps, 3, alpha=0.05, **kwargs)
 
 
 def assert_valid_adversarial(
@@ -85,8 +93,10 @@ def module_modes(model: nn.Module) -> list[bool]:
 
 
 def test_registry_names_and_config_round_trip() -> None:
-    assert sorted(ALL_ATTACKS) == sorted(["fgsm", "fgsm_rs", "pgd", "pqgd", "blob", "blob_qg"])
-    for name in ALL_ATTACKS:
+    assert sorted(available_attacks()) == sorted(
+        ["fgsm", "fgsm_rs", "nfgsm", "pgd", "pqgd", "blob", "blob_qg", "apgd_ce", "apgd_dlr", "apgd_t", "square"]
+    )
+    for name in available_attacks():
         attack = build_attack(name, eps=0.2)
         config = attack.config()
         assert config["name"] == name and config["eps"] == 0.2
@@ -126,8 +136,11 @@ BAD_KWARGS = [
 ]
 
 
-@pytest.mark.parametrize("name", ALL_ATTACKS)
-@pytest.mark.parametrize("bad", BAD_KWARGS, ids=lambda kw: "-".join(f"{k}={v}" for k, v in kw.items()))
+@pytest.mark.parametrize(
+    ("name", "bad"),
+    [(name, bad) for name in ALL_ATTACKS for bad in BAD_KWARGS if accepts(name, next(iter(bad)))],
+    ids=lambda v: v if isinstance(v, str) else "-".join(f"{k}={x}" for k, x in v.items()),
+)
 def test_bad_kwargs_raise_value_error(name: str, bad: dict[str, object]) -> None:
     key = next(iter(bad))
     with pytest.raises(ValueError, match=key):
@@ -151,7 +164,7 @@ def test_eps_ball_clip_shape_dtype_detached(name: str, loss: str) -> None:
     model = small_net().eval()
     x, y = small_batch()
     torch.manual_seed(0)
-    x_adv = quick(name, loss=loss)(model, x, y)
+    x_adv = (quick(name, loss=loss) if accepts(name, "loss") else quick(name))(model, x, y)
     assert_valid_adversarial(x_adv, x, 0.1)
 
 
@@ -253,7 +266,7 @@ def test_under_cpu_bf16_autocast(name: str) -> None:
     assert all(p.grad is None for p in model.parameters())
 
 
-@pytest.mark.parametrize("name", ALL_ATTACKS)
+@pytest.mark.parametrize("name", GRADIENT_ATTACKS)
 def test_observer_sees_every_step_of_the_first_restart(name: str) -> None:
     model = small_net().eval()
     x, y = small_batch()
@@ -430,9 +443,10 @@ def adversarial_accuracy(model: nn.Module, attack: Attack, x: torch.Tensor, y: t
 
 
 def strong(name: str, eps: float, steps: int = 10, **kwargs: object) -> Attack:
-    if name in ITERATIVE:
-        kwargs = {"steps": steps, "alpha": 2.5 * eps / steps, **kwargs}
-    return build_attack(name, eps=eps, **kwargs)
+    """The attack with ``steps`` iterations and its class's default step size (Square: 300 queries)."""
+    if accepts(name, "queries"):
+        kwargs.setdefault("queries", 300)
+    return attack_for_budget(name, eps, steps, **kwargs)
 
 
 @pytest.mark.parametrize("name", ALL_ATTACKS)

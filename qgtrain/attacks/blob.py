@@ -109,6 +109,7 @@ class BLOBQG(BLOB):
     """BLOB_QG, Eq. 10-11: DAA-BLOB with the quantized direction ``zeta(b * d / M)``, default ``b=100``."""
 
     name = "blob_qg"
+    default_b = 100
 
     def __init__(
         self,

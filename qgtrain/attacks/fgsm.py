@@ -12,6 +12,7 @@ class FGSM(Attack):
     """
 
     name = "fgsm"
+    single_step = True
 
     def __init__(
         self,
@@ -24,8 +25,13 @@ class FGSM(Attack):
         loss: str = "ce",
         clip: tuple[float, float] = (0.0, 1.0),
     ) -> None:
-        alpha = eps if alpha is None else alpha
+        alpha = self.default_alpha(eps, steps) if alpha is None else alpha
         super().__init__(eps, alpha, steps, b, random_start, restarts, loss, clip)
+
+    @classmethod
+    def default_alpha(cls, eps: float, steps: int = 1) -> float:
+        """One step across the whole ball: ``alpha = eps``."""
+        return eps
 
 
 class FGSMRS(Attack):
@@ -35,6 +41,7 @@ class FGSMRS(Attack):
     """
 
     name = "fgsm_rs"
+    single_step = True
 
     def __init__(
         self,
@@ -47,5 +54,10 @@ class FGSMRS(Attack):
         loss: str = "ce",
         clip: tuple[float, float] = (0.0, 1.0),
     ) -> None:
-        alpha = 1.25 * eps if alpha is None else alpha
+        alpha = self.default_alpha(eps, steps) if alpha is None else alpha
         super().__init__(eps, alpha, steps, b, random_start, restarts, loss, clip)
+
+    @classmethod
+    def default_alpha(cls, eps: float, steps: int = 1) -> float:
+        """Wong et al.'s ``alpha = 1.25 * eps``."""
+        return 1.25 * eps

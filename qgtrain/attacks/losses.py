@@ -23,11 +23,36 @@ def margin_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return others.amax(dim=1) - true_logit
 
 
-ATTACK_LOSSES: dict[str, LossFn] = {"ce": cross_entropy_loss, "margin": margin_loss}
+def dlr_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per-example untargeted DLR loss (Croce & Hein 2020, Eq. 6), to be maximised:
+    ``-(z_y - max_{i != y} z_i) / (z_pi1 - z_pi3 + 1e-12)``, ``pi`` sorting the logits in decreasing
+    order. Invariant to shifting and scaling the logits; needs at least 3 classes."""
+    logits = logits.float()
+    if logits.shape[1] < 3:
+        raise ValueError(f"the DLR loss needs at least 3 classes, got {logits.shape[1]}")
+    top = logits.topk(3, dim=1).values
+    true_logit = logits.gather(1, labels[:, None]).squeeze(1)
+    best_other = logits.scatter(1, labels[:, None], float("-inf")).amax(dim=1)
+    return -(true_logit - best_other) / (top[:, 0] - top[:, 2] + 1e-12)
+
+
+def targeted_dlr_loss(logits: torch.Tensor, labels: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Per-example targeted DLR loss (Croce & Hein 2020, Eq. 7), to be maximised:
+    ``-(z_y - z_t) / (z_pi1 - (z_pi3 + z_pi4) / 2 + 1e-12)``; needs at least 4 classes."""
+    logits = logits.float()
+    if logits.shape[1] < 4:
+        raise ValueError(f"the targeted DLR loss needs at least 4 classes, got {logits.shape[1]}")
+    top = logits.topk(4, dim=1).values
+    true_logit = logits.gather(1, labels[:, None]).squeeze(1)
+    target_logit = logits.gather(1, targets[:, None]).squeeze(1)
+    return -(true_logit - target_logit) / (top[:, 0] - 0.5 * (top[:, 2] + top[:, 3]) + 1e-12)
+
+
+ATTACK_LOSSES: dict[str, LossFn] = {"ce": cross_entropy_loss, "margin": margin_loss, "dlr": dlr_loss}
 
 
 def get_attack_loss(name: str) -> LossFn:
-    """Resolve a loss name (``ce`` or ``margin``) or raise a one-line error."""
+    """Resolve a loss name (``ce``, ``margin`` or ``dlr``) or raise a one-line error."""
     try:
         return ATTACK_LOSSES[name]
     except KeyError:

@@ -22,6 +22,7 @@ class PQGD(PGD):
     """
 
     name = "pqgd"
+    default_b = 100
 
     def __init__(
         self,
