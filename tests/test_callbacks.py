@@ -19,11 +19,12 @@ from tensorboard.plugins.hparams import plugin_data_pb2
 
 from qgtrain.attacks import PGD, PQGD, build_attack
 from qgtrain.callbacks import AttackVisualization, RobustnessEvaluation, shard_batches, subset_indices
-from qgtrain.callbacks.robustness import limited_validation_size
+from qgtrain.callbacks.validation_data import limited_validation_size
 from qgtrain.cli.aliases import UsageError, expand_short_flags
 from qgtrain.cli.train import build_cli, main
 from qgtrain.data import MNISTDataModule
 from qgtrain.evaluation import adversarial_correct, clean_correct
+from qgtrain.evaluation.protocol import evaluate_suite
 from qgtrain.models import TinyCNN
 from qgtrain.training import AdversarialTraining
 
@@ -137,9 +138,16 @@ def test_logged_accuracy_equals_a_direct_call_of_the_same_attack(short_run) -> N
     assert {k: a.config() for k, a in attacks.items()} == {
         k: a.config() for k, a in robustness.attacks.items()
     }
-    direct = {name: adversarial_correct(net, attack, batches, seed=3) for name, attack in attacks.items()}
-    direct["clean"] = clean_correct(net, batches)
-    direct["worst"] = direct["blob_qg"] & direct["pgd"]
+    # With early exit (the default) PGD attacks only what BLOB_QG left robust: `robust/pgd_acc` is the
+    # accuracy after both, as AutoAttack reports it; evaluate.py's engine gives the same vectors.
+    outcome = evaluate_suite(net, list(attacks.values()), batches, seed=3)
+    direct = {"clean": outcome.clean, "blob_qg": outcome.after[0], "pgd": outcome.after[1]}
+    direct["worst"] = outcome.robust
+    alone = {name: adversarial_correct(net, attack, batches, seed=3) for name, attack in attacks.items()}
+    assert torch.equal(direct["blob_qg"], alone["blob_qg"]), "the first attack sees what it sees alone"
+    # Random starts are drawn for the whole batch, so PGD treats a survivor exactly as it would alone.
+    assert torch.equal(direct["worst"], alone["blob_qg"] & alone["pgd"])
+    assert torch.equal(direct["clean"], clean_correct(net, batches))
     logged = short_run.trainer.callback_metrics
     for key, correct in direct.items():
         assert float(logged[f"robust/{key}_acc"]) == pytest.approx(correct.float().mean().item(), abs=1e-9)

@@ -3,21 +3,14 @@
 Tag names are documented in docs/MONITORING.md.
 """
 
-from qgtrain.callbacks.robustness import (
-    RobustnessEvaluation,
-    default_alpha,
-    run_hyperparameters,
-    shard_batches,
-    subset_indices,
-    validation_dataset,
-)
+from qgtrain.callbacks.robustness import RobustnessEvaluation, run_hyperparameters
+from qgtrain.callbacks.validation_data import shard_batches, subset_indices, validation_dataset
 from qgtrain.callbacks.visualization import AttackRecorder, AttackVisualization
 
 __all__ = [
     "AttackRecorder",
     "AttackVisualization",
     "RobustnessEvaluation",
-    "default_alpha",
     "run_hyperparameters",
     "shard_batches",
     "subset_indices",

@@ -10,7 +10,6 @@ case). Tags are documented in docs/MONITORING.md.
 from __future__ import annotations
 
 import logging
-import math
 import time
 from typing import Any
 
@@ -19,76 +18,20 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch import nn
-from torch.utils.data import Dataset
 from torchmetrics import SumMetric
 
-from qgtrain.attacks import Attack, attack_class, build_attack
-from qgtrain.evaluation import adversarial_correct, clean_correct, worst_case_correct
+from qgtrain.attacks import Attack, attack_class, attack_for_budget
+from qgtrain.callbacks.validation_data import (
+    limited_validation_size,
+    shard_batches,
+    subset_indices,
+    validation_dataset,
+)
+from qgtrain.evaluation.protocol import evaluate_suite
 
 log = logging.getLogger(__name__)
 
 PREFIX = "robust"
-
-
-def default_alpha(eps: float, steps: int) -> float:
-    """Step size ``2.5 * eps / steps`` (Madry et al.'s rule: enough travel to cross the ball)."""
-    return 2.5 * eps / steps
-
-
-def subset_indices(dataset_size: int, subset_size: int, seed: int) -> torch.Tensor:
-    """A fixed seeded choice of ``min(subset_size, dataset_size)`` example indices."""
-    order = torch.randperm(dataset_size, generator=torch.Generator().manual_seed(seed))
-    return order[: min(subset_size, dataset_size)]
-
-
-def shard_batches(num_examples: int, batch_size: int, rank: int, world_size: int) -> tuple[int, int]:
-    """Rank ``rank``'s contiguous block of whole batches: ``(first_batch, end_batch)``.
-
-    Sharding whole batches (not examples) keeps every batch, and the RNG stream of its batch
-    number, identical for any number of processes; so even batch-coupled attacks (BLOB's
-    particles) and random starts give the same per-example results on 1 and N processes.
-    """
-    num_batches = math.ceil(num_examples / batch_size)
-    per_rank, extra = divmod(num_batches, world_size)
-    first = rank * per_rank + min(rank, extra)
-    return first, first + per_rank + (1 if rank < extra else 0)
-
-
-def validation_dataset(trainer: L.Trainer) -> Dataset:
-    """The datamodule's ``val_set``, else the dataset of the (first) validation dataloader."""
-    datamodule = getattr(trainer, "datamodule", None)
-    dataset = getattr(datamodule, "val_set", None)
-    if dataset is None:
-        loaders = trainer.val_dataloaders
-        if isinstance(loaders, list | tuple):
-            loaders = loaders[0] if loaders else None
-        dataset = getattr(loaders, "dataset", None)
-    if dataset is None:
-        raise ValueError(
-            "RobustnessEvaluation needs validation data (a datamodule with val_set or a val dataloader); "
-            "set robustness.every_n_epochs: 0 to turn it off"
-        )
-    return dataset
-
-
-def limited_validation_size(trainer: L.Trainer, dataset_size: int) -> int:
-    """How many validation examples the run's ``limit_val_batches`` lets validation see.
-
-    A quick run (``limit_val_batches=2``, ``fast_dev_run``) also gets a quick robustness evaluation;
-    ``limit_val_batches`` of 0 or 1.0 leaves the validation split whole.
-    """
-    limit = trainer.limit_val_batches
-    if isinstance(limit, float) and 0.0 < limit < 1.0:
-        return max(1, int(limit * dataset_size))
-    if isinstance(limit, int) and not isinstance(limit, bool) and limit > 0:
-        batch_size = getattr(getattr(trainer, "datamodule", None), "eval_batch_size", None)
-        loaders = trainer.val_dataloaders
-        if batch_size is None and loaders is not None:
-            loader = loaders[0] if isinstance(loaders, list | tuple) else loaders
-            batch_size = getattr(loader, "batch_size", None)
-        if batch_size:
-            return min(dataset_size, limit * int(batch_size))
-    return dataset_size
 
 
 class RobustnessEvaluation(Callback):
@@ -97,9 +40,14 @@ class RobustnessEvaluation(Callback):
     (BLOB_QG by default) and each of ``extra_attacks``.
 
     Logs ``robust/clean_acc``, ``robust/<attack>_acc`` per attack, ``robust/worst_acc`` (per-example
-    worst case over all attacks), ``robust/best_worst_acc``, ``robust/eval_seconds`` and
-    ``robust/eval_time_share``. ``eps=None`` takes the radius of the module's ``val_attack`` (else
-    its ``inner``); ``alpha=None`` is ``2.5 * eps / steps``. Attacks run with the model in eval mode
+    worst case over all attacks), ``robust/best_worst_acc``, ``robust/eval_seconds``,
+    ``robust/eval_time_share`` and ``robust/gradient_share`` (gradients spent / the naive count).
+    With ``early_exit`` (the default, as AutoAttack) the attacks run in order and each attacks only
+    the examples still robust, so ``robust/<attack>_acc`` is the accuracy left after that attack and
+    the ones before it; without, each attack's own accuracy. ``eps=None`` takes the radius of the
+    module's ``val_attack`` (else its ``inner``); ``alpha=None`` is the attack class's default step
+    size (``2.5 * eps / steps`` for iterative attacks); ``attack_kwargs`` gives further arguments per
+    attack name (e.g. ``{"apgd_t": {"targets": 3}}``). Attacks run with the model in eval mode
     under a forked RNG (seeded from ``seed`` and the batch number), so training state and the
     training RNG are untouched. The subset is capped by what ``limit_val_batches`` lets validation
     see, so a quick run gets a quick evaluation. Under DDP whole batches are sharded across ranks
@@ -118,6 +66,8 @@ class RobustnessEvaluation(Callback):
         batch_size: int = 200,
         attack: str = "blob_qg",
         extra_attacks: list[str] | None = None,
+        attack_kwargs: dict[str, dict[str, Any]] | None = None,
+        early_exit: bool = True,
         eps: float | None = None,
         alpha: float | None = None,
         steps: int = 20,
@@ -152,6 +102,13 @@ class RobustnessEvaluation(Callback):
             raise ValueError(f"robustness attacks repeat a name: {self.attack_names}; list each attack once")
         for name in self.attack_names:
             attack_class(name)  # a one-line error for an unknown name, before training starts
+        self.attack_kwargs = {name: dict(kwargs) for name, kwargs in (attack_kwargs or {}).items()}
+        unused = set(self.attack_kwargs) - set(self.attack_names)
+        if unused:
+            raise ValueError(
+                f"robustness.attack_kwargs names {sorted(unused)}, which are not among {self.attack_names}"
+            )
+        self.early_exit = bool(early_exit)
         self.eps = eps
         self.alpha = alpha
         self.steps = steps
@@ -180,18 +137,17 @@ class RobustnessEvaluation(Callback):
         return self.every_n_epochs > 0
 
     def build_attacks(self, eps: float) -> dict[str, Attack]:
-        """``{name: attack}``; iterative attacks share eps, steps, alpha, restarts and random start,
-        single-step ones (FGSM, FGSM-RS) keep their own step count and step size; ``b`` goes to the
-        main attack only (extra attacks keep their class default, e.g. sign for PGD)."""
+        """``{name: attack}``, each built by its class for the budget (``eps``, ``steps``, ``alpha``;
+        single-step attacks keep their own step, Square its queries); ``b`` goes to the main attack
+        only (extra attacks keep their class default, e.g. sign for PGD); ``attack_kwargs`` last."""
         attacks = {}
         for position, name in enumerate(self.attack_names):
-            kwargs: dict[str, Any] = {"eps": eps, "restarts": self.restarts}
-            if attack_class(name)().steps > 1:
-                alpha = self.alpha if self.alpha is not None else default_alpha(eps, self.steps)
-                kwargs.update(steps=self.steps, alpha=alpha, random_start=self.random_start)
-            if position == 0:
-                kwargs["b"] = self.b
-            attacks[name] = build_attack(name, **kwargs)
+            kwargs: dict[str, Any] = {"restarts": self.restarts}
+            if not self.random_start:
+                kwargs["random_start"] = False
+            kwargs.update(self.attack_kwargs.get(name, {}))
+            b = self.b if position == 0 else None
+            attacks[name] = attack_for_budget(name, eps, self.steps, alpha=self.alpha, b=b, **kwargs)
         return attacks
 
     def resolve_eps(self, pl_module: L.LightningModule) -> float:
@@ -274,24 +230,32 @@ class RobustnessEvaluation(Callback):
         batches = list(zip(x.split(self.batch_size), y.split(self.batch_size), strict=True)) if len(y) else []
         device = pl_module.device
 
-        correct = {"clean": clean_correct(model, batches, device)}
-        for name, attack in self.attacks.items():
-            correct[name] = adversarial_correct(
-                model, attack, batches, device, seed=self.seed, first_batch_index=first
-            )
-        correct["worst"] = worst_case_correct(correct[name] for name in self.attacks)
+        outcome = evaluate_suite(
+            model, list(self.attacks.values()), batches, device, self.seed, self.early_exit, first
+        )
+        correct = {"clean": outcome.clean, **dict(zip(self.attacks, outcome.after, strict=True))}
+        correct["worst"] = outcome.robust
 
-        counts = {key: SumMetric().to(device) for key in [*correct, "total"]}
+        keys = [*correct, "total", "gradients", "naive_gradients"]
+        counts = {key: SumMetric().to(device) for key in keys}
         for key, vector in correct.items():
             counts[key].update(vector.sum().to(device, torch.float64))
-        counts["total"].update(torch.tensor(float(y.shape[0]), dtype=torch.float64, device=device))
+        spent = {
+            "total": float(y.shape[0]),
+            "gradients": float(sum(c.gradients for c in outcome.costs)),
+            "naive_gradients": float(sum(c.naive_gradients for c in outcome.costs)),
+        }
+        for key, value in spent.items():
+            counts[key].update(torch.tensor(value, dtype=torch.float64, device=device))
         totals = {key: float(metric.compute()) for key, metric in counts.items()}  # sums over ranks
         total = max(totals.pop("total"), 1.0)
+        gradient_share = totals.pop("gradients") / max(totals.pop("naive_gradients"), 1.0)
 
         results = {f"{PREFIX}/{key}_acc": value / total for key, value in totals.items()}
         seconds = time.perf_counter() - start
         results[f"{PREFIX}/eval_seconds"] = seconds
         results[f"{PREFIX}/eval_time_share"] = seconds / max(seconds + self._time_since_eval, 1e-9)
+        results[f"{PREFIX}/gradient_share"] = gradient_share
         worst = results[f"{PREFIX}/worst_acc"]
         if self.best_worst_acc is None or worst > self.best_worst_acc:
             self.best_worst_acc, self.best_epoch = worst, trainer.current_epoch

@@ -21,7 +21,7 @@ from lightning.pytorch.loggers import TensorBoardLogger  # noqa: E402
 from torch import nn  # noqa: E402
 
 from qgtrain.attacks import Attack, attack_class, build_attack  # noqa: E402
-from qgtrain.callbacks.robustness import subset_indices, validation_dataset  # noqa: E402
+from qgtrain.callbacks.validation_data import subset_indices, validation_dataset  # noqa: E402
 from qgtrain.evaluation import eval_mode  # noqa: E402
 
 log = logging.getLogger(__name__)

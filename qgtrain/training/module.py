@@ -22,6 +22,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from qgtrain import __version__
 from qgtrain.attacks import PGD, Attack
+from qgtrain.evaluation.protocol import attack_batch
 from qgtrain.models import DATASET_SPECS, model_spec
 
 log = logging.getLogger(__name__)
@@ -117,8 +118,8 @@ class AdversarialTraining(L.LightningModule):
         self.train_clean_acc = MulticlassAccuracy(num_classes, average="micro")
         self.images_per_sec = MeanMetric()
         self.attack_time_share = MeanMetric()
-        self.val_clean_acc = MulticlassAccuracy(num_classes, average="micro")
-        self.val_adv_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.val_clean_acc = MeanMetric()
+        self.val_adv_acc = MeanMetric()
         self._batch_start = 0.0
         self._attack_seconds = 0.0
         self._output_checked = False
@@ -236,14 +237,13 @@ class AdversarialTraining(L.LightningModule):
 
     # ---------------------------------------------------------------- validation
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        """Clean accuracy and accuracy under ``val_attack`` by the evaluation engine's rule: an example
+        counts when it is correct clean *and* on the attack's output (early exit, fixed seed)."""
         x, y = batch
-        self.val_clean_acc(self.net(x), y)
-        devices = [x.device.index or 0] if x.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(self.hparams.seed + 7 * batch_idx + 104729 * self.global_rank)
-            x_adv = self.val_attack(self.net, x, y)
-        with torch.no_grad():
-            self.val_adv_acc(self.net(x_adv), y)
+        stream = self.hparams.seed + 7 * batch_idx + 104729 * self.global_rank
+        outcome = attack_batch(self.net, [self.val_attack], x, y, stream_seed=stream)
+        self.val_clean_acc.update(outcome.clean.to(self.device, torch.float32))
+        self.val_adv_acc.update(outcome.robust.to(self.device, torch.float32))
         self.log("val/clean_acc", self.val_clean_acc, on_epoch=True, prog_bar=True)
         self.log("val/adv_acc", self.val_adv_acc, on_epoch=True, prog_bar=True)
 
