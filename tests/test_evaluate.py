@@ -32,7 +32,7 @@ from qgtrain.evaluation.masking import (
 from qgtrain.evaluation.report import run_evaluation, strip_timing, write_outputs
 from qgtrain.models import TinyCNN, model_spec
 
-FAST = ["--n", "100", "--batch-size", "100", "--steps", "5", "--quiet", "--threads", "1", "--device", "cpu"]
+FAST = ["--protocol", "paper", "--n", "100", "--batch-size", "100", "--steps", "5", "--quiet", "--threads", "1", "--device", "cpu"]
 
 
 # ------------------------------------------------------------------------------------ fixtures
@@ -252,7 +252,7 @@ def test_checkpoint_written_by_lightning_training(data_dir: Path, tmp_path: Path
     assert not loaded.training
     status = main(
         ["--ckpt", str(path), "--data-dir", str(data_dir), "--out-dir", str(tmp_path / "out")]
-        + ["--attacks", "pgd", "--runs", "1", "--restarts", "1", "--n", "50", "--steps", "2"]
+        + ["--protocol", "paper", "--attacks", "pgd", "--runs", "1", "--restarts", "1", "--n", "50", "--steps", "2"]
         + ["--quiet", "--threads", "1", "--no-masking-checks"]
     )
     assert status == 0

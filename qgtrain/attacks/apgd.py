@@ -84,6 +84,8 @@ class APGD(Attack):
         cls, eps: float, steps: int, alpha: float | None = None, b: int | None = None, **kwargs: Any
     ) -> Attack:
         """APGD sets its own step size: ``alpha`` is ignored."""
+        if cls.fixed_loss is not None:
+            kwargs.pop("loss", None)
         return cls(eps=eps, steps=steps, b=cls.default_b if b is None else b, **kwargs)
 
     @property
@@ -224,6 +226,7 @@ class APGDT(APGD):
     """
 
     name = "apgd_t"
+    fixed_loss = "dlr-targeted"
 
     def __init__(
         self,
@@ -253,7 +256,7 @@ class APGDT(APGD):
         if isinstance(targets, bool) or int(targets) != targets or targets < 1:
             raise ValueError(f"targets must be an integer >= 1, got {targets!r}")
         super().__init__(eps, steps, b, restarts, "dlr", rho, momentum, initial_step, random_start, clip)
-        self.loss = "dlr-targeted"
+        self.loss = self.fixed_loss
         self.targets = int(targets)
 
     def stages_per_restart(self) -> list[int]:

@@ -154,6 +154,8 @@ class Attack:
     """False for score-based attacks (Square), which only query the model's outputs."""
     cost_known: ClassVar[bool] = True
     """False when the attack's gradient count cannot be observed (wrapped third-party attacks)."""
+    fixed_loss: ClassVar[str | None] = None
+    """The loss when it is part of the algorithm (APGD-T: targeted DLR; Square: margin): no ``loss`` argument."""
     stays_in_ball: ClassVar[bool] = True
     """False for training-only attacks whose output leaves the eps-ball (N-FGSM): not for evaluation."""
 
@@ -212,6 +214,8 @@ class Attack:
         """This attack with radius ``eps`` and ``steps`` iterations; ``alpha=None`` takes
         :meth:`default_alpha`, ``b=None`` the class's ``default_b``. Single-step attacks keep their
         one step and their own step size."""
+        if cls.fixed_loss is not None:
+            kwargs.pop("loss", None)
         if not cls.single_step:
             kwargs.update(steps=steps, alpha=cls.default_alpha(eps, steps) if alpha is None else alpha)
         elif alpha is not None:

@@ -55,6 +55,7 @@ class Square(Attack):
 
     name = "square"
     uses_gradients = False
+    fixed_loss = "margin"
 
     def __init__(
         self,
@@ -82,6 +83,7 @@ class Square(Attack):
         cls, eps: float, steps: int, alpha: float | None = None, b: int | None = None, **kwargs: Any
     ) -> Attack:
         """Square's budget is its query count, not gradient steps: ``steps``, ``alpha``, ``b`` are ignored."""
+        kwargs.pop("loss", None)
         return cls(eps=eps, **kwargs)
 
     @property

@@ -1,7 +1,9 @@
-"""``evaluate.py``: the paper's evaluation protocol (Tables 2-6, Figures 2-5) on a checkpoint.
+"""``evaluate.py``: a checkpoint's robust accuracy, by the ``standard`` suite or the ``paper`` protocol.
 
-``python evaluate.py --ckpt checkpoints/run/last.ckpt --attacks pgd,pqgd --b 100,200 --runs 5``
-writes ``results/<name>/results.json``, ``results.md`` and PNG plots, and prints a summary table.
+``python evaluate.py --ckpt checkpoints/run/best.ckpt`` runs the AutoAttack-strength suite (APGD-CE,
+APGD-T, Square, with early exit) plus PQGD and BLOB_QG rows; ``--protocol paper --attacks pgd,pqgd
+--b 100,200 --runs 5`` the paper's Tables 2-6 protocol. Writes ``results/<name>/results.json``,
+``results.md``, ``correctness.npz`` (per example) and PNG plots, and prints a summary table.
 See docs/EVALUATION.md.
 """
 
@@ -20,9 +22,16 @@ import torch
 from qgtrain.attacks import ATTACK_LOSSES, available_attacks
 from qgtrain.data import DATAMODULES, DataError, build_datamodule, resolve_data_dir
 from qgtrain.evaluation.checkpoints import CheckpointError, CheckpointInfo, load_model_from_checkpoint
-from qgtrain.evaluation.report import render_summary, run_evaluation, write_outputs
-from qgtrain.evaluation.runner import SWEEPABLE, ProtocolSettings, TensorBatches
-from qgtrain.models import available_models
+from qgtrain.evaluation.report import merge_correctness, render_summary, run_evaluation, write_outputs
+from qgtrain.evaluation.runner import (
+    SWEEPABLE,
+    ProtocolSettings,
+    StandardSettings,
+    TensorBatches,
+    planned_cost,
+    probe_seconds,
+)
+from qgtrain.models import DATASET_SPECS, available_models
 
 PROG = "evaluate.py"
 log = logging.getLogger(__name__)
@@ -143,7 +152,14 @@ def build_parser() -> OneLineParser:
         "example, Worst/Avg per attack, per-example worst case over all attacks (docs/EVALUATION.md).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--ckpt", required=True, help="a train.py checkpoint (.ckpt) or a plain state dict (.pt)")
+    p.add_argument("--ckpt", help="a train.py checkpoint (.ckpt) or a plain state dict (.pt)")
+    p.add_argument(
+        "--protocol",
+        choices=["standard", "paper"],
+        default="standard",
+        help="standard: APGD-CE -> APGD-T -> Square (AutoAttack's suite, early exit) plus PQGD and BLOB_QG "
+        "rows; paper: the paper's Table 2 protocol (--runs, --restarts, --sweep)",
+    )
     p.add_argument("--model", choices=available_models(), help="architecture of a plain state dict")
     p.add_argument(
         "--model-kwargs",
@@ -160,10 +176,16 @@ def build_parser() -> OneLineParser:
     p.add_argument(
         "--attacks",
         type=_with_context(parse_attacks, "attacks"),
-        default=["pgd", "pqgd", "blob", "blob_qg"],
-        help=f"comma-separated, from {', '.join(available_attacks())}",
+        default=None,
+        help=f"comma-separated, from {', '.join(available_attacks())} or torchattacks.<Class> "
+        "(default: pgd,pqgd,blob,blob_qg for paper; the pqgd,blob_qg rows beside the standard suite)",
     )
-    p.add_argument("--steps", type=_with_context(parse_positive_int, "integer"), default=200)
+    p.add_argument(
+        "--steps",
+        type=_with_context(parse_positive_int, "integer"),
+        default=None,
+        help="iterations per run (default: 100 for standard, APGD's and the rows'; 200 for paper)",
+    )
     p.add_argument(
         "--eps", type=_with_context(parse_eps, "eps"), default=0.3, help="L-inf radius (8/255 works)"
     )
@@ -177,11 +199,35 @@ def build_parser() -> OneLineParser:
     p.add_argument(
         "--restarts",
         type=_with_context(parse_positive_int, "integer"),
-        default=50,
-        help="random restarts per run, merged per example",
+        default=None,
+        help="paper: random restarts per run, merged per example (default 50)",
     )
     p.add_argument(
-        "--runs", type=_with_context(parse_positive_int, "integer"), default=5, help="independent runs"
+        "--runs",
+        type=_with_context(parse_positive_int, "integer"),
+        default=None,
+        help="paper: independent runs (default 5)",
+    )
+    p.add_argument(
+        "--targets",
+        type=_with_context(parse_positive_int, "integer"),
+        default=9,
+        help="standard: APGD-T's target classes (AutoAttack: 9)",
+    )
+    p.add_argument(
+        "--queries",
+        type=_with_context(parse_positive_int, "integer"),
+        default=5000,
+        help="standard: Square's queries (AutoAttack: 5000)",
+    )
+    p.add_argument(
+        "--apgd-b",
+        type=_with_context(parse_positive_int, "integer"),
+        default=1,
+        help="standard: quantization level of APGD's direction (1 = the sign, AutoAttack)",
+    )
+    p.add_argument(
+        "--fab", action="store_true", help="standard: add FAB-T (torchattacks.FAB, needs the bench extra)"
     )
     p.add_argument(
         "--n",
@@ -219,8 +265,21 @@ def build_parser() -> OneLineParser:
         help="CPU threads for torch (default: torch's choice); 1 is fastest on a busy machine",
     )
     p.add_argument("--out-dir", default="results", help="outputs go to OUT_DIR/NAME/")
-    p.add_argument("--name", help="results folder name (default: derived from the checkpoint path)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar, no summary table")
+    p.add_argument(
+        "--name",
+        help="results folder name (default: derived from the checkpoint path); an existing folder "
+        "gets -v1, -v2, ... unless --overwrite",
+    )
+    p.add_argument("--overwrite", action="store_true", help="write into OUT_DIR/NAME even if it has results")
+    p.add_argument(
+        "--merge",
+        nargs="+",
+        metavar="NPZ",
+        help="merge correctness.npz files of earlier evaluations per example (worst case) and stop",
+    )
+    p.add_argument(
+        "--quiet", action="store_true", help="no progress bar (on stderr), no plan, no summary table"
+    )
     return p
 
 
@@ -268,6 +327,7 @@ def load_test_split(
 
 
 def make_progress(enabled: bool) -> Any:
+    """A tqdm bar on stderr (shown also when stderr is not a terminal, as tqdm does), or None."""
     if not enabled:
         return None
     from tqdm import tqdm
@@ -275,20 +335,95 @@ def make_progress(enabled: bool) -> Any:
     return tqdm(total=0, unit="batch", desc="attacking", dynamic_ncols=True, file=sys.stderr)
 
 
+def build_settings(args: argparse.Namespace, num_classes: int) -> ProtocolSettings | StandardSettings:
+    """The protocol's settings from the arguments; options of the other protocol are refused."""
+    if args.protocol == "standard":
+        for flag in ("runs", "restarts"):
+            if getattr(args, flag) is not None:
+                raise UsageError(f"argument --{flag}: applies to --protocol paper (standard runs once)")
+        if args.sweep:
+            raise UsageError("argument --sweep: applies to --protocol paper")
+        if args.loss != "ce":
+            raise UsageError("argument --loss: applies to --protocol paper (the suite's losses are fixed)")
+        return StandardSettings(
+            eps=args.eps,
+            steps=args.steps or 100,
+            targets=args.targets,
+            queries=args.queries,
+            b=args.apgd_b,
+            fab=args.fab,
+            paper_rows=args.attacks if args.attacks is not None else ["pqgd", "blob_qg"],
+            paper_steps=args.steps or 100,
+            paper_alpha=args.alpha,
+            paper_b=args.b[0],
+            num_classes=num_classes,
+            seed=args.seed,
+        )
+    return ProtocolSettings(
+        attacks=args.attacks or ["pgd", "pqgd", "blob", "blob_qg"],
+        eps=args.eps,
+        alpha=args.alpha,
+        steps=args.steps or 200,
+        b_values=args.b,
+        restarts=args.restarts or 50,
+        runs=args.runs or 5,
+        loss=args.loss,
+        seed=args.seed,
+    )
+
+
+def unique_folder(out_dir: Path, name: str, overwrite: bool) -> Path:
+    """``OUT_DIR/NAME``, or ``NAME-v1``, ``-v2``... when it already holds results (unless ``overwrite``)."""
+    folder, version = out_dir / name, 0
+    while not overwrite and folder.exists() and any(folder.iterdir()):
+        version += 1
+        folder = out_dir / f"{name}-v{version}"
+    return folder
+
+
+def merge_main(args: argparse.Namespace) -> int:
+    """``--merge A.npz B.npz``: the per-example worst case of earlier evaluations."""
+    try:
+        merged = merge_correctness(args.merge)
+    except ValueError as exc:
+        sys.stderr.write(f"{PROG}: error: {exc}\n")
+        return 1
+    out = unique_folder(Path(args.out_dir), args.name or "merged", args.overwrite)
+    out.mkdir(parents=True, exist_ok=True)
+    import numpy as np
+
+    np.savez_compressed(out / "correctness.npz", **merged, index=np.arange(merged["clean"].size))
+    n = merged["clean"].size
+    print(  # noqa: T201
+        f"merged {len(args.merge)} evaluations of {n} examples: clean {100 * merged['clean'].mean():.2f}%, "
+        f"robust (per-example worst case) {100 * merged['robust'].mean():.2f}%; wrote {out / 'correctness.npz'}"
+    )
+    return 0
+
+
 # ------------------------------------------------------------------------------------ entry point
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``evaluate.py``; returns the exit status (0 ok, 1 bad file or data, 2 bad usage)."""
+    """Entry point of ``evaluate.py``; returns the exit status (0 ok, 1 bad file or data, 2 bad usage,
+    130 interrupted: what was finished is written, marked partial)."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     args = build_parser().parse_args(argv)
+    if args.merge:
+        return merge_main(args)
+    if args.ckpt is None:
+        sys.stderr.write(f"{PROG}: error: the following arguments are required: --ckpt (or --merge)\n")
+        return 2
     try:
         device = resolve_device(args.device)
         ckpt = Path(args.ckpt)
         net, info = load_model_from_checkpoint(ckpt, args.model, args.dataset, args.model_kwargs)
         images, labels, split_size = load_test_split(info.dataset, args.data_dir, args.n)
+        settings = build_settings(args, DATASET_SPECS[info.dataset].num_classes)
+        if isinstance(settings, StandardSettings):
+            settings.suite()  # a one-line error now (e.g. --fab without torchattacks)
     except UsageError as exc:
         sys.stderr.write(f"{PROG}: error: {exc}\n")
         return 2
-    except (CheckpointError, DataError) as exc:
+    except (CheckpointError, DataError, ValueError) as exc:
         sys.stderr.write(f"{PROG}: error: {str(exc).splitlines()[0]}\n")
         return 1
 
@@ -296,7 +431,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     try:
-        return _evaluate(args, argv, device, ckpt, net, info, images, labels, split_size)
+        return _evaluate(args, argv, settings, device, ckpt, net, info, images, labels, split_size)
+    except KeyboardInterrupt:
+        sys.stderr.write(f"{PROG}: interrupted; nothing was written\n")
+        return 130
     finally:
         torch.set_num_threads(threads)
 
@@ -304,6 +442,7 @@ def main(argv: list[str] | None = None) -> int:
 def _evaluate(
     args: argparse.Namespace,
     argv: list[str] | None,
+    settings: ProtocolSettings | StandardSettings,
     device: torch.device,
     ckpt: Path,
     net: torch.nn.Module,
@@ -312,22 +451,9 @@ def _evaluate(
     labels: torch.Tensor,
     split_size: int,
 ) -> int:
-    settings = ProtocolSettings(
-        attacks=args.attacks,
-        eps=args.eps,
-        alpha=args.alpha,
-        steps=args.steps,
-        b_values=args.b,
-        restarts=args.restarts,
-        runs=args.runs,
-        loss=args.loss,
-        seed=args.seed,
-    )
     name = args.name or default_name(ckpt)
-    out_dir = Path(args.out_dir) / name
+    out_dir = unique_folder(Path(args.out_dir), name, args.overwrite)
     batches = TensorBatches(images, labels, args.batch_size)
-    show_progress = not args.quiet and sys.stderr.isatty()
-    progress = make_progress(show_progress)
     log.info(
         "evaluating %s (%s on %s, %d test examples) on %s -> %s",
         ckpt,
@@ -337,6 +463,20 @@ def _evaluate(
         device,
         out_dir,
     )
+    if not args.quiet:
+        gradients, forwards = planned_cost(settings, batches.num_examples, args.sweep)
+        per_gradient, per_forward = probe_seconds(net.to(device), batches, device)
+        estimate = gradients * per_gradient + forwards * per_forward
+        log.info(
+            "plan: %s protocol, at most %.3g example-gradients and %.3g forward queries (early exit spends "
+            "less); at most about %s on this device (%.2f ms per example-gradient); Ctrl-C writes what is done",
+            args.protocol,
+            gradients,
+            forwards,
+            format_duration(estimate),
+            1000 * per_gradient,
+        )
+    progress = make_progress(not args.quiet)
     try:
         record = run_evaluation(
             net,
@@ -354,7 +494,7 @@ def _evaluate(
     config = dict(vars(args))
     config["sweep"] = [{"parameter": p, "values": v} for p, v in args.sweep]
     record.update(
-        name=name,
+        name=out_dir.name,
         command=[PROG, *(sys.argv[1:] if argv is None else argv)],
         config=config,
         checkpoint=info.to_dict(),
@@ -372,7 +512,22 @@ def _evaluate(
     except OSError as exc:
         sys.stderr.write(f"{PROG}: error: cannot write results to {out_dir}: {exc.strerror or exc}\n")
         return 1
+    written = ", ".join(str(path) for path in paths.values())
+    if record["results"]["partial"]:
+        sys.stderr.write(f"{PROG}: interrupted; wrote what was finished, marked partial: {written}\n")
+        return 130
     if not args.quiet:
         print(render_summary(record))  # noqa: T201
-        print(f"results: {paths['results.json']}, {paths['results.md']}")  # noqa: T201
+    print(f"wrote {written}")  # noqa: T201
     return 0
+
+
+def format_duration(seconds: float) -> str:
+    """``42 s``, ``12 min``, ``3.5 h``, ``2.1 days``."""
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    if seconds < 172800:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 86400:.1f} days"

@@ -169,6 +169,27 @@ def check_restarts(
     )
 
 
+def check_score_based(
+    labels: Sequence[str], fooled: Sequence[int], clean: torch.Tensor
+) -> list[MaskingCheck]:
+    """AutoAttack's sanity check: the score-based Square should find (almost) nothing the gradient
+    attacks before it missed. Many examples fooled by Square alone point at masked gradients."""
+    if "square" not in labels:
+        return []
+    k = list(labels).index("square")
+    n = int(clean.numel())
+    allowed = tolerance(n, 0.005)
+    warning = None
+    if fooled[k] > allowed:
+        warning = (
+            f"square (no gradients) fooled {fooled[k]} of {n} examples that the gradient attacks before it "
+            "left robust: the gradients may be masked, trust the score-based number"
+        )
+    return [
+        MaskingCheck("score_based_finds_more", fooled[k] / max(n, 1), allowed / max(n, 1), warning, "square")
+    ]
+
+
 def check_sweep(
     parameter: str, values: Sequence[float], series: dict[str, dict[str, list[float]]], n: int
 ) -> list[MaskingCheck]:

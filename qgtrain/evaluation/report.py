@@ -17,6 +17,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -26,6 +27,7 @@ from qgtrain.evaluation.masking import (
     check_output_probabilities,
     check_randomized,
     check_restarts,
+    check_score_based,
     check_steps,
     check_sweep,
     check_zero_gradients,
@@ -37,8 +39,11 @@ from qgtrain.evaluation.runner import (
     ProtocolResult,
     ProtocolRunner,
     ProtocolSettings,
+    StandardResult,
+    StandardSettings,
     SweepResult,
     TensorBatches,
+    run_standard,
 )
 
 log = logging.getLogger(__name__)
@@ -80,56 +85,88 @@ def environment_info(device: torch.device | str) -> dict[str, Any]:
 def run_masking_checks(
     model: nn.Module,
     batches: TensorBatches,
-    main: ProtocolResult,
+    main: ProtocolResult | StandardResult,
     device: torch.device | str | None,
+    loss: str,
+    seed: int,
 ) -> list[MaskingCheck]:
-    """The per-model checks on the first batch, and steps/restarts checks for every main row."""
+    """The per-model checks on the first batch, steps/restarts checks for every row, and (standard
+    protocol) whether the score-based Square fooled examples the gradient attacks left robust."""
     first = batches.head(1)
     x, y = next(iter(first))
     if device is not None:
         x, y = x.to(device), y.to(device)
-    settings = main.settings
     checks = [
         check_output_probabilities(model, x),
         check_randomized(model, x),
-        check_zero_gradients(model, x, y, settings.loss),
+        check_zero_gradients(model, x, y, loss),
     ]
     k = first.num_examples
     for row in main.rows:
+        if row.run_correct[0].numel() < k:
+            continue
         full = row.run_correct[0][:k]
         steps = check_steps(model, row.spec, first, full, row.seeds[0], device)
         # An unused seed, so the single restart's start is independent of run 0's first restart.
-        restarts = check_restarts(model, row.spec, first, full, settings.seed + settings.runs, device)
+        restarts = check_restarts(model, row.spec, first, full, seed + 1000, device)
         checks.extend(c for c in (steps, restarts) if c is not None)
+    if isinstance(main, StandardResult):
+        checks.extend(check_score_based(main.suite.labels, main.suite.fooled_counts(), main.suite.clean))
     return checks
+
+
+def per_example_arrays(result: ProtocolResult | StandardResult) -> dict[str, np.ndarray]:
+    """Per-example correctness for ``correctness.npz``: ``clean``, ``robust`` (the worst case over
+    everything evaluated), ``row<i>_run<r>`` per row and run, and for the suite ``suite`` and
+    ``fooled_by`` (index of the first suite attack that fooled each example, -1 none)."""
+    arrays: dict[str, np.ndarray] = {
+        "clean": result.clean.numpy(),
+        "robust": result.ensemble_correct.numpy(),
+        "index": np.arange(result.clean.numel()),
+    }
+    if isinstance(result, StandardResult):
+        arrays["suite"] = result.suite.robust.numpy()
+        arrays["fooled_by"] = result.suite.fooled_by.numpy()
+    for i, row in enumerate(result.rows):
+        for r, correct in enumerate(row.run_correct):
+            arrays[f"row{i}_run{r}"] = correct.numpy()
+    return arrays
 
 
 def run_evaluation(
     model: nn.Module,
     batches: TensorBatches,
-    settings: ProtocolSettings,
+    settings: ProtocolSettings | StandardSettings,
     device: torch.device | str,
     sweeps: Sequence[tuple[str, Sequence[float | int]]] = (),
     histogram_b: Sequence[int] | None = None,
     masking: bool = True,
     progress: Progress | None = None,
 ) -> dict[str, Any]:
-    """Run the protocol, the sweeps, the masking checks and the histograms; return the record.
+    """Run the protocol (``standard`` or ``paper``), the sweeps (paper), the masking checks and the
+    histograms; return the record. Ctrl-C during the protocol returns what is finished, marked
+    ``partial`` (then no sweep, check or histogram runs).
 
     The caller may add ``name``, ``checkpoint``, ``data``, ``config`` and ``command`` before writing.
-
     ``progress.total`` (when the bar has one) is set to the number of attacked batches to run.
     """
     start = time.perf_counter()
     model = model.to(device)
-    runner = ProtocolRunner(model, batches, device, progress)
-    plans = [settings] + [settings.with_value(p, v) for p, values in sweeps for v in values]
-    if progress is not None and hasattr(progress, "total"):
-        progress.total = runner.batch_cost(plans)
-        if hasattr(progress, "refresh"):
-            progress.refresh()
-    main = runner.evaluate(settings)
-    sweep_results: list[SweepResult] = [runner.sweep(settings, p, values) for p, values in sweeps]
+    loss = getattr(settings, "loss", "ce")
+    sweep_results: list[SweepResult] = []
+    if isinstance(settings, StandardSettings):
+        _set_total(progress, len(batches) * (1 + len(settings.row_specs())))
+        main: ProtocolResult | StandardResult = run_standard(model, batches, settings, device, progress)
+    else:
+        runner = ProtocolRunner(model, batches, device, progress)
+        plans = [settings] + [settings.with_value(p, v) for p, values in sweeps for v in values]
+        _set_total(progress, runner.batch_cost(plans))
+        try:
+            main = runner.evaluate(settings)
+            sweep_results = [runner.sweep(settings, p, values) for p, values in sweeps]
+        except KeyboardInterrupt:
+            main = ProtocolResult(settings, runner.clean(), runner.finished_rows(settings), partial=True)
+            sweep_results = []
 
     record: dict[str, Any] = {
         "name": "evaluation",
@@ -137,29 +174,42 @@ def run_evaluation(
         "environment": environment_info(device),
         "results": main.to_dict(),
         "sweeps": [s.to_dict() for s in sweep_results],
+        "_per_example": per_example_arrays(main),
     }
     checks: list[MaskingCheck] = []
     masking_start = time.perf_counter()
-    if masking:
-        checks = run_masking_checks(model, batches, main, device)
-        for sweep in sweep_results:
-            checks.extend(check_sweep(sweep.parameter, sweep.values, sweep.series(), main.num_examples))
+    partial = record["results"]["partial"]
+    record["histogram"] = None
+    try:
+        if masking and not partial:
+            checks = run_masking_checks(model, batches, main, device, loss, settings.seed)
+            for sweep in sweep_results:
+                checks.extend(check_sweep(sweep.parameter, sweep.values, sweep.series(), main.clean.numel()))
+        if histogram_b is not None and not partial:
+            x, y = next(iter(batches.head(1)))
+            grad = input_gradients(model, x.to(device), y.to(device), loss).cpu()
+            record["histogram"] = gradient_histograms(grad, histogram_b)
+    except KeyboardInterrupt:  # the protocol's numbers are kept; the checks are marked unfinished
+        record["results"]["partial"] = True
+        masking = False
     warnings = [c.warning for c in checks if c.warning]
     for warning in warnings:
         log.warning("gradient masking? %s", warning)
     record["masking"] = {
-        "enabled": masking,
+        "enabled": masking and not partial,
         "checks": [c.to_dict() for c in checks],
         "warnings": warnings,
         "masking_seconds": time.perf_counter() - masking_start,
     }
-    record["histogram"] = None
-    if histogram_b is not None:
-        x, y = next(iter(batches.head(1)))
-        grad = input_gradients(model, x.to(device), y.to(device), settings.loss).cpu()
-        record["histogram"] = gradient_histograms(grad, histogram_b)
     record["wall_seconds"] = time.perf_counter() - start
     return record
+
+
+def _set_total(progress: Progress | None, total: int) -> None:
+    if progress is not None and hasattr(progress, "total"):
+        progress.total = total
+        if hasattr(progress, "refresh"):
+            progress.refresh()
 
 
 # ---------------------------------------------------------------------------------------------- output
@@ -170,13 +220,32 @@ def pct(value: float | None) -> str:
 def protocol_table(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     """Header and rows of the Table 2 layout: runs, Worst, Avg, seconds; clean first, worst case last."""
     runs = max((len(r["run_accuracies"]) for r in results["rows"]), default=0)
-    header = ["Attack", *[f"Run {i + 1}" for i in range(runs)], "Worst", "Avg", "Time (s)"]
+    header = [
+        "Attack",
+        *[f"Run {i + 1}" for i in range(runs)],
+        "Worst",
+        "Avg",
+        "Gradients",
+        "Naive",
+        "Time (s)",
+    ]
     clean = results["clean"]["accuracy"]
-    rows = [["Clean", *["" for _ in range(runs)], pct(clean), pct(clean), ""]]
+    rows = [["Clean", *["" for _ in range(runs)], pct(clean), pct(clean), "", "", ""]]
     for row in results["rows"]:
         accuracies = [pct(a) for a in row["run_accuracies"]]
         accuracies += [""] * (runs - len(accuracies))
-        rows.append([row["label"], *accuracies, pct(row["worst"]), pct(row["avg"]), f"{row['seconds']:.1f}"])
+        cost = row.get("cost", {})
+        rows.append(
+            [
+                row["label"],
+                *accuracies,
+                pct(row["worst"]),
+                pct(row["avg"]),
+                count(cost.get("gradients")),
+                count(cost.get("naive_gradients")),
+                f"{row['seconds']:.1f}",
+            ]
+        )
     rows.append(
         [
             "Worst case (per example, all attacks and runs)",
@@ -184,6 +253,52 @@ def protocol_table(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]
             pct(results["ensemble"]["accuracy"]),
             "",
             "",
+            "",
+            "",
+        ]
+    )
+    return header, rows
+
+
+def count(value: int | None) -> str:
+    """A gradient or query count, short (``1.23M``); ``n/a`` when not known."""
+    if value is None:
+        return "n/a"
+    for unit, size in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(value) >= size:
+            return f"{value / size:.2f}{unit}"
+    return str(value)
+
+
+def suite_table(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """The standard suite, AutoAttack style: robust accuracy left after each attack, how many it
+    fooled first, and the gradients (and forward queries) it spent against the naive count."""
+    header = ["Attack", "Fooled", "Robust after (%)", "Gradients", "Naive", "Queries", "Time (s)"]
+    clean = results["clean"]
+    rows = [["Clean", str(results["n"] - clean["correct"]), pct(clean["accuracy"]), "", "", "", ""]]
+    for attack in results["suite"]["attacks"]:
+        cost = attack["cost"]
+        rows.append(
+            [
+                attack["label"],
+                str(attack["fooled"]),
+                pct(attack["robust_after"]),
+                count(cost["gradients"]),
+                count(cost["naive_gradients"]),
+                count(cost["forwards"]),
+                f"{cost['seconds']:.1f}",
+            ]
+        )
+    cost = results["suite"]["cost"]
+    rows.append(
+        [
+            "Suite (per-example worst case)",
+            "",
+            pct(results["suite"]["accuracy"]),
+            count(cost["gradients"]),
+            count(cost["naive_gradients"]),
+            count(cost["forwards"]),
+            f"{cost['seconds']:.1f}",
         ]
     )
     return header, rows
@@ -233,10 +348,35 @@ def describe_setup(record: dict[str, Any]) -> list[str]:
         )
     else:
         lines.append(f"Data: {record['results']['n']} examples, batch size {record['batch_size']}")
+    results = record["results"]
+    if results.get("protocol") == "standard":
+        fab = "FAB-T (torchattacks), " if s["fab"] else ""
+        quantized = "" if s["b"] == 1 else f", quantized b = {s['b']}"
+        lines.append(
+            f"Protocol standard: L-inf, eps = {s['eps']:g}; APGD-CE and APGD-T ({s['targets']} targets) with "
+            f"{s['steps']} steps{quantized}, {fab}Square "
+            f"({s['queries']} queries), each on the examples still robust (early exit); then "
+            f"{', '.join(s['paper_rows']) or 'no'} paper rows ({s['paper_steps']} steps, alpha = "
+            f"{s['paper_alpha']:g}, b = {s['paper_b']}); seed {s['seed']}"
+        )
+    else:
+        lines.append(
+            f"Protocol paper: L-inf, eps = {s['eps']:g}, alpha = {s['alpha']:g}, {s['steps']} steps, loss "
+            f"{s['loss']}; {s['restarts']} restart(s) merged per example; {s['runs']} independent run(s) "
+            f"(run r uses seed {s['seed']} + r); early exit inside each run"
+        )
+    cost = results.get("cost")
+    if cost:
+        lines.append(
+            f"Gradients spent: {count(cost['gradients'])} of a naive {count(cost['naive_gradients'])} "
+            f"(example x step); forward queries {count(cost['forwards'])}"
+        )
+    if results.get("partial"):
+        lines.append(
+            f"PARTIAL: interrupted; {results['n']} of {results.get('n_planned', results['n'])} examples "
+            "and the finished rows only"
+        )
     lines += [
-        f"Threat model: L-inf, eps = {s['eps']:g}, alpha = {s['alpha']:g}, {s['steps']} steps, loss {s['loss']}; "
-        f"{s['restarts']} restart(s) merged per example; {s['runs']} independent run(s) "
-        f"(run r uses seed {s['seed']} + r)",
         f"Device: {env['device']} ({env['device_name']}), torch {env['packages']['torch']}, "
         f"{env['torch_threads']} threads; wall time {record['wall_seconds']:.1f} s",
     ]
@@ -256,6 +396,9 @@ def render_markdown(record: dict[str, Any]) -> str:
     else:
         names = sorted({c["name"] for c in masking["checks"]})
         out.append(f"No check fired ({', '.join(names)}).")
+    if record["results"].get("suite"):
+        out += ["", "## Standard suite: robust accuracy after each attack", ""]
+        out.append(markdown_table(*suite_table(record["results"])))
     out += ["", "## Accuracy (%) per run, Worst and Avg over runs", ""]
     out.append(markdown_table(*protocol_table(record["results"])))
     for sweep in record["sweeps"]:
@@ -285,7 +428,10 @@ def render_markdown(record: dict[str, Any]) -> str:
 
 def render_summary(record: dict[str, Any]) -> str:
     """The terminal summary: setup lines, the main table, sweep tables, warnings."""
-    out = describe_setup(record) + ["", text_table(*protocol_table(record["results"]))]
+    out = describe_setup(record)
+    if record["results"].get("suite"):
+        out += ["", text_table(*suite_table(record["results"]))]
+    out += ["", text_table(*protocol_table(record["results"]))]
     for sweep in record["sweeps"]:
         out += ["", f"sweep over {sweep['parameter']} (Avg (Worst) %):", text_table(*sweep_table(sweep))]
     out += [f"WARNING: {w}" for w in record["masking"]["warnings"]]
@@ -310,12 +456,40 @@ def write_outputs(record: dict[str, Any], out_dir: str | os.PathLike) -> dict[st
         figures.append("histogram.png")
         record["histogram"] = histogram["stats"]
     record["figures"] = figures
+    arrays = record.pop("_per_example", None)
+    if arrays is not None:
+        paths["correctness.npz"] = out_dir / "correctness.npz"
+        np.savez_compressed(paths["correctness.npz"], **arrays)
+        record["per_example"] = {"file": "correctness.npz", "keys": sorted(arrays)}
     record.setdefault("created", _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
     paths["results.json"] = out_dir / "results.json"
     paths["results.json"].write_text(json.dumps(record, indent=2, sort_keys=False, default=str) + "\n")
     paths["results.md"] = out_dir / "results.md"
     paths["results.md"].write_text(render_markdown(record))
     return paths
+
+
+def merge_correctness(paths: Sequence[str | os.PathLike]) -> dict[str, np.ndarray]:
+    """Merge evaluations of the same examples per example: ``clean`` and ``robust`` are the ANDs of
+    the files' vectors (robust to everything any file ran). One-line error when they disagree in size."""
+    if not paths:
+        raise ValueError("merge needs at least one correctness.npz")
+    merged: dict[str, np.ndarray] = {}
+    for path in paths:
+        try:
+            with np.load(path) as data:
+                clean, robust = data["clean"].astype(bool), data["robust"].astype(bool)
+        except (OSError, KeyError, ValueError) as exc:
+            raise ValueError(f"{path}: not a correctness.npz written by evaluate.py ({exc})") from None
+        if merged and clean.shape != merged["clean"].shape:
+            raise ValueError(
+                f"{path}: {clean.size} examples but the first file has {merged['clean'].size}; "
+                "merge evaluations of the same examples (--n, dataset)"
+            )
+        merged["clean"] = clean if not merged else merged["clean"] & clean
+        merged["robust"] = robust if "robust" not in merged else merged["robust"] & robust
+    merged["robust"] &= merged["clean"]
+    return merged
 
 
 def strip_timing(value: Any) -> Any:

@@ -1,4 +1,9 @@
-"""The paper's evaluation protocol (Liu & Tsang, Sec. 4.1; Tables 2-6, Figures 3-5) and its sweeps.
+"""The two evaluation protocols: ``standard`` (an AutoAttack-strength suite) and ``paper``.
+
+``standard`` runs APGD-CE, APGD-T and Square in AutoAttack's order (FAB-T optional, through the
+torchattacks adapter), each on the examples still robust, plus PQGD and BLOB_QG rows so the paper's
+comparison stays visible. ``paper`` is the paper's protocol (Liu & Tsang, Sec. 4.1; Tables 2-6,
+Figures 3-5) and its sweeps:
 
 For every attack (and every ``b`` of a quantized one) the test examples are attacked in ``runs``
 independent runs; run ``r`` draws its random starts from seed ``seed + r`` (per batch, see
@@ -6,7 +11,7 @@ independent runs; run ``r`` draws its random starts from seed ``seed + r`` (per 
 are merged per example: an example counts as robust only if no restart fools the model (Sec. 4.1,
 "Practical Issues"). A row reports the accuracy of each run, their minimum ("Worst") and mean
 ("Avg"), as in Table 2. The ensemble row is the per-example worst case over every attack and run.
-All counting goes through ``protocol.py``'s one accuracy counter.
+All counting goes through ``protocol.py``'s one engine, with early exit inside a run.
 """
 
 from __future__ import annotations
@@ -21,14 +26,19 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from qgtrain.attacks import Attack, build_attack
-from qgtrain.evaluation.protocol import adversarial_correct, clean_correct, worst_case_correct
+from qgtrain.attacks import Attack, attack_class, attack_for_budget
+from qgtrain.evaluation.protocol import (
+    AttackCost,
+    SuiteOutcome,
+    attack_batch,
+    batch_stream_seed,
+    eval_mode,
+    evaluate_suite,
+    iterate_batches,
+    worst_case_correct,
+)
 
-QUANTIZED_ATTACKS = ("pqgd", "blob_qg")
-"""Attacks whose rows are repeated for every ``b`` of ``--b``; the others use ``b = 1`` (the sign)."""
 SWEEPABLE = ("eps", "steps", "b")
-SINGLE_STEP_ALPHA = {"fgsm": 1.0, "fgsm_rs": 1.25}
-"""Single-step attacks ignore ``steps``/``alpha``: one step of ``factor * eps`` (their own defaults)."""
 
 
 def fraction(correct: torch.Tensor) -> float:
@@ -42,6 +52,11 @@ class Progress(Protocol):
     def update(self, n: float = 1) -> Any: ...
 
     def set_postfix_str(self, s: str = "", refresh: bool = True) -> Any: ...
+
+
+def is_quantized(name: str) -> bool:
+    """Quantized attacks (class default ``b > 1``: PQGD, BLOB_QG) get one row per ``b`` of ``--b``."""
+    return attack_class(name).default_b > 1
 
 
 class TensorBatches:
@@ -89,17 +104,11 @@ class AttackSpec:
 
     @property
     def label(self) -> str:
-        return f"{self.name} (b={self.b})" if self.name in QUANTIZED_ATTACKS else self.name
+        return f"{self.name} (b={self.b})" if is_quantized(self.name) else self.name
 
     def build(self) -> Attack:
-        return build_attack(
-            self.name,
-            eps=self.eps,
-            alpha=self.alpha,
-            steps=self.steps,
-            b=self.b,
-            restarts=self.restarts,
-            loss=self.loss,
+        return attack_for_budget(
+            self.name, self.eps, self.steps, self.alpha, self.b, restarts=self.restarts, loss=self.loss
         )
 
     def replace(self, **changes: Any) -> AttackSpec:
@@ -128,14 +137,16 @@ class ProtocolSettings:
     def specs(self) -> list[AttackSpec]:
         """One spec per attack, or per ``(attack, b)`` for quantized attacks, in the given order.
 
-        ``fgsm``/``fgsm_rs`` take one step of ``eps`` / ``1.25 eps`` whatever ``steps`` and ``alpha`` say.
+        Single-step attacks (FGSM, FGSM-RS) take their one step of their own size whatever ``steps``
+        and ``alpha`` say.
         """
         specs = []
         for name in self.attacks:
+            cls = attack_class(name)
             steps, alpha = self.steps, self.alpha
-            if name in SINGLE_STEP_ALPHA:
-                steps, alpha = 1, SINGLE_STEP_ALPHA[name] * self.eps
-            for b in self.b_values if name in QUANTIZED_ATTACKS else [1]:
+            if cls.single_step:
+                steps, alpha = 1, cls.default_alpha(self.eps, 1)
+            for b in self.b_values if is_quantized(name) else [1]:
                 specs.append(AttackSpec(name, self.eps, alpha, steps, b, self.restarts, self.loss))
         return specs
 
@@ -159,6 +170,14 @@ class RowResult:
     seeds: list[int]
     run_correct: list[torch.Tensor]
     run_seconds: list[float]
+    run_costs: list[AttackCost] = field(default_factory=list)
+
+    @property
+    def cost(self) -> AttackCost:
+        total = AttackCost()
+        for cost in self.run_costs:
+            total += cost
+        return total
 
     @property
     def run_accuracies(self) -> list[float]:
@@ -192,6 +211,7 @@ class RowResult:
             "per_example_worst_over_runs": fraction(self.per_example_worst),
             "run_seconds": list(self.run_seconds),
             "seconds": float(sum(self.run_seconds)),
+            "cost": self.cost.to_dict(),
         }
 
 
@@ -202,6 +222,7 @@ class ProtocolResult:
     settings: ProtocolSettings
     clean: torch.Tensor
     rows: list[RowResult]
+    partial: bool = False
 
     @property
     def num_examples(self) -> int:
@@ -221,10 +242,16 @@ class ProtocolResult:
         return fraction(self.ensemble_correct)
 
     def to_dict(self) -> dict[str, Any]:
+        total = AttackCost()
+        for row in self.rows:
+            total += row.cost
         return {
+            "protocol": "paper",
+            "partial": self.partial,
             "settings": self.settings.to_dict(),
             "n": self.num_examples,
             "clean": {"accuracy": self.clean_accuracy, "correct": int(self.clean.sum())},
+            "cost": total.to_dict(),
             "rows": [row.to_dict() for row in self.rows],
             "ensemble": {
                 "accuracy": self.ensemble_accuracy,
@@ -294,31 +321,37 @@ class ProtocolRunner:
 
     def clean(self) -> torch.Tensor:
         if self._clean is None:
-            self._clean = clean_correct(self.model, self.batches, self.device)
+            self._clean = evaluate_suite(self.model, [], self.batches, self.device).clean
         return self._clean
 
     def row(self, spec: AttackSpec, seeds: Sequence[int]) -> RowResult:
         key = (spec, tuple(seeds))
         if key not in self._rows:
             attack = spec.build()
-            correct, seconds = [], []
+            correct, seconds, costs = [], [], []
             for run, seed in enumerate(seeds):
                 if self.progress is not None:
                     self.progress.set_postfix_str(f"{spec.label} run {run + 1}/{len(seeds)}")
                 start = time.perf_counter()
-                correct.append(
-                    adversarial_correct(
-                        self.model,
-                        attack,
-                        self.batches,
-                        self.device,
-                        seed=seed,
-                        on_batch=self._advance if self.progress is not None else None,
-                    )
+                outcome = evaluate_suite(
+                    self.model,
+                    [attack],
+                    self.batches,
+                    self.device,
+                    seed=seed,
+                    on_batch=self._advance if self.progress is not None else None,
                 )
+                correct.append(outcome.robust)
+                costs.append(outcome.costs[0])
                 seconds.append(time.perf_counter() - start)
-            self._rows[key] = RowResult(spec, list(seeds), correct, seconds)
+            self._rows[key] = RowResult(spec, list(seeds), correct, seconds, costs)
         return self._rows[key]
+
+    def finished_rows(self, settings: ProtocolSettings) -> list[RowResult]:
+        """The rows of ``settings`` already computed (for a partial result after an interrupt)."""
+        return [
+            self._rows[k] for k in ((s, tuple(settings.seeds)) for s in settings.specs()) if k in self._rows
+        ]
 
     def _advance(self, batch_index: int) -> None:
         assert self.progress is not None
@@ -333,3 +366,210 @@ class ProtocolRunner:
         """The protocol at every value of ``parameter`` (rows not depending on it are reused)."""
         points = [self.evaluate(settings.with_value(parameter, v)) for v in values]
         return SweepResult(parameter, list(values), points)
+
+
+# ---------------------------------------------------------------------------------------------- standard
+@dataclass
+class StandardSettings:
+    """The ``standard`` protocol: AutoAttack's suite (APGD-CE -> APGD-T -> [FAB-T] -> Square), each
+    attack on the examples still robust, then the paper's PQGD and BLOB_QG rows on their own."""
+
+    eps: float = 0.3
+    steps: int = 100
+    """APGD iterations per run (AutoAttack: 100)."""
+    targets: int = 9
+    """APGD-T target classes (AutoAttack: 9, for ten classes)."""
+    queries: int = 5000
+    """Square's queries (AutoAttack: 5000)."""
+    b: int = 1
+    """Quantization level of APGD's direction: 1 is AutoAttack's sign; > 1 quantized APGD."""
+    fab: bool = False
+    """Add FAB-T (torchattacks.FAB, multi-targeted) between APGD-T and Square, as AutoAttack does."""
+    paper_rows: list[str] = field(default_factory=lambda: ["pqgd", "blob_qg"])
+    paper_steps: int = 100
+    paper_alpha: float = 0.01
+    paper_b: int = 100
+    num_classes: int = 10
+    seed: int = 0
+
+    def suite(self) -> list[Attack]:
+        """The attacks of the suite, in order."""
+        attacks = [
+            attack_for_budget("apgd_ce", self.eps, self.steps, b=self.b),
+            attack_for_budget(
+                "apgd_t", self.eps, self.steps, b=self.b, targets=min(self.targets, self.num_classes - 1)
+            ),
+        ]
+        if self.fab:
+            attacks.append(
+                attack_for_budget(
+                    "torchattacks.FAB",
+                    self.eps,
+                    self.steps,
+                    attack_kwargs={"multi_targeted": True, "n_classes": self.num_classes, "seed": self.seed},
+                )
+            )
+        attacks.append(attack_for_budget("square", self.eps, self.steps, queries=self.queries))
+        return attacks
+
+    def row_specs(self) -> list[AttackSpec]:
+        """The paper's rows (one run, one start each), for comparison with the suite."""
+        return [
+            AttackSpec(
+                name,
+                self.eps,
+                self.paper_alpha,
+                self.paper_steps,
+                self.paper_b if is_quantized(name) else 1,
+                1,
+            )
+            for name in self.paper_rows
+        ]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class StandardResult:
+    """The suite's per-example outcome (over the examples evaluated), then the paper rows."""
+
+    settings: StandardSettings
+    suite: SuiteOutcome
+    suite_configs: list[dict[str, Any]]
+    rows: list[RowResult]
+    num_examples_planned: int
+    partial: bool = False
+
+    @property
+    def clean(self) -> torch.Tensor:
+        return self.suite.clean
+
+    @property
+    def ensemble_correct(self) -> torch.Tensor:
+        """Robust to the suite and to every paper row (and correct clean)."""
+        n = self.suite.clean.numel()
+        return worst_case_correct([self.suite.robust, *(c[:n] for row in self.rows for c in row.run_correct)])
+
+    def to_dict(self) -> dict[str, Any]:
+        n = int(self.suite.clean.numel())
+        fooled = self.suite.fooled_counts()
+        suite_cost = AttackCost()
+        attacks = []
+        for k, (label, config, cost) in enumerate(
+            zip(self.suite.labels, self.suite_configs, self.suite.costs, strict=True)
+        ):
+            suite_cost += cost
+            attacks.append(
+                {
+                    "label": label,
+                    "config": config,
+                    "fooled": fooled[k],
+                    "robust_after": fraction(self.suite.after[k]),
+                    "cost": cost.to_dict(),
+                }
+            )
+        total = AttackCost()
+        total += suite_cost
+        for row in self.rows:
+            total += row.cost
+        ensemble = self.ensemble_correct
+        return {
+            "protocol": "standard",
+            "partial": self.partial,
+            "settings": self.settings.to_dict(),
+            "n": n,
+            "n_planned": self.num_examples_planned,
+            "clean": {"accuracy": fraction(self.clean), "correct": int(self.clean.sum())},
+            "suite": {
+                "label": "standard (" + ", ".join(self.suite.labels) + ")",
+                "accuracy": fraction(self.suite.robust),
+                "correct": int(self.suite.robust.sum()),
+                "attacks": attacks,
+                "cost": suite_cost.to_dict(),
+            },
+            "rows": [row.to_dict() for row in self.rows],
+            "ensemble": {
+                "accuracy": fraction(ensemble),
+                "correct": int(ensemble.sum()),
+                "over": ["suite", *(row.spec.label for row in self.rows)],
+            },
+            "cost": total.to_dict(),
+        }
+
+
+def run_standard(
+    model: nn.Module,
+    batches: TensorBatches,
+    settings: StandardSettings,
+    device: torch.device | str | None = None,
+    progress: Progress | None = None,
+) -> StandardResult:
+    """The suite batch by batch (batch ``i`` under the stream ``(seed, i)``), then the paper rows.
+
+    Ctrl-C keeps what is finished: the result covers the batches attacked so far, marked partial.
+    """
+    attacks = settings.suite()
+    parts: list[SuiteOutcome] = []
+    rows: list[RowResult] = []
+    partial = False
+    labels = [a.label for a in attacks]
+    try:
+        with eval_mode(model):
+            for index, (x, y) in enumerate(iterate_batches(batches, device)):
+                if progress is not None:
+                    progress.set_postfix_str(f"suite batch {index + 1}/{len(batches)}")
+                parts.append(attack_batch(model, attacks, x, y, batch_stream_seed(settings.seed, index)))
+                if progress is not None:
+                    progress.update(1)
+        runner = ProtocolRunner(model, batches, device, progress)
+        for spec in settings.row_specs():
+            rows.append(runner.row(spec, [settings.seed]))
+    except KeyboardInterrupt:
+        partial = True
+    suite = SuiteOutcome.concatenate(parts, labels)
+    configs = [a.config() for a in attacks]
+    return StandardResult(settings, suite, configs, rows, batches.num_examples, partial)
+
+
+# ---------------------------------------------------------------------------------------------- planning
+def planned_cost(
+    settings: ProtocolSettings | StandardSettings,
+    num_examples: int,
+    sweeps: Sequence[tuple[str, Sequence[float | int]]] = (),
+) -> tuple[int, int]:
+    """The naive budget ``(example-gradients, forward queries)``: every example, step, restart and
+    run, no early exit (an upper bound of what the evaluation spends)."""
+    if isinstance(settings, StandardSettings):
+        attacks = [*settings.suite(), *(spec.build() for spec in settings.row_specs())]
+        runs = 1
+    else:
+        plans = [settings] + [settings.with_value(p, v) for p, values in sweeps for v in values]
+        specs = {spec for plan in plans for spec in plan.specs()}
+        attacks = [spec.build() for spec in specs]
+        runs = settings.runs
+    gradients = sum(a.gradients_per_example for a in attacks) * num_examples * runs
+    forwards = sum(a.forwards_per_example for a in attacks) * num_examples * runs
+    return gradients, forwards
+
+
+def probe_seconds(
+    model: nn.Module, batches: TensorBatches, device: torch.device | str | None, repeats: int = 2
+) -> tuple[float, float]:
+    """Seconds per example of one input gradient and of one forward pass, timed on the first batch."""
+    x, y = next(iter(batches.head(1)))
+    if device is not None:
+        x, y = x.to(device), y.to(device)
+    attack = attack_for_budget("pgd", 0.1, 1)
+    with eval_mode(model), torch.inference_mode(False):
+        attack._input_gradient(model, x, y)  # warm-up
+        start = time.perf_counter()
+        for _ in range(repeats):
+            attack._input_gradient(model, x, y)
+        per_gradient = (time.perf_counter() - start) / (repeats * x.shape[0])
+        start = time.perf_counter()
+        with torch.no_grad():
+            for _ in range(repeats):
+                model(x)
+        per_forward = (time.perf_counter() - start) / (repeats * x.shape[0])
+    return per_gradient, per_forward
