@@ -94,7 +94,19 @@ def module_modes(model: nn.Module) -> list[bool]:
 
 def test_registry_names_and_config_round_trip() -> None:
     assert sorted(available_attacks()) == sorted(
-        ["fgsm", "fgsm_rs", "nfgsm", "pgd", "pqgd", "blob", "blob_qg", "apgd_ce", "apgd_dlr", "apgd_t", "square"]
+        [
+            "fgsm",
+            "fgsm_rs",
+            "nfgsm",
+            "pgd",
+            "pqgd",
+            "blob",
+            "blob_qg",
+            "apgd_ce",
+            "apgd_dlr",
+            "apgd_t",
+            "square",
+        ]
     )
     for name in available_attacks():
         attack = build_attack(name, eps=0.2)

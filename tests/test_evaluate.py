@@ -32,7 +32,21 @@ from qgtrain.evaluation.masking import (
 from qgtrain.evaluation.report import run_evaluation, strip_timing, write_outputs
 from qgtrain.models import TinyCNN, model_spec
 
-FAST = ["--protocol", "paper", "--n", "100", "--batch-size", "100", "--steps", "5", "--quiet", "--threads", "1", "--device", "cpu"]
+FAST = [
+    "--protocol",
+    "paper",
+    "--n",
+    "100",
+    "--batch-size",
+    "100",
+    "--steps",
+    "5",
+    "--quiet",
+    "--threads",
+    "1",
+    "--device",
+    "cpu",
+]
 
 
 # ------------------------------------------------------------------------------------ fixtures
@@ -252,7 +266,20 @@ def test_checkpoint_written_by_lightning_training(data_dir: Path, tmp_path: Path
     assert not loaded.training
     status = main(
         ["--ckpt", str(path), "--data-dir", str(data_dir), "--out-dir", str(tmp_path / "out")]
-        + ["--protocol", "paper", "--attacks", "pgd", "--runs", "1", "--restarts", "1", "--n", "50", "--steps", "2"]
+        + [
+            "--protocol",
+            "paper",
+            "--attacks",
+            "pgd",
+            "--runs",
+            "1",
+            "--restarts",
+            "1",
+            "--n",
+            "50",
+            "--steps",
+            "2",
+        ]
         + ["--quiet", "--threads", "1", "--no-masking-checks"]
     )
     assert status == 0
@@ -447,3 +474,104 @@ def test_progress_bar_counts_every_attacked_batch(trained_tiny_model: TinyCNN, m
     # pgd at eps 0.3 (shared by the main table and the sweep) and at 0.1: 2 specs x 2 runs x 3 batches.
     assert bar.total == bar.n == 12
     assert record["sweeps"][0]["series"]["pgd"]["avg"][1] == record["results"]["rows"][0]["avg"]
+
+
+# ------------------------------------------------------------------------------------ the standard suite
+STANDARD = ["--n", "100", "--batch-size", "50", "--steps", "4", "--targets", "2", "--queries", "30"]
+STANDARD += ["--eps", "0.1", "--threads", "1", "--device", "cpu", "--no-masking-checks"]
+
+
+def run_standard_cli(ckpt: Path, data_dir: Path, out: Path, *extra: str) -> int:
+    return main(["--ckpt", str(ckpt), "--data-dir", str(data_dir), "--out-dir", str(out), *STANDARD, *extra])
+
+
+def test_standard_suite_record_breakdown_and_per_example_file(
+    tiny_ckpt: Path, data_dir: Path, tmp_path: Path, capsys, caplog
+) -> None:
+    import numpy as np
+
+    caplog.set_level("INFO")
+    assert run_standard_cli(tiny_ckpt, data_dir, tmp_path, "--name", "std") == 0
+    out = capsys.readouterr()
+    folder = tmp_path / "std"
+    record = json.loads((folder / "results.json").read_text())
+    results = record["results"]
+    assert results["protocol"] == "standard" and not results["partial"]
+    suite = results["suite"]
+    assert [a["label"] for a in suite["attacks"]] == ["apgd_ce", "apgd_t", "square"]
+    clean = results["clean"]["correct"]
+    assert sum(a["fooled"] for a in suite["attacks"]) == clean - suite["correct"]
+    after = [a["robust_after"] for a in suite["attacks"]]
+    assert after == sorted(after, reverse=True) and after[-1] == suite["accuracy"]
+    assert [r["label"] for r in results["rows"]] == ["pqgd (b=100)", "blob_qg (b=100)"]
+    assert results["ensemble"]["accuracy"] <= min(suite["accuracy"], *(r["worst"] for r in results["rows"]))
+    cost = suite["cost"]
+    assert 0 < cost["gradients"] < cost["naive_gradients"]  # early exit
+    per_example = np.load(folder / "correctness.npz")
+    assert int(per_example["suite"].sum()) == suite["correct"]
+    assert int(per_example["robust"].sum()) == results["ensemble"]["correct"]
+    assert int((per_example["fooled_by"] == 0).sum()) == suite["attacks"][0]["fooled"]
+    # the plan before, the summary and every written file after
+    assert any("plan: standard protocol" in r.getMessage() for r in caplog.records)
+    assert "Robust after" in out.out and str(folder / "correctness.npz") in out.out
+    assert "Suite (per-example worst case)" in (folder / "results.md").read_text()
+
+
+def test_results_are_versioned_not_overwritten_and_merge_per_example(
+    tiny_ckpt: Path, data_dir: Path, tmp_path: Path, capsys
+) -> None:
+    import numpy as np
+
+    assert run_standard_cli(tiny_ckpt, data_dir, tmp_path, "--name", "r", "--quiet") == 0
+    first = (tmp_path / "r" / "results.json").read_text()
+    assert run_standard_cli(tiny_ckpt, data_dir, tmp_path, "--name", "r", "--quiet", "--seed", "1") == 0
+    assert (tmp_path / "r" / "results.json").read_text() == first  # untouched
+    assert (tmp_path / "r-v1" / "results.json").exists()
+    capsys.readouterr()
+    files = [str(tmp_path / name / "correctness.npz") for name in ("r", "r-v1")]
+    assert main(["--merge", *files, "--out-dir", str(tmp_path), "--name", "both"]) == 0
+    merged = np.load(tmp_path / "both" / "correctness.npz")
+    a, b = (np.load(f)["robust"] for f in files)
+    assert np.array_equal(merged["robust"], a & b)
+    assert "per-example worst case" in capsys.readouterr().out
+    other = tmp_path / "other.npz"
+    np.savez(other, clean=np.ones(3, bool), robust=np.ones(3, bool))
+    assert main(["--merge", files[0], str(other), "--out-dir", str(tmp_path)]) == 1
+    assert "merge evaluations of the same examples" in capsys.readouterr().err
+
+
+def test_ctrl_c_writes_the_finished_batches_marked_partial(
+    tiny_ckpt: Path, data_dir: Path, tmp_path: Path, monkeypatch, capsys
+) -> None:
+    import qgtrain.evaluation.runner as runner
+
+    calls = []
+    real = runner.attack_batch
+
+    def interrupted_after_one_batch(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(runner, "attack_batch", interrupted_after_one_batch)
+    status = run_standard_cli(tiny_ckpt, data_dir, tmp_path, "--name", "cut", "--quiet")
+    err = capsys.readouterr().err
+    assert status == 130
+    assert "interrupted; wrote what was finished, marked partial" in err and "Traceback" not in err
+    results = json.loads((tmp_path / "cut" / "results.json").read_text())["results"]
+    assert results["partial"] and results["n"] == 50 and results["n_planned"] == 100
+    assert "PARTIAL" in (tmp_path / "cut" / "results.md").read_text()
+
+
+@pytest.mark.parametrize(
+    ("args", "named"),
+    [(["--runs", "2"], "--runs"), (["--sweep", "eps=0.1"], "--sweep"), (["--loss", "margin"], "--loss")],
+)
+def test_paper_options_are_refused_with_the_standard_protocol(
+    args: list[str], named: str, tiny_ckpt: Path, data_dir: Path, tmp_path: Path, capsys
+) -> None:
+    assert run_standard_cli(tiny_ckpt, data_dir, tmp_path, *args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and named in err and "--protocol paper" in err
+    assert not (tmp_path / "tiny").exists()
