@@ -1,0 +1,287 @@
+"""Is qgtrain's ``standard`` suite as strong as AutoAttack, and how much does early exit save?
+
+On each model, the same first N MNIST test images (eps = 0.3), side by side:
+
+* ``ours_standard``: qgtrain's suite (APGD-CE -> APGD-T (9 targets) -> Square 5000), early exit,
+  through ``qgtrain.evaluation.protocol`` (the engine evaluate.py and the callback use);
+* ``torchattacks_aa``: ``torchattacks.AutoAttack(version="standard")`` (APGD-CE, APGD-T, FAB-T,
+  Square), accuracy by the same rule (correct clean and on its output). Note: torchattacks 3.5 builds
+  its APGD, APGD-T and FAB-T with its default of 10 steps, not AutoAttack's 100; ``torchattacks_aa100``
+  is the same four attacks at 100 steps (Croce & Hein's budget), ``ours_standard_steps10`` ours at 10;
+* ``apgd_ce_b{1,100,1000}``, ``apgd_t_b{1,100,1000}``: APGD with the sign vs quantized gradients;
+* ``old_*``: the previous evaluations (PGD/PQGD/BLOB_QG), and ``monitor_*``: candidate defaults of
+  the training callback, with their gradient cost as a share of one epoch of the main job.
+
+Each row is stored as its own JSON file under ``OUT/evaluation_strength/<model>/`` as soon as it is
+done, so a killed run resumes with the rows it has not finished, and several processes can work
+on different ``--rows`` at once; ``--report`` prints the table from what is stored.
+
+    python benchmarks/evaluation_strength.py --ckpt checkpoints/mnist-.../last.ckpt --name madry
+    python benchmarks/evaluation_strength.py --tiny --name tiny          # trains the TinyCNN first
+    python benchmarks/evaluation_strength.py --name madry --report
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from common import (
+    EPS,
+    add_common_args,
+    dataset_tensors,
+    environment,
+    fail,
+    format_table,
+    mnist_datamodule,
+    setup_threads,
+    write_json,
+)
+from torch import nn
+
+from qgtrain.attacks import Attack, attack_for_budget
+from qgtrain.evaluation import TensorBatches
+from qgtrain.evaluation.checkpoints import CheckpointError, load_model_from_checkpoint
+from qgtrain.evaluation.protocol import evaluate_suite
+from qgtrain.evaluation.runner import StandardSettings
+
+MAIN_JOB_EPOCH_GRADIENTS = 55_000 * 11
+"""One epoch of the main job: 55k images x (10 PQGD gradients + 1 training backward)."""
+
+
+def suite_rows() -> dict[str, Callable[[], list[Attack]]]:
+    """Every row but torchattacks', as a sequence of qgtrain attacks run with early exit."""
+    rows: dict[str, Callable[[], list[Attack]]] = {
+        "ours_standard": lambda: StandardSettings(eps=EPS).suite(),
+        "ours_standard_steps10": lambda: StandardSettings(eps=EPS, steps=10).suite(),
+    }
+    for b in (1, 100, 1000):
+        rows[f"apgd_ce_b{b}"] = lambda b=b: [attack_for_budget("apgd_ce", EPS, 100, b=b)]
+        rows[f"apgd_t_b{b}"] = lambda b=b: [attack_for_budget("apgd_t", EPS, 100, b=b)]
+    rows["old_monitor_blobqg20_pgd20"] = lambda: [
+        attack_for_budget("blob_qg", EPS, 20),
+        attack_for_budget("pgd", EPS, 20),
+    ]
+    rows["old_ensemble_100x5"] = lambda: [
+        attack_for_budget("pgd", EPS, 100, restarts=5),
+        attack_for_budget("pqgd", EPS, 100, alpha=0.01, restarts=5),
+        attack_for_budget("blob_qg", EPS, 100, alpha=0.01, restarts=5),
+    ]
+    for targets in (1, 3, 9):
+        rows[f"monitor_blobqg20_apgdt20x{targets}"] = lambda t=targets: [
+            attack_for_budget("blob_qg", EPS, 20),
+            attack_for_budget("apgd_t", EPS, 20, targets=t),
+        ]
+    rows["monitor_blobqg20_apgdce20_apgdt20x3"] = lambda: [
+        attack_for_budget("blob_qg", EPS, 20),
+        attack_for_budget("apgd_ce", EPS, 20),
+        attack_for_budget("apgd_t", EPS, 20, targets=3),
+    ]
+    return rows
+
+
+def run_suite(model: nn.Module, attacks: list[Attack], x: torch.Tensor, y: torch.Tensor, batch: int) -> dict:
+    start = time.perf_counter()
+    outcome = evaluate_suite(model, attacks, TensorBatches(x, y, batch), seed=0)
+    seconds = time.perf_counter() - start
+    gradients = sum(c.gradients for c in outcome.costs)
+    naive = sum(c.naive_gradients for c in outcome.costs)
+    return {
+        "clean": 100 * outcome.clean.float().mean().item(),
+        "robust": 100 * outcome.robust.float().mean().item(),
+        "seconds": seconds,
+        "gradients": gradients,
+        "naive_gradients": naive,
+        "forwards": sum(c.forwards for c in outcome.costs),
+        "epoch_share": gradients / MAIN_JOB_EPOCH_GRADIENTS,
+        "breakdown": dict(zip(outcome.labels, outcome.fooled_counts(), strict=True)),
+        "attacks": [a.config() for a in attacks],
+        "robust_vector": outcome.robust.int().tolist(),
+    }
+
+
+def torchattacks_reference(model: nn.Module, steps: int | None) -> Any:
+    """``torchattacks.AutoAttack(version="standard")`` as shipped (its APGD, APGD-T and FAB-T take
+    torchattacks' default of 10 steps), or (``steps``) the same four attacks with Croce & Hein's budget."""
+    try:
+        import torchattacks
+    except ImportError:
+        fail("torchattacks is needed for the reference rows: pip install -e '.[bench]'")
+    if steps is None:
+        return torchattacks.AutoAttack(model, norm="Linf", eps=EPS, version="standard", n_classes=10, seed=0)
+    return torchattacks.MultiAttack(
+        [
+            torchattacks.APGD(model, eps=EPS, steps=steps, loss="ce", n_restarts=1, seed=0),
+            torchattacks.APGDT(model, eps=EPS, steps=steps, n_classes=10, n_restarts=1, seed=0),
+            torchattacks.FAB(
+                model, eps=EPS, steps=steps, multi_targeted=True, n_classes=10, n_restarts=1, seed=0
+            ),
+            torchattacks.Square(model, eps=EPS, n_queries=5000, n_restarts=1, seed=0),
+        ]
+    )
+
+
+def run_torchattacks(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int, steps: int | None
+) -> dict:
+    model.eval()
+    start = time.perf_counter()
+    correct = []
+    attack = torchattacks_reference(model, steps)
+    for i in range(0, len(y), batch):
+        xb, yb = x[i : i + batch], y[i : i + batch]
+        adv = attack(xb, yb)
+        with torch.no_grad():
+            correct.append((model(xb).argmax(1) == yb) & (model(adv).argmax(1) == yb))
+    seconds = time.perf_counter() - start
+    robust = torch.cat(correct)
+    with torch.no_grad():
+        clean = torch.cat(
+            [model(x[i : i + batch]).argmax(1) == y[i : i + batch] for i in range(0, len(y), batch)]
+        )
+    return {
+        "clean": 100 * clean.float().mean().item(),
+        "robust": 100 * robust.float().mean().item(),
+        "seconds": seconds,
+        "gradients": None,
+        "naive_gradients": None,
+        "robust_vector": robust.int().tolist(),
+    }
+
+
+def train_tiny(data_dir: str | None, seed: int) -> nn.Module:
+    """The TinyCNN of cheap_training.py's budget: width 16, PGD-10 training on 10k images, 3 epochs."""
+    import lightning as L
+
+    from qgtrain.models import TinyCNN
+    from qgtrain.training import AdversarialTraining
+
+    torch.manual_seed(seed)
+    dm = mnist_datamodule(data_dir, 10_000, 1000, 100, seed)
+    net = TinyCNN(dataset="mnist", width=16)
+    inner = attack_for_budget("pgd", EPS, 10)
+    module = AdversarialTraining(net, inner=inner, eps_warmup_epochs=1.0, seed=seed)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_epochs=3,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        inference_mode=False,
+    )
+    trainer.fit(module, datamodule=dm)
+    return net.eval()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    add_common_args(parser)
+    parser.add_argument("--ckpt", help="the model to evaluate (a train.py checkpoint)")
+    parser.add_argument(
+        "--tiny", action="store_true", help="train (or reuse) the TinyCNN of cheap_training's budget"
+    )
+    parser.add_argument("--name", required=True, help="the model's name in the output folder")
+    parser.add_argument("--n", type=int, default=1000, help="the first N MNIST test images (default 1000)")
+    parser.add_argument("--batch-size", type=int, default=250)
+    parser.add_argument("--rows", nargs="*", default=None, help="rows to run (default: all not yet stored)")
+    parser.add_argument("--report", action="store_true", help="only print the table of the stored rows")
+    args = parser.parse_args()
+    setup_threads(args.threads)
+    folder = Path(args.out) / "evaluation_strength" / args.name
+    folder.mkdir(parents=True, exist_ok=True)
+    every = [
+        "ours_standard",
+        "torchattacks_aa",
+        *[r for r in suite_rows() if r != "ours_standard"],
+        "torchattacks_aa100",
+    ]
+    if not args.report:
+        model = load(args, folder)
+        dm = mnist_datamodule(args.data_dir, 1000, 1000, 100, args.seed)
+        x, y = dataset_tensors(dm.test_set, args.n)
+        for row in args.rows or every:
+            path = folder / f"{row}.json"
+            if path.exists():
+                continue
+            if row in ("torchattacks_aa", "torchattacks_aa100"):
+                steps = 100 if row.endswith("100") else None
+                result = run_torchattacks(model, x, y, args.batch_size, steps)
+            elif row in suite_rows():
+                result = run_suite(model, suite_rows()[row](), x, y, args.batch_size)
+            else:
+                fail(f"unknown row {row!r}; choose from {', '.join(every)}")
+            result.update(row=row, n=args.n, environment=environment(args.threads))
+            write_json(path, result)
+            print(f"{row}: robust {result['robust']:.2f}% in {result['seconds']:.0f} s", flush=True)
+    report(folder, every)
+
+
+def load(args: argparse.Namespace, folder: Path) -> nn.Module:
+    if args.tiny:
+        path = folder / "tiny_cnn_pgd10.pt"
+        if not path.exists():
+            net = train_tiny(args.data_dir, args.seed)
+            torch.save(
+                {
+                    "state_dict": net.state_dict(),
+                    "qgtrain": {"net": {"name": "tiny_cnn", "kwargs": {"dataset": "mnist", "width": 16}}},
+                },
+                path,
+            )
+        args.ckpt = str(path)
+    if args.ckpt is None:
+        fail("pass --ckpt PATH or --tiny")
+    try:
+        model, _ = load_model_from_checkpoint(Path(args.ckpt))
+    except CheckpointError as exc:
+        fail(str(exc).splitlines()[0])
+    return model.eval()
+
+
+def report(folder: Path, order: list[str]) -> None:
+    rows: list[dict[str, Any]] = []
+    stored = {p.stem: json.loads(p.read_text()) for p in folder.glob("*.json")}
+    reference = stored.get("torchattacks_aa")
+    for name in order:
+        if name not in stored:
+            continue
+        r = stored[name]
+        row = {
+            "row": name,
+            "clean": r["clean"],
+            "robust": r["robust"],
+            "seconds": r["seconds"],
+            "gradients": r.get("gradients"),
+            "naive": r.get("naive_gradients"),
+            "epoch_share_%": None if r.get("epoch_share") is None else 100 * r["epoch_share"],
+        }
+        if reference is not None:
+            row["vs_AA"] = r["robust"] - reference["robust"]
+            row["time_vs_AA"] = r["seconds"] / reference["seconds"]
+        rows.append(row)
+    columns = [
+        "row",
+        "clean",
+        "robust",
+        "vs_AA",
+        "seconds",
+        "time_vs_AA",
+        "gradients",
+        "naive",
+        "epoch_share_%",
+    ]
+    print(format_table(rows, columns, title=f"evaluation strength: {folder.name} (accuracy %, eps {EPS})"))
+    write_json(folder.parent / f"{folder.name}_summary.json", {"rows": rows})
+
+
+if __name__ == "__main__":
+    main()
