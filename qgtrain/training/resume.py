@@ -46,9 +46,10 @@ def latest_checkpoint(checkpoint_root: Path, base: str) -> Path | None:
 
 
 def completed_epochs(checkpoint: dict[str, Any]) -> int:
-    """Epochs finished when ``checkpoint`` was written (Lightning's fit-loop progress)."""
+    """Epochs whose batches were all trained when ``checkpoint`` was written (Lightning's fit-loop
+    progress: ``processed`` counts an epoch before its end hooks, which write ``last.ckpt``, run)."""
     try:
-        return int(checkpoint["loops"]["fit_loop"]["epoch_progress"]["current"]["completed"])
+        return int(checkpoint["loops"]["fit_loop"]["epoch_progress"]["current"]["processed"])
     except (KeyError, TypeError):
         return int(checkpoint.get("epoch", 0))
 
