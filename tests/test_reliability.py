@@ -864,7 +864,7 @@ def test_resume_with_another_architecture_is_one_line(
 
 # ----------------------------------------------------------------------- 4d. DDP
 DDP_ARGS = [
-    "--model", "tiny_cnn", "--model.net.init_args.width", "4", "--inner", "pgd", "--steps", "2",
+    "--config", str(REPO / "configs" / "mnist_fast.yaml"), "--model.net.init_args.width", "4", "--inner", "pgd", "--steps", "2",
     "--run-name", "ddp", "--epochs", "2", "--devices", "2", "--strategy", "ddp",
     "--trainer.accelerator", "cpu", "--data.init_args.train_subset", "400",
     "--data.init_args.val_size", "100", "--data.init_args.batch_size", "50",
