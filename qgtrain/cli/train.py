@@ -39,10 +39,10 @@ from qgtrain.training.resume import (
 
 log = logging.getLogger(__name__)
 PROG = "train.py"
-# One step checkpoint of the main job (MadryMNIST + Adam, 37.5 MiB) takes 0.12 s to write here, 0.05
-# of a 2.3 s CPU training step (docs/RESULTS.md). A step count cannot bound that cost on every
-# machine (a GPU step is ~100x shorter), a time interval can: every 10 minutes it is 0.02 %, and a
-# kill loses at most 10 minutes. --ckpt_every_steps (off by default) adds a step-count trigger.
+# One step checkpoint of the main job (MadryMNIST + Adam, 37.5 MiB) takes 0.12 s to write here,
+# 0.05 of a 2.3 s CPU training step (docs/RESULTS.md). A step count cannot bound that cost on every
+# machine (a GPU step is many times shorter), a time interval can: every 10 minutes it is 0.02 %,
+# and a kill loses at most 10 minutes. --ckpt_every_steps (off by default) adds a step trigger.
 DEFAULT_CKPT_MINUTES = 10.0
 
 
