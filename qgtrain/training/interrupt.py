@@ -3,7 +3,7 @@
 Lightning's ``_SignalConnector`` turns SIGTERM into a flag that its loops check after every training
 batch; they then raise ``SIGTERMException`` (under DDP after broadcasting the flag from rank 0, so
 every rank stops at the same batch). SIGUSR1, what SLURM sends before a time limit
-(``#SBATCH --signal=USR1@90``), is routed through the same handler. Lightning's own SLURM SIGUSR1
+(``#SBATCH --signal=USR1@90``), and the first Ctrl-C are routed through the same handler. Lightning's own SLURM SIGUSR1
 handler is replaced: it saves ``hpc_ckpt_N.ckpt`` in the middle of whatever the process is doing
 (the signal interrupts a training step) and keeps training; here the checkpoint is taken at the
 batch boundary, and under SLURM with auto-requeue on (Lightning's ``SLURMEnvironment`` default) the
@@ -62,13 +62,14 @@ def requeue_slurm_job() -> bool:
 class InterruptCheckpoint(Callback):
     """On Ctrl-C, SIGTERM or SIGUSR1 during ``fit``, write ``<dirpath>/interrupted.ckpt`` and stop.
 
-    Ctrl-C: Lightning catches the interrupt wherever it lands, calls ``on_exception``, then exits
-    with status 1; SIGTERM/SIGUSR1 stop at the end of the current training batch (or after
-    validation / the epoch's end hooks when they arrive there). ``train.py`` turns either into one
-    line and the exit status :attr:`exit_status`. The checkpoint goes through the trainer's
-    checkpoint IO (atomic) and holds the data loader's position: resuming continues at the next
-    batch. Single-process runs only: under DDP a collective save from an exception handler could hang,
-    so a DDP run stops without it and resumes from its latest step checkpoint.
+    All three stop the run at the end of the current training batch (or after validation / the
+    epoch's end hooks when they arrive there), where the checkpoint is consistent with the data
+    loader's position: resuming continues at the next batch. A second Ctrl-C raises
+    ``KeyboardInterrupt`` at once; Lightning catches it and exits with status 1, and nothing is saved
+    (the state is mid-step). ``train.py`` turns either into one line and :attr:`exit_status`. The
+    checkpoint goes through the trainer's checkpoint IO (atomic). Single-process runs only: under
+    DDP a collective save from an exception handler could hang, so a DDP run stops without it and
+    resumes from its latest step checkpoint.
     """
 
     def __init__(self, dirpath: str | Path) -> None:
@@ -82,30 +83,43 @@ class InterruptCheckpoint(Callback):
 
     # ------------------------------------------------------------ signals
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        """Lightning registered its handlers in ``Trainer._run``; note SIGTERM, route SIGUSR1 to it."""
-        if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "SIGUSR1"):
+        """Lightning registered its handlers in ``Trainer._run``: route SIGTERM, SIGUSR1 and the
+        first Ctrl-C through its SIGTERM handler, noting which signal came first."""
+        if threading.current_thread() is not threading.main_thread():
             return
         lightning_sigterm = signal.getsignal(signal.SIGTERM)
 
         def handler(signum: int, frame: FrameType | None) -> None:
+            if signum == signal.SIGINT and self.signal == signal.SIGINT:
+                raise KeyboardInterrupt  # a second Ctrl-C: stop now, wherever the run is
+            if signum == signal.SIGINT:
+                log.warning("Ctrl-C: stopping at the end of this batch (Ctrl-C again to stop now)")
             self.signal = self.signal or signum
             if callable(lightning_sigterm):
                 lightning_sigterm(signum, frame)
 
-        signal.signal(signal.SIGTERM, handler)  # restored by Lightning's SignalConnector.teardown
-        signal.signal(signal.SIGUSR1, handler)
+        # all restored by Lightning's SignalConnector.teardown
+        for signum in (signal.SIGTERM, signal.SIGINT, getattr(signal, "SIGUSR1", None)):
+            if signum is not None:
+                signal.signal(signum, handler)
 
     def on_exception(
         self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
     ) -> None:
-        if isinstance(exception, KeyboardInterrupt):
-            self.signal = signal.SIGINT
-        elif not isinstance(exception, SIGTERMException):
+        hard = isinstance(exception, KeyboardInterrupt)  # not at a batch boundary
+        if not hard and not isinstance(exception, SIGTERMException):
             return
+        if hard:
+            self.signal = signal.SIGINT
         self.signal = self.signal or signal.SIGTERM
         self.interrupted = True
         self.epoch, self.global_step = trainer.current_epoch, trainer.global_step
-        if trainer.world_size == 1 and trainer.state.fn == TrainerFn.FITTING and trainer.optimizers:
+        if (
+            not hard
+            and trainer.world_size == 1
+            and trainer.state.fn == TrainerFn.FITTING
+            and trainer.optimizers
+        ):
             path = self.dirpath / INTERRUPTED_CHECKPOINT
             try:
                 trainer.save_checkpoint(path, weights_only=False)  # full state: optimizer, loops, loader
