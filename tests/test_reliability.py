@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import os
 import pickle
 import re
+import shlex
 import signal
 import struct
 import subprocess
@@ -79,8 +81,22 @@ def error_lines(stderr: str, prog: str = "train.py") -> list[str]:
     return [line for line in stderr.splitlines() if line.startswith(f"{prog}: ")]
 
 
-def train_subprocess(argv: list[str], data_root: Path, stdout: int = subprocess.DEVNULL) -> subprocess.Popen:
-    env = {**os.environ, "QGTRAIN_DATA": str(data_root), "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+def train_subprocess(
+    argv: list[str],
+    data_root: Path,
+    stdout: int = subprocess.DEVNULL,
+    env: dict[str, str] | None = None,
+    new_session: bool = False,
+) -> subprocess.Popen:
+    """``train.py argv`` in a subprocess; ``env`` adds variables, ``new_session`` makes it a process
+    group leader (so a DDP launcher and its workers can be killed together)."""
+    env = {
+        **os.environ,
+        "QGTRAIN_DATA": str(data_root),
+        "PYTHONUNBUFFERED": "1",
+        "OMP_NUM_THREADS": "1",
+        **(env or {}),
+    }
     return subprocess.Popen(
         [sys.executable, str(REPO / "train.py"), *argv],
         cwd=REPO,
@@ -88,6 +104,7 @@ def train_subprocess(argv: list[str], data_root: Path, stdout: int = subprocess.
         stdout=stdout,
         stderr=subprocess.PIPE,
         text=True,
+        start_new_session=new_session,
     )
 
 
@@ -96,9 +113,9 @@ class ProgressWatcher:
 
     PATTERN = re.compile(r"Epoch (\d+):\s+\d+%\|[^|]*\|\s*(\d+)/\d+")
 
-    def __init__(self, argv: list[str], data_root: Path) -> None:
+    def __init__(self, argv: list[str], data_root: Path, env: dict[str, str] | None = None) -> None:
         self.process = train_subprocess(
-            [*argv, "--trainer.enable_progress_bar=true"], data_root, stdout=subprocess.PIPE
+            [*argv, "--trainer.enable_progress_bar=true"], data_root, stdout=subprocess.PIPE, env=env
         )
         self.text = ""
         self.reader = threading.Thread(target=self._read, daemon=True)
@@ -553,8 +570,10 @@ def test_sigkill_during_checkpoint_writes_never_leaves_a_truncated_file(tmp_path
 
 
 @pytest.fixture(scope="module")
-def uninterrupted_run(data_root: Path, tmp_path_factory: pytest.TempPathFactory, single_thread: None) -> dict:
-    """The reference: 2 epochs in one go (in-process), its final last.ckpt."""
+def uninterrupted_root(
+    data_root: Path, tmp_path_factory: pytest.TempPathFactory, single_thread: None
+) -> Path:
+    """The reference: 2 epochs in one go (in-process); its output root (``ckpt/r``, ``logs/r``)."""
     tmp = tmp_path_factory.mktemp("reference")
     old = os.environ.get("QGTRAIN_DATA")
     os.environ["QGTRAIN_DATA"] = str(data_root)
@@ -565,7 +584,13 @@ def uninterrupted_run(data_root: Path, tmp_path_factory: pytest.TempPathFactory,
             os.environ.pop("QGTRAIN_DATA")
         else:
             os.environ["QGTRAIN_DATA"] = old
-    return load_all_checkpoints(tmp / "ckpt" / "r")["last.ckpt"]
+    return tmp
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_run(uninterrupted_root: Path) -> dict:
+    """The reference run's final last.ckpt."""
+    return load_all_checkpoints(uninterrupted_root / "ckpt" / "r")["last.ckpt"]
 
 
 def test_sigkill_after_first_checkpoint_then_resume_matches_uninterrupted_run(
@@ -604,8 +629,8 @@ def test_sigkill_mid_first_epoch_leaves_nothing_broken(
     monkeypatch.chdir(tmp_path)
     assert call_main(train_cli.main, [*TINY, *roots(tmp_path), "--resume", "last"]) == 2
     lines = error_lines(capsys.readouterr().err)
-    assert lines == [f"train.py: error: --resume: no checkpoint at {run_dir / 'last.ckpt'}; "
-                     "pass a .ckpt file, a run folder, or 'last'"]  # fmt: skip
+    assert lines == [f"train.py: error: --resume last: no checkpoint of a run named r (or r-vN) in "
+                     f"{tmp_path / 'ckpt'}; pass a .ckpt file or a run folder"]  # fmt: skip
 
 
 def test_ctrl_c_saves_a_checkpoint_exits_cleanly_and_resumes(
@@ -621,8 +646,14 @@ def test_ctrl_c_saves_a_checkpoint_exits_cleanly_and_resumes(
     assert process.returncode == 130, stderr[-2000:]
     assert "Traceback" not in stderr
     last_line = stderr.strip().splitlines()[-1]
-    assert last_line.startswith("train.py: interrupted at epoch 0, step ")
-    assert f"saved {interrupted}" in last_line and f"--resume {interrupted}" in last_line
+    assert last_line.startswith("train.py: interrupted by Ctrl-C at epoch 0, step ")
+    assert f"saved {interrupted}" in last_line
+    # the real command line (issue 17.2), not a template: it pastes as it is
+    argv_seen = [*argv, "--trainer.enable_progress_bar=true"]
+    assert last_line.endswith(
+        "continue with "
+        + shlex.join(["python", str(REPO / "train.py"), *argv_seen, "--resume", str(interrupted)])
+    ), last_line
     saved = load_all_checkpoints(interrupted.parent)["interrupted.ckpt"]
     assert 3 <= saved["global_step"] < 12
 
@@ -630,6 +661,254 @@ def test_ctrl_c_saves_a_checkpoint_exits_cleanly_and_resumes(
     assert call_main(train_cli.main, [*argv, "--resume", str(interrupted)]) == 0
     final = load_all_checkpoints(interrupted.parent)["last.ckpt"]
     assert final["global_step"] == 12  # the epoch's remaining batches, not a fresh epoch
+
+
+# ----------------------------------------------------------------------- 4b. step checkpoints, preemption
+EVERY = 4  # --ckpt-every-steps in these tests: step.ckpt at global steps 4, 8 (and 12, the run's end)
+RESUMED_FROM = re.compile(r"resuming from (\S+): epoch (\d+), step (\d+)")
+
+
+def newest_checkpoint(folder: Path) -> tuple[str, int]:
+    """(name, global_step) of the most recently written resumable checkpoint in ``folder``."""
+    names = [n for n in ("step.ckpt", "last.ckpt", "interrupted.ckpt") if (folder / n).exists()]
+    name = max(names, key=lambda n: (folder / n).stat().st_mtime_ns)
+    return name, load_all_checkpoints(folder)[name]["global_step"]
+
+
+def saved_step(path: Path) -> int:
+    """global_step of a checkpoint that another process may be replacing (atomically) right now."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)["global_step"]
+    except (FileNotFoundError, RuntimeError, EOFError):
+        return -1
+
+
+@pytest.mark.parametrize(
+    ("kill_when", "resume_point"),
+    [
+        ("right after the step checkpoint at step 4 (epoch 0)", 4),
+        ("between the step checkpoints at steps 8 and 12 (epoch 1)", 8),
+    ],
+)
+def test_sigkill_inside_an_epoch_resumes_from_the_step_checkpoint_bit_identically(
+    kill_when: str,
+    resume_point: int,
+    data_root: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    uninterrupted_run: dict,
+) -> None:
+    """SIGKILL inside an epoch, then ``--resume last``: the run continues at the step checkpoint's
+    next batch (same data order, attack starts, optimizer and scheduler) and ends bit-identical to
+    the uninterrupted run; only the steps since that checkpoint are computed again."""
+    run_dir = tmp_path / "ckpt" / "r"
+    argv = [*TINY, *roots(tmp_path), "--epochs", "2", "--ckpt-every-steps", str(EVERY)]
+    run = ProgressWatcher(argv, data_root)
+    if resume_point == 4:
+        wait_for(lambda: saved_step(run_dir / "step.ckpt") == 4, run.process)
+    else:
+        wait_for(lambda: run.batches_done() >= (1, 3), run.process)  # step 9 done
+    run.process.send_signal(signal.SIGKILL)
+    run.process.wait(timeout=30)
+    epoch, batches = run.batches_done()
+    done_before_kill = epoch * BATCHES_PER_EPOCH + batches
+    name, step = newest_checkpoint(run_dir)
+    assert (name, step) == ("step.ckpt", resume_point), (name, step, done_before_kill)
+    assert 0 <= done_before_kill - step <= EVERY  # at most the steps since the last step checkpoint
+
+    monkeypatch.setenv("QGTRAIN_DATA", str(data_root))
+    with caplog.at_level(logging.INFO, logger="qgtrain"):
+        assert call_main(train_cli.main, [*argv, "--resume", "last"]) == 0
+    resumed_from = RESUMED_FROM.findall(caplog.text)
+    assert resumed_from == [(str(run_dir / "step.ckpt"), str(step // BATCHES_PER_EPOCH), str(step))]
+    final = load_all_checkpoints(run_dir)["last.ckpt"]
+    assert final["global_step"] == 2 * BATCHES_PER_EPOCH  # 12 - step steps trained after the resume
+    assert_same_state(final, uninterrupted_run)
+
+
+def test_no_signal_no_preemption_checkpoint(uninterrupted_root: Path) -> None:
+    """The control of the signal tests: a run that nobody signals writes no ``interrupted.ckpt`` (and,
+    under the 10-minute default, no ``step.ckpt``)."""
+    assert sorted(p.name for p in (uninterrupted_root / "ckpt" / "r").iterdir()) == ["best.ckpt", "last.ckpt"]
+
+
+FAKE_SCONTROL = """#!/bin/sh
+echo "$@" >> "{log}"
+"""
+
+
+@pytest.mark.parametrize("signal_name", ["SIGTERM", "SIGUSR1"])
+def test_sigterm_and_sigusr1_save_a_checkpoint_exit_with_128_plus_signal_and_resume(
+    signal_name: str,
+    data_root: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    uninterrupted_run: dict,
+) -> None:
+    """SIGTERM (plain) and SIGUSR1 (inside a fake SLURM job, ``scontrol`` on PATH): the run stops
+    at the end of the current batch, writes ``interrupted.ckpt``, prints one line with the command
+    that continues it and exits with 128 + the signal number. Under SLURM the job is requeued and
+    the requeued job (``SLURM_RESTART_COUNT=1``, same command, no ``--resume``) resumes by itself."""
+    signum = getattr(signal, signal_name)
+    env: dict[str, str] = {}
+    if signal_name == "SIGUSR1":
+        bin_dir = tmp_path / "bin"
+        bin_dir.mkdir()
+        scontrol = bin_dir / "scontrol"
+        scontrol.write_text(FAKE_SCONTROL.format(log=tmp_path / "scontrol.log"))
+        scontrol.chmod(0o755)
+        env = {
+            "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+            "SLURM_JOB_ID": "4242",
+            "SLURM_JOB_NAME": "qgtrain",
+            "SLURM_NTASKS": "1",
+            "SLURM_PROCID": "0",
+            "SLURM_LOCALID": "0",
+            "SLURM_NODEID": "0",
+        }
+    argv = [*TINY, *roots(tmp_path), "--epochs", "2"]
+    run = ProgressWatcher(argv, data_root, env=env)
+    wait_for(lambda: run.batches_done() >= (0, 2), run.process)
+    run.process.send_signal(signum)
+    stderr = run.process.communicate(timeout=120)[1]
+    interrupted = tmp_path / "ckpt" / "r" / "interrupted.ckpt"
+    assert run.process.returncode == 128 + signum, stderr[-3000:]
+    assert "Traceback" not in stderr
+    line = stderr.strip().splitlines()[-1]
+    saved = load_all_checkpoints(interrupted.parent)["interrupted.ckpt"]
+    step = saved["global_step"]
+    assert line.startswith(
+        f"train.py: interrupted by {signal_name} at epoch 0, step {step}; saved {interrupted}"
+    )
+    assert 2 <= step < 2 * BATCHES_PER_EPOCH
+
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("QGTRAIN_DATA", str(data_root))
+    if signal_name == "SIGUSR1":
+        assert "SLURM job requeued" in line
+        assert (tmp_path / "scontrol.log").read_text().split() == ["requeue", "4242"]
+        monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+        resume_argv = argv  # the requeued job runs the same command
+    else:
+        command = shlex.split(line.split("; continue with ", 1)[1])  # pasteable (issue 17.2)
+        assert command[:2] == ["python", str(REPO / "train.py")]
+        resume_argv = command[2:]
+    with caplog.at_level(logging.INFO, logger="qgtrain"):
+        assert call_main(train_cli.main, resume_argv) == 0
+    assert RESUMED_FROM.findall(caplog.text) == [(str(interrupted), "0", str(step))]
+    assert_same_state(load_all_checkpoints(interrupted.parent)["last.ckpt"], uninterrupted_run)
+
+
+# ----------------------------------------------------------------------- 4c. --resume (issue 17.3, 17.5)
+def _touch_checkpoint(path: Path, age_s: float) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"")
+    stamp = time.time() - age_s
+    os.utime(path, (stamp, stamp))
+
+
+def test_resume_last_is_the_newest_checkpoint_of_the_newest_run(tmp_path: Path) -> None:
+    root = tmp_path / "ckpt"
+    _touch_checkpoint(root / "run" / "last.ckpt", 300)
+    _touch_checkpoint(root / "run-v1" / "last.ckpt", 200)
+    _touch_checkpoint(root / "run-v1" / "step.ckpt", 100)  # newer than last.ckpt: the resume point
+    _touch_checkpoint(root / "run-v1" / "best.ckpt", 0)  # not a resume point
+    (root / "run-v2").mkdir()  # a run that wrote nothing
+    _touch_checkpoint(root / "other-v3" / "last.ckpt", 0)  # another name
+    assert train_cli.resolve_resume("last", root, "run") == root / "run-v1" / "step.ckpt"
+    _touch_checkpoint(root / "run-v1" / "interrupted.ckpt", 50)
+    assert train_cli.resolve_resume("last", root, "run") == root / "run-v1" / "interrupted.ckpt"
+    # a run folder holding only interrupted.ckpt or only step.ckpt (Ctrl-C or a kill in epoch 0)
+    _touch_checkpoint(root / "a" / "interrupted.ckpt", 0)
+    _touch_checkpoint(root / "b" / "step.ckpt", 0)
+    assert train_cli.resolve_resume(str(root / "a"), root, "x") == root / "a" / "interrupted.ckpt"
+    assert train_cli.resolve_resume(str(root / "b"), root, "x") == root / "b" / "step.ckpt"
+    with pytest.raises(train_cli.UsageError, match="no checkpoint"):
+        train_cli.resolve_resume(str(root / "run-v2"), root, "run")
+
+
+def test_resume_a_finished_run_says_so_and_writes_nothing(
+    uninterrupted_root: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    monkeypatch.setattr(L.Trainer, "fit", no_training)
+    before = sorted(p.relative_to(uninterrupted_root) for p in uninterrupted_root.rglob("*"))
+    argv = [*TINY, *roots(uninterrupted_root), "--epochs", "2", "--resume", "last"]
+    assert call_main(train_cli.main, argv) == 2
+    last = uninterrupted_root / "ckpt" / "r" / "last.ckpt"
+    assert error_lines(capsys.readouterr().err) == [
+        f"train.py: error: --resume: the run in {last.parent} is finished (2 of 2 epochs in last.ckpt); "
+        "to train longer resume with --epochs N (N > 2)"
+    ]
+    assert sorted(p.relative_to(uninterrupted_root) for p in uninterrupted_root.rglob("*")) == before
+
+
+def test_resume_with_another_architecture_is_one_line(
+    uninterrupted_root: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    monkeypatch.setattr(L.Trainer, "fit", no_training)
+    last = uninterrupted_root / "ckpt" / "r" / "last.ckpt"
+    argv = [*TINY, *roots(uninterrupted_root), "--epochs", "3", "--resume", str(last)]
+    assert call_main(train_cli.main, [*argv, "--model", "madry_mnist"]) == 2
+    stderr = capsys.readouterr().err
+    assert error_lines(stderr) == [
+        f"train.py: error: --resume: {last} holds a tiny_cnn(dataset=mnist, width=16) network, this run "
+        "builds madry_mnist(dataset=mnist); pass the checkpoint's --model / --config"
+    ]
+    assert "Traceback" not in stderr
+    with pytest.raises(AssertionError, match="training started"):  # the control: same network, accepted
+        train_cli.main(argv)
+
+
+# ----------------------------------------------------------------------- 4d. DDP
+DDP_ARGS = [
+    "--config", str(REPO / "configs" / "mnist_fast.yaml"), "--model.net.init_args.width", "4", "--inner", "pgd", "--steps", "2",
+    "--run-name", "ddp", "--epochs", "2", "--devices", "2", "--strategy", "ddp",
+    "--trainer.accelerator", "cpu", "--data.init_args.train_subset", "400",
+    "--data.init_args.val_size", "100", "--data.init_args.batch_size", "50",
+    "--data.init_args.eval_batch_size", "100", "--trainer.limit_val_batches", "1",
+    "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
+    "--robustness.every_n_epochs", "0", "--visualization.every_n_epochs", "0",
+]  # fmt: skip
+DDP_STEPS_PER_EPOCH = 4  # 400 examples / (2 processes x 50)
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_resume_mid_epoch_bit_identically(
+    data_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """A 2-process gloo run writes step.ckpt every 3 steps; the last one (step 6) is inside epoch 1.
+    Resumed from it with 2 processes, the run ends with the uninterrupted run's weights, optimizer
+    and scheduler: both ranks continued at the same step with their own shard of the same order.
+    Resuming it with 1 process is refused."""
+    first = train_subprocess([*DDP_ARGS, *roots(tmp_path), "--ckpt-every-steps", "3"], data_root)
+    stderr = first.communicate(timeout=300)[1]
+    assert first.returncode == 0, stderr[-3000:]
+    reference = load_all_checkpoints(tmp_path / "ckpt" / "ddp")
+    step_ckpt = reference["step.ckpt"]
+    assert step_ckpt["global_step"] == 6 and step_ckpt["epoch"] == 1  # mid-epoch: 2 of epoch 1's 4 steps
+    assert step_ckpt["qgtrain"]["world_size"] == 2
+
+    resumed_dir = tmp_path / "ckpt" / "resumed"
+    resumed_dir.mkdir()
+    (resumed_dir / "step.ckpt").write_bytes((tmp_path / "ckpt" / "ddp" / "step.ckpt").read_bytes())
+    argv = [*DDP_ARGS, *roots(tmp_path), "--run-name", "resumed", "--resume", str(resumed_dir)]
+    monkeypatch.setenv("QGTRAIN_DATA", str(data_root))
+    monkeypatch.setattr(L.Trainer, "fit", no_training)
+    assert call_main(train_cli.main, [*argv, "--devices", "1", "--strategy", "auto"]) == 2
+    assert error_lines(capsys.readouterr().err) == [
+        f"train.py: error: --resume: {resumed_dir / 'step.ckpt'} was written by 2 training process(es), "
+        "this run has 1; resume with the same --devices and --num-nodes"
+    ]
+    second = train_subprocess(argv, data_root)
+    stderr = second.communicate(timeout=300)[1]
+    assert second.returncode == 0, stderr[-3000:]
+    assert RESUMED_FROM.findall(stderr) == [(str(resumed_dir / "step.ckpt"), "1", "6")] * 2  # each rank
+    final = load_all_checkpoints(resumed_dir)["last.ckpt"]
+    assert final["global_step"] == 2 * DDP_STEPS_PER_EPOCH
+    assert_same_state(final, reference["last.ckpt"])
 
 
 # ======================================================================= 5. untrusted checkpoints

@@ -139,6 +139,17 @@ SHORT_FLAGS: list[ShortFlag] = [
         ("--resume",),
     ),
     ShortFlag(
+        "--ckpt-every-steps",
+        "also write step.ckpt every N training steps inside an epoch (0 = off)",
+        ("--ckpt_every_steps",),
+        _non_negative_int,
+    ),
+    ShortFlag(
+        "--ckpt-every-minutes",
+        "write step.ckpt every T minutes of training (default 10; 0 = off)",
+        ("--ckpt_every_minutes",),
+    ),
+    ShortFlag(
         "--eval-every",
         "robustness evaluation every N epochs (0 = off); also the TensorBoard views",
         ("--robustness.every_n_epochs", "--visualization.every_n_epochs"),

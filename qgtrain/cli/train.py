@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shlex
 import sys
 import warnings
 from pathlib import Path
@@ -17,17 +18,32 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from qgtrain.cli.aliases import UsageError, configs_dir, expand_short_flags, main_usage_error, short_flag_help
 from qgtrain.data import DataError, VisionDataModule
+from qgtrain.models import model_spec
 from qgtrain.training import AdversarialTraining, NonFiniteLossError
 from qgtrain.training.checkpoint_io import (
     AtomicCheckpointIO,
     CheckpointError,
     LastCheckpoint,
+    StepCheckpoint,
     read_checkpoint,
 )
 from qgtrain.training.interrupt import InterruptCheckpoint
+from qgtrain.training.resume import (
+    RESUMABLE,
+    RestoreLoaderState,
+    finished_message,
+    latest_checkpoint,
+    newest_resumable,
+    slurm_requeued,
+)
 
 log = logging.getLogger(__name__)
 PROG = "train.py"
+# One step checkpoint of the main job (MadryMNIST + Adam, 37.5 MiB) takes 0.12 s to write here,
+# 0.05 of a 2.3 s CPU training step (docs/RESULTS.md). A step count cannot bound that cost on every
+# machine (a GPU step is many times shorter), a time interval can: every 10 minutes it is 0.02 %,
+# and a kill loses at most 10 minutes. --ckpt_every_steps (off by default) adds a step trigger.
+DEFAULT_CKPT_MINUTES = 10.0
 
 
 def _import(class_path: str) -> Any:
@@ -57,13 +73,73 @@ def _unique_run_name(checkpoint_root: Path, log_root: Path, base: str) -> str:
 
 
 def resolve_resume(resume: str, checkpoint_root: Path, run_name: str) -> Path:
-    """A ``.ckpt`` file, a run folder (its ``last.ckpt``) or ``last`` (this run name's ``last.ckpt``)."""
-    path = checkpoint_root / run_name / "last.ckpt" if resume == "last" else Path(resume)
+    """A ``.ckpt`` file; a run folder (its newest of ``step.ckpt``, ``last.ckpt``, ``interrupted.ckpt``);
+    or ``last``: the newest resumable checkpoint of the newest run named ``run_name`` or ``run_name-vN``."""
+    if resume == "last":
+        path = latest_checkpoint(checkpoint_root, run_name)
+        if path is None:
+            raise UsageError(
+                f"--resume last: no checkpoint of a run named {run_name} (or {run_name}-vN) in "
+                f"{checkpoint_root}; pass a .ckpt file or a run folder"
+            )
+        return path
+    path = Path(resume)
     if path.is_dir():
-        path = path / "last.ckpt"
+        found = newest_resumable(path)
+        if found is None:
+            raise UsageError(f"--resume: no checkpoint ({', '.join(RESUMABLE)}) in {path}")
+        return found
     if not path.is_file():
         raise UsageError(f"--resume: no checkpoint at {path}; pass a .ckpt file, a run folder, or 'last'")
     return path
+
+
+def _describe_net(spec: dict[str, Any] | None, fallback: str) -> str:
+    if not spec:
+        return fallback
+    kwargs = ", ".join(f"{key}={value}" for key, value in sorted(spec.get("kwargs", {}).items()))
+    return f"{spec['name']}({kwargs})"
+
+
+def check_resume_compatible(checkpoint: dict[str, Any], path: Path, cli: QGTrainCLI) -> None:
+    """The network and the number of training processes must be the checkpoint's (one line, else
+    Lightning fails with a size-mismatch traceback or resumes a different data shard)."""
+    saved = checkpoint.get("state_dict", {})
+    wanted = cli.model.state_dict()
+    same_shapes = saved.keys() == wanted.keys() and all(
+        tuple(saved[key].shape) == tuple(wanted[key].shape) for key in wanted
+    )
+    meta = checkpoint.get("qgtrain") or {}
+    if not same_shapes:
+        try:
+            requested = model_spec(cli.model.net)
+        except ValueError:
+            requested = None
+        raise UsageError(
+            f"--resume: {path} holds a {_describe_net(meta.get('net'), 'different network')} network, "
+            f"this run builds {_describe_net(requested, type(cli.model.net).__name__)}; pass the "
+            "checkpoint's --model / --config"
+        )
+    processes = meta.get("world_size")
+    if processes is not None and processes != cli.trainer.world_size:
+        raise UsageError(
+            f"--resume: {path} was written by {processes} training process(es), this run has "
+            f"{cli.trainer.world_size}; resume with the same --devices and --num-nodes"
+        )
+
+
+def resume_command(argv: list[str], checkpoint: str | Path) -> str:
+    """The command line that continues this run: ``argv`` without its ``--resume``, plus ``--resume``."""
+    kept, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--resume":
+            skip = True
+        elif not arg.startswith("--resume="):
+            kept.append(arg)
+    script = sys.argv[0] if Path(sys.argv[0]).name == PROG else PROG
+    return shlex.join(["python", script, *kept, "--resume", str(checkpoint)])
 
 
 def check_devices(accelerator: Any, devices: Any) -> None:
@@ -135,6 +211,7 @@ class QGTrainCLI(LightningCLI):
     """LightningCLI with run naming, checkpoint folders, TensorBoard logging and atomic checkpoints."""
 
     resume_path: Path | None = None
+    resume_checkpoint: dict[str, Any] | None = None
     run_name: str = ""
     interrupt: InterruptCheckpoint
 
@@ -149,7 +226,22 @@ class QGTrainCLI(LightningCLI):
             "--log_root", type=str, default="logs", help="TensorBoard logs go to ROOT/<run>/version_N/."
         )
         parser.add_argument(
-            "--resume", type=str | None, default=None, help="A .ckpt, a run folder, or 'last'."
+            "--resume",
+            type=str | None,
+            default=None,
+            help="A .ckpt, a run folder (its newest checkpoint), or 'last' (the newest of this run name).",
+        )
+        parser.add_argument(
+            "--ckpt_every_steps",
+            type=int,
+            default=0,
+            help="Write ROOT/<run>/step.ckpt every N training steps inside an epoch (0 = off).",
+        )
+        parser.add_argument(
+            "--ckpt_every_minutes",
+            type=float,
+            default=DEFAULT_CKPT_MINUTES,
+            help="Write ROOT/<run>/step.ckpt every T minutes of training (0 = off).",
         )
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.set_defaults(
@@ -190,12 +282,20 @@ class QGTrainCLI(LightningCLI):
         checkpoint_root = Path(config.checkpoint_root)
         log_root = Path(config.log_root)
         base = config.run_name or default_run_name(config)
+        if not config.resume and slurm_requeued() and latest_checkpoint(checkpoint_root, base):
+            config.resume = "last"  # a requeued SLURM job continues where it was stopped
         if config.resume:
             self.resume_path = resolve_resume(config.resume, checkpoint_root, base)
             try:
-                read_checkpoint(self.resume_path)  # refuse pickled code before anything is built
+                self.resume_checkpoint = read_checkpoint(self.resume_path)  # refuses pickled code
             except CheckpointError as exc:
                 raise UsageError(f"--resume: {exc}") from None
+            trainer_config = config.trainer
+            finished = finished_message(
+                self.resume_checkpoint, self.resume_path, trainer_config.max_epochs, trainer_config.max_steps
+            )
+            if finished:
+                raise UsageError(f"--resume: {finished}")
             self.run_name = config.run_name or self.resume_path.parent.name
         else:
             self.run_name = config.run_name or _unique_run_name(checkpoint_root, log_root, base)
@@ -219,8 +319,14 @@ class QGTrainCLI(LightningCLI):
             if callback.save_last is True and not isinstance(callback, LastCheckpoint):
                 callback.save_last = False  # stale after epochs without improvement (Lightning 2.6)
                 trainer.callbacks.append(LastCheckpoint(callback.dirpath))  # last.ckpt every epoch
-        self.interrupt = InterruptCheckpoint(self.config.checkpoint.dirpath)
-        trainer.callbacks.append(self.interrupt)  # Ctrl-C saves interrupted.ckpt
+        config = self.config
+        if config.ckpt_every_steps or config.ckpt_every_minutes:  # step.ckpt inside an epoch
+            trainer.callbacks.append(
+                StepCheckpoint(config.checkpoint.dirpath, config.ckpt_every_steps, config.ckpt_every_minutes)
+            )
+        trainer.callbacks.append(RestoreLoaderState())  # the data loader's position on resume
+        self.interrupt = InterruptCheckpoint(config.checkpoint.dirpath)
+        trainer.callbacks.append(self.interrupt)  # Ctrl-C, SIGTERM, SIGUSR1 save interrupted.ckpt
         return trainer
 
 
@@ -255,17 +361,31 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         sys.stderr.write(f"{PROG}: interrupted before training started; nothing was saved\n")
         return 130
+    if cli.resume_checkpoint is not None:
+        try:
+            check_resume_compatible(cli.resume_checkpoint, cli.resume_path, cli)
+        except UsageError as exc:
+            main_usage_error(PROG, str(exc))
+        log.info(
+            "resuming from %s: epoch %d, step %d",
+            cli.resume_path,
+            cli.resume_checkpoint.get("epoch", 0),
+            cli.resume_checkpoint.get("global_step", 0),
+        )
+        cli.resume_checkpoint = None  # Lightning reads the file again; do not hold two copies
     log.info("run %s: checkpoints in %s", cli.run_name, cli.config.checkpoint.dirpath)
     try:
         cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=cli.resume_path)
     except (DataError, NonFiniteLossError, CheckpointError) as exc:
         sys.stderr.write(f"{PROG}: error: {_one_line(exc)}\n")
         return 1
-    except SystemExit:  # Lightning's exit after a KeyboardInterrupt
-        if not cli.interrupt.interrupted:
+    except SystemExit:  # Lightning's exit after Ctrl-C, or its SIGTERMException
+        interrupt = cli.interrupt
+        if not interrupt.interrupted:
             raise
-        sys.stderr.write(f"{PROG}: {cli.interrupt.message(f'python {PROG} <same arguments>')}\n")
-        return 130
+        command = resume_command(argv, interrupt.saved_path or "last")
+        sys.stderr.write(f"{PROG}: {interrupt.message(command)}\n")
+        return interrupt.exit_status
     return 0
 
 

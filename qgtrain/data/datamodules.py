@@ -19,7 +19,8 @@ from typing import Any, ClassVar
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torchdata.stateful_dataloader import StatefulDataLoader
 
 from qgtrain.models.normalization import dataset_spec
 
@@ -39,23 +40,58 @@ def resolve_data_dir(data_dir: str | os.PathLike | None = None) -> Path:
     return Path(os.environ.get(DATA_ENV) or "data").expanduser()
 
 
-class SeededRandomSampler(Sampler[int]):
-    """Random order drawn from ``(seed, epoch)`` alone, so a resumed run sees the same batches."""
+class SeededRandomSampler(DistributedSampler):
+    """Random order drawn from ``(seed, epoch)`` alone, sharded over ``num_replicas`` processes.
 
-    def __init__(self, num_samples: int, seed: int) -> None:
-        self.num_samples = num_samples
-        self.seed = seed
-        self.epoch = 0
+    Stateful (torchdata's ``Stateful`` protocol): :meth:`state_dict` records the epoch and how many
+    indices this process has drawn, so a :class:`StatefulDataLoader` restored from a mid-epoch
+    checkpoint continues at the next batch of the same order, without drawing the skipped batches.
+    A restored position applies only to the epoch it was saved in (Lightning sets the epoch with
+    :meth:`set_epoch` after restoring; a checkpoint taken at an epoch's last batch then starts the
+    next epoch from its beginning). With several processes each takes every ``num_replicas``-th
+    index of the padded order, as :class:`~torch.utils.data.DistributedSampler` does; being one,
+    Lightning does not replace it under DDP. The position is per process, so a run checkpointed with
+    ``num_replicas`` processes must resume with as many (:meth:`load_state_dict` checks).
+    """
+
+    def __init__(self, num_samples: int, seed: int, num_replicas: int = 1, rank: int = 0) -> None:
+        super().__init__(range(num_samples), num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
+        self.yielded = 0
+        self._restored: tuple[int, int] | None = None
 
     def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+        if epoch != self.epoch:
+            self.yielded = 0
+        super().set_epoch(epoch)
 
     def __iter__(self) -> Iterator[int]:
+        # A generator: the order is drawn at the first ``next``, after Lightning's ``set_epoch``.
+        start, self._restored = (self._restored or (self.epoch, 0)), None
+        skip = start[1] if start[0] == self.epoch else 0
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        return iter(torch.randperm(self.num_samples, generator=generator).tolist())
+        order = torch.randperm(len(self.dataset), generator=generator).tolist()
+        if self.num_replicas > 1:
+            order += order[: self.total_size - len(order)]
+            order = order[self.rank : self.total_size : self.num_replicas]
+        self.yielded = skip
+        for index in order[skip:]:
+            self.yielded += 1
+            yield index
 
     def __len__(self) -> int:
         return self.num_samples
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "yielded": self.yielded, "num_replicas": self.num_replicas}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        saved = state.get("num_replicas", 1)
+        if saved != self.num_replicas:
+            raise DataError(
+                f"the checkpoint was written by {saved} training process(es), this run has "
+                f"{self.num_replicas}: resume with the same --devices and --num-nodes"
+            )
+        self._restored = (state["epoch"], state["yielded"])
 
 
 class ImageTensorDataset(Dataset):
@@ -223,18 +259,14 @@ class VisionDataModule(L.LightningDataModule):
             "persistent_workers": workers > 0,
         }
 
-    def _distributed(self) -> bool:
-        trainer = getattr(self, "trainer", None)
-        return trainer is not None and trainer.world_size > 1
-
-    def train_dataloader(self) -> DataLoader:
+    def train_dataloader(self) -> StatefulDataLoader:
+        """Batches in :class:`SeededRandomSampler` order from a torchdata ``StatefulDataLoader``,
+        whose position Lightning saves in every checkpoint and restores on resume."""
         assert self.train_set is not None, "call setup('fit') first"
-        if self._distributed():  # Lightning swaps in a DistributedSampler seeded by (seed, epoch)
-            return DataLoader(
-                self.train_set, self.batch_size, shuffle=True, drop_last=True, **self._loader_kwargs()
-            )
-        sampler = SeededRandomSampler(len(self.train_set), self.seed)
-        return DataLoader(
+        trainer = getattr(self, "trainer", None)
+        replicas, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        sampler = SeededRandomSampler(len(self.train_set), self.seed, num_replicas=replicas, rank=rank)
+        return StatefulDataLoader(
             self.train_set, self.batch_size, sampler=sampler, drop_last=True, **self._loader_kwargs()
         )
 

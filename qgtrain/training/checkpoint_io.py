@@ -2,17 +2,29 @@
 
 from __future__ import annotations
 
+import logging
 import os
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+import lightning as L
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from qgtrain.evaluation.checkpoints import CheckpointError, read_checkpoint
 
-__all__ = ["AtomicCheckpointIO", "CheckpointError", "LastCheckpoint", "atomic_torch_save", "read_checkpoint"]
+__all__ = [
+    "AtomicCheckpointIO",
+    "CheckpointError",
+    "LastCheckpoint",
+    "StepCheckpoint",
+    "atomic_torch_save",
+    "read_checkpoint",
+]
+
+log = logging.getLogger(__name__)
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
@@ -69,3 +81,49 @@ class LastCheckpoint(ModelCheckpoint):
             save_on_train_epoch_end=True,
             enable_version_counter=False,
         )
+
+
+class StepCheckpoint(ModelCheckpoint):
+    """``<dirpath>/step.ckpt`` inside an epoch: every ``every_n_steps`` optimizer steps and/or every
+    ``every_minutes`` minutes of training (0 turns a trigger off), whichever comes first.
+
+    One file, overwritten atomically (through the trainer's checkpoint IO), so only the latest step
+    checkpoint is kept beside ``last.ckpt`` and ``best.ckpt``. It is taken at the end of a training
+    batch and holds the ``StatefulDataLoader`` position, so a resumed run continues at the next batch.
+    Lightning's ``ModelCheckpoint`` implements both triggers (``every_n_train_steps``,
+    ``train_time_interval``; the time decision is broadcast from rank 0) but refuses them together;
+    this subclass sets both.
+    """
+
+    FILENAME = "step"
+
+    def __init__(
+        self, dirpath: str | os.PathLike, every_n_steps: int = 0, every_minutes: float = 0.0
+    ) -> None:
+        if isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps < 0:
+            raise ValueError(f"ckpt_every_steps must be an integer >= 0 (0 = off), got {every_n_steps}")
+        if not every_minutes >= 0:
+            raise ValueError(f"ckpt_every_minutes must be >= 0 (0 = off), got {every_minutes}")
+        super().__init__(
+            dirpath=dirpath,
+            filename=self.FILENAME,
+            monitor=None,
+            save_top_k=1,
+            save_last=False,
+            every_n_epochs=0,
+            save_on_train_epoch_end=False,
+            enable_version_counter=False,
+        )
+        self._every_n_train_steps = every_n_steps
+        self._train_time_interval = timedelta(minutes=every_minutes) if every_minutes > 0 else None
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(name=self.FILENAME)  # stable when the intervals change
+
+    def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
+        super()._save_checkpoint(trainer, filepath)
+        if trainer.is_global_zero:
+            log.info(
+                "step checkpoint %s: epoch %d, step %d", filepath, trainer.current_epoch, trainer.global_step
+            )

@@ -1,58 +1,157 @@
-"""Ctrl-C during training: save ``interrupted.ckpt`` (atomically) so no work is lost."""
+"""Ctrl-C, SIGTERM and SIGUSR1 during training: save ``interrupted.ckpt`` (atomically), stop cleanly.
+
+Lightning's ``_SignalConnector`` turns SIGTERM into a flag that its loops check after every training
+batch; they then raise ``SIGTERMException`` (under DDP after broadcasting the flag from rank 0, so
+every rank stops at the same batch). SIGUSR1, what SLURM sends before a time limit
+(``#SBATCH --signal=USR1@90``), and the first Ctrl-C are routed through the same handler. Lightning's own SLURM SIGUSR1
+handler is replaced: it saves ``hpc_ckpt_N.ckpt`` in the middle of whatever the process is doing
+(the signal interrupts a training step) and keeps training; here the checkpoint is taken at the
+batch boundary, and under SLURM with auto-requeue on (Lightning's ``SLURMEnvironment`` default) the
+job is then requeued with ``scontrol requeue`` as Lightning does. Exit statuses: 130 (Ctrl-C),
+143 (SIGTERM), 138 (SIGUSR1): 128 + the signal number, as a shell reports a killed command.
+"""
 
 from __future__ import annotations
 
 import logging
+import os
+import re
+import signal
+import subprocess
+import threading
 from pathlib import Path
+from types import FrameType
+from typing import Any
 
 import lightning as L
+from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 log = logging.getLogger(__name__)
 
 INTERRUPTED_CHECKPOINT = "interrupted.ckpt"
+SIGNAL_NAMES = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM"}
+if hasattr(signal, "SIGUSR1"):
+    SIGNAL_NAMES[signal.SIGUSR1] = "SIGUSR1"
+
+
+def requeue_slurm_job() -> bool:
+    """``scontrol requeue <job>`` for this SLURM job (array jobs: ``<array job>_<task>``), as
+    Lightning's ``_SignalConnector._slurm_sigusr_handler_fn`` does; True when it succeeded."""
+    array_job = os.environ.get("SLURM_ARRAY_JOB_ID")
+    job = (
+        f"{array_job}_{os.environ['SLURM_ARRAY_TASK_ID']}"
+        if array_job
+        else os.environ.get("SLURM_JOB_ID", "")
+    )
+    if not re.fullmatch(r"[0-9_]+", job):
+        log.warning("cannot requeue: no SLURM job id in the environment")
+        return False
+    try:
+        result = subprocess.call(["scontrol", "requeue", job])
+    except OSError as exc:
+        log.warning("cannot requeue SLURM job %s: %s", job, exc)
+        return False
+    if result != 0:
+        log.warning("requeuing SLURM job %s failed with status %d", job, result)
+    return result == 0
 
 
 class InterruptCheckpoint(Callback):
-    """On ``KeyboardInterrupt`` during ``fit``, write ``<dirpath>/interrupted.ckpt``.
+    """On Ctrl-C, SIGTERM or SIGUSR1 during ``fit``, write ``<dirpath>/interrupted.ckpt`` and stop.
 
-    Lightning catches the interrupt, calls ``on_exception`` on every callback, then exits with
-    status 1; ``train.py`` turns that into a one-line message and status 130. The file is written
-    through the trainer's checkpoint IO (atomic: complete or absent). Single-process runs only: under
-    DDP the ranks are interrupted at different points and a collective save could hang, so a DDP run
-    resumes from its ``last.ckpt``. A mid-epoch checkpoint resumes at its global step; the batches of
-    that epoch are then drawn again in the sampler's order, so it is not bit-exact (``last.ckpt``,
-    written at epoch ends, is).
+    All three stop the run at the end of the current training batch (or after validation / the
+    epoch's end hooks when they arrive there), where the checkpoint is consistent with the data
+    loader's position: resuming continues at the next batch. A second Ctrl-C raises
+    ``KeyboardInterrupt`` at once; Lightning catches it and exits with status 1, and nothing is saved
+    (the state is mid-step). ``train.py`` turns either into one line and :attr:`exit_status`. The
+    checkpoint goes through the trainer's checkpoint IO (atomic). Single-process runs only: under
+    DDP a collective save from an exception handler could hang, so a DDP run stops without it and
+    resumes from its latest step checkpoint.
     """
 
     def __init__(self, dirpath: str | Path) -> None:
         self.dirpath = Path(dirpath)
         self.interrupted = False
+        self.signal: int | None = None
         self.saved_path: Path | None = None
+        self.requeued = False
         self.epoch = 0
         self.global_step = 0
+
+    # ------------------------------------------------------------ signals
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Lightning registered its handlers in ``Trainer._run``: route SIGTERM, SIGUSR1 and the
+        first Ctrl-C through its SIGTERM handler, noting which signal came first."""
+        if threading.current_thread() is not threading.main_thread():
+            return
+        lightning_sigterm = signal.getsignal(signal.SIGTERM)
+
+        def handler(signum: int, frame: FrameType | None) -> None:
+            if signum == signal.SIGINT and self.signal == signal.SIGINT:
+                raise KeyboardInterrupt  # a second Ctrl-C: stop now, wherever the run is
+            if signum == signal.SIGINT:
+                log.warning("Ctrl-C: stopping at the end of this batch (Ctrl-C again to stop now)")
+            self.signal = self.signal or signum
+            if callable(lightning_sigterm):
+                lightning_sigterm(signum, frame)
+
+        # all restored by Lightning's SignalConnector.teardown
+        for signum in (signal.SIGTERM, signal.SIGINT, getattr(signal, "SIGUSR1", None)):
+            if signum is not None:
+                signal.signal(signum, handler)
 
     def on_exception(
         self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
     ) -> None:
-        if not isinstance(exception, KeyboardInterrupt):
+        hard = isinstance(exception, KeyboardInterrupt)  # not at a batch boundary
+        if not hard and not isinstance(exception, SIGTERMException):
             return
+        if hard:
+            self.signal = signal.SIGINT
+        self.signal = self.signal or signal.SIGTERM
         self.interrupted = True
         self.epoch, self.global_step = trainer.current_epoch, trainer.global_step
-        if trainer.world_size > 1 or trainer.state.fn != TrainerFn.FITTING or not trainer.optimizers:
-            return
-        path = self.dirpath / INTERRUPTED_CHECKPOINT
-        try:
-            trainer.save_checkpoint(path, weights_only=False)  # full state: optimizer, loops, RNG-free
-        except Exception as exc:  # the interrupt must still end the run cleanly
-            log.warning("could not save %s on interrupt: %s", path, exc)
-            return
-        self.saved_path = path
+        if (
+            not hard
+            and trainer.world_size == 1
+            and trainer.state.fn == TrainerFn.FITTING
+            and trainer.optimizers
+        ):
+            path = self.dirpath / INTERRUPTED_CHECKPOINT
+            try:
+                trainer.save_checkpoint(path, weights_only=False)  # full state: optimizer, loops, loader
+                self.saved_path = path
+            except Exception as exc:  # the interrupt must still end the run cleanly
+                log.warning("could not save %s on interrupt: %s", path, exc)
+        if (
+            self.signal == getattr(signal, "SIGUSR1", None)
+            and trainer.is_global_zero
+            and _auto_requeue(trainer)
+        ):
+            self.requeued = requeue_slurm_job()
 
-    def message(self, resume_hint: str) -> str:
-        """One line for the user: where the run stopped, what was saved, how to continue."""
-        where = f"interrupted at epoch {self.epoch}, step {self.global_step}"
+    # ------------------------------------------------------------ reporting
+    @property
+    def exit_status(self) -> int:
+        """128 + the signal number: 130 Ctrl-C, 143 SIGTERM, 138 SIGUSR1."""
+        return 128 + int(self.signal or signal.SIGINT)
+
+    def message(self, resume_command: str) -> str:
+        """One line for the user: what stopped the run, where, what was saved, how to continue."""
+        what = SIGNAL_NAMES.get(self.signal or signal.SIGINT, f"signal {self.signal}")
+        where = f"interrupted by {what} at epoch {self.epoch}, step {self.global_step}"
+        requeued = "; SLURM job requeued, it resumes by itself" if self.requeued else ""
         if self.saved_path is not None:
-            return f"{where}; saved {self.saved_path}; continue with {resume_hint} --resume {self.saved_path}"
-        return f"{where}; no checkpoint saved at the interrupt; continue from the last epoch with {resume_hint} --resume last"
+            return f"{where}; saved {self.saved_path}{requeued}; continue with {resume_command}"
+        return (
+            f"{where}; no checkpoint saved at the interrupt{requeued}; "
+            f"continue from the latest checkpoint with {resume_command}"
+        )
+
+
+def _auto_requeue(trainer: L.Trainer) -> bool:
+    environment: Any = getattr(trainer._accelerator_connector, "cluster_environment", None)
+    return isinstance(environment, SLURMEnvironment) and environment.auto_requeue

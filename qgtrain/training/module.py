@@ -266,4 +266,6 @@ class AdversarialTraining(L.LightningModule):
             "net": net,
             "inner": self.inner.config() if self.inner is not None else None,
             "val_attack": self.val_attack.config(),
+            # a mid-epoch checkpoint holds each process's data position: resume with as many
+            "world_size": self.trainer.world_size if self._trainer is not None else 1,
         }

@@ -1,0 +1,98 @@
+"""Where a run resumes from, and what a resumed run must restore (issue 14, exact mid-epoch resume).
+
+A run folder holds up to three resumable checkpoints: ``step.ckpt`` (inside an epoch, see
+:class:`~qgtrain.training.checkpoint_io.StepCheckpoint`), ``last.ckpt`` (end of every epoch) and
+``interrupted.ckpt`` (Ctrl-C, SIGTERM, SIGUSR1). The newest one written is the resume point.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from lightning.pytorch.callbacks import Callback
+
+RESUMABLE = ("step.ckpt", "last.ckpt", "interrupted.ckpt")
+
+
+def newest_resumable(folder: Path) -> Path | None:
+    """The most recently written of ``folder``'s resumable checkpoints, or ``None``."""
+    found = [folder / name for name in RESUMABLE if (folder / name).is_file()]
+    return max(found, key=lambda p: p.stat().st_mtime_ns) if found else None
+
+
+def run_versions(checkpoint_root: Path, base: str) -> list[Path]:
+    """``base``, ``base-v1``, ``base-v2``... that exist under ``checkpoint_root``, oldest first."""
+    pattern = re.compile(rf"{re.escape(base)}(?:-v(\d+))?")
+    versions = []
+    if checkpoint_root.is_dir():
+        for entry in checkpoint_root.iterdir():
+            match = pattern.fullmatch(entry.name)
+            if match and entry.is_dir():
+                versions.append((int(match.group(1) or 0), entry))
+    return [path for _, path in sorted(versions)]
+
+
+def latest_checkpoint(checkpoint_root: Path, base: str) -> Path | None:
+    """The newest resumable checkpoint of the newest run named ``base`` (or ``base-vN``) that has one."""
+    for run in reversed(run_versions(checkpoint_root, base)):
+        found = newest_resumable(run)
+        if found is not None:
+            return found
+    return None
+
+
+def completed_epochs(checkpoint: dict[str, Any]) -> int:
+    """Epochs whose batches were all trained when ``checkpoint`` was written (Lightning's fit-loop
+    progress: ``processed`` counts an epoch before its end hooks, which write ``last.ckpt``, run)."""
+    try:
+        return int(checkpoint["loops"]["fit_loop"]["epoch_progress"]["current"]["processed"])
+    except (KeyError, TypeError):
+        return int(checkpoint.get("epoch", 0))
+
+
+def finished_message(
+    checkpoint: dict[str, Any], path: Path, max_epochs: int | None, max_steps: int
+) -> str | None:
+    """Why resuming ``checkpoint`` would train nothing (and how to extend the run), else ``None``."""
+    epochs, step = completed_epochs(checkpoint), int(checkpoint.get("global_step", 0))
+    if max_steps is not None and max_steps > 0 and step >= max_steps:
+        return (
+            f"the run in {path.parent} is finished ({step} of max_steps={max_steps} steps in {path.name}); "
+            f"to train longer resume with a larger --trainer.max_steps"
+        )
+    if max_epochs is not None and max_epochs > 0 and epochs >= max_epochs and (max_steps or -1) <= 0:
+        return (
+            f"the run in {path.parent} is finished ({epochs} of {max_epochs} epochs in {path.name}); "
+            f"to train longer resume with --epochs N (N > {epochs})"
+        )
+    return None
+
+
+def slurm_requeued() -> bool:
+    """True in a SLURM job that was requeued (``SLURM_RESTART_COUNT`` >= 1)."""
+    return "SLURM_JOB_ID" in os.environ and int(os.environ.get("SLURM_RESTART_COUNT") or 0) > 0
+
+
+class RestoreLoaderState(Callback):
+    """Hand the checkpoint's ``StatefulDataLoader`` state to the loader when Lightning did not.
+
+    Lightning 2.6 restores a stateful loader in ``FitLoop.setup_data``, but when
+    ``configure_optimizers`` reads ``trainer.estimated_stepping_batches`` (as
+    :class:`~qgtrain.training.AdversarialTraining` does for its LR schedule), the loader was set up
+    before the checkpoint was read, and the state is silently dropped (Lightning issue #20550):
+    the resumed epoch would start again at its first batch. At ``on_train_start`` the fit loop has
+    read the checkpoint; this loads the pending state through the fit loop's own method (which
+    applies it only when restarting inside an epoch) and recreates the batch iterator from it.
+    """
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        loop = trainer.fit_loop
+        if not getattr(loop, "_combined_loader_states_to_load", None) or loop._data_fetcher is None:
+            return
+        loop._load_combined_loader_states()
+        if not loop._combined_loader_states_to_load:  # loaded: iterate from the restored position
+            iter(loop._data_fetcher)
