@@ -13,7 +13,7 @@ import torch
 from conftest import REPO, load_mnist_tensors, quiet_trainer
 from torch.utils.data import DataLoader, TensorDataset
 
-from qgtrain.attacks import PGD, Attack, build_attack
+from qgtrain.attacks import PGD, Attack, attack_for_budget
 from qgtrain.evaluation import adversarial_correct
 from qgtrain.models import TinyCNN
 from qgtrain.training import AdversarialTraining, lr_lambda
@@ -34,14 +34,10 @@ class ModeSpy(PGD):
         return super().__call__(model, x, y)
 
 
-@pytest.mark.parametrize("inner", ["none", "fgsm_rs", "pgd", "pqgd", "blob", "blob_qg"])
+@pytest.mark.parametrize("inner", ["none", "fgsm_rs", "nfgsm", "pgd", "pqgd", "blob", "blob_qg", "apgd_ce"])
 def test_fast_dev_run_trains_with_every_inner_attack(inner: str) -> None:
     torch.manual_seed(0)
-    attack = (
-        None
-        if inner == "none"
-        else build_attack(inner, eps=0.3, **({} if inner == "fgsm_rs" else {"steps": 2}))
-    )
+    attack = None if inner == "none" else attack_for_budget(inner, 0.3, 2)
     module = AdversarialTraining(TinyCNN(width=4), attack, val_attack=PGD(eps=0.3, alpha=0.1, steps=2))
     before = [p.detach().clone() for p in module.net.parameters()]
     trainer = quiet_trainer(fast_dev_run=2)
