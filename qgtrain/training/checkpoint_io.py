@@ -13,7 +13,7 @@ import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from qgtrain.evaluation.checkpoints import CheckpointError, read_checkpoint
+from qgtrain.checkpoint_files import CheckpointError, read_checkpoint
 
 __all__ = [
     "AtomicCheckpointIO",
