@@ -74,6 +74,16 @@ class Attack:
     the mode: evaluation uses eval mode). ``restarts=R`` runs R random starts and keeps, per
     example, the first input that fools the model, else the last one (Sec. 4.1, "Practical Issues").
     Works inside ``torch.inference_mode`` (gradients are re-enabled locally) and under autocast.
+
+    Args:
+        eps: L-inf radius in pixel units, in (0, high - low] of ``clip``.
+        alpha: Step size per iteration (> 0).
+        steps: Iterations per start (an integer >= 1).
+        b: Quantization level of the gradient, ``zeta(b * g / M)``; 1 is the sign gradient (Eq. 7).
+        random_start: Start from a uniform point in the eps-ball instead of the clean input.
+        restarts: Random starts; per example the first input that fools the model is kept.
+        loss: Attack loss summed over the batch: ``ce`` (cross-entropy) or ``margin`` (CW).
+        clip: Valid input range ``(low, high)``.
     """
 
     name: ClassVar[str] = "attack"
