@@ -276,7 +276,7 @@ class QGTrainCLI(LightningCLI):
             and checkpoint.best_model_path
             and Path(checkpoint.best_model_path).is_file()
         ):
-            best = Path(checkpoint.best_model_path)
+            best = folder / Path(checkpoint.best_model_path).name  # as given: relative stays relative
             epoch = torch.load(best, map_location="cpu", weights_only=True, mmap=True)["epoch"]
             score = checkpoint.best_model_score
             headline = f"best {checkpoint.monitor} = {float(score):.4f} at epoch {epoch}"
@@ -311,6 +311,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     argv = list(sys.argv[1:] if argv is None else argv)
     warnings.filterwarnings("ignore", message=".*LightningCLI's args parameter is intended.*")
+    # "Seed set to N" would come before a start-up error's one line; the seed is in config.yaml.
+    logging.getLogger("lightning.fabric.utilities.seed").setLevel(logging.WARNING)
     given: dict[str, str] = {}
     try:
         given, _ = parse_short_flags(argv)
