@@ -160,6 +160,9 @@ def test_a_misspelt_flag_is_one_line_with_the_closest_valid_one(
     line = usage_error(capsys, tmp_path, "--robustness.stpes=3")
     assert line.endswith("did you mean --robustness.steps?")
     assert "unrecognized argument --zzzz" in usage_error(capsys, tmp_path, "--zzzz", "1")
+    # Arguments of a class chosen in the config (the inner attack here) are suggested too.
+    line = usage_error(capsys, tmp_path, "--model.inner.init_args.stpes=3")
+    assert line.endswith("did you mean --model.inner.init_args.steps?")
 
 
 def test_parser_errors_are_one_line_naming_the_key(capsys: pytest.CaptureFixture, tmp_path: Path) -> None:

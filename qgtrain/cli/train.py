@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import inspect
 import logging
 import os
 import re
@@ -20,6 +21,7 @@ from lightning.pytorch.accelerators import CPUAccelerator
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
+from qgtrain.attacks import ATTACKS
 from qgtrain.cli.aliases import (
     SHORT_FLAGS,
     UsageError,
@@ -30,7 +32,7 @@ from qgtrain.cli.aliases import (
     parse_short_flags,
     short_flag_help,
 )
-from qgtrain.data import DataError, VisionDataModule
+from qgtrain.data import DATAMODULES, DataError, VisionDataModule
 from qgtrain.models import MODELS
 from qgtrain.training import AdversarialTraining, NonFiniteLossError
 from qgtrain.training.checkpoint_io import (
@@ -43,6 +45,8 @@ from qgtrain.training.interrupt import InterruptCheckpoint
 
 log = logging.getLogger(__name__)
 PROG = "train.py"
+REGISTRIES = {"model.inner": ATTACKS, "model.val_attack": ATTACKS, "model.net": MODELS, "data": DATAMODULES}
+"""The classes a subclass-typed key can take: their arguments are the candidates for a typo."""
 
 
 def _import(class_path: str) -> Any:
@@ -168,9 +172,16 @@ class QGTrainCLI(LightningCLI):
             super().parse_arguments(parser, args)
         except argparse.ArgumentError as exc:
             unknown = re.match(r"unrecognized arguments: (.*)", str(exc))
-            if unknown is None:
+            if unknown is not None:
+                raise UsageError(_did_you_mean(unknown.group(1).split(), parser)) from None
+            nested = re.match(r"Parser key \"([\w.]+)\": Option '(\w+)' is not accepted", _one_line(exc))
+            if nested is None or nested.group(1) not in REGISTRIES:
                 raise
-            raise UsageError(_did_you_mean(unknown.group(1).split(), parser)) from None
+            key, option = nested.groups()
+            names = {p for cls in REGISTRIES[key].values() for p in inspect.signature(cls).parameters}
+            close = difflib.get_close_matches(option, sorted(names), n=1, cutoff=0.6)
+            hint = f"; did you mean --{key}.init_args.{close[0]}?" if close else ""
+            raise UsageError(f"--{key}.init_args.{option} is not an argument of {key}{hint}") from None
 
     def before_instantiate_classes(self) -> None:
         """Start-up steps on the parsed config, in order; nothing is written by any of them."""
@@ -270,19 +281,21 @@ class QGTrainCLI(LightningCLI):
         """Best robust accuracy (metric, epoch), both checkpoints, and the commands to run next."""
         checkpoint = self.trainer.checkpoint_callback
         folder = Path(self.config.checkpoint.dirpath)
-        best, last = folder / "best.ckpt", folder / "last.ckpt"
-        if (
-            checkpoint is not None
-            and checkpoint.best_model_path
-            and Path(checkpoint.best_model_path).is_file()
-        ):
-            best = folder / Path(checkpoint.best_model_path).name  # as given: relative stays relative
+        last = folder / "last.ckpt"
+        best_path = getattr(checkpoint, "best_model_path", "")
+        if best_path and Path(best_path).is_file():
+            best = folder / Path(best_path).name  # as configured: a relative folder stays relative
             epoch = torch.load(best, map_location="cpu", weights_only=True, mmap=True)["epoch"]
-            score = checkpoint.best_model_score
-            headline = f"best {checkpoint.monitor} = {float(score):.4f} at epoch {epoch}"
+            score = float(checkpoint.best_model_score)
+            lines = [
+                f"run {self.run_name} finished: best {checkpoint.monitor} = {score:.4f} at epoch {epoch}"
+            ]
+            lines.append(f"  best: {best}")
         else:
-            headline = f"no best checkpoint ({getattr(checkpoint, 'monitor', None)} was never logged)"
-        lines = [f"run {self.run_name} finished: {headline}", f"  best: {best}", f"  last: {last}"]
+            best = last
+            monitor = getattr(checkpoint, "monitor", None)
+            lines = [f"run {self.run_name} finished: no best.ckpt ({monitor} was never logged)"]
+        lines.append(f"  last: {last}")
         logger = self.trainer.logger
         if logger is not None and getattr(logger, "log_dir", None):
             lines.append(f"  TensorBoard: tensorboard --logdir {Path(logger.log_dir).parent}")
@@ -344,7 +357,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _resolved_defaults(parser: LightningArgumentParser, args: list[str]) -> tuple[Namespace | None, str]:
     """The config ``args`` resolve to without ``--help`` (for the short-flag table), and its files."""
-    rest = [a for a in args if a not in ("-h", "--help")]
+    rest = [a for a in args if a not in ("-h", "--help") and not a.startswith("--print_config")]
     files = [Path(v).name for k, v in zip(rest, rest[1:], strict=False) if k in ("--config", "-c")]
     try:
         return parser.parse_args(rest), ", ".join(files)
@@ -378,6 +391,8 @@ def _one_line(exc: BaseException, given: Mapping[str, str] | None = None) -> str
         exc = exc.__cause__
     reason = " ".join(line.strip() for line in text.splitlines() if line.strip()) or type(exc).__name__
     given = given or {}
+    if isinstance(exc, UsageError):
+        return reason  # written here, naming its flag already
     if keys:
         flagged = name_the_flag(f"{'.'.join(keys)}: {reason}", given)
         return flagged if flagged.startswith("-") else f'Parser key "{".".join(keys)}": {reason}'
