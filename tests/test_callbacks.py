@@ -20,7 +20,7 @@ from tensorboard.plugins.hparams import plugin_data_pb2
 from qgtrain.attacks import PGD, PQGD, build_attack
 from qgtrain.callbacks import AttackVisualization, RobustnessEvaluation, shard_batches, subset_indices
 from qgtrain.callbacks.validation_data import limited_validation_size
-from qgtrain.cli.aliases import UsageError, expand_short_flags
+from qgtrain.cli.aliases import expand_short_flags
 from qgtrain.cli.train import build_cli, main
 from qgtrain.data import MNISTDataModule
 from qgtrain.evaluation import adversarial_correct, clean_correct
@@ -224,7 +224,9 @@ def test_best_checkpoint_holds_the_best_robust_model_and_collapse_stops_training
     assert checkpoint.best_model_score == pytest.approx(0.7)
 
 
-def test_eval_flags_and_eps_reach_the_robustness_config(capsys: pytest.CaptureFixture) -> None:
+def test_eval_flags_and_eps_reach_the_robustness_config(
+    capsys: pytest.CaptureFixture, tmp_path: Path
+) -> None:
     argv = ["--eval-every", "3", "--eval-attack", "pgd", "--eval-steps", "7", "--eval-size", "300"]
     with pytest.raises(SystemExit):
         main([*argv, "--eval-b", "5", "--eps", "0.2", "--print_config"])
@@ -236,14 +238,22 @@ def test_eval_flags_and_eps_reach_the_robustness_config(capsys: pytest.CaptureFi
         7,
         300,
         5,
-        0.2,
+        None,  # follows the validation radius, which --eps sets
     )
+    assert cfg["model"]["val_attack"]["init_args"]["eps"] == 0.2
     assert cfg["visualization"]["every_n_epochs"] == 3
     assert cfg["checkpoint"]["monitor"] == "robust/worst_acc"
-    with pytest.raises(UsageError, match="--eval-attack must be one of"):
-        expand_short_flags(["--eval-attack", "cw"])
-    with pytest.raises(UsageError, match="--eval-every must be an integer >= 0"):
-        expand_short_flags(["--eval-every", "-1"])
+    roots = ["--checkpoint_root", str(tmp_path / "ck"), "--log_root", str(tmp_path / "lg")]
+    cli = build_cli(expand_short_flags(["--eps", "0.2", "--model", "tiny_cnn", *roots]))
+    robustness = next(c for c in cli.trainer.callbacks if isinstance(c, RobustnessEvaluation))
+    assert robustness.resolve_eps(cli.model) == 0.2
+    for bad, message in (
+        (["--eval-attack", "cw"], "--eval-attack: unknown attack 'cw'; choose one of"),
+        (["--eval-every", "-1"], "--eval-every must be >= 0"),
+    ):
+        with pytest.raises(SystemExit) as info:
+            main([*bad, "--model", "tiny_cnn", *roots])
+        assert info.value.code == 2 and message in capsys.readouterr().err
 
 
 @pytest.mark.filterwarnings("ignore:.*LightningCLI's args parameter")

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
 
-from qgtrain.cli.aliases import UsageError, expand_short_flags
-from qgtrain.cli.train import main
+from qgtrain.callbacks import RobustnessEvaluation
+from qgtrain.cli.aliases import SHORT_FLAGS, expand_short_flags
+from qgtrain.cli.train import build_cli, main
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
 def resolved_config(capsys: pytest.CaptureFixture, *argv: str) -> dict:
@@ -17,6 +21,25 @@ def resolved_config(capsys: pytest.CaptureFixture, *argv: str) -> dict:
         main([*argv, "--print_config"])
     assert info.value.code in (0, None)
     return yaml.safe_load(capsys.readouterr().out)
+
+
+def usage_error(capsys: pytest.CaptureFixture, tmp_path: Path, *argv: str) -> str:
+    """The one stderr line of a refused ``train.py`` (exit 2), checking that nothing was written."""
+    roots = ["--checkpoint_root", str(tmp_path / "ckpt"), "--log_root", str(tmp_path / "logs")]
+    with pytest.raises(SystemExit) as info:
+        main([*argv, *roots])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("train.py: ")]
+    assert len(lines) == 1 and "usage:" not in err and "Traceback" not in err, err
+    assert list(tmp_path.iterdir()) == []
+    return lines[0]
+
+
+def built(tmp_path: Path, *argv: str):
+    """The CLI of ``train.py argv`` with model, data, callbacks and trainer built (nothing fitted)."""
+    roots = ["--checkpoint_root", str(tmp_path / "ckpt"), "--log_root", str(tmp_path / "logs")]
+    return build_cli(expand_short_flags([*argv, *roots]))
 
 
 def test_main_job_flags_resolve_to_paper_defaults(capsys: pytest.CaptureFixture) -> None:
@@ -33,7 +56,9 @@ def test_main_job_flags_resolve_to_paper_defaults(capsys: pytest.CaptureFixture)
     assert cfg["trainer"]["inference_mode"] is False
 
 
-def test_switching_inner_attack_resets_class_specific_arguments(capsys: pytest.CaptureFixture) -> None:
+def test_switching_inner_attack_resets_class_specific_arguments(
+    capsys: pytest.CaptureFixture, tmp_path: Path
+) -> None:
     pgd = resolved_config(capsys, "--inner", "pgd", "--steps", "40")["model"]["inner"]
     assert pgd["class_path"] == "qgtrain.attacks.PGD" and pgd["init_args"]["b"] == 1
     assert pgd["init_args"]["steps"] == 40
@@ -44,7 +69,13 @@ def test_switching_inner_attack_resets_class_specific_arguments(capsys: pytest.C
     # Standard training stays standard when a radius is given (for validation and evaluation).
     none_eps = resolved_config(capsys, "--inner", "none", "--eps", "0.2")
     assert none_eps["model"]["inner"] is None
-    assert none_eps["model"]["val_attack"]["init_args"]["eps"] == 0.2 and none_eps["robustness"]["eps"] == 0.2
+    # The robustness evaluation has no radius of its own (eps: null): it takes the validation radius.
+    assert (
+        none_eps["model"]["val_attack"]["init_args"]["eps"] == 0.2 and none_eps["robustness"]["eps"] is None
+    )
+    cli = built(tmp_path, "--model", "tiny_cnn", "--inner", "none", "--eps", "0.2")
+    robustness = next(c for c in cli.trainer.callbacks if isinstance(c, RobustnessEvaluation))
+    assert robustness.resolve_eps(cli.model) == 0.2
 
 
 def test_every_short_flag_lands_in_the_config(capsys: pytest.CaptureFixture, tmp_path: Path) -> None:
@@ -103,18 +134,119 @@ def test_every_short_flag_lands_in_the_config(capsys: pytest.CaptureFixture, tmp
     ("argv", "message"),
     [
         (["--inner", "pgdx"], "--inner must be one of none, fgsm"),
-        (["--steps", "0"], "--steps must be an integer >= 1"),
-        (["--b", "2.5"], "--b must be an integer >= 1"),
+        (["--steps", "0"], "--steps must be an integer >= 1"),  # Attack.__init__'s check, flag named
+        (["--b", "2.5"], "--b: Expected a <class 'int'>"),  # jsonargparse's type check
         (["--eps", "1.5"], "--eps must be in (0, 1]"),
-        (["--alpha", "0"], "--alpha must be in (0"),
+        (["--alpha", "0"], "--alpha must be > 0"),
         (["--dataset", "svhn"], "--dataset must be one of mnist"),
         (["--inner", "none", "--steps", "3"], "--steps needs an inner attack"),
+        (["--eval-steps", "0"], "--eval-steps must be an integer >= 1"),  # RobustnessEvaluation's check
+        (["--batch-size", "0"], "--batch-size must be >= 1"),  # the data module's check
+        (["--num-nodes", "0"], "--num-nodes must be a positive integer"),  # Lightning's check
     ],
 )
-def test_bad_short_flags_are_one_line_errors(argv: list[str], message: str) -> None:
-    with pytest.raises(UsageError) as info:
-        expand_short_flags(argv)
-    assert message in str(info.value) and "\n" not in str(info.value)
+def test_bad_short_flags_are_one_line_errors(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture, tmp_path: Path
+) -> None:
+    """Each value is checked once, by the class that uses it; the line names the flag typed."""
+    assert message in usage_error(capsys, tmp_path, "--model", "tiny_cnn", *argv)
+
+
+def test_a_misspelt_flag_is_one_line_with_the_closest_valid_one(
+    capsys: pytest.CaptureFixture, tmp_path: Path
+) -> None:
+    line = usage_error(capsys, tmp_path, "--stpes", "10")
+    assert line == "train.py: error: unrecognized argument --stpes; did you mean --steps?"
+    line = usage_error(capsys, tmp_path, "--robustness.stpes=3")
+    assert line.endswith("did you mean --robustness.steps?")
+    assert "unrecognized argument --zzzz" in usage_error(capsys, tmp_path, "--zzzz", "1")
+    # Arguments of a class chosen in the config (the inner attack here) are suggested too.
+    line = usage_error(capsys, tmp_path, "--model.inner.init_args.stpes=3")
+    assert line.endswith("did you mean --model.inner.init_args.steps?")
+
+
+def test_parser_errors_are_one_line_naming_the_key(capsys: pytest.CaptureFixture, tmp_path: Path) -> None:
+    line = usage_error(capsys, tmp_path, "--model.lr_schedule=bogus")
+    assert 'Parser key "model.lr_schedule"' in line and "'constant', 'piecewise', 'onecycle'" in line
+
+
+def test_eps_is_linked_one_way() -> None:
+    """``--eps`` sets the training and validation radii; the robustness evaluation follows the
+    validation radius (``eps: null`` in every config) instead of being set a third time."""
+    eps = next(row for row in SHORT_FLAGS if row.flag == "--eps")
+    assert eps.keys == ("model.inner.init_args.eps", "model.val_attack.init_args.eps")
+    for config in CONFIGS.glob("*.yaml"):
+        assert yaml.safe_load(config.read_text())["robustness"].get("eps") is None, config.name
+
+
+def test_help_starts_with_the_short_flags_and_their_resolved_defaults(
+    capsys: pytest.CaptureFixture,
+) -> None:
+    def help_text(*argv: str) -> str:
+        with pytest.raises(SystemExit) as info:
+            main([*argv, "--help"])
+        assert info.value.code in (0, None)
+        return capsys.readouterr().out
+
+    text = help_text()
+    first = text.splitlines()[: 2 * len(SHORT_FLAGS) + 1]
+    assert first[0].startswith("Short flags") and "mnist.yaml" in first[0]
+    table = "\n".join(first)
+    for shown in ("--dataset mnist ", "--inner pqgd ", "--steps 10 ", "--eps 0.3 ", "--model madry_mnist "):
+        assert shown in table, shown
+    assert "sets model.inner.init_args.eps, model.val_attack.init_args.eps" in table
+    # The values come from the resolved config, so another config file shows its own.
+    fast = "\n".join(help_text("--config", str(CONFIGS / "mnist_fast.yaml")).splitlines()[:20])
+    assert "--model tiny_cnn " in fast and "mnist_fast.yaml" in fast
+    # --model.net lists qgtrain's networks, not every torch.nn class.
+    assert "torch.nn" not in text and "qgtrain.models.TinyCNN" in text
+    # Every option of qgtrain's own classes has a description before its type.
+    options = re.findall(r"^  (--(?:model|data|robustness|visualization)\.\S+)[^\n]*\n?\s*(.*)", text, re.M)
+    own = [
+        (flag, rest) for flag, rest in options if not flag.startswith(("--model.optimizer", "--data.help"))
+    ]
+    assert len(own) > 20
+    undocumented = [flag for flag, rest in own if rest.startswith(("(type", "(required"))]
+    assert undocumented == [], undocumented
+
+
+def test_run_names_show_the_model(tmp_path: Path) -> None:
+    """The TinyCNN quick config and the full MadryMNIST run are told apart by name."""
+    full = built(tmp_path, "--inner", "pqgd", "--steps", "10")
+    fast = built(tmp_path, "--config", str(CONFIGS / "mnist_fast.yaml"))
+    assert full.run_name == "mnist-madry_mnist-pqgd-k10-b100"
+    assert fast.run_name == "mnist-tiny_cnn-pqgd-k10-b100"
+    assert built(tmp_path, "--model", "tiny_cnn", "--inner", "none").run_name == "mnist-tiny_cnn-standard"
+
+
+@pytest.mark.parametrize(
+    ("argv", "status", "message"),
+    [
+        (["--data-dir", "MISSING", "--data.init_args.download=false"], 1, "data not found"),
+        (["--data.init_args.val_size=100000"], 1, "leaves no training data"),
+        (["--lr", "-1"], 2, "Invalid learning rate"),
+    ],
+)
+def test_a_refused_run_writes_nothing(
+    argv: list[str],
+    status: int,
+    message: str,
+    data_root: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture,
+) -> None:
+    """Data and optimizer arguments are checked before Lightning creates logs/<run>/version_0."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("QGTRAIN_DATA", str(data_root))
+    argv = [a.replace("MISSING", str(tmp_path / "nowhere")) for a in argv]
+    try:
+        code = main(["--model", "tiny_cnn", "--data.init_args.train_subset=100", *argv])
+    except SystemExit as exc:
+        code = exc.code
+    err = capsys.readouterr().err
+    assert code == status and message in err and "Traceback" not in err, err
+    assert list(tmp_path.iterdir()) == []  # no logs/, checkpoints/, nowhere/
 
 
 def test_dotted_arguments_keep_their_place_after_config_files() -> None:
@@ -124,7 +256,7 @@ def test_dotted_arguments_keep_their_place_after_config_files() -> None:
 
 
 def test_main_job_with_a_tiny_run_limit(
-    data_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    data_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:
     """`train.py --inner pqgd --steps 10` (cut to 3 steps of a tiny model) writes checkpoints, TensorBoard
     logs and the resolved config under the run name that encodes dataset, attack, steps and b."""
@@ -134,9 +266,22 @@ def test_main_job_with_a_tiny_run_limit(
     # `--trainer.limit_train_batches 1` as 1.0, i.e. 100%: limits here are >= 2.
     tiny = "--model tiny_cnn --epochs 1 --data.init_args.val_size 200 --eval-size 50 --eval-steps 2 --trainer.enable_progress_bar false".split()
     assert main(["--inner", "pqgd", "--steps", "10", *tiny, "--trainer.limit_train_batches", "3"]) == 0
-    run = tmp_path / "checkpoints" / "mnist-pqgd-k10-b100"
+    run = tmp_path / "checkpoints" / "mnist-tiny_cnn-pqgd-k10-b100"
     assert sorted(p.name for p in run.iterdir()) == ["best.ckpt", "last.ckpt"]
-    log_dir = tmp_path / "logs" / "mnist-pqgd-k10-b100" / "version_0"
+    # A finished run ends with a summary: best robust accuracy, both checkpoints, what to run next.
+    summary = capsys.readouterr().out.splitlines()[-5:]
+    best = torch.load(run / "best.ckpt", weights_only=True)
+    score = best["callbacks"][next(k for k in best["callbacks"] if k.startswith("ModelCheckpoint"))][
+        "best_model_score"
+    ]
+    assert summary == [
+        f"run mnist-tiny_cnn-pqgd-k10-b100 finished: best robust/worst_acc = {float(score):.4f} at epoch 0",
+        "  best: checkpoints/mnist-tiny_cnn-pqgd-k10-b100/best.ckpt",
+        "  last: checkpoints/mnist-tiny_cnn-pqgd-k10-b100/last.ckpt",
+        "  TensorBoard: tensorboard --logdir logs/mnist-tiny_cnn-pqgd-k10-b100",
+        "  next: python evaluate.py --ckpt checkpoints/mnist-tiny_cnn-pqgd-k10-b100/best.ckpt",
+    ]
+    log_dir = tmp_path / "logs" / "mnist-tiny_cnn-pqgd-k10-b100" / "version_0"
     saved = yaml.safe_load((log_dir / "config.yaml").read_text())
     assert saved["model"]["inner"]["init_args"]["steps"] == 10
     assert list(log_dir.glob("events.out.tfevents.*"))
@@ -145,9 +290,9 @@ def test_main_job_with_a_tiny_run_limit(
     # A second run with the same name never overwrites the first one's checkpoints.
     assert main(["--inner", "pqgd", "--steps", "10", *tiny, "--trainer.limit_train_batches", "2"]) == 0
     assert (
-        torch.load(tmp_path / "checkpoints" / "mnist-pqgd-k10-b100-v1" / "last.ckpt", weights_only=True)[
-            "global_step"
-        ]
+        torch.load(
+            tmp_path / "checkpoints" / "mnist-tiny_cnn-pqgd-k10-b100-v1" / "last.ckpt", weights_only=True
+        )["global_step"]
         == 2
     )
     assert torch.load(run / "last.ckpt", weights_only=True)["global_step"] == 3

@@ -141,6 +141,16 @@ class Attack:
     Traits of an attack class (read them, never test names): ``batch_coupled``, ``single_step``,
     ``default_b`` (> 1: a quantized attack, whose evaluation rows repeat per ``b``),
     ``uses_gradients``, ``stays_in_ball``, and :meth:`default_alpha`; :meth:`for_budget` builds one from a budget.
+
+    Args:
+        eps: L-inf radius in pixel units, in (0, high - low] of ``clip``.
+        alpha: Step size per iteration (> 0).
+        steps: Iterations per start (an integer >= 1).
+        b: Quantization level of the gradient, ``zeta(b * g / M)``; 1 is the sign gradient (Eq. 7).
+        random_start: Start from a uniform point in the eps-ball instead of the clean input.
+        restarts: Random starts; per example the first input that fools the model is kept.
+        loss: Attack loss summed over the batch: ``ce`` (cross-entropy), ``margin`` (CW) or ``dlr``.
+        clip: Valid input range ``(low, high)``.
     """
 
     name: ClassVar[str] = "attack"
@@ -170,16 +180,6 @@ class Attack:
         loss: str = "ce",
         clip: tuple[float, float] = (0.0, 1.0),
     ) -> None:
-        """Args:
-        eps: L-inf radius in pixel units (inputs in ``clip``).
-        alpha: step size; each step moves ``alpha * direction``.
-        steps: iterations per restart.
-        b: quantization level of the direction, ``zeta(b g / M)`` (1 = the sign).
-        random_start: start from a uniform point of the eps-ball (else from the clean input).
-        restarts: random starts, merged per example (fooled by any counts).
-        loss: the maximised per-example loss: ``ce``, ``margin`` or ``dlr``.
-        clip: the valid input range.
-        """
         lo, hi = float(clip[0]), float(clip[1])
         if not lo < hi:
             raise ValueError(f"clip must be (low, high) with low < high, got {clip!r}")

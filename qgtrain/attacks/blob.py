@@ -69,6 +69,10 @@ class BLOB(Attack):
 
     The step of an example depends on the other examples of its batch, by design: results
     depend on the batch size (record it), and under DDP the particles are those of one rank.
+
+    Args:
+        c: Weight of the kernel (SVGD) term in the mixed direction (1.1 for cross-entropy).
+        kernel_sign: -1 subtracts the kernel-gradient term as the reference code does; +1 adds it (Eq. 8).
     """
 
     name = "blob"

@@ -80,6 +80,28 @@ class RobustnessEvaluation(Callback):
         evaluate_at_end: bool = True,
         log_hparams: bool = True,
     ) -> None:
+        """Configure the evaluation; attack arguments are checked here, before training starts.
+
+        Args:
+            every_n_epochs: Evaluate every N epochs (and the first and last); 0 turns it off.
+            subset_size: Validation examples evaluated (a fixed seeded subset).
+            batch_size: Examples per attack batch (batch-coupled attacks such as BLOB see these together).
+            attack: Main attack (a registered name; BLOB_QG by default).
+            extra_attacks: Further attacks, run after the main one (null: [pgd]; []: none).
+            attack_kwargs: Further arguments per attack name, e.g. {apgd_t: {targets: 3}}.
+            early_exit: Attack only the examples still robust, in order, as AutoAttack does.
+            eps: L-inf radius (null: the module's val_attack radius, else its inner attack's).
+            alpha: Step size of the iterative attacks (null: the class's default, 2.5 * eps / steps).
+            steps: Steps of the iterative attacks (single-step ones keep 1).
+            b: Quantization level of the main attack (1 = sign gradient).
+            restarts: Random starts per attack; an example counts as robust only if none fools it.
+            random_start: Start the iterative attacks from a uniform point in the eps-ball.
+            seed: Seed of the subset choice and of the attacks' forked per-batch RNG.
+            overfit_margin: Warn when robust/worst_acc falls this much (absolute) below its best.
+            stop_on_overfit: Also stop training when that happens.
+            evaluate_at_end: Evaluate the final weights when training stops inside an epoch.
+            log_hparams: Write the run's hyperparameters with the robust accuracies to TensorBoard HParams.
+        """
         super().__init__()
         if isinstance(every_n_epochs, bool) or every_n_epochs < 0:
             raise ValueError(f"robustness.every_n_epochs must be >= 0 (0 turns it off), got {every_n_epochs}")

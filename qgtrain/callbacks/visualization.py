@@ -70,6 +70,13 @@ class AttackVisualization(Callback):
 
     The attack runs in eval mode under a forked, seeded RNG: training state and RNG are untouched.
     ``every_n_epochs=0`` turns the callback off.
+
+    Args:
+        every_n_epochs: Write the views every N epochs (and the first and last); 0 turns them off.
+        num_images: Validation images shown in the adversarial grid.
+        batch_size: Validation examples the attack runs on for the histograms and loss curves.
+        reference_attack: Attack drawn beside the training attack in the loss curve (null: none).
+        seed: Seed of the fixed validation batch and of the attack's forked RNG.
     """
 
     def __init__(

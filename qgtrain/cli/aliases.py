@@ -1,9 +1,13 @@
-"""Short flags for ``train.py``: a thin layer that rewrites them into LightningCLI arguments.
+"""Short flags of ``train.py``: one row per flag, naming the LightningCLI keys it sets.
 
-``--inner pqgd --steps 10`` becomes ``--model.inner=qgtrain.attacks.PQGD
---model.inner.init_args.steps=10``; the resolved config (``--print_config``, the saved
-``config.yaml``) stays the single source of truth. Short flags are applied after ``--config`` files
-and any long LightningCLI arguments.
+Trace ``--eps 0.2``: its row in :data:`SHORT_FLAGS` lists ``model.inner.init_args.eps`` and
+``model.val_attack.init_args.eps``, so :func:`expand_short_flags` appends
+``--model.inner.init_args.eps=0.2 --model.val_attack.init_args.eps=0.2`` after the config files and
+long arguments. jsonargparse types the value and ``Attack.__init__`` (``attacks/base.py``) rejects a
+radius outside ``(0, 1]``; that message comes out as one line naming the flag (:func:`name_the_flag`,
+used by ``cli/train.py``). The robustness evaluation has ``eps: null`` and takes the module's
+``val_attack`` radius (``RobustnessEvaluation.resolve_eps``). The resolved config
+(``--print_config``, the saved ``config.yaml``) stays the single source of truth.
 """
 
 from __future__ import annotations
@@ -11,19 +15,94 @@ from __future__ import annotations
 import argparse
 import inspect
 import sys
-from collections.abc import Callable
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from qgtrain.attacks import ATTACKS
 from qgtrain.data import DATAMODULES
 from qgtrain.models import MODELS
 
-INNER_CHOICES = ["none", *ATTACKS]
+INNER = "model.inner.init_args"
 
 
 class UsageError(ValueError):
     """A bad command-line value: reported as one line, exit status 2."""
+
+
+@dataclass(frozen=True)
+class ShortFlag:
+    """``flag VALUE`` sets every key in ``keys`` to VALUE.
+
+    With ``choices`` (a registry), VALUE is a registered name and ``keys[0]`` gets its class:
+    ``--dataset`` loads ``configs/<name>.yaml`` instead, ``--inner none`` means no inner attack.
+    ``minimum`` is checked only where no class downstream checks the value itself.
+    """
+
+    flag: str
+    keys: tuple[str, ...]
+    help: str
+    choices: Mapping[str, type | None] | None = None
+    minimum: int | None = None
+
+
+SHORT_FLAGS: tuple[ShortFlag, ...] = (
+    ShortFlag("--dataset", ("data",), "dataset; loads configs/<name>.yaml", DATAMODULES),
+    ShortFlag(
+        "--inner", ("model.inner",), "inner maximiser (none: standard training)", {"none": None, **ATTACKS}
+    ),
+    ShortFlag("--steps", (f"{INNER}.steps",), "inner attack steps"),
+    ShortFlag(
+        "--eps",
+        (f"{INNER}.eps", "model.val_attack.init_args.eps"),
+        "L-inf radius in pixel units (training and validation; robustness evaluation follows)",
+    ),
+    ShortFlag("--alpha", (f"{INNER}.alpha",), "inner attack step size"),
+    ShortFlag("--b", (f"{INNER}.b",), "quantization level of the inner attack (1 = sign gradient)"),
+    ShortFlag("--model", ("model.net",), "network", MODELS),
+    ShortFlag("--epochs", ("trainer.max_epochs",), "training epochs", minimum=1),
+    ShortFlag("--batch-size", ("data.init_args.batch_size",), "training batch size"),
+    ShortFlag("--lr", ("model.optimizer.init_args.lr",), "learning rate"),
+    ShortFlag("--devices", ("trainer.devices",), "devices per node (a count, GPU indices or auto)"),
+    ShortFlag("--num-nodes", ("trainer.num_nodes",), "number of nodes"),
+    ShortFlag("--strategy", ("trainer.strategy",), "auto, ddp, ddp_spawn, ..."),
+    ShortFlag("--precision", ("trainer.precision",), "32-true, 16-mixed, bf16-mixed"),
+    ShortFlag(
+        "--seed",
+        ("seed_everything", "model.seed", "data.init_args.seed"),
+        "seed of everything: data split and order, attacks, initialisation",
+        minimum=0,
+    ),
+    ShortFlag("--data-dir", ("data.init_args.data_dir",), "data root (null: $QGTRAIN_DATA, else ./data)"),
+    ShortFlag("--run-name", ("run_name",), "run name (null: <dataset>-<model>-<inner>-k<steps>-b<b>)"),
+    ShortFlag("--resume", ("resume",), "continue from a .ckpt, a run folder, or 'last' for this run name"),
+    ShortFlag(
+        "--ckpt-every-steps",
+        ("ckpt_every_steps",),
+        "also write step.ckpt every N training steps inside an epoch (0 = off)",
+        minimum=0,
+    ),
+    ShortFlag(
+        "--ckpt-every-minutes",
+        ("ckpt_every_minutes",),
+        "write step.ckpt every T minutes of training (0 = off)",
+    ),
+    ShortFlag(
+        "--eval-every",
+        ("robustness.every_n_epochs", "visualization.every_n_epochs"),
+        "robustness evaluation and TensorBoard views every N epochs (0 = off)",
+    ),
+    ShortFlag(
+        "--eval-attack", ("robustness.attack",), f"robustness evaluation's main attack: {', '.join(ATTACKS)}"
+    ),
+    ShortFlag("--eval-steps", ("robustness.steps",), "robustness evaluation attack steps"),
+    ShortFlag(
+        "--eval-size", ("robustness.subset_size",), "robustness evaluation subset of the validation split"
+    ),
+    ShortFlag("--eval-b", ("robustness.b",), "quantization level of the robustness evaluation's main attack"),
+)
+FLAGS: dict[str, ShortFlag] = {row.flag: row for row in SHORT_FLAGS}
 
 
 def configs_dir() -> Path:
@@ -32,154 +111,9 @@ def configs_dir() -> Path:
     return local if local.is_dir() else Path(__file__).resolve().parents[2] / "configs"
 
 
-def _positive_int(name: str, value: str) -> int:
-    try:
-        number = float(value)
-    except ValueError:
-        number = float("nan")
-    if not number.is_integer() or number < 1:
-        raise UsageError(f"{name} must be an integer >= 1, got {value}")
-    return int(number)
-
-
-def _non_negative_int(name: str, value: str) -> int:
-    if not value.isdigit():
-        raise UsageError(f"{name} must be an integer >= 0, got {value}")
-    return int(value)
-
-
-def _float_in(name: str, value: str, low: float, high: float) -> float:
-    """A number in ``(low, high]``."""
-    try:
-        number = float(value)
-    except ValueError:
-        raise UsageError(f"{name} must be a number, got {value}") from None
-    if not low < number <= high:
-        raise UsageError(f"{name} must be in ({low:g}, {high:g}], got {value}")
-    return number
-
-
-def _radius(name: str, value: str) -> float:
-    return _float_in(name, value, 0.0, 1.0)
-
-
-def _positive_float(name: str, value: str) -> float:
-    return _float_in(name, value, 0.0, float("inf"))
-
-
-def _attack_name(name: str, value: str) -> str:
-    if value not in ATTACKS:
-        raise UsageError(f"{name} must be one of {', '.join(ATTACKS)}, got {value}")
-    return value
-
-
-def _text(name: str, value: str) -> str:
-    return value
-
-
-@dataclass(frozen=True)
-class ShortFlag:
-    """A short flag: its help, how its value is checked, and the LightningCLI keys it sets.
-
-    Flags without ``targets`` (``--dataset``, ``--inner``, ``--model``) are handled by
-    :func:`expand_short_flags` itself: they choose config files and classes.
-    """
-
-    flag: str
-    help: str
-    targets: tuple[str, ...] = ()
-    parse: Callable[[str, str], object] = _text
-
-    @property
-    def dest(self) -> str:
-        return self.flag.lstrip("-").replace("-", "_")
-
-
-INNER_ARGS = "--model.inner.init_args"
-SHORT_FLAGS: list[ShortFlag] = [
-    ShortFlag("--dataset", f"dataset, loads configs/<name>.yaml: {', '.join(DATAMODULES)}"),
-    ShortFlag("--inner", f"inner maximiser: {', '.join(INNER_CHOICES)}"),
-    ShortFlag("--steps", "inner attack steps (integer >= 1)", (f"{INNER_ARGS}.steps",), _positive_int),
-    ShortFlag(
-        "--eps",
-        "L-inf radius in pixel units, (0, 1]; also used by validation and robustness evaluation",
-        (f"{INNER_ARGS}.eps", "--model.val_attack.init_args.eps", "--robustness.eps"),
-        _radius,
-    ),
-    ShortFlag("--alpha", "inner attack step size (> 0)", (f"{INNER_ARGS}.alpha",), _positive_float),
-    ShortFlag(
-        "--b",
-        "quantization level of the inner attack (integer >= 1; 1 = sign gradient)",
-        (f"{INNER_ARGS}.b",),
-        _positive_int,
-    ),
-    ShortFlag(
-        "--model", f"network: {', '.join(MODELS)} (a dotted LightningCLI --model.* argument passes through)"
-    ),
-    ShortFlag("--epochs", "training epochs", ("--trainer.max_epochs",), _positive_int),
-    ShortFlag("--batch-size", "training batch size", ("--data.init_args.batch_size",), _positive_int),
-    ShortFlag("--lr", "learning rate", ("--model.optimizer.init_args.lr",), _positive_float),
-    ShortFlag("--devices", "devices per node (int or 'auto')", ("--trainer.devices",)),
-    ShortFlag("--num-nodes", "number of nodes", ("--trainer.num_nodes",), _positive_int),
-    ShortFlag("--strategy", "auto, ddp, ddp_spawn, ...", ("--trainer.strategy",)),
-    ShortFlag("--precision", "32-true, 16-mixed, bf16-mixed", ("--trainer.precision",)),
-    ShortFlag(
-        "--seed",
-        "seed of everything: data split and order, attacks, initialisation",
-        ("--seed_everything", "--model.seed", "--data.init_args.seed"),
-        _non_negative_int,
-    ),
-    ShortFlag(
-        "--data-dir", "data root (default: $QGTRAIN_DATA, else ./data)", ("--data.init_args.data_dir",)
-    ),
-    ShortFlag("--run-name", "run name (default: <dataset>-<inner>-k<steps>-b<b>)", ("--run_name",)),
-    ShortFlag(
-        "--resume",
-        "continue from a checkpoint: a .ckpt path, a run folder, or 'last' for this run name",
-        ("--resume",),
-    ),
-    ShortFlag(
-        "--ckpt-every-steps",
-        "also write step.ckpt every N training steps inside an epoch (0 = off)",
-        ("--ckpt_every_steps",),
-        _non_negative_int,
-    ),
-    ShortFlag(
-        "--ckpt-every-minutes",
-        "write step.ckpt every T minutes of training (default 10; 0 = off)",
-        ("--ckpt_every_minutes",),
-    ),
-    ShortFlag(
-        "--eval-every",
-        "robustness evaluation every N epochs (0 = off); also the TensorBoard views",
-        ("--robustness.every_n_epochs", "--visualization.every_n_epochs"),
-        _non_negative_int,
-    ),
-    ShortFlag(
-        "--eval-attack",
-        f"robustness evaluation's main attack: {', '.join(ATTACKS)}",
-        ("--robustness.attack",),
-        _attack_name,
-    ),
-    ShortFlag(
-        "--eval-steps",
-        "robustness evaluation attack steps (integer >= 1)",
-        ("--robustness.steps",),
-        _positive_int,
-    ),
-    ShortFlag(
-        "--eval-size",
-        "robustness evaluation subset of the validation split (examples)",
-        ("--robustness.subset_size",),
-        _positive_int,
-    ),
-    ShortFlag(
-        "--eval-b",
-        "quantization level of the robustness evaluation's main attack (integer >= 1)",
-        ("--robustness.b",),
-        _positive_int,
-    ),
-]
+def class_path(cls: type) -> str:
+    """``qgtrain.attacks.PQGD`` for ``qgtrain.attacks.pgd.PQGD`` (the package exports it)."""
+    return f"{cls.__module__.rsplit('.', 1)[0]}.{cls.__name__}"
 
 
 def class_specific_defaults(cls: type) -> dict[str, str]:
@@ -192,79 +126,96 @@ def class_specific_defaults(cls: type) -> dict[str, str]:
     return reset
 
 
-def short_flag_help() -> str:
-    width = max(len(f.flag) for f in SHORT_FLAGS)
-    lines = ["Short flags (rewritten into the LightningCLI arguments listed further below):"]
-    lines += [f"  {f.flag.ljust(width)}  {f.help}" for f in SHORT_FLAGS]
-    return "\n".join(lines)
+def parse_short_flags(argv: list[str]) -> tuple[dict[str, str], list[str]]:
+    """``({flag: value}, the other arguments in their order)``.
 
-
-def _split_short_flags(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
-    """Take the short flags out of ``argv``; everything else keeps its order.
-
-    ``--model NAME`` is the alias only when NAME is a registered model; ``--model.net ...`` and
-    other dotted LightningCLI keys pass through untouched.
+    ``--model NAME`` is the short flag; ``--model.net ...`` and other dotted keys pass through, as
+    does LightningCLI's own ``--model <config>`` when the value is not a registered model.
     """
-    flags = {f.flag for f in SHORT_FLAGS}
-    known = argparse.Namespace(**{f.dest: None for f in SHORT_FLAGS})
-    rest: list[str] = []
-    i = 0
-    while i < len(argv):
-        arg = argv[i]
-        flag, has_value, value = arg.partition("=")
-        if flag in flags and not has_value:
-            if i + 1 >= len(argv):
-                raise UsageError(f"{flag} needs a value")
-            value = argv[i + 1]
-            i += 1
-        if flag in flags and not (flag == "--model" and value not in MODELS and "." in value):
-            setattr(known, flag.lstrip("-").replace("-", "_"), value)  # == ShortFlag.dest
-        else:
-            rest.append(arg)
-            if flag in flags and not has_value:  # `--model some.dotted.Class`: LightningCLI's own
-                rest.append(value)
-        i += 1
-    return known, rest
+    parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False, exit_on_error=False)
+    for row in SHORT_FLAGS:
+        parser.add_argument(row.flag)
+    try:
+        known, rest = parser.parse_known_args(argv)
+    except argparse.ArgumentError as exc:
+        raise UsageError(str(exc)) from None
+    given = {row.flag: getattr(known, row.flag[2:].replace("-", "_")) for row in SHORT_FLAGS}
+    given = {flag: value for flag, value in given.items() if value is not None}
+    if given.get("--model", "") not in MODELS and "." in given.get("--model", ""):
+        rest = ["--model", given.pop("--model"), *rest]
+    return given, rest
 
 
 def expand_short_flags(argv: list[str]) -> list[str]:
-    """Rewrite short flags into LightningCLI arguments (raises :class:`UsageError` on bad values)."""
-    known, rest = _split_short_flags(argv)
-    if known.model is not None and known.model not in MODELS:
-        raise UsageError(f"--model must be one of {', '.join(MODELS)}, got {known.model}")
-
+    """Rewrite short flags into LightningCLI arguments, applied after ``--config`` files and long
+    arguments (raises :class:`UsageError` for an unknown name)."""
+    given, rest = parse_short_flags(argv)
     head: list[str] = []
     classes: list[str] = []
     values: list[str] = []
-    if known.dataset is not None:
-        if known.dataset not in DATAMODULES:
-            raise UsageError(f"--dataset must be one of {', '.join(DATAMODULES)}, got {known.dataset}")
-        head += ["--config", str(configs_dir() / f"{known.dataset}.yaml")]
-    if known.inner is not None:
-        if known.inner not in INNER_CHOICES:
-            raise UsageError(f"--inner must be one of {', '.join(INNER_CHOICES)}, got {known.inner}")
-        if known.inner == "none":
-            classes.append("--model.inner=null")
-            for flag in ("steps", "alpha", "b"):
-                if getattr(known, flag) is not None:
-                    raise UsageError(f"--{flag} needs an inner attack, but --inner is none")
+    no_inner = given.get("--inner") == "none"  # `--eps` then sets only the validation radius
+    for flag, value in given.items():
+        row = FLAGS[flag]
+        if row.minimum is not None and not (value.isdigit() and int(value) >= row.minimum):
+            raise UsageError(f"{flag} must be an integer >= {row.minimum}, got {value}")
+        keys = [k for k in row.keys if not (no_inner and k.startswith(INNER))]
+        if not keys:
+            raise UsageError(f"{flag} needs an inner attack, but --inner is none")
+        if row.choices is None:
+            values += [f"--{key}={value}" for key in keys]
+        elif value not in row.choices:
+            raise UsageError(f"{flag} must be one of {', '.join(row.choices)}, got {value}")
+        elif flag == "--dataset":
+            head += ["--config", str(configs_dir() / f"{value}.yaml")]
+        elif (cls := row.choices[value]) is None:
+            classes.append(f"--{keys[0]}=null")
         else:
-            cls = ATTACKS[known.inner]
-            classes.append(f"--model.inner={cls.__module__.rsplit('.', 1)[0]}.{cls.__name__}")
-            # init_args of the config's attack carry over to the new class (eps, alpha, steps...);
-            # those whose meaning depends on the class are reset to the new class's defaults.
-            values += [f"{INNER_ARGS}.{key}={value}" for key, value in class_specific_defaults(cls).items()]
-    if known.model is not None:
-        cls = MODELS[known.model]
-        classes.append(f"--model.net={cls.__module__.rsplit('.', 1)[0]}.{cls.__name__}")
-    no_inner = known.inner == "none"  # then `--eps` sets only validation and evaluation radii
-    for flag in SHORT_FLAGS:
-        value = getattr(known, flag.dest)
-        if flag.targets and value is not None:
-            parsed = flag.parse(flag.flag, value)
-            targets = [t for t in flag.targets if not (no_inner and t.startswith(INNER_ARGS))]
-            values += [f"{target}={parsed}" for target in targets]
+            classes.append(f"--{keys[0]}={class_path(cls)}")
+            if flag == "--inner":
+                # init_args of the config's attack carry over to the new class (eps, alpha, steps...);
+                # those whose meaning depends on the class are reset to the new class's defaults.
+                defaults = class_specific_defaults(cls).items()
+                values[:0] = [f"--{INNER}.{key}={default}" for key, default in defaults]
     return head + rest + classes + values
+
+
+def name_the_flag(message: str, given: Mapping[str, str]) -> str:
+    """``steps must be ...`` becomes ``--steps must be ...`` when the short flag ``--steps`` set the
+    key the message starts with (its dotted path without ``init_args``, or its last part); a message
+    quoting a flag's value (``unknown attack 'cw'``) gets the flag in front."""
+    for exact in (True, False):
+        for flag in given:
+            for key in FLAGS[flag].keys:
+                name = key.replace(".init_args", "") if exact else key.rsplit(".", 1)[-1]
+                for quoted in (name, f"`{name}`"):  # Lightning quotes its argument names
+                    if message.startswith(quoted) and message[len(quoted) : len(quoted) + 1] in (" ", ":"):
+                        return flag + message[len(quoted) :]
+    quoted = next((flag for flag, value in given.items() if f"'{value}'" in message), None)
+    return f"{quoted}: {message}" if quoted else message
+
+
+def _shown(row: ShortFlag, config: Any) -> str:
+    """The value the resolved ``config`` gives ``row`` (a registered name for class choices)."""
+    value = config.get(row.keys[0]) if config is not None else None
+    if row.choices is not None:
+        if row.flag == "--inner" and config is not None and value is None:
+            return "none"
+        path = getattr(value, "class_path", None)
+        return next((name for name, cls in row.choices.items() if cls and class_path(cls) == path), "?")
+    return "null" if value is None else str(value)
+
+
+def short_flag_help(config: Any = None, source: str = "") -> str:
+    """The table: each flag with its value in ``config`` (the resolved defaults) and the keys it sets."""
+    rows = [(row.flag, _shown(row, config), row) for row in SHORT_FLAGS]
+    width = max(len(flag) for flag, _, _ in rows) + 1 + min(max(len(shown) for _, shown, _ in rows), 12)
+    lines = [f"Short flags, with their values from {source or 'the resolved config'}:"]
+    for flag, shown, row in rows:
+        choices = f": {', '.join(row.choices)}" if row.choices is not None else ""
+        keys = ", ".join(row.keys) if row.flag != "--dataset" else "--config configs/<name>.yaml"
+        lines.append(f"  {f'{flag} {shown}'.ljust(width)}  {row.help}{choices}")
+        lines.append(f"  {''.ljust(width)}    sets {keys}")
+    return "\n".join(lines)
 
 
 def main_usage_error(prog: str, message: str) -> None:

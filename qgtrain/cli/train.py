@@ -2,23 +2,39 @@
 
 from __future__ import annotations
 
+import argparse
+import difflib
+import inspect
 import logging
 import os
+import re
 import shlex
 import sys
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 from jsonargparse import Namespace
 from lightning.fabric.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.accelerators import CPUAccelerator
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
-from qgtrain.cli.aliases import UsageError, configs_dir, expand_short_flags, main_usage_error, short_flag_help
-from qgtrain.data import DataError, VisionDataModule
-from qgtrain.models import model_spec
+from qgtrain.attacks import ATTACKS
+from qgtrain.cli.aliases import (
+    SHORT_FLAGS,
+    UsageError,
+    configs_dir,
+    expand_short_flags,
+    main_usage_error,
+    name_the_flag,
+    parse_short_flags,
+    short_flag_help,
+)
+from qgtrain.data import DATAMODULES, DataError, VisionDataModule
+from qgtrain.models import MODELS, model_spec
 from qgtrain.training import AdversarialTraining, NonFiniteLossError
 from qgtrain.training.checkpoint_io import (
     AtomicCheckpointIO,
@@ -45,6 +61,9 @@ PROG = "train.py"
 # and a kill loses at most 10 minutes. --ckpt_every_steps (off by default) adds a step trigger.
 DEFAULT_CKPT_MINUTES = 10.0
 
+REGISTRIES = {"model.inner": ATTACKS, "model.val_attack": ATTACKS, "model.net": MODELS, "data": DATAMODULES}
+"""The classes a subclass-typed key can take: their arguments are the candidates for a typo."""
+
 
 def _import(class_path: str) -> Any:
     module, _, name = class_path.rpartition(".")
@@ -52,15 +71,18 @@ def _import(class_path: str) -> Any:
 
 
 def default_run_name(config: Namespace) -> str:
-    """``<dataset>-<inner>-k<steps>-b<b>`` (``-standard`` without an inner attack)."""
+    """``<dataset>-<model>-<inner>-k<steps>-b<b>`` (``<dataset>-<model>-standard`` without an inner
+    attack), e.g. ``mnist-madry_mnist-pqgd-k10-b100``; the model is its registry name."""
     data_cls = _import(config.data.class_path)
     dataset = getattr(data_cls, "name", data_cls.__name__.lower())
+    net_cls = _import(config.model.net.class_path)
+    model = next((name for name, cls in MODELS.items() if cls is net_cls), net_cls.__name__.lower())
     inner = config.model.inner
     if inner is None:
-        return f"{dataset}-standard"
+        return f"{dataset}-{model}-standard"
     attack_cls = _import(inner.class_path)
     args = inner.init_args
-    return f"{dataset}-{attack_cls.name}-k{args.steps}-b{args.b}"
+    return f"{dataset}-{model}-{attack_cls.name}-k{args.steps}-b{args.b}"
 
 
 def _unique_run_name(checkpoint_root: Path, log_root: Path, base: str) -> str:
@@ -140,42 +162,6 @@ def resume_command(argv: list[str], checkpoint: str | Path) -> str:
             kept.append(arg)
     script = sys.argv[0] if Path(sys.argv[0]).name == PROG else PROG
     return shlex.join(["python", script, *kept, "--resume", str(checkpoint)])
-
-
-def check_devices(accelerator: Any, devices: Any) -> None:
-    """``--devices`` must be ``auto``, ``-1``, a count >= 1 or GPU indices that this machine has."""
-    if not isinstance(accelerator, str | None):
-        return  # an Accelerator instance: the caller knows what it does
-    accelerator = (accelerator or "auto").lower()
-    gpus = torch.cuda.device_count()
-    if accelerator in ("gpu", "cuda") and gpus == 0:
-        raise UsageError(f"--trainer.accelerator {accelerator}: no CUDA GPU is visible here; use cpu or auto")
-    if accelerator in ("gpu", "cuda") or (accelerator == "auto" and gpus > 0):
-        kind, available = "GPU", gpus
-    elif accelerator in ("cpu", "auto"):
-        cores = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else range(os.cpu_count() or 1)
-        kind, available = "CPU core", len(cores)
-    else:
-        return  # mps, tpu...: Lightning checks
-    if devices is None or devices == "auto" or devices == -1 or devices == "-1":
-        return
-    allowed = f"'auto', -1, or an integer from 1 to {available}"
-    if isinstance(devices, str) and "," in devices or isinstance(devices, list | tuple):
-        items = devices.strip(",").split(",") if isinstance(devices, str) else devices
-        if kind != "GPU" or not all(str(i).strip().isdigit() and int(i) < available for i in items):
-            raise UsageError(f"--devices must be {allowed} (or GPU indices below {available}), got {devices}")
-        return
-    try:
-        count = float(devices)
-    except (TypeError, ValueError):
-        count = float("nan")
-    if not count.is_integer() or count < 1:
-        raise UsageError(f"--devices must be {allowed}, got {devices}")
-    if count > available:
-        raise UsageError(
-            f"--devices {int(count)}: only {available} {kind}{'s' if available != 1 else ''} "
-            f"available here; use {allowed}"
-        )
 
 
 def check_writable(folder: Path, what: str) -> None:
@@ -269,16 +255,46 @@ class QGTrainCLI(LightningCLI):
 
         add_callback_arguments(parser)
 
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        """jsonargparse's parsing; ``--help`` starts with the short flags and their resolved
+        defaults, and an unknown flag is one line with the closest valid one."""
+        if any(a in ("-h", "--help") for a in args):
+            sys.stdout.write(short_flag_help(*_resolved_defaults(parser, args)) + "\n\n")
+        try:
+            super().parse_arguments(parser, args)
+        except argparse.ArgumentError as exc:
+            unknown = re.match(r"unrecognized arguments: (.*)", str(exc))
+            if unknown is not None:
+                raise UsageError(_did_you_mean(unknown.group(1).split(), parser)) from None
+            nested = re.match(r"Parser key \"([\w.]+)\": Option '(\w+)' is not accepted", _one_line(exc))
+            if nested is None or nested.group(1) not in REGISTRIES:
+                raise
+            key, option = nested.groups()
+            names = {p for cls in REGISTRIES[key].values() for p in inspect.signature(cls).parameters}
+            close = difflib.get_close_matches(option, sorted(names), n=1, cutoff=0.6)
+            hint = f"; did you mean --{key}.init_args.{close[0]}?" if close else ""
+            raise UsageError(f"--{key}.init_args.{option} is not an argument of {key}{hint}") from None
+
     def before_instantiate_classes(self) -> None:
-        config = self.config
-        check_devices(config.trainer.accelerator, config.trainer.devices)
+        """Start-up steps on the parsed config, in order; nothing is written by any of them."""
+        self._refuse_classless_attacks()
+        self._name_the_run()
+        self._monitor_validation_without_evaluation()
+        self._point_outputs_at_the_run()
+
+    def _refuse_classless_attacks(self) -> None:
         for key in ("inner", "val_attack"):
-            attack = config.model.get(key)
+            attack = self.config.model.get(key)
             if attack is not None and attack.class_path.rsplit(".", 1)[-1] == "Attack":
                 # jsonargparse builds the base class when init_args meet a null attack
                 raise UsageError(
                     f"model.{key} has arguments but no attack class; choose one with --inner NAME"
                 )
+
+    def _name_the_run(self) -> None:
+        """``run_name``, else the default from the config (``-vN`` when taken); ``--resume`` reads
+        its checkpoint here, so a crafted file is refused before anything is built."""
+        config = self.config
         checkpoint_root = Path(config.checkpoint_root)
         log_root = Path(config.log_root)
         base = config.run_name or default_run_name(config)
@@ -299,22 +315,30 @@ class QGTrainCLI(LightningCLI):
             self.run_name = config.run_name or self.resume_path.parent.name
         else:
             self.run_name = config.run_name or _unique_run_name(checkpoint_root, log_root, base)
+
+    def _monitor_validation_without_evaluation(self) -> None:
+        config = self.config
         if config.checkpoint.monitor == "robust/worst_acc" and config.robustness.every_n_epochs == 0:
             config.checkpoint.monitor = "val/adv_acc"  # robustness evaluation is off
+
+    def _point_outputs_at_the_run(self) -> None:
+        """Checkpoints in ``checkpoint_root/<run>/``, TensorBoard in ``log_root/<run>/version_N/``,
+        both folders probed for writability (and left as they were)."""
+        config = self.config
         if config.checkpoint.dirpath is None:
-            config.checkpoint.dirpath = str(checkpoint_root / self.run_name)
+            config.checkpoint.dirpath = str(Path(config.checkpoint_root) / self.run_name)
         check_writable(Path(config.checkpoint.dirpath), "checkpoint")
         if config.trainer.logger in (None, True):
-            check_writable(log_root, "log")
+            check_writable(Path(config.log_root), "log")
             config.trainer.logger = Namespace(
                 class_path="lightning.pytorch.loggers.TensorBoardLogger",
-                init_args=Namespace(save_dir=str(log_root), name=self.run_name, default_hp_metric=False),
+                init_args=Namespace(save_dir=config.log_root, name=self.run_name, default_hp_metric=False),
             )
 
     def instantiate_trainer(self, **kwargs: Any):
         if not self.config.trainer.get("plugins"):
             kwargs.setdefault("plugins", [AtomicCheckpointIO()])
-        trainer = super().instantiate_trainer(**kwargs)
+        trainer = self._lightning_trainer(**kwargs)
         for callback in trainer.checkpoint_callbacks:
             if callback.save_last is True and not isinstance(callback, LastCheckpoint):
                 callback.save_last = False  # stale after epochs without improvement (Lightning 2.6)
@@ -329,6 +353,61 @@ class QGTrainCLI(LightningCLI):
         trainer.callbacks.append(self.interrupt)  # Ctrl-C, SIGTERM, SIGUSR1 save interrupted.ckpt
         return trainer
 
+    def _lightning_trainer(self, **kwargs: Any):
+        """Lightning's Trainer, which parses accelerator and devices; its refusals become one line
+        naming both flags. Lightning lets a CPU run start more processes than there are cores,
+        which is refused here."""
+        trainer_config = self.config.trainer
+        where = f"--trainer.accelerator {trainer_config.accelerator} --devices {trainer_config.devices}"
+        try:
+            trainer = super().instantiate_trainer(**kwargs)
+        except (MisconfigurationException, ValueError, TypeError) as exc:
+            if not re.search(r"devices|accelerator|gpu|cuda", str(exc), re.IGNORECASE):
+                raise
+            raise UsageError(f"{where}: {_one_line(exc)}; 'auto' picks what this machine has") from None
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        if isinstance(trainer.accelerator, CPUAccelerator) and trainer.num_devices > cores:
+            raise UsageError(
+                f"--devices {trainer_config.devices}: only {cores} CPU core{'s' if cores != 1 else ''} "
+                f"available here; use 'auto' or a count from 1 to {cores}"
+            )
+        return trainer
+
+    def check_before_fit(self) -> None:
+        """What Lightning would check only inside ``fit``, after creating the log folder: the data
+        (download, read, split) and the optimizer's arguments (the optimizer is built once)."""
+        self.datamodule.prepare_data()
+        self.datamodule.setup("fit")
+        try:
+            self.model.optimizer_factory(self.model.parameters())
+        except (ValueError, TypeError) as exc:
+            raise UsageError(f"model.optimizer (--lr): {_one_line(exc)}") from None
+
+    def summary(self) -> str:
+        """Best robust accuracy (metric, epoch), both checkpoints, and the commands to run next."""
+        checkpoint = self.trainer.checkpoint_callback
+        folder = Path(self.config.checkpoint.dirpath)
+        last = folder / "last.ckpt"
+        best_path = getattr(checkpoint, "best_model_path", "")
+        if best_path and Path(best_path).is_file():
+            best = folder / Path(best_path).name  # as configured: a relative folder stays relative
+            epoch = torch.load(best, map_location="cpu", weights_only=True, mmap=True)["epoch"]
+            score = float(checkpoint.best_model_score)
+            lines = [
+                f"run {self.run_name} finished: best {checkpoint.monitor} = {score:.4f} at epoch {epoch}"
+            ]
+            lines.append(f"  best: {best}")
+        else:
+            best = last
+            monitor = getattr(checkpoint, "monitor", None)
+            lines = [f"run {self.run_name} finished: no best.ckpt ({monitor} was never logged)"]
+        lines.append(f"  last: {last}")
+        logger = self.trainer.logger
+        if logger is not None and getattr(logger, "log_dir", None):
+            lines.append(f"  TensorBoard: tensorboard --logdir {Path(logger.log_dir).parent}")
+        lines.append(f"  next: python evaluate.py --ckpt {best}")
+        return "\n".join(lines)
+
 
 def build_cli(args: list[str]) -> QGTrainCLI:
     """Parse ``args`` (already expanded) and instantiate model, data and trainer, without fitting."""
@@ -342,7 +421,7 @@ def build_cli(args: list[str]) -> QGTrainCLI:
         args=args,
         auto_configure_optimizers=False,
         save_config_kwargs={"overwrite": True},
-        parser_kwargs={"prog": PROG},
+        parser_kwargs={"prog": PROG, "exit_on_error": False},  # errors reach main: one line
     )
 
 
@@ -350,14 +429,19 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of ``train.py``; returns the exit status."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     argv = list(sys.argv[1:] if argv is None else argv)
-    if any(a in ("-h", "--help") for a in argv):
-        sys.stdout.write(short_flag_help() + "\n\n")
     warnings.filterwarnings("ignore", message=".*LightningCLI's args parameter is intended.*")
+    # "Seed set to N" would come before a start-up error's one line; the seed is in config.yaml.
+    logging.getLogger("lightning.fabric.utilities.seed").setLevel(logging.WARNING)
+    given: dict[str, str] = {}
     try:
-        args = expand_short_flags(argv)
-        cli = build_cli(args)
-    except (UsageError, ValueError, TypeError, DataError, MisconfigurationException) as exc:
-        main_usage_error(PROG, _one_line(exc))
+        given, _ = parse_short_flags(argv)
+        cli = build_cli(expand_short_flags(argv))
+        cli.check_before_fit()
+    except DataError as exc:
+        sys.stderr.write(f"{PROG}: error: {_one_line(exc)}\n")
+        return 1
+    except (UsageError, ValueError, TypeError, MisconfigurationException, argparse.ArgumentError) as exc:
+        main_usage_error(PROG, _one_line(exc, given))
     except KeyboardInterrupt:
         sys.stderr.write(f"{PROG}: interrupted before training started; nothing was saved\n")
         return 130
@@ -386,13 +470,50 @@ def main(argv: list[str] | None = None) -> int:
         command = resume_command(argv, interrupt.saved_path or "last")
         sys.stderr.write(f"{PROG}: {interrupt.message(command)}\n")
         return interrupt.exit_status
+    if cli.trainer.is_global_zero and not cli.trainer.interrupted:
+        sys.stdout.write(cli.summary() + "\n")
     return 0
 
 
-def _one_line(exc: BaseException) -> str:
-    """The first line of the innermost cause: jsonargparse wraps a class's own ``ValueError``
-    (e.g. the attack's "eps must be in (0, 1]") in a multi-line "Does not validate" message."""
-    while exc.__cause__ is not None and not isinstance(exc, UsageError):
+def _resolved_defaults(parser: LightningArgumentParser, args: list[str]) -> tuple[Namespace | None, str]:
+    """The config ``args`` resolve to without ``--help`` (for the short-flag table), and its files."""
+    rest = [a for a in args if a not in ("-h", "--help") and not a.startswith("--print_config")]
+    files = [Path(v).name for k, v in zip(rest, rest[1:], strict=False) if k in ("--config", "-c")]
+    try:
+        return parser.parse_args(rest), ", ".join(files)
+    except (argparse.ArgumentError, ValueError, TypeError):
+        return None, ", ".join(files)
+
+
+def _did_you_mean(unknown: list[str], parser: LightningArgumentParser) -> str:
+    """``unrecognized argument --stpes; did you mean --steps?`` for the first unknown flag."""
+    flag = next((a.split("=", 1)[0] for a in unknown if a.startswith("-")), unknown[0])
+    valid = [row.flag for row in SHORT_FLAGS] + [
+        o for o in parser._option_string_actions if o.startswith("--")
+    ]
+    close = difflib.get_close_matches(flag, valid, n=1, cutoff=0.6)
+    hint = f"did you mean {close[0]}?" if close else f"see python {PROG} --help"
+    return f"unrecognized argument {flag}; {hint}"
+
+
+def _one_line(exc: BaseException, given: Mapping[str, str] | None = None) -> str:
+    """One line for ``exc``: the innermost cause (jsonargparse wraps a class's own ``ValueError``,
+    e.g. the attack's "eps must be in (0, 1]", in a multi-line "Does not validate" message),
+    after the parser keys it passed through, with the short flag that set the key (``given``)."""
+    keys: list[str] = []
+    while True:
+        text = str(exc).strip()
+        key = re.match(r'Parser key "([^"]+)"', text)
+        if key is not None and key.group(1) not in keys:
+            keys.append(key.group(1))
+        if exc.__cause__ is None or isinstance(exc, UsageError):
+            break
         exc = exc.__cause__
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
+    reason = " ".join(line.strip() for line in text.splitlines() if line.strip()) or type(exc).__name__
+    given = given or {}
+    if isinstance(exc, UsageError):
+        return reason  # written here, naming its flag already
+    if keys:
+        flagged = name_the_flag(f"{'.'.join(keys)}: {reason}", given)
+        return flagged if flagged.startswith("-") else f'Parser key "{".".join(keys)}": {reason}'
+    return name_the_flag(reason, given)

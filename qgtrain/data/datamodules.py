@@ -136,6 +136,18 @@ class VisionDataModule(L.LightningDataModule):
         download: bool = True,
         seed: int = 0,
     ) -> None:
+        """Check the arguments; the files are read in :meth:`prepare_data` and :meth:`setup`.
+
+        Args:
+            data_dir: Root holding the dataset folder (null: $QGTRAIN_DATA, else ./data).
+            batch_size: Training batch size.
+            eval_batch_size: Batch size of validation and test.
+            val_size: Training examples held out (seeded) for validation.
+            train_subset: Train on only the first N of the remaining examples (null: all).
+            num_workers: DataLoader worker processes (null: 4 with augmentation, else 0).
+            download: Download the files when missing (torchvision's mirrors).
+            seed: Seed of the validation split and of the training order per epoch.
+        """
         super().__init__()
         if batch_size < 1 or eval_batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size} / {eval_batch_size}")
@@ -173,6 +185,7 @@ class VisionDataModule(L.LightningDataModule):
         if not self.missing_files():
             return
         reason = "download disabled"
+        created = [p for p in (self.raw_dir, *self.raw_dir.parents) if not p.exists()]  # deepest first
         if self.download:
             try:
                 for train in (True, False):
@@ -181,6 +194,9 @@ class VisionDataModule(L.LightningDataModule):
                 reason = f"download failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
         missing = self.missing_files()
         if missing:
+            for folder in created:  # a failed download leaves no empty folders behind
+                if folder.is_dir() and not any(folder.iterdir()):
+                    folder.rmdir()
             raise DataError(
                 f"{self.name} data not found in {self.raw_dir} (missing {', '.join(missing)}; {reason}); "
                 f"put the files there or point --data-dir / ${DATA_ENV} at the folder that holds {self.folder}/"

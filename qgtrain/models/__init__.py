@@ -7,11 +7,12 @@ from typing import Any
 
 from torch import nn
 
+from qgtrain.models.base import Network
 from qgtrain.models.mnist import MadryMNIST, TinyCNN
 from qgtrain.models.normalization import DATASET_SPECS, DatasetSpec, Normalize, dataset_spec
 from qgtrain.models.resnet import PreActResNet18, WideResNet
 
-MODELS: dict[str, type[nn.Module]] = {
+MODELS: dict[str, type[Network]] = {
     "madry_mnist": MadryMNIST,
     "tiny_cnn": TinyCNN,
     "preact_resnet18": PreActResNet18,
@@ -50,6 +51,7 @@ __all__ = [
     "DatasetSpec",
     "MODELS",
     "MadryMNIST",
+    "Network",
     "Normalize",
     "PreActResNet18",
     "TinyCNN",

@@ -5,10 +5,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from qgtrain.models.base import Network
 from qgtrain.models.normalization import Normalize, dataset_spec
 
 
-class MadryMNIST(nn.Module):
+class MadryMNIST(Network):
     """conv5x5-32 -> maxpool -> conv5x5-64 -> maxpool -> fc1024 -> fc10 (MNIST challenge).
 
     Takes inputs in [0, 1] and normalises inside with the statistics of ``dataset``.
@@ -39,8 +40,12 @@ class MadryMNIST(nn.Module):
         return self.classifier(self.features(self.normalize(x)))
 
 
-class TinyCNN(nn.Module):
-    """conv3x3-``width`` -> pool -> conv3x3-2``width`` -> pool -> fc: seconds per epoch on a CPU."""
+class TinyCNN(Network):
+    """conv3x3-``width`` -> pool -> conv3x3-2``width`` -> pool -> fc: seconds per epoch on a CPU.
+
+    Args:
+        width: Channels of the first convolution (the second has twice as many).
+    """
 
     def __init__(self, dataset: str = "mnist", width: int = 16) -> None:
         super().__init__()

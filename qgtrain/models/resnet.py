@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from qgtrain.models.base import Network
 from qgtrain.models.normalization import Normalize, dataset_spec
 
 
@@ -30,7 +31,7 @@ class PreActBlock(nn.Module):
         return out + shortcut
 
 
-class PreActResNet18(nn.Module):
+class PreActResNet18(Network):
     """PreAct ResNet-18 (He et al. 2016), the standard of Wong et al.'s fast adversarial training."""
 
     def __init__(self, dataset: str = "cifar10") -> None:
@@ -72,8 +73,14 @@ class WideBasic(nn.Module):
         return out + shortcut
 
 
-class WideResNet(nn.Module):
-    """WideResNet-``depth``-``widen_factor``; the default 34-10 has widths 16/160/320/640 (Madry's CIFAR model)."""
+class WideResNet(Network):
+    """WideResNet-``depth``-``widen_factor``; the default 34-10 has widths 16/160/320/640 (Madry's CIFAR model).
+
+    Args:
+        depth: Layers, 6n+4 (n blocks per stage).
+        widen_factor: Width multiplier of the three stages.
+        dropout: Dropout probability inside each block.
+    """
 
     def __init__(
         self, dataset: str = "cifar10", depth: int = 34, widen_factor: int = 10, dropout: float = 0.0

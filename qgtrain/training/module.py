@@ -16,14 +16,13 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_warn
-from torch import nn
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from qgtrain import __version__
 from qgtrain.attacks import PGD, Attack
 from qgtrain.evaluation.protocol import attack_batch
-from qgtrain.models import DATASET_SPECS, model_spec
+from qgtrain.models import DATASET_SPECS, Network, model_spec
 
 log = logging.getLogger(__name__)
 
@@ -83,11 +82,24 @@ class AdversarialTraining(L.LightningModule):
     eval mode when ``attack_in_eval_mode`` (so BatchNorm statistics are neither used per batch nor
     updated by the attack's forward passes). Validation reports clean accuracy and accuracy under
     ``val_attack`` (a cheap PGD by default), with a fixed seed so epochs are comparable.
+
+    Args:
+        net: The network to train (a registered qgtrain model: inputs in [0, 1], logits out).
+        inner: Inner maximiser that crafts the training inputs; null trains on clean inputs.
+        val_attack: Attack behind ``val/adv_acc`` (null: PGD-10, eps 0.3, step 0.04).
+        objective: ``madry`` trains on adversarial inputs only (Eq. 1); ``mixed`` also on clean ones.
+        clean_weight: Weight of the clean loss under ``objective: mixed``, in [0, 1].
+        attack_in_eval_mode: Run the inner attack with the network in eval mode (BatchNorm untouched).
+        optimizer: Optimizer class and its arguments (``lr``...), built over the network's parameters.
+        lr_schedule: Per-step learning rate: constant, piecewise (x0.1 at 50%, x0.01 at 75%) or onecycle.
+        eps_warmup_epochs: Epochs over which the inner radius ramps linearly from 0 to eps (0 = off).
+        track_clean_accuracy: Also log training accuracy on the clean inputs (one more forward pass).
+        seed: Seed of the per-batch attack RNG streams and of validation's fixed attack RNG.
     """
 
     def __init__(
         self,
-        net: nn.Module,
+        net: Network,
         inner: Attack | None = None,
         val_attack: Attack | None = None,
         objective: Literal["madry", "mixed"] = "madry",
