@@ -494,3 +494,15 @@ def test_more_restarts_never_lose_a_fooled_example(name: str, strength_data: tup
         for result in (once, thrice):
             assert torch.equal(result.fooled, model(result.x_adv).argmax(1) != y)
             assert (result.x_adv - x).abs().max() <= 0.1 * (1 + 1e-6)
+
+
+def test_class_traits_agree_with_the_constructors() -> None:
+    """``default_b`` is the constructor's default of ``b``; single-step attacks default to one step."""
+    for name in available_attacks():
+        cls = attack_class(name)
+        defaults = cls.constructor_defaults()
+        assert defaults.get("b", 1) == cls.default_b, name
+        if cls.single_step:
+            assert defaults["steps"] == 1, name
+    assert [n for n in available_attacks() if attack_class(n).default_b > 1] == ["pqgd", "blob_qg"]
+    assert [n for n in available_attacks() if attack_class(n).single_step] == ["fgsm", "fgsm_rs", "nfgsm"]

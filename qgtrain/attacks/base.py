@@ -10,6 +10,7 @@ whose iterations differ, replace :meth:`Attack._run_once` and keep everything el
 from __future__ import annotations
 
 import copy
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar, NamedTuple
@@ -174,7 +175,7 @@ class Attack:
         eps: float = 0.3,
         alpha: float = 0.01,
         steps: int = 40,
-        b: int = 1,
+        b: int = default_b,
         random_start: bool = True,
         restarts: int = 1,
         loss: str = "ce",
@@ -206,6 +207,12 @@ class Attack:
     def default_alpha(cls, eps: float, steps: int) -> float:
         """Step size ``2.5 * eps / steps`` (Madry et al.'s rule: enough travel to cross the ball)."""
         return 2.5 * eps / steps
+
+    @classmethod
+    def constructor_defaults(cls) -> dict[str, Any]:
+        """The keyword defaults of this class's constructor (what ``--inner`` resets on a class switch)."""
+        parameters = inspect.signature(cls.__init__).parameters
+        return {k: p.default for k, p in parameters.items() if p.default is not inspect.Parameter.empty}
 
     @classmethod
     def for_budget(

@@ -29,7 +29,7 @@ class PQGD(PGD):
         eps: float = 0.3,
         alpha: float = 0.01,
         steps: int = 40,
-        b: int = 100,
+        b: int = default_b,
         random_start: bool = True,
         restarts: int = 1,
         loss: str = "ce",

@@ -13,7 +13,6 @@ used by ``cli/train.py``). The robustness evaluation has ``eps: null`` and takes
 from __future__ import annotations
 
 import argparse
-import inspect
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -119,10 +118,10 @@ def class_path(cls: type) -> str:
 def class_specific_defaults(cls: type) -> dict[str, str]:
     """Arguments reset when ``--inner`` switches class: ``b`` always; single-step attacks also
     ``steps``, ``alpha`` (null: derived from eps) and ``random_start``."""
-    params = inspect.signature(cls.__init__).parameters
-    reset = {"b": str(params["b"].default)}
-    if params["steps"].default == 1:
-        reset.update(steps="1", alpha="null", random_start=str(params["random_start"].default).lower())
+    reset = {"b": str(cls.default_b)}
+    if cls.single_step:
+        random_start = cls.constructor_defaults()["random_start"]
+        reset.update(steps="1", alpha="null", random_start=str(random_start).lower())
     return reset
 
 
