@@ -20,6 +20,7 @@ from qgtrain.attacks import (
     margin_loss,
     quantize_gradient,
 )
+from qgtrain.attacks.base import model_memory_format
 
 ALL_ATTACKS = available_attacks()
 ITERATIVE = [name for name in ALL_ATTACKS if name not in ("fgsm", "fgsm_rs")]
@@ -251,6 +252,55 @@ def test_under_cpu_bf16_autocast(name: str) -> None:
     assert result.x_adv.dtype == torch.float32
     assert module_modes(model) == modes
     assert all(p.grad is None for p in model.parameters())
+
+
+class ColourNet(nn.Module):
+    """3-channel 8x8 inputs, two convolutions (layouts of their weights are unambiguous); records
+    whether each input it sees is stored channels_last."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1), nn.ReLU(), nn.Flatten()
+        )
+        self.head = nn.Linear(4 * 8 * 8, 10)
+        self.seen_channels_last: list[bool] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.seen_channels_last.append(
+            x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+        )
+        return self.head(self.body(x))
+
+
+def test_model_memory_format_is_read_from_the_parameters() -> None:
+    torch.manual_seed(0)
+    assert model_memory_format(ColourNet()) == torch.contiguous_format
+    assert model_memory_format(ColourNet().to(memory_format=torch.channels_last)) == torch.channels_last
+    one_channel_stem = nn.Conv2d(1, 4, 3).to(memory_format=torch.channels_last)  # both layouts at once
+    assert model_memory_format(one_channel_stem) == torch.contiguous_format
+    assert model_memory_format(nn.Linear(3, 2)) == torch.contiguous_format
+
+
+@pytest.mark.parametrize("name", ALL_ATTACKS)
+def test_attack_follows_a_channels_last_network_and_returns_the_input_layout(name: str) -> None:
+    torch.manual_seed(0)
+    contiguous = ColourNet().eval()
+    channels_last = ColourNet().eval()
+    channels_last.load_state_dict(contiguous.state_dict())
+    channels_last.to(memory_format=torch.channels_last)
+    generator = torch.Generator().manual_seed(1)
+    x, y = torch.rand(6, 3, 8, 8, generator=generator), torch.randint(0, 10, (6,), generator=generator)
+    outputs = {}
+    for label, model in (("contiguous", contiguous), ("channels_last", channels_last)):
+        torch.manual_seed(0)
+        outputs[label] = quick(name, restarts=2).perturb(model, x, y).x_adv
+        assert_valid_adversarial(outputs[label], x, 0.1)
+        assert outputs[label].is_contiguous(), "a contiguous input must give a contiguous x_adv"
+    assert channels_last.seen_channels_last and all(channels_last.seen_channels_last)
+    assert not any(contiguous.seen_channels_last)  # control: a contiguous network sees contiguous inputs
+    # another layout rounds differently: the same adversarial inputs up to rare sign flips
+    assert (outputs["contiguous"] == outputs["channels_last"]).float().mean() >= 0.99
 
 
 @pytest.mark.parametrize("name", ALL_ATTACKS)

@@ -23,6 +23,28 @@ StepObserver = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], None]
 """Called as ``observer(step, per_example_loss, grad, direction)`` at every inner step."""
 
 
+def model_memory_format(model: nn.Module) -> torch.memory_format:
+    """``torch.channels_last`` when the model's 4-D parameters are stored so, else contiguous.
+
+    Decided by the first convolution weight whose two layouts differ (a weight with one input
+    channel, such as an MNIST stem's, is both); ``net.to(memory_format=torch.channels_last)`` sets it.
+    """
+    for p in model.parameters():
+        if p.dim() == 4:
+            channels_last = p.is_contiguous(memory_format=torch.channels_last)
+            if channels_last != p.is_contiguous():
+                return torch.channels_last if channels_last else torch.contiguous_format
+    return torch.contiguous_format
+
+
+def as_model_input(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``x`` in the memory format of ``model``'s convolutions (a no-op when it already is, e.g. one
+    channel); inside the graph, so a gradient w.r.t. ``x`` keeps ``x``'s own layout."""
+    if x.dim() != 4:
+        return x
+    return x.contiguous(memory_format=model_memory_format(model))
+
+
 class LinfThreatModel:
     """The set ``{x' : |x' - x|_inf <= eps, lo <= x' <= hi}``: init, step and projection."""
 
@@ -220,11 +242,11 @@ class Attack:
         """Gradient of the summed per-example loss w.r.t. the input only, and that loss."""
         with torch.enable_grad():
             x_adv = x_adv.detach().requires_grad_(True)
-            per_example_loss = self.loss_fn(model(x_adv), y)
+            per_example_loss = self.loss_fn(model(as_model_input(model, x_adv)), y)
             (grad,) = torch.autograd.grad(per_example_loss.sum(), x_adv)
         return grad.detach(), per_example_loss.detach()
 
     @staticmethod
     @torch.no_grad()
     def _is_fooled(model: nn.Module, x_adv: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return model(x_adv).argmax(dim=1) != y
+        return model(as_model_input(model, x_adv)).argmax(dim=1) != y
