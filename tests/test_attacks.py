@@ -303,6 +303,39 @@ def test_attack_follows_a_channels_last_network_and_returns_the_input_layout(nam
     assert (outputs["contiguous"] == outputs["channels_last"]).float().mean() >= 0.99
 
 
+def _backward_kernels(
+    attack: Attack, model: nn.Module, x: torch.Tensor, y: torch.Tensor
+) -> tuple[list[str], torch.Tensor]:
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        grad, _ = attack._input_gradient(model, x, y)
+    kernels = [
+        e.name for e in prof.events() if e.name in ("aten::_slow_conv2d_backward", "aten::mkldnn_convolution")
+    ]
+    return kernels, grad
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="needs oneDNN (mkldnn)")
+def test_only_the_stem_backward_leaves_onednn_and_the_gradient_is_unchanged() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(1, 8, 3, padding=1),
+        nn.ReLU(inplace=True),
+        nn.Conv2d(8, 8, 3, padding=1),
+        nn.Flatten(),
+        nn.Linear(8 * 64, 10),
+    ).eval()
+    x, y = small_batch()
+    native, legacy = quick("pgd"), quick("pgd")
+    legacy.native_stem_backward = False
+    kernels, grad = _backward_kernels(native, model, x, y)
+    assert kernels.count("aten::_slow_conv2d_backward") == 1  # the 1-channel stem only
+    assert kernels.count("aten::mkldnn_convolution") == 2  # forward passes keep oneDNN
+    control, grad_legacy = _backward_kernels(legacy, model, x, y)
+    assert "aten::_slow_conv2d_backward" not in control  # the control path stays on oneDNN
+    torch.testing.assert_close(grad, grad_legacy)
+    assert torch.backends.mkldnn.enabled  # restored
+
+
 @pytest.mark.parametrize("name", ALL_ATTACKS)
 def test_observer_sees_every_step_of_the_first_restart(name: str) -> None:
     model = small_net().eval()
