@@ -118,3 +118,28 @@ def test_training_under_amp_with_channels_last(device: str, precision: str) -> N
     assert all(p.dtype == torch.float32 for p in after)  # AMP keeps float32 master weights
     conv = module.net.features[3].weight
     assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+
+
+def test_compile_net_compiles_in_place_and_keeps_the_checkpoint_keys() -> None:
+    net = TinyCNN(width=4)
+    keys = list(net.state_dict())
+    module = AdversarialTraining(net, PGD(eps=EPS, alpha=0.1, steps=1), compile_net=True)
+    assert getattr(module.net, "_compiled_call_impl", None) is None  # lazily, at setup
+    module.setup("fit")
+    module.setup("validate")  # twice: compiled once
+    assert module.net is net and net._compiled_call_impl is not None
+    assert list(net.state_dict()) == keys  # no "_orig_mod." prefix: evaluate.py loads it as before
+
+
+@pytest.mark.parametrize("device", [CUDA])
+def test_compiled_network_trains_under_amp(device: str) -> None:
+    x, y = load_mnist_tensors(64)
+    module = AdversarialTraining(
+        _net("cpu", channels_last=False),
+        PGD(eps=EPS, alpha=0.1, steps=2),
+        channels_last=True,
+        compile_net=True,
+    )
+    trainer = quiet_trainer(accelerator=device, precision="bf16-mixed", max_epochs=1, limit_val_batches=0)
+    trainer.fit(module, DataLoader(TensorDataset(x, y), batch_size=16))
+    assert torch.isfinite(trainer.callback_metrics["train/loss"])

@@ -84,10 +84,11 @@ class AdversarialTraining(L.LightningModule):
     ``val_attack`` (a cheap PGD by default), with a fixed seed so epochs are comparable.
 
     Speed (issue 15, docs/RESULTS.md): ``channels_last`` stores the network's convolution weights
-    in that layout (the attacks follow the parameters' layout; 0.7-0.8 of the contiguous time per
-    input gradient of MadryMNIST on this CPU); ``compile_net`` compiles the network's forward
-    (``nn.Module.compile``: checkpoint keys unchanged), opt-in, for a GPU: on this CPU it made an
-    input gradient slower. ``train/clean_acc`` (madry objective) costs one extra forward pass per
+    in that layout (the attacks follow the parameters' layout; with the attacks' CPU stem backward,
+    0.8 of the legacy time per PGD step of MadryMNIST on the 2-core CPU, 0.71 of torchattacks');
+    ``compile_net`` compiles the network's forward in place (``nn.Module.compile``: checkpoint keys
+    unchanged), opt-in, meant for a GPU (unmeasured): on this CPU it made an input gradient 1.7x
+    slower. ``train/clean_acc`` (madry objective) costs one extra forward pass per
     batch it is measured on, so it is measured on every ``clean_accuracy_every_n_batches``-th batch
     only (an unbiased sample of the epoch's batches; 1 measures every batch); the mixed objective
     computes the clean logits anyway and measures every batch.
