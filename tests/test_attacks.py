@@ -336,6 +336,34 @@ def test_only_the_stem_backward_leaves_onednn_and_the_gradient_is_unchanged() ->
     assert torch.backends.mkldnn.enabled  # restored
 
 
+STEM_CASES = {  # (input channels, kernel, channels_last) -> stem backward on ATen?
+    "3ch-3x3-contiguous": (3, 3, False, True),
+    "3ch-3x3-channels_last": (3, 3, True, False),
+    "1ch-5x5-channels_last": (1, 5, True, True),
+    "1ch-3x3-channels_last": (1, 3, True, False),
+}
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="needs oneDNN (mkldnn)")
+@pytest.mark.parametrize("case", list(STEM_CASES))
+def test_which_stems_leave_onednn_depends_on_channels_kernel_and_layout(case: str) -> None:
+    channels, kernel, channels_last, native = STEM_CASES[case]
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(channels, 8, kernel, padding=kernel // 2),
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1),
+        nn.Flatten(),
+        nn.Linear(8 * 64, 10),
+    ).eval()
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    generator = torch.Generator().manual_seed(1)
+    x, y = torch.rand(6, channels, 8, 8, generator=generator), torch.randint(0, 10, (6,), generator=generator)
+    kernels, _ = _backward_kernels(quick("pgd"), model, x, y)
+    assert kernels.count("aten::_slow_conv2d_backward") == (1 if native else 0)
+
+
 @pytest.mark.parametrize("name", ALL_ATTACKS)
 def test_observer_sees_every_step_of_the_first_restart(name: str) -> None:
     model = small_net().eval()

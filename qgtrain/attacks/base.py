@@ -47,16 +47,20 @@ def as_model_input(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 STEM_MAX_IN_CHANNELS = 4
-"""Convolutions with at most this many input channels (a network's stem) get ATen's CPU backward."""
+"""A contiguous network's convolutions with at most this many input channels (its stem) get ATen's
+CPU backward; in a channels_last network only one-channel convolutions of 5x5 or larger do."""
 
 
 @contextlib.contextmanager
 def native_stem_backward(model: nn.Module, x: torch.Tensor) -> Iterator[None]:
-    """On CPU, run the backward of each convolution with few input channels without oneDNN.
+    """On CPU, run the backward of a network's stem convolution without oneDNN where that is faster.
 
-    oneDNN's data-gradient kernel is slow for so few channels (measured here, batch 256, one thread:
-    MadryMNIST's 1->32 stem 53 ms vs ATen's 15 ms; a 3->64 CIFAR stem 18-24 vs 11 ms at batch 64),
-    while every other convolution is faster with it. oneDNN is switched off just before that
+    Measured on the 2-core EPYC, oneDNN 3.12, one thread (docs/RESULTS.md, section 6): oneDNN's
+    data-gradient kernel is slow for few input channels (MadryMNIST's 1->32 5x5 stem, batch 256:
+    55-77 ms vs ATen's 18-25 ms; 3->64 3x3, batch 64, contiguous: 18 vs 11 ms), while every other
+    convolution is faster with it. In a channels_last network the whole PGD step got faster only
+    for the 5x5 one-channel stem (MadryMNIST 0.87 -> 0.73 of the contiguous time); a 3x3 one
+    (TinyCNN) and a 3-channel one (15 vs 17 ms) stay on oneDNN. oneDNN is switched off just before that
     convolution's backward node runs and back on just after it (graph-node hooks, so an in-place
     ReLU after the convolution does not matter); only the kernel changes, not the arithmetic.
     Not used off CPU, with oneDNN disabled, or on a compiled network (hooks would force recompiles).
@@ -81,7 +85,17 @@ def native_stem_backward(model: nn.Module, x: torch.Tensor) -> Iterator[None]:
             node.register_prehook(disable)
             node.register_hook(enable)
 
-    stems = [m for m in model.modules() if isinstance(m, nn.Conv2d) and m.in_channels <= STEM_MAX_IN_CHANNELS]
+    contiguous = model_memory_format(model) == torch.contiguous_format
+    stems = [
+        m
+        for m in model.modules()
+        if isinstance(m, nn.Conv2d)
+        and (
+            m.in_channels <= STEM_MAX_IN_CHANNELS
+            if contiguous
+            else m.in_channels == 1 and m.kernel_size[0] * m.kernel_size[1] >= 25
+        )
+    ]
     handles = [m.register_forward_hook(attach) for m in stems]
     try:
         yield
