@@ -58,12 +58,12 @@ def native_stem_backward(model: nn.Module, x: torch.Tensor) -> Iterator[None]:
     Measured on the 2-core EPYC, oneDNN 3.12, one thread (docs/RESULTS.md, section 6): oneDNN's
     data-gradient kernel is slow for few input channels (MadryMNIST's 1->32 5x5 stem, batch 256:
     55-77 ms vs ATen's 18-25 ms; 3->64 3x3, batch 64, contiguous: 18 vs 11 ms), while every other
-    convolution is faster with it. In a channels_last network the whole PGD step got faster only
-    for the 5x5 one-channel stem (MadryMNIST 0.87 -> 0.73 of the contiguous time); a 3x3 one
-    (TinyCNN) and a 3-channel one (15 vs 17 ms) stay on oneDNN. oneDNN is switched off just before that
-    convolution's backward node runs and back on just after it (graph-node hooks, so an in-place
-    ReLU after the convolution does not matter); only the kernel changes, not the arithmetic.
-    Not used off CPU, with oneDNN disabled, or on a compiled network (hooks would force recompiles).
+    convolution is faster with it. In a channels_last network it paid for the 5x5 one-channel stem
+    (a MadryMNIST input gradient: 0.87 -> 0.73 of the contiguous time), not for a 3x3 one (TinyCNN)
+    or a 3-channel one (15 vs 17 ms), which stay on oneDNN. oneDNN is switched off just before the
+    stem's backward node runs and back on just after it (graph-node hooks, so an in-place ReLU after
+    the convolution does not matter); only the kernel changes, not the arithmetic. Not used off
+    CPU, with oneDNN disabled, or on a compiled network (hooks would force recompiles).
     """
     if (
         x.device.type != "cpu"
