@@ -29,7 +29,7 @@ torch, lightning, torchmetrics and tensorboard but not jsonargparse or torchatta
     echo /.whl/ >> .git/info/exclude
     python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \\
         --platform manylinux2014_x86_64 -d .whl jsonargparse==4.53.0 docstring_parser==0.18.0 \\
-        typeshed_client==2.15.0 importlib_resources torchattacks==3.5.1
+        typeshed_client==2.15.0 torchattacks==3.5.1   # checked: their other needs are in the image
 
 then ``run(carry=[".mnist_gz", ".whl"], timeout_s=540, command=...)`` with the command::
 

@@ -336,6 +336,20 @@ def test_only_the_stem_backward_leaves_onednn_and_the_gradient_is_unchanged() ->
     assert torch.backends.mkldnn.enabled  # restored
 
 
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="needs oneDNN (mkldnn)")
+def test_a_stem_under_bf16_autocast_keeps_onednn() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(1, 8, 5, padding=2), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 64, 10)
+    ).eval()
+    x, y = small_batch()
+    kernels, _ = _backward_kernels(quick("pgd"), model, x, y)
+    assert "aten::_slow_conv2d_backward" in kernels  # control: float32 takes ATen's kernel
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        kernels, grad = _backward_kernels(quick("pgd"), model, x, y)
+    assert "aten::_slow_conv2d_backward" not in kernels and grad.dtype == torch.float32
+
+
 STEM_CASES = {  # (input channels, kernel, channels_last) -> stem backward on ATen?
     "3ch-3x3-contiguous": (3, 3, False, True),
     "3ch-3x3-channels_last": (3, 3, True, False),
