@@ -6,7 +6,15 @@ alpha 0.01. After a warm-up round, ``--repeats`` rounds run every attack once ea
 (the order rotates every round), so drifts of a shared machine hit all attacks alike. Reported:
 the median per-step time of each attack and, per ratio, the median of the per-round paired
 ratios. Targets: PQGD / PGD <= 1.05 (quantization is a few element-wise ops per step) and
-ours / torchattacks.PGD <= 1.0.
+ours / torchattacks.PGD <= 0.8 (issue 15).
+
+Memory layout: the library attacks run on the network in ``--memory-format`` (default
+``channels_last``, what ``AdversarialTraining(channels_last=True)`` does; the attacks follow the
+parameters' layout) and, on CPU, run the stem convolution's backward without oneDNN
+(``qgtrain.attacks.base.native_stem_backward``). In the same rounds ``pgd_contiguous`` is the
+legacy path (our PGD on the contiguous network, oneDNN everywhere: "before"), ``torchattacks_pgd`` is torchattacks on the contiguous network (its
+ordinary use) and ``torchattacks_pgd_same_layout`` torchattacks on our layout (what the layout
+alone buys it). Accuracy and per-example agreement are reported for each of them.
 
 Accuracy: the same attacks on a *trained* MadryMNIST (``--ckpt``, else trained here for
 ``--train-seconds`` on MNIST), first ``--eval-size`` test images, counted by the library's
@@ -21,6 +29,7 @@ per-batch seed the two PGDs should agree almost example for example.
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import time
 from collections.abc import Callable
@@ -42,7 +51,7 @@ from common import (
 )
 from torch import nn
 
-from qgtrain.attacks import AttackResult, build_attack
+from qgtrain.attacks import Attack, AttackResult, build_attack
 from qgtrain.data import MNISTDataModule, resolve_data_dir
 from qgtrain.evaluation import adversarial_correct, clean_correct
 from qgtrain.evaluation.checkpoints import CheckpointError, load_model_from_checkpoint
@@ -52,7 +61,13 @@ ALPHA = 0.01
 TORCHATTACKS = "torchattacks_pgd"
 CONTROL = "pgd_control"
 """A second PGD instance timed like the others: its ratio to ``pgd`` is the noise floor (A/A test)."""
+LEGACY = "pgd_contiguous"
+"""Our PGD on the contiguous network: the path before channels_last ("before")."""
+TORCHATTACKS_SAME_LAYOUT = "torchattacks_pgd_same_layout"
+"""torchattacks.PGD on the network in our layout (``--memory-format``)."""
+CONTIGUOUS_LABELS = (LEGACY, TORCHATTACKS)
 LOOP_STEPS = 100
+MEMORY_FORMATS = {"channels_last": torch.channels_last, "contiguous": torch.contiguous_format}
 
 
 class TorchattacksPGD:
@@ -99,6 +114,12 @@ def parse_args() -> argparse.Namespace:
         help="without --ckpt: train MadryMNIST this long for the accuracy part (0 skips accuracy)",
     )
     parser.add_argument("--eval-size", type=int, default=1024, help="test images for the accuracy part")
+    parser.add_argument(
+        "--memory-format",
+        choices=list(MEMORY_FORMATS),
+        default="channels_last",
+        help="layout of the network for the library attacks (contiguous: the legacy path everywhere)",
+    )
     add_common_args(parser)
     return parser.parse_args()
 
@@ -112,7 +133,26 @@ def attack_set(steps: int, b: int) -> dict[str, Any]:
         "blob": build_attack("blob", **common),
         "blob_qg": build_attack("blob_qg", b=b, **common),
         TORCHATTACKS: TorchattacksPGD(**common),
+        LEGACY: legacy_pgd(**common),
+        TORCHATTACKS_SAME_LAYOUT: TorchattacksPGD(**common),
     }
+
+
+def legacy_pgd(**kwargs: Any) -> Attack:
+    """Our PGD as it was before issue 15: oneDNN for every backward (and, via
+    ``models_per_label``, the contiguous network)."""
+    attack = build_attack("pgd", **kwargs)
+    attack.native_stem_backward = False
+    return attack
+
+
+def models_per_label(
+    labels: list[str], model: nn.Module, memory_format: torch.memory_format
+) -> dict[str, nn.Module]:
+    """Label -> the network it attacks: ``model`` (contiguous) for the legacy and torchattacks rows,
+    a copy in ``memory_format`` (same weights) for the others."""
+    ours = copy.deepcopy(model).to(memory_format=memory_format)
+    return {label: model if label in CONTIGUOUS_LABELS else ours for label in labels}
 
 
 def load_mnist(data_dir: str | None, seed: int) -> MNISTDataModule | None:
@@ -124,7 +164,7 @@ def load_mnist(data_dir: str | None, seed: int) -> MNISTDataModule | None:
 
 def time_attacks(
     attacks: dict[str, Callable[..., torch.Tensor]],
-    model: nn.Module,
+    models: dict[str, nn.Module],
     x: torch.Tensor,
     y: torch.Tensor,
     steps: int,
@@ -144,7 +184,7 @@ def time_attacks(
         for label in labels[shift:] + labels[:shift]:
             torch.manual_seed(seed + round_index)
             start_wall, start_cpu = time.perf_counter(), time.process_time()
-            attacks[label](model, x, y)
+            attacks[label](models[label], x, y)
             elapsed_wall, elapsed_cpu = time.perf_counter() - start_wall, time.process_time() - start_cpu
             if round_index > 0:
                 wall[label].append(elapsed_wall / steps)
@@ -205,26 +245,42 @@ def train_madry(dm: MNISTDataModule, seconds: float, seed: int) -> tuple[nn.Modu
     return model, f"MadryMNIST trained here, clean CE, {seen} examples in {elapsed:.0f}s (seed {seed})"
 
 
+AGREEMENT_PAIRS = (
+    ("pgd", TORCHATTACKS),
+    (LEGACY, TORCHATTACKS),
+    ("pgd", LEGACY),
+    ("pgd", TORCHATTACKS_SAME_LAYOUT),
+)
+"""Pairs whose per-example outcomes are compared (target >= 99 % each, issue 15)."""
+AGREEMENT_TARGET_PCT = 99.0
+
+
 def accuracy_table(
-    model: nn.Module, attacks: dict[str, Any], x: torch.Tensor, y: torch.Tensor, batch_size: int, seed: int
+    models: dict[str, nn.Module],
+    attacks: dict[str, Any],
+    x: torch.Tensor,
+    y: torch.Tensor,
+    batch_size: int,
+    seed: int,
 ) -> tuple[dict[str, float], dict[str, Any]]:
-    """Accuracy (%) clean and under each attack, via the library's counter; PGD-vs-torchattacks agreement."""
+    """Accuracy (%) clean and under each attack (on its own network), via the library's counter, and
+    the per-example agreement of each pair in ``AGREEMENT_PAIRS``."""
     data = batches(x, y, batch_size)
-    accuracy = {"clean": 100.0 * clean_correct(model, data).float().mean().item()}
+    accuracy = {"clean": 100.0 * clean_correct(models[LEGACY], data).float().mean().item()}
     correct: dict[str, torch.Tensor] = {}
     for label, attack in attacks.items():
         start = time.perf_counter()
-        correct[label] = adversarial_correct(model, attack, data, seed=seed)
+        correct[label] = adversarial_correct(models[label], attack, data, seed=seed)
         accuracy[label] = 100.0 * correct[label].float().mean().item()
         print(
             f"[{time.strftime('%H:%M:%S')}] accuracy under {label}: {accuracy[label]:.2f}% "
             f"({time.perf_counter() - start:.0f}s)",
             flush=True,
         )
-    agreement = {
-        "examples": int(x.shape[0]),
-        "same_outcome_pct": 100.0 * (correct["pgd"] == correct[TORCHATTACKS]).float().mean().item(),
-    }
+    agreement: dict[str, Any] = {"examples": int(x.shape[0])}
+    for a, b in AGREEMENT_PAIRS:
+        agreement[f"{a} vs {b}"] = 100.0 * (correct[a] == correct[b]).float().mean().item()
+    agreement["same_outcome_pct"] = agreement[f"pgd vs {TORCHATTACKS}"]
     return accuracy, agreement
 
 
@@ -253,12 +309,17 @@ def main() -> None:
             fail(str(exc).splitlines()[0])
         checkpoint_model = (loaded, f"{info.model} {info.model_kwargs} from {args.ckpt}")
 
+    memory_format = MEMORY_FORMATS[args.memory_format]
     torch.manual_seed(args.seed)
     timing_model = MadryMNIST().eval()
-    print(f"timing: untrained MadryMNIST, {inputs}, {args.steps} steps, {torch.get_num_threads()} thread(s)")
+    print(
+        f"timing: untrained MadryMNIST, {inputs}, {args.steps} steps, {torch.get_num_threads()} thread(s), "
+        f"library attacks on the {args.memory_format} network"
+    )
     timed = {**attacks, CONTROL: build_attack("pgd", eps=EPS, alpha=ALPHA, steps=args.steps)}
-    wall, cpu = time_attacks(timed, timing_model, x_time, y_time, args.steps, args.repeats, args.seed)
-    hook = direction_cost(attacks, timing_model, x_time, y_time)
+    timing_models = models_per_label(list(timed), timing_model, memory_format)
+    wall, cpu = time_attacks(timed, timing_models, x_time, y_time, args.steps, args.repeats, args.seed)
+    hook = direction_cost(attacks, timing_models["pgd"], x_time, y_time)
     # the loop's own cost: the same attacks on a linear model, where the network costs almost nothing
     print(f"loop overhead: linear 784->10 model, {LOOP_STEPS} steps")
     linear = nn.Sequential(nn.Flatten(), nn.Linear(784, 10)).eval()
@@ -266,7 +327,10 @@ def main() -> None:
         **attack_set(LOOP_STEPS, args.b),
         CONTROL: build_attack("pgd", eps=EPS, alpha=ALPHA, steps=LOOP_STEPS),
     }
-    _, loop_cpu = time_attacks(loop_attacks, linear, x_time, y_time, LOOP_STEPS, args.repeats, args.seed)
+    linear_models = dict.fromkeys(loop_attacks, linear)
+    _, loop_cpu = time_attacks(
+        loop_attacks, linear_models, x_time, y_time, LOOP_STEPS, args.repeats, args.seed
+    )
 
     accuracy: dict[str, float] = {}
     agreement: dict[str, Any] = {}
@@ -278,14 +342,20 @@ def main() -> None:
     if dm is not None and accuracy_model != "none":
         model.eval()
         x_eval, y_eval = dataset_tensors(dm.test_set, args.eval_size)
-        accuracy, agreement = accuracy_table(model, attacks, x_eval, y_eval, args.batch_size, args.seed)
+        accuracy_models = models_per_label(list(attacks), model, memory_format)
+        accuracy, agreement = accuracy_table(
+            accuracy_models, attacks, x_eval, y_eval, args.batch_size, args.seed
+        )
 
     ratios = {
         f"{CONTROL}/pgd (noise floor)": None,
         "pqgd/pgd": 1.05,
         "blob/pgd": None,
         "blob_qg/pgd": None,
-        f"pgd/{TORCHATTACKS}": 1.0,
+        f"pgd/{TORCHATTACKS}": 0.8,
+        f"{LEGACY}/{TORCHATTACKS} (before)": None,
+        f"pgd/{LEGACY} (after/before)": None,
+        f"pgd/{TORCHATTACKS_SAME_LAYOUT} (same layout)": None,
     }
     clocks = (("cpu", cpu), ("wall", wall), ("loop cpu", loop_cpu))
     ratio_values = {
@@ -319,7 +389,7 @@ def main() -> None:
     print()
     # typical per-round deviation of the A/A pair: how far a ratio strays from 1 by chance alone
     noise = statistics.median(abs(a / b - 1.0) for a, b in zip(cpu[CONTROL], cpu["pgd"], strict=True))
-    print("ratio (median of per-round ratios)   cpu     wall    loop-only cpu")
+    print(f"{'ratio (median of per-round ratios)':48s} cpu     wall    loop-only cpu")
     for name, target in ratios.items():
         value = ratio_values["cpu"][name]
         verdict = ""
@@ -327,7 +397,7 @@ def main() -> None:
             status = "ok" if value <= target else "within noise" if value <= target + noise else "MISSED"
             verdict = f"  target <= {target:.2f} (cpu): {status}"
         print(
-            f"{name:36s} {value:.3f}   {ratio_values['wall'][name]:.3f}   "
+            f"{name:48s} {value:.3f}   {ratio_values['wall'][name]:.3f}   "
             f"{ratio_values['loop cpu'][name]:.3f}{verdict}"
         )
     print(f"noise: median per-round |{CONTROL}/pgd - 1| = {100 * noise:.1f}% (cpu)")
@@ -336,10 +406,13 @@ def main() -> None:
             f"clean accuracy {accuracy['clean']:.2f}% on {agreement['examples']} MNIST test images; "
             f"accuracy model: {accuracy_model}"
         )
-        print(
-            f"pgd and {TORCHATTACKS} agree on {agreement['same_outcome_pct']:.2f}% of examples "
-            "(same per-batch seed, same random start)"
-        )
+        for a, b in AGREEMENT_PAIRS:
+            value = agreement[f"{a} vs {b}"]
+            status = "ok" if value >= AGREEMENT_TARGET_PCT else "MISSED"
+            print(
+                f"{a} and {b} agree on {value:.2f}% of examples (same per-batch seed, same random "
+                f"start; target >= {AGREEMENT_TARGET_PCT:.0f}%: {status})"
+            )
     else:
         print("accuracy: skipped (needs MNIST and a model: --ckpt, or --train-seconds > 0)")
 
@@ -347,6 +420,7 @@ def main() -> None:
         "environment": environment(torch.get_num_threads()),
         "settings": {
             "model_timing": "MadryMNIST (untrained, eval mode)",
+            "memory_format": args.memory_format,
             "inputs_timing": inputs,
             "batch_size": args.batch_size,
             "steps": args.steps,

@@ -14,19 +14,30 @@ times are measured in the same process, interleaved, median over repeats, on one
 nothing beyond its gradient passes (target >= 0.9); ``attack share`` is the crafting time over the
 step time (both medians over repeats of the per-repeat ratio). ``lightning img/s`` is the
 module's own ``perf/images_per_sec`` meter under ``Trainer.fit`` over a few batches (its whole
-training step: clean-accuracy forward pass, metrics and logging included), for reference.
+training step: clean-accuracy forward pass, metrics and logging included), as seconds per batch
+(``lightning_vs_bound`` = that over the bound).
+
+Variants (issue 15), measured side by side in the same repeats: ``before`` (contiguous network,
+oneDNN for every backward, clean-accuracy forward on every batch) and ``after`` (channels_last,
+the attacks' native CPU stem backward, clean accuracy on every 10th batch, as configs/mnist.yaml).
+``*_vs_before`` are medians of paired per-repeat ratios.
 
     python benchmarks/throughput.py                      # CPU, TinyCNN and MadryMNIST, batch 128
     python benchmarks/throughput.py --models tiny_cnn --repeats 3
     python benchmarks/throughput.py --profile pqgd --steps-list 10   # op-level profile of one attack
+    # the main job (configs/mnist.yaml: MadryMNIST, PQGD-10, batch 100), before vs after:
+    python benchmarks/throughput.py --models madry_mnist --attacks pqgd --steps-list 10 --batch-size 100 \
+        --repeats 5 --lightning-batches 20
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import lightning as L
@@ -66,6 +77,38 @@ def inner_attacks(steps_list: list[int], attacks: list[str]) -> list[tuple[str, 
     return out
 
 
+@dataclass(frozen=True)
+class Variant:
+    """One way of running the same training step: the library's speed options (issue 15)."""
+
+    channels_last: bool
+    native_stem_backward: bool
+    clean_accuracy_every_n_batches: int
+
+
+VARIANTS = {
+    # before issue 15: contiguous network, oneDNN everywhere, clean-accuracy forward on every batch
+    "before": Variant(channels_last=False, native_stem_backward=False, clean_accuracy_every_n_batches=1),
+    # after: configs/mnist.yaml's channels_last and sampled clean accuracy; the attacks' CPU stem backward
+    "after": Variant(channels_last=True, native_stem_backward=True, clean_accuracy_every_n_batches=10),
+}
+
+
+def variant_attack(attack: Attack, variant: Variant) -> Attack:
+    copied = copy.copy(attack)
+    copied.native_stem_backward = variant.native_stem_backward
+    return copied
+
+
+def variant_module(net: torch.nn.Module, attack: Attack, variant: Variant) -> AdversarialTraining:
+    return AdversarialTraining(
+        net,
+        inner=variant_attack(attack, variant),
+        channels_last=variant.channels_last,
+        clean_accuracy_every_n_batches=variant.clean_accuracy_every_n_batches,
+    )
+
+
 def timer(fn: Callable[[], Any]) -> float:
     start = time.perf_counter()
     fn()
@@ -73,12 +116,22 @@ def timer(fn: Callable[[], Any]) -> float:
 
 
 def measure(
-    model_name: str, attacks: list[tuple[str, int, Attack]], x: torch.Tensor, y: torch.Tensor, repeats: int
+    model_name: str,
+    attacks: list[tuple[str, int, Attack]],
+    x: torch.Tensor,
+    y: torch.Tensor,
+    repeats: int,
+    variants: list[str],
 ) -> list[dict[str, Any]]:
-    """Interleaved medians of t_input_grad, t_train_step and t_adv_step for each attack."""
+    """Interleaved medians of t_input_grad, t_train_step and t_adv_step for each attack and variant.
+
+    Each variant has its own copy of the same initial network (in its layout) and its own Adam;
+    ``t_input_grad`` is one pass of the attack's own ``_input_gradient`` (the variant's kernels).
+    """
     torch.manual_seed(0)
-    net = build_model(model_name)
-    optimizer = torch.optim.Adam(net.parameters(), lr=1e-4)
+    initial = build_model(model_name)
+    nets = {name: copy.deepcopy(initial) for name in variants}
+    optimizers = {name: torch.optim.Adam(nets[name].parameters(), lr=1e-4) for name in variants}
 
     # The reference passes run on a perturbed batch, as the attack's do: a clean MNIST batch
     # (mostly exact zeros) makes the CPU kernels ~5% faster and would bias the bound low.
@@ -86,69 +139,103 @@ def measure(
     noise = torch.rand(x.shape, generator=generator, device=x.device) * 2 * EPS - EPS
     x_perturbed = (x + noise).clamp(0.0, 1.0)
 
-    def input_grad() -> None:
-        net.eval()
-        xg = x_perturbed.detach().requires_grad_(True)
-        loss = F.cross_entropy(net(xg), y, reduction="none").sum()
-        torch.autograd.grad(loss, xg)
+    modules = {
+        (name, label): variant_module(nets[name], attack, VARIANTS[name])
+        for name in variants
+        for label, _, attack in attacks
+    }
 
-    def train_step(inputs: torch.Tensor) -> None:
+    def input_grad(name: str, label: str) -> None:
+        module = modules[(name, label)]
+        module.net.eval()
+        module.inner._input_gradient(module.net, x_perturbed, y)
+
+    def train_step(name: str, inputs: torch.Tensor) -> None:
+        net, optimizer = nets[name], optimizers[name]
         net.train()
         optimizer.zero_grad(set_to_none=True)
         F.cross_entropy(net(inputs), y).backward()
         optimizer.step()
 
-    modules = {label: AdversarialTraining(net, inner=attack) for label, _, attack in attacks}
-    crafted: dict[str, float] = {}
+    crafted: dict[tuple[str, str], float] = {}
 
-    def adversarial_step(label: str) -> None:
+    def adversarial_step(name: str, label: str) -> None:
         start = time.perf_counter()
-        x_adv = modules[label].craft(x, y)  # the library's inner maximisation, model in eval mode
-        crafted[label] = time.perf_counter() - start
-        train_step(x_adv)
+        x_adv = modules[(name, label)].craft(x, y)  # the library's inner maximisation, eval mode
+        crafted[(name, label)] = time.perf_counter() - start
+        train_step(name, x_adv)
 
+    keys = list(modules)
     for _ in range(2):  # warm-up: allocator, kernels
-        input_grad()
-        train_step(x)
-        for label, _, _ in attacks:
-            adversarial_step(label)
-    samples: dict[str, list[tuple[float, float, float, float]]] = {label: [] for label, _, _ in attacks}
-    for _ in range(repeats):
-        for label, k, _ in attacks:  # the three times of one repeat are taken back to back
+        for name, label in keys:
+            input_grad(name, label)
+            train_step(name, x)
+            adversarial_step(name, label)
+    samples: dict[tuple[str, str], list[tuple[float, float, float, float]]] = {key: [] for key in keys}
+    k_of = {label: k for label, k, _ in attacks}
+    for repeat in range(repeats):
+        shift = repeat % len(keys)
+        for name, label in keys[shift:] + keys[:shift]:  # the three times of one repeat back to back
+            k = k_of[label]
             # k passes in a row, like the attack: a short isolated pass is rarely preempted on a
             # shared CPU while a long attack is, which would bias the ratio
-            t_in = timer(lambda k=k: [input_grad() for _ in range(k)]) / k
-            t_train = timer(lambda: train_step(x_perturbed))
-            t_adv = timer(lambda label=label: adversarial_step(label))
-            samples[label].append((t_in, t_train, t_adv, crafted[label]))
+            t_in = timer(lambda k=k, n=name, lb=label: [input_grad(n, lb) for _ in range(k)]) / k
+            t_train = timer(lambda n=name: train_step(n, x_perturbed))
+            t_adv = timer(lambda n=name, lb=label: adversarial_step(n, lb))
+            samples[(name, label)].append((t_in, t_train, t_adv, crafted[(name, label)]))
     rows = []
-    for label, k, _ in attacks:
-        t_in, t_train, t_adv, t_craft = (statistics.median(col) for col in zip(*samples[label], strict=True))
-        # the ratio per repeat, then its median: robust to load drifting between repeats
-        efficiency = statistics.median((k * a + b) / c for a, b, c, _ in samples[label])
-        rows.append(
-            {
-                "model": model_name,
-                "inner": label,
-                "k": k,
-                "t_input_grad_ms": 1e3 * t_in,
-                "t_train_step_ms": 1e3 * t_train,
-                "t_adv_step_ms": 1e3 * t_adv,
-                "bound_ms": 1e3 * (k * t_in + t_train),
-                "efficiency": efficiency,
-                "attack_share": statistics.median(d / c for _, _, c, d in samples[label]),
-                "img_per_s": x.shape[0] / t_adv,
-            }
+    for name, label in keys:
+        k = k_of[label]
+        t_in, t_train, t_adv, _ = (
+            statistics.median(col) for col in zip(*samples[(name, label)], strict=True)
         )
+        # the ratio per repeat, then its median: robust to load drifting between repeats
+        efficiency = statistics.median((k * a + b) / c for a, b, c, _ in samples[(name, label)])
+        row = {
+            "model": model_name,
+            "inner": label,
+            "variant": name,
+            "k": k,
+            "t_input_grad_ms": 1e3 * t_in,
+            "t_train_step_ms": 1e3 * t_train,
+            "t_adv_step_ms": 1e3 * t_adv,
+            "bound_ms": 1e3 * (k * t_in + t_train),
+            "efficiency": efficiency,
+            "attack_share": statistics.median(d / c for _, _, c, d in samples[(name, label)]),
+            "img_per_s": x.shape[0] / t_adv,
+        }
+        if name != variants[0]:  # paired per repeat against the first variant ("before")
+            pairs = zip(samples[(name, label)], samples[(variants[0], label)], strict=True)
+            row[f"adv_step_vs_{variants[0]}"] = statistics.median(a[2] / b[2] for a, b in pairs)
+        rows.append(row)
     return rows
 
 
-def lightning_throughput(
-    model_name: str, attack: Attack, x: torch.Tensor, y: torch.Tensor, batches: int
-) -> float:
-    """Images per second of the module's whole training step under ``Trainer.fit`` (its perf meter)."""
-    torch.manual_seed(0)
-    module = AdversarialTraining(build_model(model_name), inner=attack)
+def lightning_seconds_per_batch(
+    model_name: str,
+    attacks: list[tuple[str, int, Attack]],
+    x: torch.Tensor,
+    y: torch.Tensor,
+    batches: int,
+    variants: list[str],
+    repeats: int,
+) -> dict[tuple[str, str], list[float]]:
+    """Seconds per batch of the module's whole training step under ``Trainer.fit`` (its perf meter:
+    clean-accuracy forward, metrics and logging included), variants alternating, ``repeats`` times."""
+    out: dict[tuple[str, str], list[float]] = {}
+    for _ in range(repeats):
+        for label, _, attack in attacks:
+            for name in variants:
+                torch.manual_seed(0)
+                module = variant_module(build_model(model_name), attack, VARIANTS[name])
+                out.setdefault((name, label), []).append(
+                    x.shape[0] / fit_images_per_sec(module, x, y, batches)
+                )
+    return out
+
+
+def fit_images_per_sec(module: AdversarialTraining, x: torch.Tensor, y: torch.Tensor, batches: int) -> float:
+    """Images per second of ``module``'s training steps under ``Trainer.fit`` (its own perf meter)."""
     n = x.shape[0]
     data = TensorDataset(x.repeat(batches, 1, 1, 1), y.repeat(batches))
     trainer = L.Trainer(
@@ -190,7 +277,17 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=5, help="interleaved repeats per measurement (median)")
     parser.add_argument(
-        "--lightning-batches", type=int, default=4, help="batches per Trainer.fit throughput run (0: skip)"
+        "--lightning-batches", type=int, default=10, help="batches per Trainer.fit throughput run (0: skip)"
+    )
+    parser.add_argument(
+        "--variants",
+        nargs="+",
+        choices=list(VARIANTS),
+        default=list(VARIANTS),
+        help="speed options compared side by side (ratios are against the first)",
+    )
+    parser.add_argument(
+        "--lightning-repeats", type=int, default=2, help="alternating Trainer.fit runs per variant (median)"
     )
     parser.add_argument("--profile", default=None, help="print an op-level profile of this attack and exit")
     parser.add_argument(
@@ -223,19 +320,36 @@ def main() -> None:
         print(profile(args.models[0], chosen[-1], x.cpu(), y.cpu()))
         return
     rows: list[dict[str, Any]] = []
+    first = args.variants[0]
     for model_name in args.models:
         start = time.perf_counter()
-        model_rows = measure(model_name, attacks, x, y, args.repeats)
+        model_rows = measure(model_name, attacks, x, y, args.repeats, args.variants)
         if args.lightning_batches > 0:
-            for row, (_, _, attack) in zip(model_rows, attacks, strict=True):
-                row["lightning_img_per_s"] = lightning_throughput(
-                    model_name, attack, x.cpu(), y.cpu(), args.lightning_batches
-                )
+            seconds = lightning_seconds_per_batch(
+                model_name,
+                attacks,
+                x.cpu(),
+                y.cpu(),
+                args.lightning_batches,
+                args.variants,
+                args.lightning_repeats,
+            )
+            for row in model_rows:
+                mine = seconds[(row["variant"], row["inner"])]
+                row["lightning_s_per_batch"] = statistics.median(mine)
+                row["lightning_img_per_s"] = x.shape[0] / row["lightning_s_per_batch"]
+                row["lightning_vs_bound"] = row["lightning_s_per_batch"] / (row["bound_ms"] / 1e3)
+                if row["variant"] != first:
+                    before = seconds[(first, row["inner"])]
+                    row[f"lightning_vs_{first}"] = statistics.median(
+                        a / b for a, b in zip(mine, before, strict=True)
+                    )
         rows.extend(model_rows)
         print(f"{model_name}: measured in {time.perf_counter() - start:.0f}s", flush=True)
     columns = [
         "model",
         "inner",
+        "variant",
         "k",
         "t_input_grad_ms",
         "t_train_step_ms",
@@ -244,12 +358,16 @@ def main() -> None:
         "efficiency",
         "attack_share",
         "img_per_s",
-        "lightning_img_per_s",
+        f"adv_step_vs_{first}",
+        "lightning_s_per_batch",
+        "lightning_vs_bound",
+        f"lightning_vs_{first}",
     ]
     env = environment(args.threads)
     title = (
         f"throughput: batch {args.batch_size}, {env['device']}, {args.threads} thread(s), median of "
-        f"{args.repeats} interleaved repeats; efficiency = (k t_input_grad + t_train_step) / t_adv_step"
+        f"{args.repeats} interleaved repeats; efficiency = (k t_input_grad + t_train_step) / t_adv_step; "
+        f"variants: " + "; ".join(f"{name} = {VARIANTS[name]}" for name in args.variants)
     )
     table = format_table(rows, columns, title)
     print(table)

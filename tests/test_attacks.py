@@ -23,6 +23,7 @@ from qgtrain.attacks import (
     margin_loss,
     quantize_gradient,
 )
+from qgtrain.attacks.base import model_memory_format
 
 # Evaluation attacks keep the eps-ball; N-FGSM (training only, by design outside it) has its own file.
 ALL_ATTACKS = [name for name in available_attacks() if attack_class(name).stays_in_ball]
@@ -276,6 +277,130 @@ def test_under_cpu_bf16_autocast(name: str) -> None:
     assert result.x_adv.dtype == torch.float32
     assert module_modes(model) == modes
     assert all(p.grad is None for p in model.parameters())
+
+
+class ColourNet(nn.Module):
+    """3-channel 8x8 inputs, two convolutions (layouts of their weights are unambiguous); records
+    whether each input it sees is stored channels_last."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1), nn.ReLU(), nn.Flatten()
+        )
+        self.head = nn.Linear(4 * 8 * 8, 10)
+        self.seen_channels_last: list[bool] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.seen_channels_last.append(
+            x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+        )
+        return self.head(self.body(x))
+
+
+def test_model_memory_format_is_read_from_the_parameters() -> None:
+    torch.manual_seed(0)
+    assert model_memory_format(ColourNet()) == torch.contiguous_format
+    assert model_memory_format(ColourNet().to(memory_format=torch.channels_last)) == torch.channels_last
+    one_channel_stem = nn.Conv2d(1, 4, 3).to(memory_format=torch.channels_last)  # both layouts at once
+    assert model_memory_format(one_channel_stem) == torch.contiguous_format
+    assert model_memory_format(nn.Linear(3, 2)) == torch.contiguous_format
+
+
+@pytest.mark.parametrize("name", ALL_ATTACKS)
+def test_attack_follows_a_channels_last_network_and_returns_the_input_layout(name: str) -> None:
+    torch.manual_seed(0)
+    contiguous = ColourNet().eval()
+    channels_last = ColourNet().eval()
+    channels_last.load_state_dict(contiguous.state_dict())
+    channels_last.to(memory_format=torch.channels_last)
+    generator = torch.Generator().manual_seed(1)
+    x, y = torch.rand(6, 3, 8, 8, generator=generator), torch.randint(0, 10, (6,), generator=generator)
+    outputs = {}
+    for label, model in (("contiguous", contiguous), ("channels_last", channels_last)):
+        torch.manual_seed(0)
+        outputs[label] = quick(name, restarts=2).perturb(model, x, y).x_adv
+        assert_valid_adversarial(outputs[label], x, 0.1)
+        assert outputs[label].is_contiguous(), "a contiguous input must give a contiguous x_adv"
+    assert channels_last.seen_channels_last and all(channels_last.seen_channels_last)
+    assert not any(contiguous.seen_channels_last)  # control: a contiguous network sees contiguous inputs
+    # another layout rounds differently: the same adversarial inputs up to rare sign flips
+    assert (outputs["contiguous"] == outputs["channels_last"]).float().mean() >= 0.99
+
+
+def _backward_kernels(
+    attack: Attack, model: nn.Module, x: torch.Tensor, y: torch.Tensor
+) -> tuple[list[str], torch.Tensor]:
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        grad, _ = attack._input_gradient(model, x, y)
+    kernels = [
+        e.name for e in prof.events() if e.name in ("aten::_slow_conv2d_backward", "aten::mkldnn_convolution")
+    ]
+    return kernels, grad
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="needs oneDNN (mkldnn)")
+def test_only_the_stem_backward_leaves_onednn_and_the_gradient_is_unchanged() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(1, 8, 3, padding=1),
+        nn.ReLU(inplace=True),
+        nn.Conv2d(8, 8, 3, padding=1),
+        nn.Flatten(),
+        nn.Linear(8 * 64, 10),
+    ).eval()
+    x, y = small_batch()
+    native, legacy = quick("pgd"), quick("pgd")
+    legacy.native_stem_backward = False
+    kernels, grad = _backward_kernels(native, model, x, y)
+    assert kernels.count("aten::_slow_conv2d_backward") == 1  # the 1-channel stem only
+    assert kernels.count("aten::mkldnn_convolution") == 2  # forward passes keep oneDNN
+    control, grad_legacy = _backward_kernels(legacy, model, x, y)
+    assert "aten::_slow_conv2d_backward" not in control  # the control path stays on oneDNN
+    torch.testing.assert_close(grad, grad_legacy)
+    assert torch.backends.mkldnn.enabled  # restored
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="needs oneDNN (mkldnn)")
+def test_a_stem_under_bf16_autocast_keeps_onednn() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(1, 8, 5, padding=2), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 64, 10)
+    ).eval()
+    x, y = small_batch()
+    kernels, _ = _backward_kernels(quick("pgd"), model, x, y)
+    assert "aten::_slow_conv2d_backward" in kernels  # control: float32 takes ATen's kernel
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        kernels, grad = _backward_kernels(quick("pgd"), model, x, y)
+    assert "aten::_slow_conv2d_backward" not in kernels and grad.dtype == torch.float32
+
+
+STEM_CASES = {  # (input channels, kernel, channels_last) -> stem backward on ATen?
+    "3ch-3x3-contiguous": (3, 3, False, True),
+    "3ch-3x3-channels_last": (3, 3, True, False),
+    "1ch-5x5-channels_last": (1, 5, True, True),
+    "1ch-3x3-channels_last": (1, 3, True, False),
+}
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="needs oneDNN (mkldnn)")
+@pytest.mark.parametrize("case", list(STEM_CASES))
+def test_which_stems_leave_onednn_depends_on_channels_kernel_and_layout(case: str) -> None:
+    channels, kernel, channels_last, native = STEM_CASES[case]
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(channels, 8, kernel, padding=kernel // 2),
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1),
+        nn.Flatten(),
+        nn.Linear(8 * 64, 10),
+    ).eval()
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    generator = torch.Generator().manual_seed(1)
+    x, y = torch.rand(6, channels, 8, 8, generator=generator), torch.randint(0, 10, (6,), generator=generator)
+    kernels, _ = _backward_kernels(quick("pgd"), model, x, y)
+    assert kernels.count("aten::_slow_conv2d_backward") == (1 if native else 0)
 
 
 @pytest.mark.parametrize("name", GRADIENT_ATTACKS)

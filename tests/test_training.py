@@ -81,6 +81,39 @@ def test_mixed_objective_weights_clean_and_adversarial_losses() -> None:
     torch.testing.assert_close(loss, expected)
 
 
+@pytest.mark.parametrize("every", [1, 3])
+def test_clean_accuracy_is_measured_on_every_nth_batch(every: int) -> None:
+    module = AdversarialTraining(
+        TinyCNN(width=4), PGD(eps=0.3, alpha=0.1, steps=1), clean_accuracy_every_n_batches=every
+    )
+    measured: list[int] = []
+    eval_logits = module._eval_logits
+    module._eval_logits = lambda x: measured.append(x.shape[0]) or eval_logits(x)
+    trainer = quiet_trainer(max_epochs=1, limit_val_batches=0)
+    trainer.fit(module, _loader(96, 16))  # 6 batches
+    assert len(measured) == (6 if every == 1 else 2)  # batches 0 and 3 when every=3
+    assert 0.0 <= float(trainer.callback_metrics["train/clean_acc"]) <= 1.0
+    with pytest.raises(ValueError, match="clean_accuracy_every_n_batches"):
+        AdversarialTraining(TinyCNN(width=4), clean_accuracy_every_n_batches=0)
+
+
+def test_channels_last_option_stores_the_network_so_and_its_checkpoint_loads_anywhere(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    module = AdversarialTraining(TinyCNN(width=4), PGD(eps=0.3, alpha=0.1, steps=2), channels_last=True)
+    conv = module.net.features[3].weight  # 4 -> 8 channels: the two layouts differ
+    assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+    trainer = quiet_trainer(max_epochs=1, limit_val_batches=0, default_root_dir=tmp_path)
+    trainer.fit(module, _loader(64, 16))
+    assert not module.net.features[3].weight.is_contiguous()  # Adam's updates keep the layout
+    trainer.save_checkpoint(tmp_path / "cl.ckpt")
+    plain = TinyCNN(width=4)
+    state = torch.load(tmp_path / "cl.ckpt", weights_only=True)["state_dict"]
+    plain.load_state_dict({k.removeprefix("net."): v for k, v in state.items() if k.startswith("net.")})
+    assert plain.features[3].weight.is_contiguous()
+    x, _ = load_mnist_tensors(8)
+    torch.testing.assert_close(plain.eval()(x), module.net.eval()(x))
+
+
 def test_lr_schedules() -> None:
     piecewise = lr_lambda("piecewise", 100)
     assert [piecewise(s) for s in (0, 49, 50, 74, 75, 99)] == [1.0, 1.0, 0.1, 0.1, 0.01, 0.01]

@@ -9,9 +9,10 @@ whose iterations differ, replace :meth:`Attack._run_once` and keep everything el
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, ClassVar, NamedTuple
 
@@ -23,6 +24,88 @@ from qgtrain.attacks.quantize import check_quantization_level, quantize_gradient
 
 StepObserver = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], None]
 """Called as ``observer(step, per_example_loss, grad, direction)`` at every inner step."""
+
+
+def model_memory_format(model: nn.Module) -> torch.memory_format:
+    """``torch.channels_last`` when the model's 4-D parameters are stored so, else contiguous.
+
+    Decided by the first convolution weight whose two layouts differ (a weight with one input
+    channel, such as an MNIST stem's, is both); ``net.to(memory_format=torch.channels_last)`` sets it.
+    """
+    for p in model.parameters():
+        if p.dim() == 4:
+            channels_last = p.is_contiguous(memory_format=torch.channels_last)
+            if channels_last != p.is_contiguous():
+                return torch.channels_last if channels_last else torch.contiguous_format
+    return torch.contiguous_format
+
+
+def as_model_input(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``x`` in the memory format of ``model``'s convolutions (a no-op when it already is, e.g. one
+    channel); inside the graph, so a gradient w.r.t. ``x`` keeps ``x``'s own layout."""
+    if x.dim() != 4:
+        return x
+    return x.contiguous(memory_format=model_memory_format(model))
+
+
+STEM_MAX_IN_CHANNELS = 4
+"""A contiguous network's convolutions with at most this many input channels (its stem) get ATen's
+CPU backward; in a channels_last network only one-channel convolutions of 5x5 or larger do."""
+
+
+@contextlib.contextmanager
+def native_stem_backward(model: nn.Module, x: torch.Tensor) -> Iterator[None]:
+    """On CPU, run the backward of a network's stem convolution without oneDNN where that is faster.
+
+    Measured on the 2-core EPYC, oneDNN 3.12, one thread (docs/RESULTS.md, section 6): oneDNN's
+    data-gradient kernel is slow for few input channels (MadryMNIST's 1->32 5x5 stem, batch 256:
+    55-77 ms vs ATen's 18-25 ms; 3->64 3x3, batch 64, contiguous: 18 vs 11 ms), while every other
+    convolution is faster with it. In a channels_last network it paid for the 5x5 one-channel stem
+    (a MadryMNIST input gradient: 0.87 -> 0.73 of the contiguous time), not for a 3x3 one (TinyCNN)
+    or a 3-channel one (15 vs 17 ms), which stay on oneDNN. oneDNN is switched off just before the
+    stem's backward node runs and back on just after it (graph-node hooks, so an in-place ReLU after
+    the convolution does not matter); only the kernel changes, not the arithmetic. Not used off
+    CPU, with oneDNN disabled, for a stem computed in bf16/fp16 (under autocast ATen's kernel made
+    a PGD step 1.8x slower), or on a compiled network (hooks would force recompiles).
+    """
+    if (
+        x.device.type != "cpu"
+        or not torch.backends.mkldnn.enabled
+        or getattr(model, "_compiled_call_impl", None) is not None
+    ):
+        yield
+        return
+
+    def disable(*_: Any) -> None:
+        torch.backends.mkldnn.enabled = False
+
+    def enable(*_: Any) -> None:
+        torch.backends.mkldnn.enabled = True
+
+    def attach(module: nn.Module, inputs: Any, output: torch.Tensor) -> None:
+        node = output.grad_fn
+        if node is not None and output.dtype == torch.float32:  # ATen's bf16 kernel is the slow one
+            node.register_prehook(disable)
+            node.register_hook(enable)
+
+    contiguous = model_memory_format(model) == torch.contiguous_format
+    stems = [
+        m
+        for m in model.modules()
+        if isinstance(m, nn.Conv2d)
+        and (
+            m.in_channels <= STEM_MAX_IN_CHANNELS
+            if contiguous
+            else m.in_channels == 1 and m.kernel_size[0] * m.kernel_size[1] >= 25
+        )
+    ]
+    handles = [m.register_forward_hook(attach) for m in stems]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+        torch.backends.mkldnn.enabled = True
 
 
 class LinfThreatModel:
@@ -169,6 +252,8 @@ class Attack:
     """The loss when it is part of the algorithm (APGD-T: targeted DLR; Square: margin): no ``loss`` argument."""
     stays_in_ball: ClassVar[bool] = True
     """False for training-only attacks whose output leaves the eps-ball (N-FGSM): not for evaluation."""
+    native_stem_backward: bool = True
+    """Kernel choice only (see :func:`native_stem_backward`); False: the legacy path, for benchmarks."""
 
     def __init__(
         self,
@@ -409,10 +494,15 @@ class Attack:
     def _input_gradient(
         self, model: nn.Module, x_adv: torch.Tensor, y: torch.Tensor, target: torch.Tensor | None = None
     ) -> Gradient:
-        """Gradient of the summed per-example loss w.r.t. the input only, that loss and the logits."""
-        with torch.enable_grad():
+        """Gradient of the summed per-example loss w.r.t. the input only, that loss and the logits.
+
+        The input is fed in the network's memory format (:func:`as_model_input`) and, on CPU, the
+        stem's backward avoids oneDNN (:func:`native_stem_backward`): issue 15's speed-ups.
+        """
+        stem = native_stem_backward(model, x_adv) if self.native_stem_backward else contextlib.nullcontext()
+        with torch.enable_grad(), stem:
             x_adv = x_adv.detach().requires_grad_(True)
-            logits = model(x_adv)
+            logits = model(as_model_input(model, x_adv))
             per_example_loss = self.attack_loss(logits, y, target)
             (grad,) = torch.autograd.grad(per_example_loss.sum(), x_adv)
         return Gradient(grad.detach(), per_example_loss.detach(), logits.detach())
@@ -422,4 +512,4 @@ class Attack:
     def _is_fooled(model: nn.Module, x_adv: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         if x_adv.shape[0] == 0:
             return torch.zeros_like(y, dtype=torch.bool)
-        return model(x_adv).argmax(dim=1) != y
+        return model(as_model_input(model, x_adv)).argmax(dim=1) != y
