@@ -465,12 +465,16 @@ class ConstantLogits(nn.Module):
         return self.bias.expand(x.shape[0], 10) + 0.0 * x.flatten(1).sum(1, keepdim=True)
 
 
-@pytest.mark.parametrize("name", list(ATTACKS))
+@pytest.mark.parametrize("name", [name for name, cls in ATTACKS.items() if cls.uses_gradients])
 def test_attacks_survive_all_zero_gradients(name: str) -> None:
     x, y = load_mnist_tensors(16)
     model = ConstantLogits()
+    cls = ATTACKS[name]
     for random_start in (True, False):
-        attack = build_attack(name, eps=0.1, alpha=0.02, steps=3, b=4, random_start=random_start)
+        kwargs = {"eps": 0.1, "steps": 3, "b": 4, "random_start": random_start}
+        if "alpha" in cls.constructor_defaults():  # APGD sets its own step size
+            kwargs["alpha"] = 0.02
+        attack = cls(**kwargs)
         directions: list[torch.Tensor] = []
         result = attack.perturb(
             model, x, y, observer=lambda s, loss, g, d, seen=directions: seen.append(d.clone())
@@ -478,7 +482,9 @@ def test_attacks_survive_all_zero_gradients(name: str) -> None:
         assert len(directions) == 3 and all(torch.isfinite(d).all() for d in directions)
         x_adv = result.x_adv
         assert torch.isfinite(x_adv).all()
-        assert (x_adv - x).abs().max() <= 0.1 + 1e-6 and x_adv.min() >= 0 and x_adv.max() <= 1
+        assert x_adv.min() >= 0 and x_adv.max() <= 1
+        if cls.stays_in_ball:  # N-FGSM's training perturbation leaves the ball by design
+            assert (x_adv - x).abs().max() <= 0.1 + 1e-6
         if not random_start and not attack.batch_coupled:
             assert torch.equal(x_adv, x)  # no gradient, no information, no move
     assert all(p.grad is None for p in model.parameters())
