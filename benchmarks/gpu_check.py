@@ -276,7 +276,8 @@ def section_attacks(plan: Plan) -> Section:
             if trained:
                 data = batches(x_eval, y_eval, batch_size)
                 correct = {
-                    name: adversarial_correct(net, attack, data, seed=0) for name, attack in attacks.items()
+                    name: adversarial_correct(net, attack, data, seed=0, early_exit=False)
+                    for name, attack in attacks.items()
                 }
                 row["qgtrain acc %"] = 100.0 * correct["qgtrain"].float().mean().item()
                 row["torchattacks acc %"] = 100.0 * correct["torchattacks"].float().mean().item()

@@ -332,7 +332,7 @@ def _backward_kernels(
     attack: Attack, model: nn.Module, x: torch.Tensor, y: torch.Tensor
 ) -> tuple[list[str], torch.Tensor]:
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-        grad, _ = attack._input_gradient(model, x, y)
+        grad = attack._input_gradient(model, x, y).grad
     kernels = [
         e.name for e in prof.events() if e.name in ("aten::_slow_conv2d_backward", "aten::mkldnn_convolution")
     ]

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from qgtrain.attacks.base import Attack, FirstFooled, RunOutcome, StepObserver
+from qgtrain.attacks.base import Attack, FirstFooled, RunOutcome, StepObserver, as_model_input
 from qgtrain.attacks.losses import targeted_dlr_loss
 
 
@@ -279,7 +279,7 @@ class APGDT(APGD):
     def stages(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> list[torch.Tensor | None]:
         """For target rank k = 1..targets, the k-th most likely class other than ``y`` (clean logits),
         each repeated ``restarts`` times (the reference code's order: targets outer)."""
-        logits = model(x).float()
+        logits = model(as_model_input(model, x)).float()
         classes = logits.shape[1]
         if self.targets > classes - 1:
             raise ValueError(

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from qgtrain.attacks.base import Attack, RunOutcome, StepObserver
+from qgtrain.attacks.base import Attack, RunOutcome, StepObserver, as_model_input
 
 SCHEDULE = (
     (10, 1),
@@ -124,7 +124,7 @@ class Square(Attack):
         lower, upper = geometry.bounds(x)
         channels, height, width = x.shape[1:]
         best = start.clone()
-        best_margin = margin(model(best), y)
+        best_margin = margin(model(as_model_input(model, best)), y)
         forwards = x.shape[0]
         for query in range(self.queries):
             live = (best_margin > 0).nonzero().squeeze(1)
@@ -140,7 +140,7 @@ class Square(Attack):
             signs = 2.0 * torch.randint(0, 2, (channels, 1, 1), device=x.device).to(x.dtype) - 1.0
             window[:, top : top + side, left : left + side] = 2.0 * self.eps * signs
             candidate = torch.clamp(best[live] + window, min=lower[live], max=upper[live])
-            candidate_margin = margin(model(candidate), y[live])
+            candidate_margin = margin(model(as_model_input(model, candidate)), y[live])
             forwards += live.numel()
             better = candidate_margin < best_margin[live]
             best[live[better]] = candidate[better]

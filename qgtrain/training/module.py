@@ -105,6 +105,9 @@ class AdversarialTraining(L.LightningModule):
         eps_warmup_epochs: Epochs over which the inner radius ramps linearly from 0 to eps (0 = off).
         track_clean_accuracy: Also log training accuracy on the clean inputs (one more forward pass).
         seed: Seed of the per-batch attack RNG streams and of validation's fixed attack RNG.
+        clean_accuracy_every_n_batches: Measure train/clean_acc on every N-th batch (1 = every batch).
+        channels_last: Store the network's convolution weights channels_last (the attacks follow).
+        compile_net: Compile the network's forward in place (torch.compile; for a GPU, slower on CPU).
     """
 
     def __init__(
