@@ -37,7 +37,7 @@ from common import (
     write_json,
 )
 
-from qgtrain.attacks import Attack, build_attack
+from qgtrain.attacks import Attack, attack_for_budget
 from qgtrain.evaluation import adversarial_correct, clean_correct
 from qgtrain.evaluation.checkpoints import CheckpointError, load_model_from_checkpoint
 
@@ -128,10 +128,8 @@ def main() -> None:
     for label, name, kwargs in configs:
         row: dict[str, Any] = {"attack": label}
         for steps in args.steps_list:
-            kw = {"eps": EPS, "steps": steps, "alpha": kwargs.get("alpha", 2.5 * EPS / steps)}
-            if "b" in kwargs:
-                kw["b"] = kwargs["b"]
-            acc, sec = accuracy(build_attack(name, **kw))
+            attack = attack_for_budget(name, EPS, steps, alpha=kwargs.get("alpha"), b=kwargs.get("b"))
+            acc, sec = accuracy(attack)
             row[f"{steps} steps"] = acc
             seconds[f"{label}/{steps}"] = sec
             print(f"[{time.strftime('%H:%M:%S')}] {label} {steps} steps: {acc:.2f}% ({sec:.0f}s)", flush=True)
@@ -142,7 +140,7 @@ def main() -> None:
     restart_label = f"PGD-100 x{args.restarts} restarts a=0.0075"
     acc = None
     if args.restarts > 0:
-        restarts = build_attack("pgd", eps=EPS, alpha=2.5 * EPS / 100, steps=100, restarts=args.restarts)
+        restarts = attack_for_budget("pgd", EPS, 100, restarts=args.restarts)
         acc, sec = accuracy(restarts)
         seconds[restart_label] = sec
         print(f"[{time.strftime('%H:%M:%S')}] {restart_label}: {acc:.2f}% ({sec:.0f}s)", flush=True)

@@ -23,7 +23,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:  # `python benchmarks/x.py` from the repository root
     sys.path.insert(0, str(REPO_ROOT))
 
-from qgtrain.attacks import Attack, build_attack  # noqa: E402
+from qgtrain.attacks import Attack, attack_for_budget, build_attack  # noqa: E402
 from qgtrain.data import DataError, MNISTDataModule  # noqa: E402
 from qgtrain.evaluation import adversarial_correct, clean_correct, worst_case_correct  # noqa: E402
 
@@ -130,9 +130,7 @@ def robust_accuracy(
 def evaluation_attacks(steps: int, restarts: int, b: int, include_pqgd: bool) -> dict[str, Attack]:
     """The strong protocol: PGD-steps with restarts (alpha 2.5 eps/steps), BLOB_QG-steps, optional PQGD."""
     attacks = {
-        f"pgd{steps}x{restarts}": build_attack(
-            "pgd", eps=EPS, alpha=2.5 * EPS / steps, steps=steps, restarts=restarts
-        ),
+        f"pgd{steps}x{restarts}": attack_for_budget("pgd", EPS, steps, restarts=restarts),
         f"blob_qg{steps}": build_attack("blob_qg", eps=EPS, alpha=0.01, steps=steps, b=b),
     }
     if include_pqgd:

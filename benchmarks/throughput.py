@@ -56,7 +56,7 @@ from common import (
 )
 from torch.utils.data import DataLoader, TensorDataset
 
-from qgtrain.attacks import Attack, build_attack
+from qgtrain.attacks import Attack, attack_class, attack_for_budget, build_attack
 from qgtrain.models import build_model
 from qgtrain.training import AdversarialTraining
 
@@ -70,10 +70,8 @@ def inner_attacks(steps_list: list[int], attacks: list[str]) -> list[tuple[str, 
         if name not in attacks:
             continue
         for k in steps_list:
-            kwargs: dict[str, Any] = {"eps": EPS, "alpha": 2.5 * EPS / k, "steps": k}
-            if name != "pgd":
-                kwargs["b"] = 100
-            out.append((f"{name}{k}", k, build_attack(name, **kwargs)))
+            b = 100 if attack_class(name).default_b > 1 else None  # quantized attacks at b = 100
+            out.append((f"{name}{k}", k, attack_for_budget(name, EPS, k, b=b)))
     return out
 
 
