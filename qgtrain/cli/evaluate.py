@@ -469,7 +469,8 @@ def _evaluate(
         estimate = gradients * per_gradient + forwards * per_forward
         log.info(
             "plan: %s protocol, at most %.3g example-gradients and %.3g forward queries (early exit spends "
-            "less); at most about %s on this device (%.2f ms per example-gradient); Ctrl-C writes what is done",
+            "less); about %s on this device at %.2f ms per example-gradient (an estimate from one batch); "
+            "Ctrl-C writes what is done",
             args.protocol,
             gradients,
             forwards,
