@@ -202,20 +202,11 @@ class APGDDLR(APGD):
 
     name = "apgd_dlr"
 
-    def __init__(
-        self,
-        eps: float = 0.3,
-        steps: int = 100,
-        b: int = 1,
-        restarts: int = 1,
-        loss: str = "dlr",
-        rho: float = 0.75,
-        momentum: float = 0.75,
-        initial_step: float = 2.0,
-        random_start: bool = True,
-        clip: tuple[float, float] = (0.0, 1.0),
-    ) -> None:
-        super().__init__(eps, steps, b, restarts, loss, rho, momentum, initial_step, random_start, clip)
+    def __init__(self, loss: str = "dlr", **kwargs: Any) -> None:
+        """Args:
+        loss: The maximised loss (the untargeted DLR loss).
+        """
+        super().__init__(loss=loss, **kwargs)
 
 
 class APGDT(APGD):

@@ -295,9 +295,16 @@ class Attack:
 
     @classmethod
     def constructor_defaults(cls) -> dict[str, Any]:
-        """The keyword defaults of this class's constructor (what ``--inner`` resets on a class switch)."""
-        parameters = inspect.signature(cls.__init__).parameters
-        return {k: p.default for k, p in parameters.items() if p.default is not inspect.Parameter.empty}
+        """The keyword defaults of this class's constructor, following ``**kwargs`` into the bases'
+        constructors as jsonargparse does (what ``--inner`` resets on a class switch)."""
+        defaults: dict[str, Any] = {}
+        for klass in reversed(cls.__mro__):
+            if "__init__" in vars(klass) and issubclass(klass, Attack):
+                parameters = inspect.signature(klass.__init__).parameters.values()
+                defaults.update(
+                    {p.name: p.default for p in parameters if p.default is not inspect.Parameter.empty}
+                )
+        return defaults
 
     @classmethod
     def for_budget(

@@ -115,17 +115,8 @@ class BLOBQG(BLOB):
     name = "blob_qg"
     default_b = 100
 
-    def __init__(
-        self,
-        eps: float = 0.3,
-        alpha: float = 0.01,
-        steps: int = 40,
-        b: int = default_b,
-        random_start: bool = True,
-        restarts: int = 1,
-        loss: str = "ce",
-        clip: tuple[float, float] = (0.0, 1.0),
-        c: float = 1.1,
-        kernel_sign: int = -1,
-    ) -> None:
-        super().__init__(eps, alpha, steps, b, random_start, restarts, loss, clip, c, kernel_sign)
+    def __init__(self, b: int = default_b, **kwargs: Any) -> None:
+        """Args:
+        b: Quantization level of the mixed direction, ``zeta(b * d / M)`` (100; 1 is DAA-BLOB).
+        """
+        super().__init__(b=b, **kwargs)

@@ -2,31 +2,34 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from qgtrain.attacks.base import Attack
 
 
 class FGSM(Attack):
     """Fast gradient sign method: one step of size ``alpha`` (default ``eps``) from the clean input.
 
-    ``b > 1`` quantizes the gradient instead of taking its sign.
+    ``b > 1`` quantizes the gradient instead of taking its sign. The other arguments are
+    :class:`~qgtrain.attacks.base.Attack`'s.
     """
 
     name = "fgsm"
     single_step = True
 
     def __init__(
-        self,
-        eps: float = 0.3,
-        alpha: float | None = None,
-        steps: int = 1,
-        b: int = 1,
-        random_start: bool = False,
-        restarts: int = 1,
-        loss: str = "ce",
-        clip: tuple[float, float] = (0.0, 1.0),
+        self, alpha: float | None = None, steps: int = 1, random_start: bool = False, **kwargs: Any
     ) -> None:
-        alpha = self.default_alpha(eps, steps) if alpha is None else alpha
-        super().__init__(eps, alpha, steps, b, random_start, restarts, loss, clip)
+        """Args:
+        alpha: Step size (null: the class's default_alpha of eps).
+        steps: Gradient steps (1: a single-step attack).
+        random_start: Start from a uniform point in the eps-ball instead of the clean input.
+        """
+        super().__init__(
+            alpha=1.0 if alpha is None else alpha, steps=steps, random_start=random_start, **kwargs
+        )
+        if alpha is None:
+            self.alpha = self.default_alpha(self.eps, self.steps)
 
     @classmethod
     def default_alpha(cls, eps: float, steps: int = 1) -> float:
@@ -34,28 +37,19 @@ class FGSM(Attack):
         return eps
 
 
-class FGSMRS(Attack):
+class FGSMRS(FGSM):
     """FGSM with a uniform random start in the eps-ball, then one step of size ``alpha``.
 
     "Fast is better than free" (Wong et al., 2020); ``alpha`` defaults to their ``1.25 * eps``.
     """
 
     name = "fgsm_rs"
-    single_step = True
 
-    def __init__(
-        self,
-        eps: float = 0.3,
-        alpha: float | None = None,
-        steps: int = 1,
-        b: int = 1,
-        random_start: bool = True,
-        restarts: int = 1,
-        loss: str = "ce",
-        clip: tuple[float, float] = (0.0, 1.0),
-    ) -> None:
-        alpha = self.default_alpha(eps, steps) if alpha is None else alpha
-        super().__init__(eps, alpha, steps, b, random_start, restarts, loss, clip)
+    def __init__(self, random_start: bool = True, **kwargs: Any) -> None:
+        """Args:
+        random_start: Start from a uniform point in the eps-ball (Wong et al.'s FGSM needs it).
+        """
+        super().__init__(random_start=random_start, **kwargs)
 
     @classmethod
     def default_alpha(cls, eps: float, steps: int = 1) -> float:

@@ -9,9 +9,12 @@ evaluation attack: its output leaves the threat model by design (``stays_in_ball
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
-from qgtrain.attacks.base import Attack, LinfThreatModel
+from qgtrain.attacks.base import LinfThreatModel
+from qgtrain.attacks.fgsm import FGSM
 
 
 class NoisyUnclippedThreatModel(LinfThreatModel):
@@ -29,46 +32,21 @@ class NoisyUnclippedThreatModel(LinfThreatModel):
         return torch.full_like(x, self.clip[0]), torch.full_like(x, self.clip[1])
 
 
-class NFGSM(Attack):
+class NFGSM(FGSM):
     """N-FGSM: noise of ``noise_factor * eps`` (2), one step of ``alpha`` (``eps``), no eps projection."""
 
     name = "nfgsm"
-    single_step = True
     stays_in_ball = False
 
-    def __init__(
-        self,
-        eps: float = 0.3,
-        alpha: float | None = None,
-        steps: int = 1,
-        b: int = 1,
-        random_start: bool = True,
-        restarts: int = 1,
-        loss: str = "ce",
-        clip: tuple[float, float] = (0.0, 1.0),
-        noise_factor: float = 2.0,
-    ) -> None:
+    def __init__(self, random_start: bool = True, noise_factor: float = 2.0, **kwargs: Any) -> None:
         """Args:
-        eps: the threat model's L-inf radius; the noise and the step scale with it.
-        alpha: step size (default ``eps``).
-        steps: gradient steps (1 in the paper).
-        b: quantization level of the direction (1 = the sign).
-        random_start: add the uniform noise (N-FGSM needs it).
-        restarts: random starts.
-        loss: the maximised per-example loss.
-        clip: the valid input range (the only projection).
+        random_start: Add the uniform noise (N-FGSM needs it).
         noise_factor: ``k``: the noise is uniform in ``[-k eps, k eps]`` (2 in the paper).
         """
         if not noise_factor >= 0:
             raise ValueError(f"noise_factor must be >= 0, got {noise_factor!r}")
-        alpha = self.default_alpha(eps, steps) if alpha is None else alpha
-        super().__init__(eps, alpha, steps, b, random_start, restarts, loss, clip)
+        super().__init__(random_start=random_start, **kwargs)
         self.noise_factor = float(noise_factor)
-
-    @classmethod
-    def default_alpha(cls, eps: float, steps: int = 1) -> float:
-        """de Jorge et al.'s ``alpha = eps``."""
-        return eps
 
     @property
     def threat_model(self) -> LinfThreatModel:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from qgtrain.attacks.base import Attack
 
 
@@ -24,15 +26,8 @@ class PQGD(PGD):
     name = "pqgd"
     default_b = 100
 
-    def __init__(
-        self,
-        eps: float = 0.3,
-        alpha: float = 0.01,
-        steps: int = 40,
-        b: int = default_b,
-        random_start: bool = True,
-        restarts: int = 1,
-        loss: str = "ce",
-        clip: tuple[float, float] = (0.0, 1.0),
-    ) -> None:
-        super().__init__(eps, alpha, steps, b, random_start, restarts, loss, clip)
+    def __init__(self, b: int = default_b, **kwargs: Any) -> None:
+        """Args:
+        b: Quantization level of the gradient, ``zeta(b * g / M)`` (100; 1 is the sign).
+        """
+        super().__init__(b=b, **kwargs)
