@@ -156,26 +156,15 @@ def run_torchattacks(
 
 def train_tiny(data_dir: str | None, seed: int) -> nn.Module:
     """The TinyCNN of cheap_training.py's budget: width 16, PGD-10 training on 10k images, 3 epochs."""
-    import lightning as L
-
     from qgtrain.models import TinyCNN
-    from qgtrain.training import AdversarialTraining
+    from qgtrain.training import AdversarialTraining, quiet_trainer
 
     torch.manual_seed(seed)
     dm = mnist_datamodule(data_dir, 10_000, 1000, 100, seed)
     net = TinyCNN(dataset="mnist", width=16)
     inner = attack_for_budget("pgd", EPS, 10)
     module = AdversarialTraining(net, inner=inner, eps_warmup_epochs=1.0, seed=seed)
-    trainer = L.Trainer(
-        accelerator="cpu",
-        max_epochs=3,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        inference_mode=False,
-    )
+    trainer = quiet_trainer(max_epochs=3, limit_val_batches=0)
     trainer.fit(module, datamodule=dm)
     return net.eval()
 

@@ -40,7 +40,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import lightning as L
 import torch
 import torch.nn.functional as F
 from common import (
@@ -58,7 +57,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from qgtrain.attacks import Attack, attack_class, attack_for_budget, build_attack
 from qgtrain.models import build_model
-from qgtrain.training import AdversarialTraining
+from qgtrain.training import AdversarialTraining, quiet_trainer
 
 
 def inner_attacks(steps_list: list[int], attacks: list[str]) -> list[tuple[str, int, Attack]]:
@@ -236,17 +235,8 @@ def fit_images_per_sec(module: AdversarialTraining, x: torch.Tensor, y: torch.Te
     """Images per second of ``module``'s training steps under ``Trainer.fit`` (its own perf meter)."""
     n = x.shape[0]
     data = TensorDataset(x.repeat(batches, 1, 1, 1), y.repeat(batches))
-    trainer = L.Trainer(
-        accelerator="cpu" if not torch.cuda.is_available() else "auto",
-        devices=1,
-        max_epochs=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        inference_mode=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
+    trainer = quiet_trainer(
+        accelerator="cpu" if not torch.cuda.is_available() else "auto", max_epochs=1, limit_val_batches=0
     )
     trainer.fit(module, train_dataloaders=DataLoader(data, batch_size=n, shuffle=False))
     # the module's own per-batch meter (on_train_batch_start -> end): steady state, setup excluded

@@ -10,32 +10,16 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 from pathlib import Path  # noqa: E402
 
-import lightning as L  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from qgtrain.models import TinyCNN  # noqa: E402
+from qgtrain.training import quiet_trainer  # noqa: E402, F401  (the tests' Trainer)
 
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def quiet_trainer(**overrides) -> L.Trainer:
-    """A one-device CPU Trainer without logger, checkpoints, progress bar or sanity check, with
-    gradients allowed in validation (``inference_mode=False``); ``overrides`` win."""
-    defaults = dict(
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        inference_mode=False,
-        num_sanity_val_steps=0,
-    )
-    return L.Trainer(**{**defaults, **overrides})
 
 
 def find_data_root() -> Path | None:

@@ -543,10 +543,10 @@ def test_results_are_versioned_not_overwritten_and_merge_per_example(
 def test_ctrl_c_writes_the_finished_batches_marked_partial(
     tiny_ckpt: Path, data_dir: Path, tmp_path: Path, monkeypatch, capsys
 ) -> None:
-    import qgtrain.evaluation.runner as runner
+    import qgtrain.evaluation.protocol as protocol
 
     calls = []
-    real = runner.attack_batch
+    real = protocol.attack_batch
 
     def interrupted_after_one_batch(*args, **kwargs):
         calls.append(1)
@@ -554,7 +554,7 @@ def test_ctrl_c_writes_the_finished_batches_marked_partial(
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(runner, "attack_batch", interrupted_after_one_batch)
+    monkeypatch.setattr(protocol, "attack_batch", interrupted_after_one_batch)
     status = run_standard_cli(tiny_ckpt, data_dir, tmp_path, "--name", "cut", "--quiet")
     err = capsys.readouterr().err
     assert status == 130

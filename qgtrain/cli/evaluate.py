@@ -181,12 +181,6 @@ def build_parser() -> OneLineParser:
         "(default: pgd,pqgd,blob,blob_qg for paper; the pqgd,blob_qg rows beside the standard suite)",
     )
     p.add_argument(
-        "--steps",
-        type=_with_context(parse_positive_int, "integer"),
-        default=None,
-        help="iterations per run (default: 100 for standard, APGD's and the rows'; 200 for paper)",
-    )
-    p.add_argument(
         "--eps", type=_with_context(parse_eps, "eps"), default=0.3, help="L-inf radius (8/255 works)"
     )
     p.add_argument("--alpha", type=_with_context(parse_alpha, "alpha"), default=0.01, help="step size")
@@ -196,50 +190,24 @@ def build_parser() -> OneLineParser:
         default=[100, 200],
         help="quantization levels: one row per b for pqgd and blob_qg",
     )
-    p.add_argument(
-        "--restarts",
-        type=_with_context(parse_positive_int, "integer"),
-        default=None,
-        help="paper: random restarts per run, merged per example (default 50)",
+    counts = (  # (flag, default, help): integers >= 1
+        (
+            "--steps",
+            None,
+            "iterations per run (default: 100 for standard, APGD's and the rows'; 200 for paper)",
+        ),
+        ("--restarts", None, "paper: random restarts per run, merged per example (default 50)"),
+        ("--runs", None, "paper: independent runs (default 5)"),
+        ("--targets", 9, "standard: APGD-T's target classes (AutoAttack: 9)"),
+        ("--queries", 5000, "standard: Square's queries (AutoAttack: 5000)"),
+        ("--apgd-b", 1, "standard: quantization level of APGD's direction (1 = the sign, AutoAttack)"),
+        ("--n", None, "first n test examples (default: the full test split)"),
+        ("--batch-size", 200, "attack batch size (BLOB's particles are the batch: results depend on it)"),
     )
-    p.add_argument(
-        "--runs",
-        type=_with_context(parse_positive_int, "integer"),
-        default=None,
-        help="paper: independent runs (default 5)",
-    )
-    p.add_argument(
-        "--targets",
-        type=_with_context(parse_positive_int, "integer"),
-        default=9,
-        help="standard: APGD-T's target classes (AutoAttack: 9)",
-    )
-    p.add_argument(
-        "--queries",
-        type=_with_context(parse_positive_int, "integer"),
-        default=5000,
-        help="standard: Square's queries (AutoAttack: 5000)",
-    )
-    p.add_argument(
-        "--apgd-b",
-        type=_with_context(parse_positive_int, "integer"),
-        default=1,
-        help="standard: quantization level of APGD's direction (1 = the sign, AutoAttack)",
-    )
+    for flag, default, text in counts:
+        p.add_argument(flag, type=_with_context(parse_positive_int, "integer"), default=default, help=text)
     p.add_argument(
         "--fab", action="store_true", help="standard: add FAB-T (torchattacks.FAB, needs the bench extra)"
-    )
-    p.add_argument(
-        "--n",
-        type=_with_context(parse_positive_int, "integer"),
-        default=None,
-        help="first n test examples (default: the full test split)",
-    )
-    p.add_argument(
-        "--batch-size",
-        type=_with_context(parse_positive_int, "integer"),
-        default=200,
-        help="attack batch size (BLOB's particles are the batch: results depend on it)",
     )
     p.add_argument("--loss", choices=sorted(ATTACK_LOSSES), default="ce", help="attack loss")
     p.add_argument("--seed", type=int, default=0, help="run r uses seed + r")

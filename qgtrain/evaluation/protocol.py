@@ -98,6 +98,8 @@ class SuiteOutcome:
     after: list[torch.Tensor]
     fooled_by: torch.Tensor
     costs: list[AttackCost] = field(default_factory=list)
+    partial: bool = False
+    """True when interrupted: the vectors cover the batches finished before Ctrl-C."""
 
     @property
     def robust(self) -> torch.Tensor:
@@ -204,19 +206,29 @@ def evaluate_suite(
     early_exit: bool = True,
     first_batch_index: int = 0,
     on_batch: Callable[[int], None] | None = None,
+    interruptible: bool = False,
 ) -> SuiteOutcome:
     """:func:`attack_batch` over every batch, the model in eval mode; batch ``i`` uses the stream
     :func:`batch_stream_seed` ``(seed, i)``, so results do not depend on what ran before and the same
     seed gives the same numbers. ``first_batch_index`` numbers the batches from there, so a shard
     holding batches ``k, k+1, ...`` of a longer sequence (one rank under DDP) draws exactly what the
-    whole sequence draws for them."""
+    whole sequence draws for them. ``interruptible``: Ctrl-C ends the evaluation at the batch under
+    way and returns the finished batches, marked ``partial``."""
     parts = []
-    with eval_mode(model):
-        for index, (x, y) in enumerate(iterate_batches(batches, device), start=first_batch_index):
-            parts.append(attack_batch(model, attacks, x, y, batch_stream_seed(seed, index), early_exit))
-            if on_batch is not None:
-                on_batch(index)
-    return SuiteOutcome.concatenate(parts, [attack.label for attack in attacks])
+    partial = False
+    try:
+        with eval_mode(model):
+            for index, (x, y) in enumerate(iterate_batches(batches, device), start=first_batch_index):
+                parts.append(attack_batch(model, attacks, x, y, batch_stream_seed(seed, index), early_exit))
+                if on_batch is not None:
+                    on_batch(index)
+    except KeyboardInterrupt:
+        if not interruptible:
+            raise
+        partial = True
+    outcome = SuiteOutcome.concatenate(parts, [attack.label for attack in attacks])
+    outcome.partial = partial
+    return outcome
 
 
 @torch.no_grad()

@@ -30,11 +30,8 @@ from qgtrain.attacks import Attack, attack_class, attack_for_budget
 from qgtrain.evaluation.protocol import (
     AttackCost,
     SuiteOutcome,
-    attack_batch,
-    batch_stream_seed,
     eval_mode,
     evaluate_suite,
-    iterate_batches,
     worst_case_correct,
 )
 
@@ -510,24 +507,26 @@ def run_standard(
     Ctrl-C keeps what is finished: the result covers the batches attacked so far, marked partial.
     """
     attacks = settings.suite()
-    parts: list[SuiteOutcome] = []
+    if progress is not None:
+        progress.set_postfix_str("suite")
+    suite = evaluate_suite(
+        model,
+        attacks,
+        batches,
+        device,
+        settings.seed,
+        on_batch=(lambda index: progress.update(1)) if progress is not None else None,
+        interruptible=True,
+    )
     rows: list[RowResult] = []
-    partial = False
-    labels = [a.label for a in attacks]
-    try:
-        with eval_mode(model):
-            for index, (x, y) in enumerate(iterate_batches(batches, device)):
-                if progress is not None:
-                    progress.set_postfix_str(f"suite batch {index + 1}/{len(batches)}")
-                parts.append(attack_batch(model, attacks, x, y, batch_stream_seed(settings.seed, index)))
-                if progress is not None:
-                    progress.update(1)
+    partial = suite.partial
+    if not partial:
         runner = ProtocolRunner(model, batches, device, progress)
-        for spec in settings.row_specs():
-            rows.append(runner.row(spec, [settings.seed]))
-    except KeyboardInterrupt:
-        partial = True
-    suite = SuiteOutcome.concatenate(parts, labels)
+        try:
+            rows = [runner.row(spec, [settings.seed]) for spec in settings.row_specs()]
+        except KeyboardInterrupt:
+            partial = True
+            rows = [runner.row(spec, [settings.seed]) for spec in runner.finished_specs(settings.row_specs())]
     configs = [a.config() for a in attacks]
     return StandardResult(settings, suite, configs, rows, batches.num_examples, partial)
 
