@@ -91,7 +91,7 @@ def main() -> None:
     try:
         model, info = load_model_from_checkpoint(args.ckpt, model=args.model)
     except CheckpointError as exc:
-        fail(f"{exc} (train it with `python benchmarks/cheap_training.py` or pass --ckpt)")
+        fail(f"{exc} (train it with `python benchmarks/cheap_training.py --runs pgd40` or pass --ckpt)")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = model.to(device).eval()
     dm = mnist_datamodule(args.data_dir, None, 0, 100, args.seed)

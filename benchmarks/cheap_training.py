@@ -43,12 +43,17 @@ finished, and two processes, on disjoint or on the same ``--runs``, never write 
 ``--report`` prints the table and writes ``OUT/cheap_training_<tag>.{json,png}`` (robust accuracy
 against cost, Pareto frontier marked) from what is stored.
 
-    python benchmarks/cheap_training.py --runs pgd40 pgd2 pqgd2_b100 pgd5 &          # process 1
-    python benchmarks/cheap_training.py --runs fgsm_rs fgsm_rs_b100 nfgsm nfgsm_b100 \\
-        pgd10 pqgd10_b100 pqgd5_b100 &                                               # process 2
+Time (benchmarks/README.md has the arithmetic): the cpu budget trains 5.34 M example-gradients
+(~45-75 min for two single-thread processes on this 2-core machine); judging 11 models with the
+standard suite on 1,000 images adds 3-6 CPU-hours (Square's 5,000 queries per robust image), so
+the whole cpu study takes ~2.3-4 h, not 90 minutes, unless evaluated on fewer images or a GPU.
+
+    python benchmarks/cheap_training.py --runs pgd40 pgd2 pqgd2_b100 pgd5 fgsm_rs &         # process 1
+    python benchmarks/cheap_training.py --runs fgsm_rs_b100 nfgsm nfgsm_b100 pgd10 pqgd10_b100 \
+        pqgd5_b100 &                                                                       # process 2
     python benchmarks/cheap_training.py --report
-    python benchmarks/cheap_training.py --seed 1 --runs pgd10 pqgd10_b100           # close call
-    python benchmarks/cheap_training.py --budget full                                # GPU
+    python benchmarks/cheap_training.py --seed 1 --runs pgd10 pqgd10_b100                 # close call
+    python benchmarks/cheap_training.py --budget full                                      # GPU
     python benchmarks/cheap_training.py --smoke && python benchmarks/cheap_training.py --smoke --report
 """
 
@@ -289,8 +294,9 @@ class Store:
         path = self.folder / "runs" / f"{run}_s{seed}.eval_{self.tag}.json"
         return Step("eval", run, seed, path, (self.train(run, seed),))
 
-    def plan(self, runs: list[str], seed: int) -> list[Step]:
-        """Every step the evaluations of ``runs`` need, dependencies first, in the order given."""
+    def plan(self, runs: list[str], seed: int, evaluate: bool = True) -> list[Step]:
+        """Every step the evaluations (or, ``evaluate=False``, the trainings) of ``runs`` need,
+        dependencies first, in the order given."""
         ordered: list[Step] = []
 
         def visit(step: Step) -> None:
@@ -300,17 +306,21 @@ class Store:
                 ordered.append(step)
 
         for run in runs:
-            visit(self.evaluation(run, seed))
+            visit(self.evaluation(run, seed) if evaluate else self.train(run, seed))
         return ordered
+
+
+def lock_path(step: Step) -> Path:
+    return step.output.parent.parent / "locks" / f"{step.output.name}.lock"
 
 
 @contextlib.contextmanager
 def claim(step: Step) -> Iterator[bool]:
-    """An exclusive non-blocking ``flock`` on ``locks/<output>.lock``: True while this process holds it.
+    """An exclusive non-blocking ``flock`` on :func:`lock_path`: True while this process holds it.
 
     The kernel drops the lock when the holder exits or is killed, so no claim outlives its process.
     """
-    lock = step.output.parent.parent / "locks" / f"{step.output.name}.lock"
+    lock = lock_path(step)
     lock.parent.mkdir(parents=True, exist_ok=True)
     with open(lock, "a+") as handle:
         try:
@@ -784,6 +794,11 @@ def parse_args() -> argparse.Namespace:
         "--tag", default=None, help="study folder OUT/cheap_training/TAG (default: the budget's name)"
     )
     parser.add_argument(
+        "--skip-eval",
+        action="store_true",
+        help="train (and sweep) only; evaluate later with the same command without this flag",
+    )
+    parser.add_argument(
         "--poll-seconds", type=float, default=30.0, help="wait between checks for other processes"
     )
     add_common_args(parser)
@@ -823,7 +838,7 @@ def main() -> None:
     study = Study(job, budget, store, args)
     create_or_check(store.folder / "budget.json", study.record)
     runs = [r for r in GRID if r in (args.runs or budget.runs or GRID)]
-    steps = store.plan(runs, args.seed)
+    steps = store.plan(runs, args.seed, evaluate=not args.skip_eval)
     examples = len(study.dm.train_set)
     planned = sum(
         GRID[s.run].cost_per_epoch(job.eps) * study.record["epochs"] * examples
