@@ -2,7 +2,8 @@
 
 Every inner maximiser trains the main job's model with the main job's recipe, read from
 ``configs/mnist.yaml`` (MadryMNIST, eps = 0.3, Adam 1e-3, piecewise learning rate, eps warm-up over
-the first epoch, Madry objective, attack in eval mode, batch 100, 5,000 validation images), on the
+the first epoch, Madry objective, attack in eval mode, channels_last, the module's other options,
+batch 100, 5,000 validation images), on the
 same training images in the same order, from the same initialisation (``--seed``), for the same
 number of epochs. The grid (``--runs``, names below): the PGD-40 reference (``pgd40``, alpha 0.01,
 Madry et al.); FGSM-RS (alpha 1.25 eps) and N-FGSM (noise 2 eps, alpha eps, no eps projection),
@@ -44,9 +45,9 @@ finished, and two processes, on disjoint or on the same ``--runs``, never write 
 against cost, Pareto frontier marked) from what is stored.
 
 Time (benchmarks/README.md has the arithmetic): the cpu budget trains 5.34 M example-gradients
-(~45-75 min for two single-thread processes on this 2-core machine); judging 11 models with the
-standard suite on 1,000 images adds 3-6 CPU-hours (Square's 5,000 queries per robust image), so
-the whole cpu study takes ~2.3-4 h, not 90 minutes, unless evaluated on fewer images or a GPU.
+(~40 min for two single-thread processes on this 2-core machine); judging 11 models with the
+standard suite on 1,000 images adds 1.6-4 CPU-hours (Square's 5,000 queries per robust image), so
+the whole cpu study takes ~1.5-2.7 h, not 90 minutes, unless evaluated on fewer images or a GPU.
 
     python benchmarks/cheap_training.py --runs pgd40 pgd2 pqgd2_b100 pgd5 fgsm_rs &         # process 1
     python benchmarks/cheap_training.py --runs fgsm_rs_b100 nfgsm nfgsm_b100 pgd10 pqgd10_b100 \
@@ -91,9 +92,10 @@ from torch import nn
 
 from qgtrain.attacks import Attack, attack_class, attack_for_budget
 from qgtrain.callbacks import RobustnessEvaluation, subset_indices
+from qgtrain.checkpoint_files import CheckpointError, file_sha256
 from qgtrain.data import MNISTDataModule
 from qgtrain.evaluation import TensorBatches
-from qgtrain.evaluation.checkpoints import CheckpointError, file_sha256, load_model_from_checkpoint
+from qgtrain.evaluation.checkpoints import load_model_from_checkpoint
 from qgtrain.evaluation.protocol import evaluate_suite
 from qgtrain.evaluation.runner import StandardSettings, fraction
 from qgtrain.training import AdversarialTraining
@@ -139,28 +141,35 @@ class MainJob:
         """``RobustnessEvaluation`` arguments of the main job (its ``robustness:`` section)."""
         return dict(self.config["robustness"])
 
+    def module_options(self) -> dict[str, Any]:
+        """``AdversarialTraining`` arguments of the main job but the network, the attacks, the
+        optimizer (a class path there) and the seed (the study's ``--seed``)."""
+        skip = ("net", "inner", "val_attack", "optimizer", "seed")
+        return {k: v for k, v in self.config["model"].items() if k not in skip}
+
     def recipe(self) -> dict[str, Any]:
         """What the study takes from the main job (not its inner attack, which the study varies)."""
         model = self.config["model"]
-        keys = ("net", "objective", "attack_in_eval_mode", "optimizer", "lr_schedule", "eps_warmup_epochs")
         data = {k: self.data[k] for k in ("batch_size", "eval_batch_size", "val_size", "seed")}
-        return {"eps": self.eps, **{k: model[k] for k in keys}, "data": data}
+        return {
+            "eps": self.eps,
+            "net": model["net"],
+            "optimizer": model["optimizer"],
+            **self.module_options(),
+            "data": data,
+        }
 
     def network(self) -> nn.Module:
         return _instantiate(self.config["model"]["net"])
 
     def module(self, net: nn.Module, inner: Attack, seed: int) -> AdversarialTraining:
-        model = self.config["model"]
-        optimizer = model["optimizer"]
+        optimizer = self.config["model"]["optimizer"]
         return AdversarialTraining(
             net,
             inner=inner,
-            objective=model["objective"],
-            attack_in_eval_mode=model["attack_in_eval_mode"],
             optimizer=functools.partial(_import(optimizer["class_path"]), **optimizer.get("init_args", {})),
-            lr_schedule=model["lr_schedule"],
-            eps_warmup_epochs=model["eps_warmup_epochs"],
             seed=seed,
+            **self.module_options(),
         )
 
 
@@ -437,6 +446,8 @@ class Study:
             model, _ = load_model_from_checkpoint(self.store.checkpoint(run, seed))
         except CheckpointError as exc:
             fail(f"{exc}; delete {self.store.train(run, seed).output} to train {run} again")
+        if self.job.module_options().get("channels_last"):  # the main job's layout: same results, faster
+            model = model.to(memory_format=torch.channels_last)
         return model.to(self.device).eval()
 
     def execute(self, step: Step) -> None:
