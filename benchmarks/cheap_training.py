@@ -45,9 +45,10 @@ finished, and two processes, on disjoint or on the same ``--runs``, never write 
 against cost, Pareto frontier marked) from what is stored.
 
 Time (benchmarks/README.md has the arithmetic): the cpu budget trains 5.34 M example-gradients
-(~40 min for two single-thread processes on this 2-core machine); judging 11 models with the
+(40-65 min for two single-thread processes on this 2-core machine); judging 11 models with the
 standard suite on 1,000 images adds 1.6-4 CPU-hours (Square's 5,000 queries per robust image), so
-the whole cpu study takes ~1.5-2.7 h, not 90 minutes, unless evaluated on fewer images or a GPU.
+the whole cpu study takes ~1.5-2.7 h (more under heavy load), not 90 minutes, unless evaluated on
+fewer images or on a GPU.
 
     python benchmarks/cheap_training.py --runs pgd40 pgd2 pqgd2_b100 pgd5 fgsm_rs &         # process 1
     python benchmarks/cheap_training.py --runs fgsm_rs_b100 nfgsm nfgsm_b100 pgd10 pqgd10_b100 \
