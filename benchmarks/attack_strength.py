@@ -41,7 +41,8 @@ from qgtrain.attacks import Attack, attack_for_budget
 from qgtrain.evaluation import adversarial_correct, clean_correct
 from qgtrain.evaluation.checkpoints import CheckpointError, load_model_from_checkpoint
 
-DEFAULT_CKPT = DEFAULT_OUT / "cheap_training_pgd40_tiny_cnn.pt"
+# The PGD-40 reference of `benchmarks/cheap_training.py` (CPU budget, seed 0).
+DEFAULT_CKPT = DEFAULT_OUT / "cheap_training" / "cpu" / "runs" / "pgd40_s0.ckpt"
 # Liu & Tsang, MNIST, Madry et al.'s secret model, eps = 0.3: accuracy (%) under 20-step attacks.
 PAPER = {("pgd", 20): 94.26, ("pqgd", 20): 88.89}
 
@@ -90,7 +91,7 @@ def main() -> None:
     try:
         model, info = load_model_from_checkpoint(args.ckpt, model=args.model)
     except CheckpointError as exc:
-        fail(f"{exc} (train it with `python benchmarks/cheap_training.py` or pass --ckpt)")
+        fail(f"{exc} (train it with `python benchmarks/cheap_training.py --runs pgd40` or pass --ckpt)")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = model.to(device).eval()
     dm = mnist_datamodule(args.data_dir, None, 0, 100, args.seed)

@@ -1,7 +1,7 @@
-"""Helpers shared by the benchmark scripts: threads, MNIST tensors, the evaluation protocol, tables, JSON.
+"""Helpers shared by the benchmark scripts: threads, MNIST tensors, tables, JSON.
 
-Everything here calls the library (``qgtrain.data``, ``qgtrain.attacks``, ``qgtrain.evaluation``);
-nothing re-implements an attack loop or an accuracy counter.
+Data, batching, attacks and accuracy come from the library (``qgtrain.data``,
+``qgtrain.evaluation``); nothing here re-implements an attack loop, a batcher or an accuracy counter.
 """
 
 from __future__ import annotations
@@ -17,15 +17,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:  # `python benchmarks/x.py` from the repository root
     sys.path.insert(0, str(REPO_ROOT))
 
-from qgtrain.attacks import Attack, attack_for_budget, build_attack  # noqa: E402
 from qgtrain.data import DataError, MNISTDataModule  # noqa: E402
-from qgtrain.evaluation import adversarial_correct, clean_correct, worst_case_correct  # noqa: E402
+from qgtrain.evaluation import TensorBatches  # noqa: E402
 
 DEFAULT_OUT = REPO_ROOT / "benchmarks" / "out"
 EPS = 0.3
@@ -101,41 +99,9 @@ def dataset_tensors(dataset: Any, n: int | None = None) -> tuple[torch.Tensor, t
     return torch.stack(xs), torch.as_tensor(ys)
 
 
-def batches(x: torch.Tensor, y: torch.Tensor, batch_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    return [(x[i : i + batch_size], y[i : i + batch_size]) for i in range(0, x.shape[0], batch_size)]
-
-
-def robust_accuracy(
-    model: nn.Module,
-    attacks: dict[str, Attack],
-    x: torch.Tensor,
-    y: torch.Tensor,
-    batch_size: int,
-    seed: int,
-) -> dict[str, float]:
-    """Clean accuracy, accuracy under each attack, and the ensemble worst case (per-example AND), in %."""
-    data = batches(x, y, batch_size)
-    clean = clean_correct(model, data)
-    out = {"clean": 100.0 * clean.float().mean().item()}
-    vectors = [clean]
-    for name, attack in attacks.items():
-        correct = adversarial_correct(model, attack, data, seed=seed)
-        vectors.append(correct)
-        out[name] = 100.0 * correct.float().mean().item()
-    if attacks:
-        out["worst"] = 100.0 * worst_case_correct(vectors).float().mean().item()
-    return out
-
-
-def evaluation_attacks(steps: int, restarts: int, b: int, include_pqgd: bool) -> dict[str, Attack]:
-    """The strong protocol: PGD-steps with restarts (alpha 2.5 eps/steps), BLOB_QG-steps, optional PQGD."""
-    attacks = {
-        f"pgd{steps}x{restarts}": attack_for_budget("pgd", EPS, steps, restarts=restarts),
-        f"blob_qg{steps}": build_attack("blob_qg", eps=EPS, alpha=0.01, steps=steps, b=b),
-    }
-    if include_pqgd:
-        attacks[f"pqgd{steps}"] = build_attack("pqgd", eps=EPS, alpha=0.01, steps=steps, b=b)
-    return attacks
+def batches(x: torch.Tensor, y: torch.Tensor, batch_size: int) -> TensorBatches:
+    """The library's fixed batches over in-memory ``(x, y)`` (re-iterable, same batches every time)."""
+    return TensorBatches(x, y, batch_size)
 
 
 def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[str], title: str = "") -> str:
@@ -158,5 +124,8 @@ def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[str], title: 
 
 
 def write_json(path: Path, payload: dict[str, Any]) -> None:
+    """Write atomically (a temporary file renamed over ``path``): a killed run leaves no half file."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(payload, indent=2, default=str) + "\n")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(payload, indent=2, default=str) + "\n")
+    os.replace(tmp, path)
