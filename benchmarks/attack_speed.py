@@ -37,18 +37,8 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from common import (
-    EPS,
-    add_common_args,
-    batches,
-    dataset_tensors,
-    environment,
-    fail,
-    format_table,
-    mnist_datamodule,
-    setup_threads,
-    write_json,
-)
+
+from common import EPS, add_common_args, batches, dataset_tensors, environment, fail, format_table, mnist_datamodule, setup_threads, write_json  # isort: skip  # fmt: skip
 from torch import nn
 
 from qgtrain.attacks import Attack, build_attack

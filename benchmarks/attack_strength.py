@@ -23,19 +23,8 @@ import time
 from typing import Any
 
 import torch
-from common import (
-    DEFAULT_OUT,
-    EPS,
-    add_common_args,
-    batches,
-    dataset_tensors,
-    environment,
-    fail,
-    format_table,
-    mnist_datamodule,
-    setup_threads,
-    write_json,
-)
+
+from common import DEFAULT_OUT, EPS, add_common_args, batches, dataset_tensors, environment, fail, format_table, mnist_datamodule, setup_threads, write_json  # isort: skip  # fmt: skip
 
 from qgtrain.attacks import Attack, attack_for_budget
 from qgtrain.evaluation import adversarial_correct, clean_correct

@@ -79,16 +79,8 @@ from typing import Any
 import lightning as L
 import torch
 import yaml
-from common import (
-    REPO_ROOT,
-    add_common_args,
-    environment,
-    fail,
-    format_table,
-    mnist_datamodule,
-    setup_threads,
-    write_json,
-)
+
+from common import REPO_ROOT, add_common_args, environment, fail, format_table, mnist_datamodule, setup_threads, write_json  # isort: skip  # fmt: skip
 from torch import nn
 
 from qgtrain.attacks import Attack, attack_class, attack_for_budget

@@ -31,17 +31,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from common import (
-    EPS,
-    add_common_args,
-    dataset_tensors,
-    environment,
-    fail,
-    format_table,
-    mnist_datamodule,
-    setup_threads,
-    write_json,
-)
+
+from common import EPS, add_common_args, dataset_tensors, environment, fail, format_table, mnist_datamodule, setup_threads, write_json  # isort: skip  # fmt: skip
 from torch import nn
 
 from qgtrain.attacks import Attack, attack_for_budget

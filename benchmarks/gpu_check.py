@@ -59,18 +59,8 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from common import (
-    EPS,
-    REPO_ROOT,
-    add_common_args,
-    batches,
-    dataset_tensors,
-    environment,
-    fail,
-    format_table,
-    setup_threads,
-    write_json,
-)
+
+from common import EPS, REPO_ROOT, add_common_args, batches, dataset_tensors, environment, fail, format_table, setup_threads, write_json  # isort: skip  # fmt: skip
 from torch import nn
 
 from qgtrain.attacks import PGD

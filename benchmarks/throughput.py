@@ -42,17 +42,8 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from common import (
-    EPS,
-    add_common_args,
-    dataset_tensors,
-    environment,
-    fail,
-    format_table,
-    mnist_datamodule,
-    setup_threads,
-    write_json,
-)
+
+from common import EPS, add_common_args, dataset_tensors, environment, fail, format_table, mnist_datamodule, setup_threads, write_json  # isort: skip  # fmt: skip
 from torch.utils.data import DataLoader, TensorDataset
 
 from qgtrain.attacks import Attack, attack_class, attack_for_budget, build_attack
