@@ -1,18 +1,23 @@
-"""Shared fixtures: the data root (real MNIST when present), small tensors, a tiny trained model."""
+"""Shared fixtures and builders: the data root (real MNIST when present), small tensors, a tiny trained
+model, MNIST files in IDX format, and helpers for running ``train.py`` / ``evaluate.py`` in-process."""
 
 from __future__ import annotations
 
 import os
+import struct
 
 # Tiny CPU models run fastest on one thread, and multi-process tests (DDP, subprocesses) must not
 # oversubscribe the cores: set before torch is imported, inherited by subprocesses.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+from collections.abc import Callable  # noqa: E402
 from pathlib import Path  # noqa: E402
 
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from torch import nn  # noqa: E402
 
 from qgtrain.models import TinyCNN  # noqa: E402
 from qgtrain.training import quiet_trainer  # noqa: E402, F401  (the tests' Trainer)
@@ -20,6 +25,70 @@ from qgtrain.training import quiet_trainer  # noqa: E402, F401  (the tests' Trai
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 REPO = Path(__file__).resolve().parents[1]
+
+# A tiny train.py run (one step, no robustness or visualization callbacks) for tests that expect a
+# refusal before training: were a check to let a bad value through, the run would still be short.
+# No short flag that would override the dotted keys under test (short flags are applied last).
+REFUSED_RUN_ARGS = [
+    "--model", "tiny_cnn", "--data.init_args.train_subset=100", "--data.init_args.val_size=100",
+    "--trainer.max_steps=1", "--robustness.every_n_epochs=0", "--visualization.every_n_epochs=0",
+]  # fmt: skip
+
+
+def output_roots(tmp_path: Path) -> list[str]:
+    """``train.py`` arguments that put checkpoints and logs under ``tmp_path``."""
+    return ["--checkpoint_root", str(tmp_path / "ckpt"), "--log_root", str(tmp_path / "logs")]
+
+
+def call_main(main: Callable[[list[str]], int], argv: list[str]) -> int:
+    """Exit status of an in-process ``main(argv)`` (argparse-style errors raise SystemExit)."""
+    try:
+        return main(argv)
+    except SystemExit as exc:
+        return int(exc.code or 0)
+
+
+def error_lines(stderr: str, prog: str = "train.py") -> list[str]:
+    """The lines of ``stderr`` that ``prog`` wrote itself (``prog: ...``)."""
+    return [line for line in stderr.splitlines() if line.startswith(f"{prog}: ")]
+
+
+def no_training(*args, **kwargs):
+    """Patched over ``Trainer.fit`` or ``training_step`` by tests that expect a refusal first."""
+    raise AssertionError("training started")
+
+
+def write_idx(path: Path, array: np.ndarray | torch.Tensor) -> None:
+    """LeCun's IDX format as torchvision reads it: magic 0x0000080<ndim>, big-endian uint32 dims,
+    uint8 data (``array`` holds integers in 0..255)."""
+    array = np.asarray(array, dtype=np.uint8)
+    header = struct.pack(">I", 0x0800 | array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
+    path.write_bytes(header + array.tobytes())
+
+
+def write_mnist(
+    root: Path, splits: dict[str, tuple[np.ndarray | torch.Tensor, np.ndarray | torch.Tensor]]
+) -> Path:
+    """``root/MNIST/raw`` in torchvision's layout: for each prefix (``train``, ``t10k``) of ``splits``,
+    its (N x H x W images in 0..255, N labels) as ``<prefix>-images-idx3-ubyte`` and
+    ``<prefix>-labels-idx1-ubyte``. Returns the raw folder."""
+    raw = root / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for prefix, (images, labels) in splits.items():
+        write_idx(raw / f"{prefix}-images-idx3-ubyte", images)
+        write_idx(raw / f"{prefix}-labels-idx1-ubyte", labels)
+    return raw
+
+
+class SoftmaxOutput(nn.Module):
+    """``net`` with a final softmax: it outputs probabilities, not logits."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x).softmax(dim=1)
 
 
 def find_data_root() -> Path | None:

@@ -5,13 +5,15 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 import yaml
+from conftest import REFUSED_RUN_ARGS, call_main, error_lines, no_training, output_roots
 
 from qgtrain.callbacks import RobustnessEvaluation
 from qgtrain.cli.aliases import SHORT_FLAGS, expand_short_flags
-from qgtrain.cli.train import build_cli, main
+from qgtrain.cli.train import QGTrainCLI, build_cli, main
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -23,23 +25,27 @@ def resolved_config(capsys: pytest.CaptureFixture, *argv: str) -> dict:
     return yaml.safe_load(capsys.readouterr().out)
 
 
-def usage_error(capsys: pytest.CaptureFixture, tmp_path: Path, *argv: str) -> str:
-    """The one stderr line of a refused ``train.py`` (exit 2), checking that nothing was written."""
-    roots = ["--checkpoint_root", str(tmp_path / "ckpt"), "--log_root", str(tmp_path / "logs")]
+def usage_error(
+    capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, *argv: str
+) -> str:
+    """The one stderr line of a refused ``train.py`` (exit 2), checking that no training started and
+    nothing was written, neither under the output roots nor in the working folder."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(L.Trainer, "fit", no_training)
     with pytest.raises(SystemExit) as info:
-        main([*argv, *roots])
+        main([*argv, *output_roots(tmp_path)])
     assert info.value.code == 2
     err = capsys.readouterr().err
-    lines = [line for line in err.splitlines() if line.startswith("train.py: ")]
-    assert len(lines) == 1 and "usage:" not in err and "Traceback" not in err, err
-    assert list(tmp_path.iterdir()) == []
+    lines = error_lines(err)
+    assert len(lines) == 1 and lines[0].startswith("train.py: error: "), err
+    assert "usage:" not in err and "Traceback" not in err, err
+    assert list(tmp_path.iterdir()) == []  # no logs/, checkpoints/ or probe files
     return lines[0]
 
 
 def built(tmp_path: Path, *argv: str):
     """The CLI of ``train.py argv`` with model, data, callbacks and trainer built (nothing fitted)."""
-    roots = ["--checkpoint_root", str(tmp_path / "ckpt"), "--log_root", str(tmp_path / "logs")]
-    return build_cli(expand_short_flags([*argv, *roots]))
+    return build_cli(expand_short_flags([*argv, *output_roots(tmp_path)]))
 
 
 def test_main_job_flags_resolve_to_paper_defaults(capsys: pytest.CaptureFixture) -> None:
@@ -130,44 +136,96 @@ def test_every_short_flag_lands_in_the_config(capsys: pytest.CaptureFixture, tmp
     assert cfg["run_name"] == "exp1"
 
 
+# Each row: argv after REFUSED_RUN_ARGS, and the fragments its one error line must contain.
+BAD_TRAIN_ARGS = [
+    (["--eps", "-0.1"], ("--eps", "(0, 1]")),
+    (["--eps", "0"], ("--eps", "(0, 1]")),
+    (["--eps", "1.5"], ("--eps must be in (0, 1]",)),
+    (["--steps", "0"], ("--steps must be an integer >= 1",)),  # Attack.__init__'s check, flag named
+    (["--b", "0"], ("--b", ">= 1")),
+    (["--b", "2.5"], ("--b: Expected a <class 'int'>",)),  # jsonargparse's type check
+    (["--alpha", "0"], ("--alpha must be > 0",)),
+    (["--alpha", "-1"], ("--alpha", "> 0")),
+    (["--inner", "pgdx"], ("--inner must be one of none, fgsm", "pqgd")),
+    (["--inner", "none", "--steps", "3"], ("--steps needs an inner attack",)),
+    (["--model", "vgg16"], ("--model", "tiny_cnn")),
+    (["--dataset", "svhn"], ("--dataset must be one of mnist", "cifar10")),
+    (["--devices", "999"], ("--devices 999", "available")),
+    (["--devices", "two"], ("--devices", "'auto'")),
+    (["--eval-steps", "0"], ("--eval-steps must be an integer >= 1",)),  # RobustnessEvaluation's check
+    (["--batch-size", "0"], ("--batch-size must be >= 1",)),  # the data module's check
+    (["--num-nodes", "0"], ("--num-nodes must be a positive integer",)),  # Lightning's check
+    # values from YAML / dotted keys reach the classes' own checks: one line, the class's message
+    (["--model.inner.init_args.eps=-1"], ("eps", "(0, 1]")),
+    (["--model.inner.init_args.steps=0"], ("steps", ">= 1")),
+    (["--model.inner.init_args.b=0"], ("b must", ">= 1")),
+    (["--data.init_args.batch_size=0"], ("batch_size", ">= 1")),
+    # jsonargparse's own errors: one line naming the key and the allowed values
+    (
+        ["--model.lr_schedule=bogus"],
+        ('Parser key "model.lr_schedule"', "'constant', 'piecewise', 'onecycle'"),
+    ),
+    (["--model.objective=minimax"], ('Parser key "model.objective"', "'madry', 'mixed'")),
+]
+
+
 @pytest.mark.parametrize(
-    ("argv", "message"),
-    [
-        (["--inner", "pgdx"], "--inner must be one of none, fgsm"),
-        (["--steps", "0"], "--steps must be an integer >= 1"),  # Attack.__init__'s check, flag named
-        (["--b", "2.5"], "--b: Expected a <class 'int'>"),  # jsonargparse's type check
-        (["--eps", "1.5"], "--eps must be in (0, 1]"),
-        (["--alpha", "0"], "--alpha must be > 0"),
-        (["--dataset", "svhn"], "--dataset must be one of mnist"),
-        (["--inner", "none", "--steps", "3"], "--steps needs an inner attack"),
-        (["--eval-steps", "0"], "--eval-steps must be an integer >= 1"),  # RobustnessEvaluation's check
-        (["--batch-size", "0"], "--batch-size must be >= 1"),  # the data module's check
-        (["--num-nodes", "0"], "--num-nodes must be a positive integer"),  # Lightning's check
-    ],
+    ("argv", "fragments"), BAD_TRAIN_ARGS, ids=[" ".join(argv) for argv, _ in BAD_TRAIN_ARGS]
 )
-def test_bad_short_flags_are_one_line_errors(
-    argv: list[str], message: str, capsys: pytest.CaptureFixture, tmp_path: Path
+def test_bad_arguments_are_one_line_errors_exit_2_nothing_written(
+    argv: list[str],
+    fragments: tuple[str, ...],
+    capsys: pytest.CaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
 ) -> None:
-    """Each value is checked once, by the class that uses it; the line names the flag typed."""
-    assert message in usage_error(capsys, tmp_path, "--model", "tiny_cnn", *argv)
+    """Each value is checked once, by the class that uses it; the line names the flag typed (or the
+    key) and what is allowed."""
+    line = usage_error(capsys, monkeypatch, tmp_path, *REFUSED_RUN_ARGS, *argv)
+    assert all(fragment in line for fragment in fragments), line
+
+
+def test_gpu_request_without_gpu_is_a_usage_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """Lightning parses accelerator and devices; its refusals come out as one line naming both."""
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    monkeypatch.setattr(L.Trainer, "fit", no_training)
+    monkeypatch.chdir(tmp_path)
+    argv = [*REFUSED_RUN_ARGS, *output_roots(tmp_path), "--trainer.accelerator=gpu"]
+    assert call_main(main, argv) == 2
+    assert error_lines(capsys.readouterr().err) == [
+        "train.py: error: --trainer.accelerator gpu --devices auto: No supported gpu backend found!; "
+        "'auto' picks what this machine has"
+    ]
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)  # 2 GPUs: 3 is too many, 2 is fine
+    monkeypatch.setattr(QGTrainCLI, "check_before_fit", lambda self: None)
+    gpu = [*argv, "--devices"]
+    assert call_main(main, [*gpu, "3"]) == 2
+    assert (
+        "--devices 3: You requested gpu: [0, 1, 2] But your machine only has: [0, 1]"
+        in capsys.readouterr().err
+    )
+    for fine in ("2", "0,1"):
+        with pytest.raises(AssertionError, match="training started"):
+            main([*gpu, fine])
+    assert call_main(main, [*gpu, "0,2"]) == 2
+    assert error_lines(capsys.readouterr().err)[-1].endswith(
+        "only has: [0, 1]; 'auto' picks what this machine has"
+    )
 
 
 def test_a_misspelt_flag_is_one_line_with_the_closest_valid_one(
-    capsys: pytest.CaptureFixture, tmp_path: Path
+    capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    line = usage_error(capsys, tmp_path, "--stpes", "10")
+    line = usage_error(capsys, monkeypatch, tmp_path, "--stpes", "10")
     assert line == "train.py: error: unrecognized argument --stpes; did you mean --steps?"
-    line = usage_error(capsys, tmp_path, "--robustness.stpes=3")
+    line = usage_error(capsys, monkeypatch, tmp_path, "--robustness.stpes=3")
     assert line.endswith("did you mean --robustness.steps?")
-    assert "unrecognized argument --zzzz" in usage_error(capsys, tmp_path, "--zzzz", "1")
+    assert "unrecognized argument --zzzz" in usage_error(capsys, monkeypatch, tmp_path, "--zzzz", "1")
     # Arguments of a class chosen in the config (the inner attack here) are suggested too.
-    line = usage_error(capsys, tmp_path, "--model.inner.init_args.stpes=3")
+    line = usage_error(capsys, monkeypatch, tmp_path, "--model.inner.init_args.stpes=3")
     assert line.endswith("did you mean --model.inner.init_args.steps?")
-
-
-def test_parser_errors_are_one_line_naming_the_key(capsys: pytest.CaptureFixture, tmp_path: Path) -> None:
-    line = usage_error(capsys, tmp_path, "--model.lr_schedule=bogus")
-    assert 'Parser key "model.lr_schedule"' in line and "'constant', 'piecewise', 'onecycle'" in line
 
 
 def test_eps_is_linked_one_way() -> None:
@@ -222,7 +280,6 @@ def test_run_names_show_the_model(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("argv", "status", "message"),
     [
-        (["--data-dir", "MISSING", "--data.init_args.download=false"], 1, "data not found"),
         (["--data.init_args.val_size=100000"], 1, "leaves no training data"),
         (["--lr", "-1"], 2, "Invalid learning rate"),
     ],
@@ -239,14 +296,13 @@ def test_a_refused_run_writes_nothing(
     """Data and optimizer arguments are checked before Lightning creates logs/<run>/version_0."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("QGTRAIN_DATA", str(data_root))
-    argv = [a.replace("MISSING", str(tmp_path / "nowhere")) for a in argv]
     try:
         code = main(["--model", "tiny_cnn", "--data.init_args.train_subset=100", *argv])
     except SystemExit as exc:
         code = exc.code
     err = capsys.readouterr().err
     assert code == status and message in err and "Traceback" not in err, err
-    assert list(tmp_path.iterdir()) == []  # no logs/, checkpoints/, nowhere/
+    assert list(tmp_path.iterdir()) == []  # no logs/, checkpoints/
 
 
 def test_dotted_arguments_keep_their_place_after_config_files() -> None:

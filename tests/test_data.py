@@ -1,4 +1,5 @@
-"""Data modules: root resolution, seeded held-out split, shapes and ranges, CIFAR-10 on generated files."""
+"""Data modules: root resolution, seeded held-out split, shapes and ranges, CIFAR-10 on generated files,
+and bad data (missing, truncated, corrupt or malformed files): one line, before any training step."""
 
 from __future__ import annotations
 
@@ -8,7 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import REFUSED_RUN_ARGS, call_main, error_lines, no_training, write_idx, write_mnist
 
+from qgtrain.cli.train import main as train_main
 from qgtrain.data import (
     CIFAR10DataModule,
     DataError,
@@ -18,6 +21,7 @@ from qgtrain.data import (
     build_datamodule,
     resolve_data_dir,
 )
+from qgtrain.training import AdversarialTraining
 
 
 def test_data_dir_precedence(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -61,13 +65,140 @@ def test_sampler_order_depends_on_seed_and_epoch_only() -> None:
     assert list(sampler) == first and second != first and sorted(second) == list(range(100))
 
 
-def test_missing_files_offline_give_one_line_error(tmp_path: Path) -> None:
-    dm = MNISTDataModule(data_dir=str(tmp_path), download=False)
+def fake_mnist(root: Path, n_train: int = 60, size: int = 28, labels: np.ndarray | None = None) -> Path:
+    """Random MNIST files under ``root`` (``n_train`` training and 20 test images); the raw folder."""
+    rng = np.random.default_rng(0)
+    splits = {}
+    for prefix, n in (("train", n_train), ("t10k", 20)):
+        images = rng.integers(0, 256, (n, size, size))
+        splits[prefix] = (
+            images,
+            labels if labels is not None and prefix == "train" else rng.integers(0, 10, n),
+        )
+    return write_mnist(root, splits)
+
+
+def _truncate(path: Path, keep: int) -> None:
+    path.write_bytes(path.read_bytes()[:keep])
+
+
+def _corrupt_magic(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[3] = 0x99
+    path.write_bytes(bytes(data))
+
+
+# case: (fake_mnist's keyword arguments, or None for no files at all; what is then done to the raw
+# folder; the fragments of the one-line error, "{raw}" standing for the raw folder; whether train.py
+# is run on it too).
+BAD_DATA = {
+    "missing files": (
+        None,
+        None,
+        ("data not found", "{raw}", "missing train-images-idx3-ubyte", "QGTRAIN_DATA"),
+        True,
+    ),
+    "truncated images": (
+        {},
+        lambda raw: _truncate(raw / "train-images-idx3-ubyte", 1000),
+        ("train-images-idx3-ubyte is truncated or corrupt: its header says 60x28x28 = 47040 bytes",),
+        True,
+    ),
+    "truncated labels": (
+        {},
+        lambda raw: _truncate(raw / "train-labels-idx1-ubyte", 30),
+        ("train-labels-idx1-ubyte is truncated or corrupt",),
+        False,
+    ),
+    "corrupt header": (
+        {},
+        lambda raw: _corrupt_magic(raw / "train-labels-idx1-ubyte"),
+        ("train-labels-idx1-ubyte is not a uint8 IDX file",),
+        False,
+    ),
+    "empty file": (
+        {},
+        lambda raw: (raw / "t10k-images-idx3-ubyte").write_bytes(b""),
+        ("t10k-images-idx3-ubyte is not a uint8 IDX file",),
+        False,
+    ),
+    "wrong image shape": (
+        {"size": 32},
+        None,
+        ("images have shape (1, 32, 32), expected (1, 28, 28)",),
+        False,
+    ),
+    "one class": (
+        {"labels": np.full(60, 3)},
+        None,
+        ("every label is 3; a classifier cannot be trained on one class",),
+        True,
+    ),
+    "labels out of range": (
+        {"labels": np.arange(60) % 12},
+        None,
+        ("labels outside [0, 10) (found 0..11)",),
+        False,
+    ),
+    "count mismatch": (
+        {},
+        lambda raw: write_idx(raw / "train-labels-idx1-ubyte", np.arange(50) % 10),
+        ("60 images but 50 labels",),
+        False,
+    ),
+}
+
+
+def make_bad_data(tmp_path: Path, case: str) -> tuple[Path, list[str]]:
+    """The data root of ``case`` under ``tmp_path / "data"`` and the fragments its error must contain."""
+    kwargs, corrupt, fragments, _ = BAD_DATA[case]
+    root = tmp_path / "data"
+    raw = root / "MNIST" / "raw"
+    if kwargs is not None:
+        fake_mnist(root, **kwargs)
+    if corrupt is not None:
+        corrupt(raw)
+    return root, [fragment.replace("{raw}", str(raw)) for fragment in fragments]
+
+
+def test_fake_mnist_is_read_correctly(tmp_path: Path) -> None:
+    """The control: the generated files themselves load, so each failure below is the defect's."""
+    fake_mnist(tmp_path)
+    dm = MNISTDataModule(data_dir=str(tmp_path), val_size=10, download=False)
+    dm.prepare_data()
+    dm.setup(None)
+    assert len(dm.train_set) == 50 and len(dm.test_set) == 20
+    assert dm.train_set.images.shape[1:] == (1, 28, 28)
+
+
+@pytest.mark.parametrize("case", list(BAD_DATA))
+def test_bad_data_is_a_one_line_error_naming_the_file_or_problem(case: str, tmp_path: Path) -> None:
+    root, fragments = make_bad_data(tmp_path, case)
+    dm = MNISTDataModule(data_dir=str(root), val_size=10, download=False)
     with pytest.raises(DataError) as info:
         dm.prepare_data()
+        dm.setup(None)
     message = str(info.value)
-    assert "\n" not in message and str(tmp_path / "MNIST" / "raw") in message
-    assert "train-images-idx3-ubyte" in message and "QGTRAIN_DATA" in message
+    assert "\n" not in message and all(fragment in message for fragment in fragments), message
+
+
+@pytest.mark.parametrize("case", [case for case, row in BAD_DATA.items() if row[3]])
+def test_bad_data_stops_train_before_any_training_step(
+    case: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """train.py exits with status 1 and the data module's line; nothing is written (the output roots
+    default to the working folder)."""
+    root, fragments = make_bad_data(tmp_path, case)
+    data_files = sorted(tmp_path.rglob("*"))
+    monkeypatch.setattr(AdversarialTraining, "training_step", no_training)
+    monkeypatch.chdir(tmp_path)
+    argv = [*REFUSED_RUN_ARGS, "--data-dir", str(root), "--data.init_args.download=false"]
+    assert call_main(train_main, [*argv, "--data.init_args.val_size=10"]) == 1
+    stderr = capsys.readouterr().err
+    lines = error_lines(stderr)
+    assert len(lines) == 1 and all(fragment in lines[0] for fragment in fragments), stderr
+    assert "Traceback" not in stderr
+    assert sorted(tmp_path.rglob("*")) == data_files  # no logs/, checkpoints/, data/ created
 
 
 def _write_cifar(root: Path, n_per_batch: int = 20) -> None:

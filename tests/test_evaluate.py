@@ -5,17 +5,28 @@ from __future__ import annotations
 import builtins
 import io
 import json
+import pickle
 import re
-import struct
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-from conftest import find_data_root, load_mnist_tensors, quiet_trainer
+from conftest import (
+    REFUSED_RUN_ARGS,
+    SoftmaxOutput,
+    call_main,
+    error_lines,
+    find_data_root,
+    load_mnist_tensors,
+    output_roots,
+    quiet_trainer,
+    write_mnist,
+)
 from torch import nn
 
 from qgtrain.cli.evaluate import main
+from qgtrain.cli.train import main as train_main
 from qgtrain.evaluation import (
     CheckpointError,
     ProtocolSettings,
@@ -31,6 +42,7 @@ from qgtrain.evaluation.masking import (
 )
 from qgtrain.evaluation.report import run_evaluation, strip_timing, write_outputs
 from qgtrain.models import TinyCNN, model_spec
+from qgtrain.training.checkpoint_io import AtomicCheckpointIO
 
 FAST = [
     "--protocol",
@@ -59,14 +71,6 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def write_idx(path: Path, tensor: torch.Tensor) -> None:
-    """An MNIST idx file (magic 0x0803 for images, 0x0801 for labels), as torchvision reads it."""
-    dims = tuple(tensor.shape)
-    magic = 0x0800 + len(dims)
-    header = struct.pack(">I", magic) + b"".join(struct.pack(">I", d) for d in dims)
-    path.write_bytes(header + tensor.to(torch.uint8).contiguous().numpy().tobytes())
-
-
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Real MNIST when present, else a synthetic MNIST (conftest's separable bars) in idx format."""
@@ -74,12 +78,11 @@ def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     if root is not None:
         return root
     root = tmp_path_factory.mktemp("mnist_data")
-    raw = root / "MNIST" / "raw"
-    raw.mkdir(parents=True)
-    for split, train in (("train", True), ("t10k", False)):
+    splits = {}
+    for prefix, train in (("train", True), ("t10k", False)):
         x, y = load_mnist_tensors(300, train=train)
-        write_idx(raw / f"{split}-images-idx3-ubyte", (x[:, 0] * 255).round())
-        write_idx(raw / f"{split}-labels-idx1-ubyte", y)
+        splits[prefix] = ((x[:, 0] * 255).round(), y)
+    write_mnist(root, splits)
     return root
 
 
@@ -317,6 +320,7 @@ class _WritesMarker:
 
 
 def bad_checkpoints(tmp_path: Path, net: nn.Module) -> dict[str, tuple[Path, str]]:
+    """kind: (the file, the reason its error names); ``CRAFTED`` kinds run code when unpickled."""
     good = lightning_like_checkpoint(net, tmp_path / "good.ckpt")
     truncated = tmp_path / "truncated.ckpt"
     truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
@@ -327,6 +331,9 @@ def bad_checkpoints(tmp_path: Path, net: nn.Module) -> dict[str, tuple[Path, str
     torch.save({"state_dict": state, "qgtrain": {"net": {"name": "vit_huge", "kwargs": {}}}}, unknown)
     pickled = tmp_path / "evil.ckpt"
     torch.save({"state_dict": state, "payload": _WritesMarker(tmp_path / "marker")}, pickled)
+    raw_pickle = tmp_path / "evil_pickle.ckpt"
+    with open(raw_pickle, "wb") as handle:
+        pickle.dump({"state_dict": _WritesMarker(tmp_path / "marker")}, handle)
     foreign = tmp_path / "tensor.pt"
     torch.save(torch.zeros(3), foreign)
     return {
@@ -334,52 +341,99 @@ def bad_checkpoints(tmp_path: Path, net: nn.Module) -> dict[str, tuple[Path, str
         "text": (text, "not a PyTorch checkpoint"),
         "unknown": (unknown, "unknown architecture 'vit_huge'"),
         "pickled": (pickled, "refusing to load"),
+        "raw pickle": (raw_pickle, "refusing to load"),
         "foreign": (foreign, "not a checkpoint or state dict"),
         "missing": (tmp_path / "nowhere.ckpt", "checkpoint not found"),
         "empty": (tmp_path, "is a directory"),
     }
 
 
-@pytest.mark.parametrize("kind", ["truncated", "text", "unknown", "pickled", "foreign", "missing", "empty"])
-def test_bad_checkpoint_gives_one_line_error(kind: str, tmp_path: Path, capsys) -> None:
+# The crafted kinds and, for the control, a load of each that does run its code.
+CRAFTED = {"pickled": lambda handle: torch.load(handle, weights_only=False), "raw pickle": pickle.load}
+
+
+@pytest.mark.parametrize(
+    "kind", ["truncated", "text", "unknown", "pickled", "raw pickle", "foreign", "missing", "empty"]
+)
+def test_bad_checkpoint_gives_one_line_error(
+    kind: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    """evaluate.py: status 1 and one line naming the file and the reason. A crafted file (pickled code)
+    is refused by train.py --resume too (status 2), and no code runs; an unsafe load of the same file
+    does run it (the control)."""
     path, reason = bad_checkpoints(tmp_path, TinyCNN(width=4))[kind]
+    marker = tmp_path / "marker"
+    if kind in CRAFTED:
+        with open(path, "rb") as handle:
+            CRAFTED[kind](handle)
+        assert marker.exists()
+        marker.unlink()
     status = main(["--ckpt", str(path), *FAST, "--out-dir", str(tmp_path / "out")])
     err = capsys.readouterr().err.strip()
     assert status == 1
     assert err.startswith("evaluate.py: error:") and "\n" not in err and "Traceback" not in err
     assert reason in err and str(path) in err
-    assert not (tmp_path / "marker").exists()  # the pickled payload never ran
+    assert not marker.exists()  # the pickled payload never ran
     assert not (tmp_path / "out").exists()
+    if kind in CRAFTED:
+        with pytest.raises(CheckpointError, match="refusing to load"):
+            AtomicCheckpointIO().load_checkpoint(path)
+        monkeypatch.chdir(tmp_path)
+        argv = [*REFUSED_RUN_ARGS, *output_roots(tmp_path), "--resume", str(path)]
+        assert call_main(train_main, argv) == 2
+        lines = error_lines(capsys.readouterr().err)
+        assert len(lines) == 1 and f"--resume: refusing to load {path}" in lines[0], lines
+        assert not (tmp_path / "ckpt").exists() and not (tmp_path / "logs").exists()
+        assert not marker.exists()
+
+
+# Each row: the arguments, the flag the error line names, and fragments of what it allows.
+BAD_EVALUATE_ARGS = [
+    (["--eps", "-0.1"], "--eps", ("(0, 1]",)),
+    (["--eps", "0"], "--eps", ("(0, 1]",)),
+    (["--eps", "1.5"], "--eps", ("(0, 1]",)),
+    (["--eps", "abc"], "--eps", ()),
+    (["--steps", "0"], "--steps", (">= 1",)),
+    (["--b", "0"], "--b", (">= 1",)),
+    (["--b", "1.5"], "--b", (">= 1",)),
+    (["--alpha", "0"], "--alpha", ("> 0",)),
+    (["--alpha", "-0.1"], "--alpha", ()),
+    (["--runs", "0"], "--runs", ()),
+    (["--restarts", "0"], "--restarts", ()),
+    (["--n", "0"], "--n", ()),
+    (["--attacks", "pgd,cw"], "--attacks", ("pqgd",)),
+    (["--dataset", "imagenet"], "--dataset", ("cifar10",)),
+    (["--model", "vit"], "--model", ("tiny_cnn",)),
+    (["--loss", "hinge"], "--loss", ()),
+    (["--sweep", "lr=0.1"], "--sweep", ()),
+    (["--sweep", "eps=0.1,2"], "--sweep", ()),
+    (["--model-kwargs", "[1]"], "--model-kwargs", ()),
+]
 
 
 @pytest.mark.parametrize(
-    ("args", "named"),
-    [
-        (["--eps", "0"], "--eps"),
-        (["--eps", "1.5"], "--eps"),
-        (["--eps", "abc"], "--eps"),
-        (["--steps", "0"], "--steps"),
-        (["--b", "0"], "--b"),
-        (["--b", "1.5"], "--b"),
-        (["--alpha", "-0.1"], "--alpha"),
-        (["--runs", "0"], "--runs"),
-        (["--restarts", "0"], "--restarts"),
-        (["--n", "0"], "--n"),
-        (["--attacks", "pgd,cw"], "--attacks"),
-        (["--dataset", "imagenet"], "--dataset"),
-        (["--model", "vit"], "--model"),
-        (["--loss", "hinge"], "--loss"),
-        (["--sweep", "lr=0.1"], "--sweep"),
-        (["--sweep", "eps=0.1,2"], "--sweep"),
-        (["--model-kwargs", "[1]"], "--model-kwargs"),
-    ],
+    ("args", "named", "allowed"), BAD_EVALUATE_ARGS, ids=[" ".join(a) for a, _, _ in BAD_EVALUATE_ARGS]
 )
-def test_bad_arguments_exit_2_with_one_line(args: list[str], named: str, tmp_path: Path, capsys) -> None:
+def test_bad_arguments_exit_2_with_one_line(
+    args: list[str], named: str, allowed: tuple[str, ...], tmp_path: Path, monkeypatch, capsys
+) -> None:
+    """One line naming the argument (and what it allows), exit status 2, nothing written."""
+    monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit) as exc:
-        main(["--ckpt", str(tmp_path / "x.ckpt"), *args])
+        main(["--ckpt", str(tmp_path / "x.ckpt"), "--out-dir", "results", *args])
     assert exc.value.code == 2
     err = capsys.readouterr().err.strip()
     assert re.fullmatch(rf"evaluate\.py: error: argument {named}[: /].*", err), err
+    assert all(fragment in err for fragment in allowed), err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_device_beyond_what_is_available(tmp_path: Path, monkeypatch, capsys) -> None:
+    monkeypatch.chdir(tmp_path)
+    device = f"cuda:{torch.cuda.device_count()}"  # one past the last GPU (or any GPU on a CPU box)
+    assert call_main(main, ["--ckpt", "model.ckpt", "--device", device]) == 2
+    lines = error_lines(capsys.readouterr().err, "evaluate.py")
+    assert len(lines) == 1 and "--device" in lines[0] and list(tmp_path.iterdir()) == []
 
 
 def test_too_many_examples_and_bad_device(tiny_ckpt: Path, data_dir: Path, capsys) -> None:
@@ -390,15 +444,6 @@ def test_too_many_examples_and_bad_device(tiny_ckpt: Path, data_dir: Path, capsy
 
 
 # ------------------------------------------------------------------------------------ masking checks
-class _Softmax(nn.Module):
-    def __init__(self, net: nn.Module) -> None:
-        super().__init__()
-        self.net = net
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x).softmax(dim=1)
-
-
 class _Quantized(nn.Module):
     """Rounds its input to 4 levels: the input gradient is exactly zero (shattered gradients)."""
 
@@ -426,7 +471,7 @@ def test_masking_checks_fire_on_masked_models(trained_tiny_model: TinyCNN, mnist
     assert not check_randomized(trained_tiny_model, x).fired
     zero = check_zero_gradients(_Quantized(trained_tiny_model), x, y)
     assert zero.fired and zero.value == 1.0
-    assert check_output_probabilities(_Softmax(trained_tiny_model), x).fired
+    assert check_output_probabilities(SoftmaxOutput(trained_tiny_model), x).fired
     assert check_randomized(_Noisy(trained_tiny_model), x).fired
     # More steps must not leave more robust examples than fewer steps, beyond noise (2%).
     weak = torch.zeros(100, dtype=torch.bool)
@@ -449,7 +494,7 @@ def test_masking_warning_reaches_json_and_markdown(
 ) -> None:
     x, y = mnist_small[0][:50], mnist_small[1][:50]
     settings = ProtocolSettings(attacks=["pgd"], eps=0.3, alpha=0.05, steps=2, restarts=1, runs=1)
-    record = run_evaluation(_Softmax(trained_tiny_model), TensorBatches(x, y, 50), settings, "cpu")
+    record = run_evaluation(SoftmaxOutput(trained_tiny_model), TensorBatches(x, y, 50), settings, "cpu")
     record["name"] = "softmax"
     paths = write_outputs(record, tmp_path)
     saved = json.loads(paths["results.json"].read_text())
