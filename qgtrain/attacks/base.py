@@ -298,12 +298,15 @@ class Attack:
         """The keyword defaults of this class's constructor, following ``**kwargs`` into the bases'
         constructors as jsonargparse does (what ``--inner`` resets on a class switch)."""
         defaults: dict[str, Any] = {}
-        for klass in reversed(cls.__mro__):
-            if "__init__" in vars(klass) and issubclass(klass, Attack):
-                parameters = inspect.signature(klass.__init__).parameters.values()
-                defaults.update(
-                    {p.name: p.default for p in parameters if p.default is not inspect.Parameter.empty}
-                )
+        for klass in cls.__mro__:  # from the class down to the first constructor without **kwargs
+            if "__init__" not in vars(klass):
+                continue
+            parameters = inspect.signature(klass.__init__).parameters.values()
+            for p in parameters:
+                if p.default is not inspect.Parameter.empty:
+                    defaults.setdefault(p.name, p.default)
+            if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
+                break
         return defaults
 
     @classmethod
