@@ -32,7 +32,8 @@ EPS = 0.1  # small enough that a briefly trained tiny CNN keeps some robust accu
 DOCUMENTED_SCALARS = [
     "robust/clean_acc",
     "robust/blob_qg_acc",
-    "robust/pgd_acc",
+    "robust/apgd_t_acc",
+    "robust/gradient_share",
     "robust/worst_acc",
     "robust/best_worst_acc",
     "robust/eval_seconds",
@@ -90,7 +91,7 @@ def test_callback_logs_the_documented_keys(short_run) -> None:
     metrics = short_run.trainer.callback_metrics
     assert set(DOCUMENTED_SCALARS) <= set(metrics)
     clean, blob, pgd, worst = (
-        float(metrics[f"robust/{k}_acc"]) for k in ("clean", "blob_qg", "pgd", "worst")
+        float(metrics[f"robust/{k}_acc"]) for k in ("clean", "blob_qg", "apgd_t", "worst")
     )
     # Robust counts need clean correctness; the worst case is per example, so at most the weaker attack.
     assert 0.0 < worst <= min(blob, pgd) <= max(blob, pgd) <= clean <= 1.0
@@ -133,20 +134,20 @@ def test_logged_accuracy_equals_a_direct_call_of_the_same_attack(short_run) -> N
     alpha = 2.5 * EPS / 3  # the documented default step size for eps=EPS, steps=3
     attacks = {
         "blob_qg": build_attack("blob_qg", eps=EPS, alpha=alpha, steps=3, b=100),
-        "pgd": build_attack("pgd", eps=EPS, alpha=alpha, steps=3),
+        "apgd_t": build_attack("apgd_t", eps=EPS, steps=3, targets=3),  # the default extra attack
     }
     assert {k: a.config() for k, a in attacks.items()} == {
         k: a.config() for k, a in robustness.attacks.items()
     }
-    # With early exit (the default) PGD attacks only what BLOB_QG left robust: `robust/pgd_acc` is the
+    # With early exit (the default) APGD-T attacks only what BLOB_QG left robust: `robust/apgd_t_acc` is the
     # accuracy after both, as AutoAttack reports it; evaluate.py's engine gives the same vectors.
     outcome = evaluate_suite(net, list(attacks.values()), batches, seed=3)
-    direct = {"clean": outcome.clean, "blob_qg": outcome.after[0], "pgd": outcome.after[1]}
+    direct = {"clean": outcome.clean, "blob_qg": outcome.after[0], "apgd_t": outcome.after[1]}
     direct["worst"] = outcome.robust
     alone = {name: adversarial_correct(net, attack, batches, seed=3) for name, attack in attacks.items()}
     assert torch.equal(direct["blob_qg"], alone["blob_qg"]), "the first attack sees what it sees alone"
-    # Random starts are drawn for the whole batch, so PGD treats a survivor exactly as it would alone.
-    assert torch.equal(direct["worst"], alone["blob_qg"] & alone["pgd"])
+    # Random starts (and APGD-T's targets) are drawn for the whole batch: a survivor is attacked as alone.
+    assert torch.equal(direct["worst"], alone["blob_qg"] & alone["apgd_t"])
     assert torch.equal(direct["clean"], clean_correct(net, batches))
     logged = short_run.trainer.callback_metrics
     for key, correct in direct.items():
@@ -319,5 +320,5 @@ def test_two_ddp_processes_report_what_one_process_reports(
         trainer.fit(_module(trained_tiny_model, lr=0.0), datamodule=_datamodule(data_root))
         results[devices] = {k: float(v) for k, v in trainer.callback_metrics.items() if k.endswith("_acc")}
     assert 0.0 < results[1]["robust/worst_acc"] < results[1]["robust/clean_acc"]
-    for key in ("robust/clean_acc", "robust/blob_qg_acc", "robust/pgd_acc", "robust/worst_acc"):
+    for key in ("robust/clean_acc", "robust/blob_qg_acc", "robust/apgd_t_acc", "robust/worst_acc"):
         assert results[2][key] == results[1][key], key

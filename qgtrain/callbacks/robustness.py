@@ -32,6 +32,9 @@ from qgtrain.evaluation.protocol import evaluate_suite
 log = logging.getLogger(__name__)
 
 PREFIX = "robust"
+DEFAULT_EXTRA_ATTACKS = ["apgd_t"]
+DEFAULT_ATTACK_KWARGS: dict[str, dict[str, Any]] = {"apgd_t": {"targets": 3}}
+"""The monitor's default after BLOB_QG-20: APGD-T-20 over 3 targets (benchmarks/evaluation_strength.py)."""
 
 
 class RobustnessEvaluation(Callback):
@@ -52,7 +55,10 @@ class RobustnessEvaluation(Callback):
     training RNG are untouched. The subset is capped by what ``limit_val_batches`` lets validation
     see, so a quick run gets a quick evaluation. Under DDP whole batches are sharded across ranks
     and the counts are summed with torchmetrics, so 1 and N processes report the same accuracy for
-    the same model. ``extra_attacks=None`` means ``["pgd"]``; ``[]`` runs the main attack only.
+    the same model. ``extra_attacks=None`` means ``["apgd_t"]`` and ``attack_kwargs=None`` means
+    ``{"apgd_t": {"targets": 3}}``: APGD-T over the 3 most likely wrong classes after BLOB_QG, the
+    cheapest monitor measured within 0.5 points of AutoAttack (docs/RESULTS.md); ``[]`` runs the
+    main attack only.
 
     The overfitting guard warns when ``robust/worst_acc`` falls more than ``overfit_margin``
     (absolute) below its best so far, and stops training when ``stop_on_overfit``.
@@ -87,8 +93,8 @@ class RobustnessEvaluation(Callback):
             subset_size: Validation examples evaluated (a fixed seeded subset).
             batch_size: Examples per attack batch (batch-coupled attacks such as BLOB see these together).
             attack: Main attack (a registered name; BLOB_QG by default).
-            extra_attacks: Further attacks, run after the main one (null: [pgd]; []: none).
-            attack_kwargs: Further arguments per attack name, e.g. {apgd_t: {targets: 3}}.
+            extra_attacks: Further attacks, run after the main one (null: [apgd_t]; []: none).
+            attack_kwargs: Further arguments per attack name (null: {apgd_t: {targets: 3}}).
             early_exit: Attack only the examples still robust, in order, as AutoAttack does.
             eps: L-inf radius (null: the module's val_attack radius, else its inner attack's).
             alpha: Step size of the iterative attacks (null: the class's default, 2.5 * eps / steps).
@@ -119,12 +125,14 @@ class RobustnessEvaluation(Callback):
         self.every_n_epochs = int(every_n_epochs)
         self.subset_size = int(subset_size)
         self.batch_size = int(batch_size)
-        self.attack_names = [attack, *(["pgd"] if extra_attacks is None else extra_attacks)]
+        self.attack_names = [attack, *(DEFAULT_EXTRA_ATTACKS if extra_attacks is None else extra_attacks)]
         if len(set(self.attack_names)) != len(self.attack_names):
             raise ValueError(f"robustness attacks repeat a name: {self.attack_names}; list each attack once")
         for name in self.attack_names:
             attack_class(name)  # a one-line error for an unknown name, before training starts
-        self.attack_kwargs = {name: dict(kwargs) for name, kwargs in (attack_kwargs or {}).items()}
+        if attack_kwargs is None:
+            attack_kwargs = {k: v for k, v in DEFAULT_ATTACK_KWARGS.items() if k in self.attack_names}
+        self.attack_kwargs = {name: dict(kwargs) for name, kwargs in attack_kwargs.items()}
         unused = set(self.attack_kwargs) - set(self.attack_names)
         if unused:
             raise ValueError(
