@@ -45,6 +45,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import importlib.util
 import os
 import statistics
 import subprocess
@@ -225,6 +226,8 @@ def _sync(device: torch.device) -> None:
 
 def section_attacks(plan: Plan) -> Section:
     """Our PGD vs torchattacks.PGD per setting: ms/step, paired ratio, agreement, accuracy."""
+    if importlib.util.find_spec("torchattacks") is None:
+        return Section("attacks", "skipped", summary="torchattacks not installed (pip install -e '.[bench]')")
     from attack_speed import TorchattacksPGD
 
     device = plan.device
