@@ -1,0 +1,37 @@
+"""The torchattacks adapter: any torchattacks class by name inside the protocol, kept in the threat model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from qgtrain.attacks import attack_class, build_attack
+from qgtrain.attacks.external import TorchattacksAttack
+from qgtrain.evaluation.protocol import attack_batch
+
+
+def test_names_resolve_to_the_adapter_and_errors_are_one_line() -> None:
+    assert attack_class("torchattacks.FAB") is TorchattacksAttack
+    try:
+        import torchattacks  # noqa: F401
+    except ImportError:
+        with pytest.raises(ValueError, match=r"needs the torchattacks package: pip install -e '\.\[bench\]'"):
+            build_attack("torchattacks.PGD", eps=0.1)
+        return
+    with pytest.raises(ValueError, match="torchattacks has no attack class 'NoSuch'"):
+        build_attack("torchattacks.NoSuch", eps=0.1)
+
+
+def test_a_wrapped_attack_runs_through_the_engine_inside_the_ball(trained_tiny_model, mnist_small) -> None:
+    pytest.importorskip("torchattacks")
+    x, y = mnist_small[0][:40], mnist_small[1][:40]
+    attack = build_attack("torchattacks.PGD", eps=0.1, attack_kwargs={"alpha": 0.02, "steps": 5})
+    torch.manual_seed(0)
+    result = attack.perturb(trained_tiny_model, x, y)
+    assert (
+        (result.x_adv - x).abs().max() <= 0.1 + 1e-6 and result.x_adv.min() >= 0 and result.x_adv.max() <= 1
+    )
+    assert result.forwards >= 5 * len(y)  # every model evaluation counted
+    outcome = attack_batch(trained_tiny_model, [attack], x, y, stream_seed=0)
+    assert int(outcome.robust.sum()) < int(outcome.clean.sum())  # it attacks
+    assert outcome.labels == ["torchattacks.PGD"] and outcome.costs[0].to_dict()["gradients"] is None
