@@ -1,4 +1,5 @@
-"""Safe reading of checkpoint files (``weights_only``), shared by training (resume) and evaluation.
+"""Safe reading of checkpoint files (``weights_only``), shared by training (resume) and evaluation,
+and the start-up probe that an output folder can be written.
 
 A neutral module below both: ``qgtrain.training`` and ``qgtrain.evaluation`` import it, neither
 imports the other for it.
@@ -61,6 +62,33 @@ def read_checkpoint(path: str | os.PathLike) -> Any:
             f"cannot load {path}: {reason} ({type(exc).__name__}: {_first_line(exc)[:120]}); "
             "re-copy or re-save the checkpoint"
         ) from None
+
+
+def check_writable(folder: Path, what: str) -> None:
+    """Fail at start, not after an epoch, when an output folder cannot be written (``ValueError``).
+
+    Folders created for the probe are removed again, so a run that fails later at start-up (a bad
+    config value) leaves nothing behind; Lightning creates them when it first writes.
+    """
+    created = [p for p in (folder, *folder.parents) if not p.exists()]
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write-test-{os.getpid()}"
+        try:
+            with open(probe, "wb") as handle:
+                handle.write(b"\0" * 65536)
+                handle.flush()
+                os.fsync(handle.fileno())
+        finally:
+            probe.unlink(missing_ok=True)
+    except OSError as exc:
+        raise ValueError(f"cannot write the {what} folder {folder}: {exc.strerror or exc}; choose another") from None
+    finally:
+        for path in created:  # deepest first
+            try:
+                path.rmdir()
+            except OSError:
+                pass  # not empty (another run wrote there meanwhile) or never made
 
 
 def _first_line(exc: BaseException) -> str:

@@ -37,7 +37,9 @@ from conftest import (
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+import qgtrain.checkpoint_files as checkpoint_files
 import qgtrain.cli.train as train_cli
+import qgtrain.training.resume as resume
 from qgtrain.attacks import ATTACKS, build_attack
 from qgtrain.data import VisionDataModule
 from qgtrain.models import TinyCNN
@@ -570,16 +572,16 @@ def test_resume_last_is_the_newest_checkpoint_of_the_newest_run(tmp_path: Path) 
     _touch_checkpoint(root / "run-v1" / "best.ckpt", 0)  # not a resume point
     (root / "run-v2").mkdir()  # a run that wrote nothing
     _touch_checkpoint(root / "other-v3" / "last.ckpt", 0)  # another name
-    assert train_cli.resolve_resume("last", root, "run") == root / "run-v1" / "step.ckpt"
+    assert resume.resolve_resume("last", root, "run") == root / "run-v1" / "step.ckpt"
     _touch_checkpoint(root / "run-v1" / "interrupted.ckpt", 50)
-    assert train_cli.resolve_resume("last", root, "run") == root / "run-v1" / "interrupted.ckpt"
+    assert resume.resolve_resume("last", root, "run") == root / "run-v1" / "interrupted.ckpt"
     # a run folder holding only interrupted.ckpt or only step.ckpt (Ctrl-C or a kill in epoch 0)
     _touch_checkpoint(root / "a" / "interrupted.ckpt", 0)
     _touch_checkpoint(root / "b" / "step.ckpt", 0)
-    assert train_cli.resolve_resume(str(root / "a"), root, "x") == root / "a" / "interrupted.ckpt"
-    assert train_cli.resolve_resume(str(root / "b"), root, "x") == root / "b" / "step.ckpt"
-    with pytest.raises(train_cli.UsageError, match="no checkpoint"):
-        train_cli.resolve_resume(str(root / "run-v2"), root, "run")
+    assert resume.resolve_resume(str(root / "a"), root, "x") == root / "a" / "interrupted.ckpt"
+    assert resume.resolve_resume(str(root / "b"), root, "x") == root / "b" / "step.ckpt"
+    with pytest.raises(resume.ResumeError, match="no checkpoint"):
+        resume.resolve_resume(str(root / "run-v2"), root, "run")
 
 
 def test_resume_a_finished_run_says_so_and_writes_nothing(
@@ -680,7 +682,7 @@ def _simulate(monkeypatch: pytest.MonkeyPatch, code: int) -> None:
     def failing_open(*args, **kwargs):
         raise OSError(code, os.strerror(code))
 
-    monkeypatch.setattr(train_cli, "open", failing_open, raising=False)
+    monkeypatch.setattr(checkpoint_files, "open", failing_open, raising=False)
 
 
 @pytest.mark.parametrize("case", ["full", "read-only", "not a folder"])

@@ -22,14 +22,20 @@ import torch
 from qgtrain.attacks import ATTACK_LOSSES, available_attacks
 from qgtrain.data import DATAMODULES, DataError, build_datamodule, resolve_data_dir
 from qgtrain.evaluation.checkpoints import CheckpointError, CheckpointInfo, load_model_from_checkpoint
-from qgtrain.evaluation.report import merge_correctness, render_summary, run_evaluation, write_outputs
+from qgtrain.evaluation.report import (
+    default_result_name,
+    render_summary,
+    result_folder,
+    run_evaluation,
+    write_merged,
+    write_outputs,
+)
 from qgtrain.evaluation.runner import (
     SWEEPABLE,
     ProtocolSettings,
     StandardSettings,
     TensorBatches,
-    planned_cost,
-    probe_seconds,
+    describe_plan,
 )
 from qgtrain.models import DATASET_SPECS, available_models
 
@@ -66,20 +72,15 @@ def parse_eps(text: str) -> float:
 
 
 def parse_alpha(text: str) -> float:
-    value = parse_number(text)
-    if not value > 0:
+    if not (value := parse_number(text)) > 0:
         raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
     return value
 
 
 def parse_positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text}")
-    return value
+    if not (text.strip().isdigit() and int(text) >= 1):
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
+    return int(text)
 
 
 def parse_b_list(text: str) -> list[int]:
@@ -270,15 +271,6 @@ def resolve_device(text: str) -> torch.device:
     return device
 
 
-def default_name(ckpt: Path) -> str:
-    """``<parent>_<stem>`` for generic names such as ``last.ckpt``, else the file's stem."""
-    stem = ckpt.stem
-    generic = stem in ("last", "best", "model", "checkpoint") or stem.startswith(("epoch=", "last-"))
-    if generic and ckpt.parent.name:
-        return f"{ckpt.parent.name}_{stem}".replace("=", "")
-    return stem
-
-
 def load_test_split(
     dataset: str, data_dir: str | None, n: int | None
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -340,32 +332,14 @@ def build_settings(args: argparse.Namespace, num_classes: int) -> ProtocolSettin
     )
 
 
-def unique_folder(out_dir: Path, name: str, overwrite: bool) -> Path:
-    """``OUT_DIR/NAME``, or ``NAME-v1``, ``-v2``... when it already holds results (unless ``overwrite``)."""
-    folder, version = out_dir / name, 0
-    while not overwrite and folder.exists() and any(folder.iterdir()):
-        version += 1
-        folder = out_dir / f"{name}-v{version}"
-    return folder
-
-
 def merge_main(args: argparse.Namespace) -> int:
     """``--merge A.npz B.npz``: the per-example worst case of earlier evaluations."""
     try:
-        merged = merge_correctness(args.merge)
+        summary = write_merged(args.merge, result_folder(Path(args.out_dir), args.name or "merged", args.overwrite))
     except ValueError as exc:
         sys.stderr.write(f"{PROG}: error: {exc}\n")
         return 1
-    out = unique_folder(Path(args.out_dir), args.name or "merged", args.overwrite)
-    out.mkdir(parents=True, exist_ok=True)
-    import numpy as np
-
-    np.savez_compressed(out / "correctness.npz", **merged, index=np.arange(merged["clean"].size))
-    n = merged["clean"].size
-    print(  # noqa: T201
-        f"merged {len(args.merge)} evaluations of {n} examples: clean {100 * merged['clean'].mean():.2f}%, "
-        f"robust (per-example worst case) {100 * merged['robust'].mean():.2f}%; wrote {out / 'correctness.npz'}"
-    )
+    print(summary)  # noqa: T201
     return 0
 
 
@@ -419,32 +393,14 @@ def _evaluate(
     labels: torch.Tensor,
     split_size: int,
 ) -> int:
-    name = args.name or default_name(ckpt)
-    out_dir = unique_folder(Path(args.out_dir), name, args.overwrite)
+    out_dir = result_folder(Path(args.out_dir), args.name or default_result_name(ckpt), args.overwrite)
     batches = TensorBatches(images, labels, args.batch_size)
     log.info(
         "evaluating %s (%s on %s, %d test examples) on %s -> %s",
-        ckpt,
-        info.model,
-        info.dataset,
-        batches.num_examples,
-        device,
-        out_dir,
+        *(ckpt, info.model, info.dataset, batches.num_examples, device, out_dir),
     )
     if not args.quiet:
-        gradients, forwards = planned_cost(settings, batches.num_examples, args.sweep)
-        per_gradient, per_forward = probe_seconds(net.to(device), batches, device)
-        estimate = gradients * per_gradient + forwards * per_forward
-        log.info(
-            "plan: %s protocol, at most %.3g example-gradients and %.3g forward queries (early exit spends "
-            "less); about %s on this device at %.2f ms per example-gradient (an estimate from one batch); "
-            "Ctrl-C writes what is done",
-            args.protocol,
-            gradients,
-            forwards,
-            format_duration(estimate),
-            1000 * per_gradient,
-        )
+        log.info(describe_plan(settings, net.to(device), batches, device, args.sweep))
     progress = make_progress(not args.quiet)
     try:
         record = run_evaluation(
@@ -489,14 +445,3 @@ def _evaluate(
         print(render_summary(record))  # noqa: T201
     print(f"wrote {written}")  # noqa: T201
     return 0
-
-
-def format_duration(seconds: float) -> str:
-    """``42 s``, ``12 min``, ``3.5 h``, ``2.1 days``."""
-    if seconds < 120:
-        return f"{seconds:.0f} s"
-    if seconds < 7200:
-        return f"{seconds / 60:.0f} min"
-    if seconds < 172800:
-        return f"{seconds / 3600:.1f} h"
-    return f"{seconds / 86400:.1f} days"

@@ -8,14 +8,12 @@ import inspect
 import logging
 import os
 import re
-import shlex
 import sys
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import torch
 from jsonargparse import Namespace
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.accelerators import CPUAccelerator
@@ -23,6 +21,8 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from qgtrain.attacks import ATTACKS
+from qgtrain.callbacks import AttackVisualization, RobustnessEvaluation
+from qgtrain.checkpoint_files import check_writable
 from qgtrain.cli.aliases import (
     SHORT_FLAGS,
     UsageError,
@@ -34,7 +34,7 @@ from qgtrain.cli.aliases import (
     short_flag_help,
 )
 from qgtrain.data import DATAMODULES, DataError, VisionDataModule
-from qgtrain.models import MODELS, model_spec
+from qgtrain.models import MODELS
 from qgtrain.training import AdversarialTraining, NonFiniteLossError
 from qgtrain.training.checkpoint_io import (
     AtomicCheckpointIO,
@@ -45,13 +45,18 @@ from qgtrain.training.checkpoint_io import (
 )
 from qgtrain.training.interrupt import InterruptCheckpoint
 from qgtrain.training.resume import (
-    RESUMABLE,
     RestoreLoaderState,
+    ResumeError,
+    check_resume_compatible,
     finished_message,
     latest_checkpoint,
-    newest_resumable,
+    resolve_resume,
+    resume_command,
+    run_name,
     slurm_requeued,
+    unique_run_name,
 )
+from qgtrain.training.trainer import run_summary
 
 log = logging.getLogger(__name__)
 PROG = "train.py"
@@ -65,132 +70,21 @@ REGISTRIES = {"model.inner": ATTACKS, "model.val_attack": ATTACKS, "model.net": 
 """The classes a subclass-typed key can take: their arguments are the candidates for a typo."""
 
 
-def _import(class_path: str) -> Any:
-    module, _, name = class_path.rpartition(".")
-    return getattr(__import__(module, fromlist=[name]), name)
-
-
 def default_run_name(config: Namespace) -> str:
-    """``<dataset>-<model>-<inner>-k<steps>-b<b>`` (``<dataset>-<model>-standard`` without an inner
-    attack), e.g. ``mnist-madry_mnist-pqgd-k10-b100``; the model is its registry name."""
+    """:func:`~qgtrain.training.resume.run_name` of the parsed config; the model is its registry name."""
     data_cls = _import(config.data.class_path)
-    dataset = getattr(data_cls, "name", data_cls.__name__.lower())
     net_cls = _import(config.model.net.class_path)
     model = next((name for name, cls in MODELS.items() if cls is net_cls), net_cls.__name__.lower())
     inner = config.model.inner
+    dataset = getattr(data_cls, "name", data_cls.__name__.lower())
     if inner is None:
-        return f"{dataset}-{model}-standard"
-    attack_cls = _import(inner.class_path)
-    args = inner.init_args
-    return f"{dataset}-{model}-{attack_cls.name}-k{args.steps}-b{args.b}"
+        return run_name(dataset, model, None)
+    return run_name(dataset, model, _import(inner.class_path).name, inner.init_args.steps, inner.init_args.b)
 
 
-def _unique_run_name(checkpoint_root: Path, log_root: Path, base: str) -> str:
-    """``base``, or ``base-v1``, ``base-v2``... so a new run never overwrites an old one's checkpoints."""
-    name, version = base, 0
-    while (checkpoint_root / name).exists() and any((checkpoint_root / name).iterdir()):
-        version += 1
-        name = f"{base}-v{version}"
-    return name
-
-
-def resolve_resume(resume: str, checkpoint_root: Path, run_name: str) -> Path:
-    """A ``.ckpt`` file; a run folder (its newest of ``step.ckpt``, ``last.ckpt``, ``interrupted.ckpt``);
-    or ``last``: the newest resumable checkpoint of the newest run named ``run_name`` or ``run_name-vN``."""
-    if resume == "last":
-        path = latest_checkpoint(checkpoint_root, run_name)
-        if path is None:
-            raise UsageError(
-                f"--resume last: no checkpoint of a run named {run_name} (or {run_name}-vN) in "
-                f"{checkpoint_root}; pass a .ckpt file or a run folder"
-            )
-        return path
-    path = Path(resume)
-    if path.is_dir():
-        found = newest_resumable(path)
-        if found is None:
-            raise UsageError(f"--resume: no checkpoint ({', '.join(RESUMABLE)}) in {path}")
-        return found
-    if not path.is_file():
-        raise UsageError(f"--resume: no checkpoint at {path}; pass a .ckpt file, a run folder, or 'last'")
-    return path
-
-
-def _describe_net(spec: dict[str, Any] | None, fallback: str) -> str:
-    if not spec:
-        return fallback
-    kwargs = ", ".join(f"{key}={value}" for key, value in sorted(spec.get("kwargs", {}).items()))
-    return f"{spec['name']}({kwargs})"
-
-
-def check_resume_compatible(checkpoint: dict[str, Any], path: Path, cli: QGTrainCLI) -> None:
-    """The network and the number of training processes must be the checkpoint's (one line, else
-    Lightning fails with a size-mismatch traceback or resumes a different data shard)."""
-    saved = checkpoint.get("state_dict", {})
-    wanted = cli.model.state_dict()
-    same_shapes = saved.keys() == wanted.keys() and all(
-        tuple(saved[key].shape) == tuple(wanted[key].shape) for key in wanted
-    )
-    meta = checkpoint.get("qgtrain") or {}
-    if not same_shapes:
-        try:
-            requested = model_spec(cli.model.net)
-        except ValueError:
-            requested = None
-        raise UsageError(
-            f"--resume: {path} holds a {_describe_net(meta.get('net'), 'different network')} network, "
-            f"this run builds {_describe_net(requested, type(cli.model.net).__name__)}; pass the "
-            "checkpoint's --model / --config"
-        )
-    processes = meta.get("world_size")
-    if processes is not None and processes != cli.trainer.world_size:
-        raise UsageError(
-            f"--resume: {path} was written by {processes} training process(es), this run has "
-            f"{cli.trainer.world_size}; resume with the same --devices and --num-nodes"
-        )
-
-
-def resume_command(argv: list[str], checkpoint: str | Path) -> str:
-    """The command line that continues this run: ``argv`` without its ``--resume``, plus ``--resume``."""
-    kept, skip = [], False
-    for arg in argv:
-        if skip:
-            skip = False
-        elif arg == "--resume":
-            skip = True
-        elif not arg.startswith("--resume="):
-            kept.append(arg)
-    script = sys.argv[0] if Path(sys.argv[0]).name == PROG else PROG
-    return shlex.join(["python", script, *kept, "--resume", str(checkpoint)])
-
-
-def check_writable(folder: Path, what: str) -> None:
-    """Fail at start, not after an epoch, when an output folder cannot be written.
-
-    Folders created for the probe are removed again, so a run that fails later at start-up (a bad
-    config value) leaves nothing behind; Lightning creates them when it first writes.
-    """
-    created = [p for p in (folder, *folder.parents) if not p.exists()]
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / f".write-test-{os.getpid()}"
-        try:
-            with open(probe, "wb") as handle:
-                handle.write(b"\0" * 65536)
-                handle.flush()
-                os.fsync(handle.fileno())
-        finally:
-            probe.unlink(missing_ok=True)
-    except OSError as exc:
-        raise UsageError(
-            f"cannot write the {what} folder {folder}: {exc.strerror or exc}; choose another"
-        ) from None
-    finally:
-        for path in created:  # deepest first
-            try:
-                path.rmdir()
-            except OSError:
-                pass  # not empty (another run wrote there meanwhile) or never made
+def _import(class_path: str) -> Any:
+    module, _, name = class_path.rpartition(".")
+    return getattr(__import__(module, fromlist=[name]), name)
 
 
 class QGTrainCLI(LightningCLI):
@@ -247,13 +141,8 @@ class QGTrainCLI(LightningCLI):
                 "checkpoint.enable_version_counter": False,
             }
         )
-        self.add_extra_arguments(parser)
-
-    def add_extra_arguments(self, parser: LightningArgumentParser) -> None:
-        """Hook for forced callbacks (robustness evaluation) added by other modules."""
-        from qgtrain.cli.callback_args import add_callback_arguments
-
-        add_callback_arguments(parser)
+        parser.add_lightning_class_args(RobustnessEvaluation, "robustness")  # forced callbacks
+        parser.add_lightning_class_args(AttackVisualization, "visualization")
 
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
         """jsonargparse's parsing; ``--help`` starts with the short flags and their resolved
@@ -276,7 +165,8 @@ class QGTrainCLI(LightningCLI):
             raise UsageError(f"--{key}.init_args.{option} is not an argument of {key}{hint}") from None
 
     def before_instantiate_classes(self) -> None:
-        """Start-up steps on the parsed config, in order; nothing is written by any of them."""
+        """Start-up steps on the parsed config, in order; nothing is written by any of them (a
+        ``ValueError`` from one, e.g. :class:`ResumeError`, becomes one line in :func:`main`)."""
         self._refuse_classless_attacks()
         self._name_the_run()
         self._monitor_validation_without_evaluation()
@@ -296,12 +186,11 @@ class QGTrainCLI(LightningCLI):
         its checkpoint here, so a crafted file is refused before anything is built."""
         config = self.config
         checkpoint_root = Path(config.checkpoint_root)
-        log_root = Path(config.log_root)
         base = config.run_name or default_run_name(config)
         if not config.resume and slurm_requeued() and latest_checkpoint(checkpoint_root, base):
             config.resume = "last"  # a requeued SLURM job continues where it was stopped
         if config.resume:
-            self.resume_path = resolve_resume(config.resume, checkpoint_root, base)
+            self.resume_path = resolve_resume(config.resume, checkpoint_root, base)  # ResumeError
             try:
                 self.resume_checkpoint = read_checkpoint(self.resume_path)  # refuses pickled code
             except CheckpointError as exc:
@@ -314,7 +203,7 @@ class QGTrainCLI(LightningCLI):
                 raise UsageError(f"--resume: {finished}")
             self.run_name = config.run_name or self.resume_path.parent.name
         else:
-            self.run_name = config.run_name or _unique_run_name(checkpoint_root, log_root, base)
+            self.run_name = config.run_name or unique_run_name(checkpoint_root, base)
 
     def _monitor_validation_without_evaluation(self) -> None:
         config = self.config
@@ -383,31 +272,6 @@ class QGTrainCLI(LightningCLI):
         except (ValueError, TypeError) as exc:
             raise UsageError(f"model.optimizer (--lr): {_one_line(exc)}") from None
 
-    def summary(self) -> str:
-        """Best robust accuracy (metric, epoch), both checkpoints, and the commands to run next."""
-        checkpoint = self.trainer.checkpoint_callback
-        folder = Path(self.config.checkpoint.dirpath)
-        last = folder / "last.ckpt"
-        best_path = getattr(checkpoint, "best_model_path", "")
-        if best_path and Path(best_path).is_file():
-            best = folder / Path(best_path).name  # as configured: a relative folder stays relative
-            epoch = torch.load(best, map_location="cpu", weights_only=True, mmap=True)["epoch"]
-            score = float(checkpoint.best_model_score)
-            lines = [
-                f"run {self.run_name} finished: best {checkpoint.monitor} = {score:.4f} at epoch {epoch}"
-            ]
-            lines.append(f"  best: {best}")
-        else:
-            best = last
-            monitor = getattr(checkpoint, "monitor", None)
-            lines = [f"run {self.run_name} finished: no best.ckpt ({monitor} was never logged)"]
-        lines.append(f"  last: {last}")
-        logger = self.trainer.logger
-        if logger is not None and getattr(logger, "log_dir", None):
-            lines.append(f"  TensorBoard: tensorboard --logdir {Path(logger.log_dir).parent}")
-        lines.append(f"  next: python evaluate.py --ckpt {best}")
-        return "\n".join(lines)
-
 
 def build_cli(args: list[str]) -> QGTrainCLI:
     """Parse ``args`` (already expanded) and instantiate model, data and trainer, without fitting."""
@@ -447,8 +311,8 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     if cli.resume_checkpoint is not None:
         try:
-            check_resume_compatible(cli.resume_checkpoint, cli.resume_path, cli)
-        except UsageError as exc:
+            check_resume_compatible(cli.resume_checkpoint, cli.resume_path, cli.model, cli.trainer.world_size)
+        except ResumeError as exc:
             main_usage_error(PROG, str(exc))
         log.info(
             "resuming from %s: epoch %d, step %d",
@@ -467,11 +331,12 @@ def main(argv: list[str] | None = None) -> int:
         interrupt = cli.interrupt
         if not interrupt.interrupted:
             raise
-        command = resume_command(argv, interrupt.saved_path or "last")
+        script = sys.argv[0] if Path(sys.argv[0]).name == PROG else PROG
+        command = resume_command(script, argv, interrupt.saved_path or "last")
         sys.stderr.write(f"{PROG}: {interrupt.message(command)}\n")
         return interrupt.exit_status
     if cli.trainer.is_global_zero and not cli.trainer.interrupted:
-        sys.stdout.write(cli.summary() + "\n")
+        sys.stdout.write(run_summary(cli.trainer, cli.run_name, Path(cli.config.checkpoint.dirpath)) + "\n")
     return 0
 
 
@@ -506,12 +371,12 @@ def _one_line(exc: BaseException, given: Mapping[str, str] | None = None) -> str
         key = re.match(r'Parser key "([^"]+)"', text)
         if key is not None and key.group(1) not in keys:
             keys.append(key.group(1))
-        if exc.__cause__ is None or isinstance(exc, UsageError):
+        if exc.__cause__ is None or isinstance(exc, UsageError | ResumeError):
             break
         exc = exc.__cause__
     reason = " ".join(line.strip() for line in text.splitlines() if line.strip()) or type(exc).__name__
     given = given or {}
-    if isinstance(exc, UsageError):
+    if isinstance(exc, UsageError | ResumeError):
         return reason  # written here, naming its flag already
     if keys:
         flagged = name_the_flag(f"{'.'.join(keys)}: {reason}", given)

@@ -492,6 +492,36 @@ def merge_correctness(paths: Sequence[str | os.PathLike]) -> dict[str, np.ndarra
     return merged
 
 
+def default_result_name(ckpt: Path) -> str:
+    """``<parent>_<stem>`` for generic names such as ``last.ckpt``, else the file's stem."""
+    stem = ckpt.stem
+    generic = stem in ("last", "best", "model", "checkpoint") or stem.startswith(("epoch=", "last-"))
+    if generic and ckpt.parent.name:
+        return f"{ckpt.parent.name}_{stem}".replace("=", "")
+    return stem
+
+
+def result_folder(out_dir: Path, name: str, overwrite: bool = False) -> Path:
+    """``OUT_DIR/NAME``, or ``NAME-v1``, ``-v2``... when it already holds results (unless ``overwrite``)."""
+    folder, version = out_dir / name, 0
+    while not overwrite and folder.exists() and any(folder.iterdir()):
+        version += 1
+        folder = out_dir / f"{name}-v{version}"
+    return folder
+
+
+def write_merged(paths: Sequence[str | os.PathLike], out_dir: Path) -> str:
+    """:func:`merge_correctness` of ``paths`` written to ``out_dir/correctness.npz``; a summary line."""
+    merged = merge_correctness(paths)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    n = merged["clean"].size
+    np.savez_compressed(out_dir / "correctness.npz", **merged, index=np.arange(n))
+    return (
+        f"merged {len(paths)} evaluations of {n} examples: clean {100 * merged['clean'].mean():.2f}%, "
+        f"robust (per-example worst case) {100 * merged['robust'].mean():.2f}%; wrote {out_dir / 'correctness.npz'}"
+    )
+
+
 def strip_timing(value: Any) -> Any:
     """``value`` without the keys that legitimately differ between identical runs (for comparisons)."""
     if isinstance(value, dict):

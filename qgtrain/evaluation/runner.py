@@ -572,3 +572,34 @@ def probe_seconds(
                 model(x)
         per_forward = (time.perf_counter() - start) / (repeats * x.shape[0])
     return per_gradient, per_forward
+
+
+def format_duration(seconds: float) -> str:
+    """``42 s``, ``12 min``, ``3.5 h``, ``2.1 days``."""
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    if seconds < 172800:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 86400:.1f} days"
+
+
+def describe_plan(
+    settings: ProtocolSettings | StandardSettings,
+    model: nn.Module,
+    batches: TensorBatches,
+    device: torch.device | str | None,
+    sweeps: Sequence[tuple[str, Sequence[float | int]]] = (),
+) -> str:
+    """One line: the naive budget (:func:`planned_cost`) and the time it takes here (:func:`probe_seconds`)."""
+    gradients, forwards = planned_cost(settings, batches.num_examples, sweeps)
+    per_gradient, per_forward = probe_seconds(model, batches, device)
+    protocol = "standard" if isinstance(settings, StandardSettings) else "paper"
+    return (
+        f"plan: {protocol} protocol, at most {gradients:.3g} example-gradients and {forwards:.3g} forward "
+        f"queries (early exit spends less); about {format_duration(gradients * per_gradient + forwards * per_forward)} "
+        f"on this device at {1000 * per_gradient:.2f} ms per example-gradient (an estimate from one batch); "
+        "Ctrl-C writes what is done"
+    )
+

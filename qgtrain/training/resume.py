@@ -1,4 +1,5 @@
-"""Where a run resumes from, and what a resumed run must restore (issue 14, exact mid-epoch resume).
+"""Run folders: a run's name and version, where it resumes from, whether a checkpoint fits it, and
+what a resumed run must restore (issue 14, exact mid-epoch resume).
 
 A run folder holds up to three resumable checkpoints: ``step.ckpt`` (inside an epoch, see
 :class:`~qgtrain.training.checkpoint_io.StepCheckpoint`), ``last.ckpt`` (end of every epoch) and
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +18,25 @@ import lightning as L
 from lightning.pytorch.callbacks import Callback
 
 RESUMABLE = ("step.ckpt", "last.ckpt", "interrupted.ckpt")
+
+
+class ResumeError(ValueError):
+    """``--resume`` cannot continue this run; the one-line message says why and what to pass."""
+
+
+def run_name(dataset: str, model: str, inner: str | None, steps: int = 0, b: int = 1) -> str:
+    """``<dataset>-<model>-<inner>-k<steps>-b<b>`` (``<dataset>-<model>-standard`` without an inner
+    attack), e.g. ``mnist-madry_mnist-pqgd-k10-b100``."""
+    return f"{dataset}-{model}-standard" if inner is None else f"{dataset}-{model}-{inner}-k{steps}-b{b}"
+
+
+def unique_run_name(checkpoint_root: Path, base: str) -> str:
+    """``base``, or ``base-v1``, ``base-v2``... so a new run never overwrites an old one's checkpoints."""
+    name, version = base, 0
+    while (checkpoint_root / name).exists() and any((checkpoint_root / name).iterdir()):
+        version += 1
+        name = f"{base}-v{version}"
+    return name
 
 
 def newest_resumable(folder: Path) -> Path | None:
@@ -43,6 +64,79 @@ def latest_checkpoint(checkpoint_root: Path, base: str) -> Path | None:
         if found is not None:
             return found
     return None
+
+
+def resolve_resume(resume: str, checkpoint_root: Path, base: str) -> Path:
+    """A ``.ckpt`` file; a run folder (its newest of ``step.ckpt``, ``last.ckpt``, ``interrupted.ckpt``);
+    or ``last``: the newest resumable checkpoint of the newest run named ``base`` or ``base-vN``."""
+    if resume == "last":
+        path = latest_checkpoint(checkpoint_root, base)
+        if path is None:
+            raise ResumeError(
+                f"--resume last: no checkpoint of a run named {base} (or {base}-vN) in "
+                f"{checkpoint_root}; pass a .ckpt file or a run folder"
+            )
+        return path
+    path = Path(resume)
+    if path.is_dir():
+        found = newest_resumable(path)
+        if found is None:
+            raise ResumeError(f"--resume: no checkpoint ({', '.join(RESUMABLE)}) in {path}")
+        return found
+    if not path.is_file():
+        raise ResumeError(f"--resume: no checkpoint at {path}; pass a .ckpt file, a run folder, or 'last'")
+    return path
+
+
+def describe_net(spec: dict[str, Any] | None, fallback: str) -> str:
+    """``madry_mnist()`` / ``tiny_cnn(width=8)`` from a ``model_spec``, else ``fallback``."""
+    if not spec:
+        return fallback
+    kwargs = ", ".join(f"{key}={value}" for key, value in sorted(spec.get("kwargs", {}).items()))
+    return f"{spec['name']}({kwargs})"
+
+
+def check_resume_compatible(
+    checkpoint: dict[str, Any], path: Path, module: L.LightningModule, world_size: int
+) -> None:
+    """The network and the number of training processes must be the checkpoint's (one line, else
+    Lightning fails with a size-mismatch traceback or resumes a different data shard)."""
+    from qgtrain.models import model_spec
+
+    saved, wanted = checkpoint.get("state_dict", {}), module.state_dict()
+    same_shapes = saved.keys() == wanted.keys() and all(
+        tuple(saved[key].shape) == tuple(wanted[key].shape) for key in wanted
+    )
+    meta = checkpoint.get("qgtrain") or {}
+    if not same_shapes:
+        try:
+            requested = model_spec(module.net)
+        except ValueError:
+            requested = None
+        raise ResumeError(
+            f"--resume: {path} holds a {describe_net(meta.get('net'), 'different network')} network, "
+            f"this run builds {describe_net(requested, type(module.net).__name__)}; pass the "
+            "checkpoint's --model / --config"
+        )
+    processes = meta.get("world_size")
+    if processes is not None and processes != world_size:
+        raise ResumeError(
+            f"--resume: {path} was written by {processes} training process(es), this run has "
+            f"{world_size}; resume with the same --devices and --num-nodes"
+        )
+
+
+def resume_command(script: str, argv: list[str], checkpoint: str | Path) -> str:
+    """The command line that continues this run: ``argv`` without its ``--resume``, plus ``--resume``."""
+    kept, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--resume":
+            skip = True
+        elif not arg.startswith("--resume="):
+            kept.append(arg)
+    return shlex.join(["python", script, *kept, "--resume", str(checkpoint)])
 
 
 def completed_epochs(checkpoint: dict[str, Any]) -> int:

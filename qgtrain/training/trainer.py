@@ -1,10 +1,12 @@
-"""A quiet one-device Trainer for scripts, benchmarks and tests that train an :class:`AdversarialTraining`."""
+"""A quiet one-device Trainer for scripts, benchmarks and tests, and the summary of a finished run."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
 
 
 def quiet_trainer(**overrides: Any) -> L.Trainer:
@@ -22,3 +24,26 @@ def quiet_trainer(**overrides: Any) -> L.Trainer:
         "num_sanity_val_steps": 0,
     }
     return L.Trainer(**{**defaults, **overrides})
+
+
+def run_summary(trainer: L.Trainer, run_name: str, folder: Path) -> str:
+    """Best robust accuracy (metric, epoch), both checkpoints, and the commands to run next."""
+    checkpoint = trainer.checkpoint_callback
+    last = folder / "last.ckpt"
+    best_path = getattr(checkpoint, "best_model_path", "")
+    if best_path and Path(best_path).is_file():
+        best = folder / Path(best_path).name  # as configured: a relative folder stays relative
+        epoch = torch.load(best, map_location="cpu", weights_only=True, mmap=True)["epoch"]
+        score = float(checkpoint.best_model_score)
+        lines = [f"run {run_name} finished: best {checkpoint.monitor} = {score:.4f} at epoch {epoch}"]
+        lines.append(f"  best: {best}")
+    else:
+        best = last
+        monitor = getattr(checkpoint, "monitor", None)
+        lines = [f"run {run_name} finished: no best.ckpt ({monitor} was never logged)"]
+    lines.append(f"  last: {last}")
+    logger = trainer.logger
+    if logger is not None and getattr(logger, "log_dir", None):
+        lines.append(f"  TensorBoard: tensorboard --logdir {Path(logger.log_dir).parent}")
+    lines.append(f"  next: python evaluate.py --ckpt {best}")
+    return "\n".join(lines)
