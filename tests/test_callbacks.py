@@ -184,12 +184,48 @@ def test_overfitting_guard_warns_on_a_crafted_drop(caplog: pytest.LogCaptureFixt
     assert trainer.should_stop is True
 
 
+def test_training_gap_guard_fires_on_a_crafted_gap_only() -> None:
+    guard = RobustnessEvaluation(overfit_gap=0.3, eps=0.3)
+    trainer = SimpleNamespace(is_global_zero=True, should_stop=False)
+    assert not guard.check_training_gap(2, train_adv_acc=0.60, worst_acc=0.35, trainer=trainer)  # 25 points
+    assert not guard.overfit_detected
+    assert guard.check_training_gap(3, train_adv_acc=0.80, worst_acc=0.05, trainer=trainer)  # 75 points
+    assert guard.overfit_detected and trainer.should_stop is False
+
+
+@pytest.mark.parametrize(
+    ("inner", "warmup", "judged"),
+    [("fgsm_rs", 0.0, True), ("pqgd", 0.0, False), ("fgsm_rs", 5.0, False)],
+    ids=["single-step", "control: multi-step", "control: during warm-up"],
+)
+def test_training_gap_guard_reads_this_epochs_training_accuracy(
+    inner: str, warmup: float, judged: bool, data_root: Path, trained_tiny_model: TinyCNN
+) -> None:
+    """The guard sees the epoch's train/adv_acc (not yet reset) for a single-step inner attack at
+    full eps, and judges neither a multi-step attack nor a warm-up epoch."""
+    scripted = ScriptedRobustness([0.0], overfit_gap=0.0)
+    module = _module(trained_tiny_model)
+    module.inner = build_attack(inner, eps=EPS, **({"steps": 2, "alpha": 0.05} if inner == "pqgd" else {}))
+    module.hparams.eps_warmup_epochs = warmup
+    trainer = _trainer(limit_train_batches=2, callbacks=[scripted])
+    trainer.fit(module, datamodule=_datamodule(data_root))
+    logged = float(trainer.callback_metrics["train/adv_acc"])
+    assert (scripted.gap_seen == pytest.approx(logged)) if judged else scripted.gap_seen is None
+    assert scripted.overfit_detected is (judged and logged > 0)
+    assert not judged or logged > 0  # the judged case can fire: the gap check is not vacuous
+
+
 class ScriptedRobustness(RobustnessEvaluation):
     """Reports a crafted robust-accuracy sequence instead of running attacks."""
 
     def __init__(self, sequence: list[float], **kwargs) -> None:
         super().__init__(**kwargs)
         self.sequence = sequence
+        self.gap_seen: float | None = None
+
+    def check_training_gap(self, epoch, train_adv_acc, worst_acc, trainer=None) -> bool:
+        self.gap_seen = train_adv_acc
+        return super().check_training_gap(epoch, train_adv_acc, worst_acc, trainer)
 
     def evaluate(self, trainer, pl_module) -> dict[str, float]:
         self._evaluated_step = trainer.global_step

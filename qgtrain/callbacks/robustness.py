@@ -61,7 +61,11 @@ class RobustnessEvaluation(Callback):
     main attack only.
 
     The overfitting guard warns when ``robust/worst_acc`` falls more than ``overfit_margin``
-    (absolute) below its best so far, and stops training when ``stop_on_overfit``.
+    (absolute) below its best so far, or, for a single-step inner attack after the eps warm-up,
+    when the training attack's accuracy ``train/adv_acc`` exceeds ``robust/worst_acc`` by more
+    than ``overfit_gap`` (the model resists its own attack only: catastrophic overfitting that
+    was there from the start, which a fall from the best cannot show); it stops training when
+    ``stop_on_overfit``.
     ``every_n_epochs=0`` turns the callback off.
     """
 
@@ -82,6 +86,7 @@ class RobustnessEvaluation(Callback):
         random_start: bool = True,
         seed: int = 0,
         overfit_margin: float = 0.1,
+        overfit_gap: float = 0.3,
         stop_on_overfit: bool = False,
         evaluate_at_end: bool = True,
         log_hparams: bool = True,
@@ -104,7 +109,9 @@ class RobustnessEvaluation(Callback):
             random_start: Start the iterative attacks from a uniform point in the eps-ball.
             seed: Seed of the subset choice and of the attacks' forked per-batch RNG.
             overfit_margin: Warn when robust/worst_acc falls this much (absolute) below its best.
-            stop_on_overfit: Also stop training when that happens.
+            overfit_gap: Warn when a single-step inner attack's train/adv_acc exceeds robust/worst_acc
+                by this much (absolute), after the eps warm-up.
+            stop_on_overfit: Also stop training when either happens.
             evaluate_at_end: Evaluate the final weights when training stops inside an epoch.
             log_hparams: Write the run's hyperparameters with the robust accuracies to TensorBoard HParams.
         """
@@ -120,8 +127,9 @@ class RobustnessEvaluation(Callback):
         for name, value in checked:
             if isinstance(value, bool) or value < 1:
                 raise ValueError(f"robustness.{name} must be an integer >= 1, got {value}")
-        if not overfit_margin >= 0:
-            raise ValueError(f"robustness.overfit_margin must be >= 0, got {overfit_margin}")
+        for name, value in (("overfit_margin", overfit_margin), ("overfit_gap", overfit_gap)):
+            if not value >= 0:
+                raise ValueError(f"robustness.{name} must be >= 0, got {value}")
         self.every_n_epochs = int(every_n_epochs)
         self.subset_size = int(subset_size)
         self.batch_size = int(batch_size)
@@ -147,6 +155,7 @@ class RobustnessEvaluation(Callback):
         self.random_start = random_start
         self.seed = int(seed)
         self.overfit_margin = float(overfit_margin)
+        self.overfit_gap = float(overfit_gap)
         self.stop_on_overfit = bool(stop_on_overfit)
         self.evaluate_at_end = bool(evaluate_at_end)
         self.log_hparams = bool(log_hparams)
@@ -213,6 +222,9 @@ class RobustnessEvaluation(Callback):
             # Lightning's distributed-logging check quiet (the mean of equal values is that value).
             pl_module.log(key, value, on_step=False, on_epoch=True, sync_dist=True)
         self.check_overfitting(trainer.current_epoch, results[f"{PREFIX}/worst_acc"], trainer)
+        train_adv_acc = single_step_training_accuracy(pl_module)
+        if train_adv_acc is not None:
+            self.check_training_gap(trainer.current_epoch, train_adv_acc, results[f"{PREFIX}/worst_acc"], trainer)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not self.enabled:
@@ -329,6 +341,29 @@ class RobustnessEvaluation(Callback):
             trainer.should_stop = True
         return True
 
+    def check_training_gap(
+        self, epoch: int, train_adv_acc: float, worst_acc: float, trainer: L.Trainer | None = None
+    ) -> bool:
+        """Warn (and stop when ``stop_on_overfit``) if the single-step training attack's accuracy
+        exceeds the monitor's robust accuracy by more than ``overfit_gap``; return whether it did."""
+        if not overfit_gap_exceeded(train_adv_acc, worst_acc, self.overfit_gap):
+            return False
+        self.overfit_detected = True
+        if trainer is None or trainer.is_global_zero:
+            log.warning(
+                "epoch %d: the single-step training attack leaves %.1f%% of training examples correct, "
+                "the robustness evaluation %.1f%% of validation examples, a gap above %.1f points: the "
+                "model resists its training attack only, likely catastrophic overfitting (Wong et al.)%s",
+                epoch,
+                100 * train_adv_acc,
+                100 * worst_acc,
+                100 * self.overfit_gap,
+                "; stopping training (robustness.stop_on_overfit)" if self.stop_on_overfit else "",
+            )
+        if self.stop_on_overfit and trainer is not None:
+            trainer.should_stop = True
+        return True
+
     # ---------------------------------------------------------------- HParams tab
     def write_hparams(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Hyperparameters with final clean and robust accuracy, for TensorBoard's HParams tab."""
@@ -376,3 +411,23 @@ def run_hyperparameters(
         params.update({f"robust/{k}": _scalar(main.config()[k]) for k in ("eps", "steps", "alpha", "b")})
     params["robust/subset_size"] = robustness.subset_size
     return params
+
+
+def overfit_gap_exceeded(train_adv_acc: float, worst_acc: float, gap: float) -> bool:
+    """Catastrophic overfitting's signature: the training attack's accuracy exceeds the monitor's
+    robust accuracy by more than ``gap`` (absolute)."""
+    return train_adv_acc - worst_acc > gap
+
+
+def single_step_training_accuracy(pl_module: L.LightningModule) -> float | None:
+    """This epoch's ``train/adv_acc`` when the module trains with a single-step attack at full eps
+    (after the warm-up), else ``None`` (multi-step attacks and warm-up epochs are not judged)."""
+    inner = getattr(pl_module, "inner", None)
+    metric = getattr(pl_module, "train_adv_acc", None)
+    if not isinstance(inner, Attack) or not inner.single_step or metric is None:
+        return None
+    current = getattr(pl_module, "current_inner", lambda: inner)()
+    if current is None or current.eps < inner.eps or not metric.update_called:
+        return None
+    return float(metric.compute())
+
