@@ -11,6 +11,7 @@ import torch
 import yaml
 from conftest import REFUSED_RUN_ARGS, call_main, error_lines, no_training, output_roots
 
+from qgtrain.attacks import attack_class
 from qgtrain.callbacks import RobustnessEvaluation
 from qgtrain.cli.aliases import SHORT_FLAGS, expand_short_flags
 from qgtrain.cli.train import QGTrainCLI, build_cli, main
@@ -137,6 +138,17 @@ def test_every_short_flag_lands_in_the_config(capsys: pytest.CaptureFixture, tmp
 
 
 # Each row: argv after REFUSED_RUN_ARGS, and the fragments its one error line must contain.
+@pytest.mark.parametrize("name", ["fgsm", "fgsm_rs", "nfgsm", "pgd", "pqgd", "blob_qg", "apgd_t", "square"])
+def test_inner_switch_shows_every_argument_of_the_new_class(name: str, capsys: pytest.CaptureFixture) -> None:
+    """``--inner NAME`` resolves to exactly the class's constructor arguments (subclasses that pass
+    ``**kwargs`` up show their parents' too), with the class's own ``b`` where it takes one."""
+    cls = attack_class(name)
+    init_args = resolved_config(capsys, "--inner", name)["model"]["inner"]["init_args"]
+    assert set(init_args) == set(cls.constructor_defaults()), name
+    if "b" in init_args:
+        assert init_args["b"] == cls.default_b
+
+
 BAD_TRAIN_ARGS = [
     (["--eps", "-0.1"], ("--eps", "(0, 1]")),
     (["--eps", "0"], ("--eps", "(0, 1]")),
@@ -166,6 +178,9 @@ BAD_TRAIN_ARGS = [
         ('Parser key "model.lr_schedule"', "'constant', 'piecewise', 'onecycle'"),
     ),
     (["--model.objective=minimax"], ('Parser key "model.objective"', "'madry', 'mixed'")),
+    # an argument of other attacks but not of the chosen one: named, no did-you-mean of itself
+    (["--inner", "square", "--b", "3"], ("init_args.b is not an argument of Square",)),
+    (["--model.inner.init_args.stpes=3"], ("did you mean --model.inner.init_args.steps?",)),
 ]
 
 

@@ -116,12 +116,12 @@ def class_path(cls: type) -> str:
 
 
 def class_specific_defaults(cls: type) -> dict[str, str]:
-    """Arguments reset when ``--inner`` switches class: ``b`` always; single-step attacks also
-    ``steps``, ``alpha`` (null: derived from eps) and ``random_start``."""
-    reset = {"b": str(cls.default_b)}
+    """Arguments reset when ``--inner`` switches class: ``b`` (where the class takes one); single-step
+    attacks also ``steps``, ``alpha`` (null: derived from eps) and ``random_start``."""
+    accepted = cls.constructor_defaults()
+    reset = {"b": str(cls.default_b)} if "b" in accepted else {}
     if cls.single_step:
-        random_start = cls.constructor_defaults()["random_start"]
-        reset.update(steps="1", alpha="null", random_start=str(random_start).lower())
+        reset.update(steps="1", alpha="null", random_start=str(accepted["random_start"]).lower())
     return reset
 
 

@@ -160,7 +160,11 @@ class QGTrainCLI(LightningCLI):
                 raise
             key, option = nested.groups()
             names = {p for cls in REGISTRIES[key].values() for p in inspect.signature(cls).parameters}
-            close = difflib.get_close_matches(option, sorted(names), n=1, cutoff=0.6)
+            close = difflib.get_close_matches(option, sorted(names - {option}), n=1, cutoff=0.6)
+            if option in names:  # an argument of other classes of the registry, not of this one
+                chosen = [a.split("=", 1)[1] for a in args if a.startswith(f"--{key}=")]
+                where = f"{chosen[-1].rsplit('.', 1)[-1]}, the class chosen for {key}" if chosen else key
+                raise UsageError(f"--{key}.init_args.{option} is not an argument of {where}") from None
             hint = f"; did you mean --{key}.init_args.{close[0]}?" if close else ""
             raise UsageError(f"--{key}.init_args.{option} is not an argument of {key}{hint}") from None
 
