@@ -595,6 +595,9 @@ def load_results(store: Store) -> dict[str, dict[int, dict[str, Any]]]:
     results: dict[str, dict[int, dict[str, Any]]] = {}
     for path in sorted((store.folder / "runs").glob("*.train.json")):
         train = json.loads(path.read_text())
+        if train["run"] not in GRID:  # stored by a version of this script with a larger grid
+            log(f"skipping {path.name}: run {train['run']!r} is not in this script's grid")
+            continue
         entry = results.setdefault(train["run"], {}).setdefault(train["seed"], {})
         entry["train"] = train
         evaluation = store.evaluation(train["run"], train["seed"]).output
