@@ -324,21 +324,13 @@ class RobustnessEvaluation(Callback):
         drop = self.best_worst_acc - worst_acc
         if drop <= self.overfit_margin:
             return False
-        self.overfit_detected = True
-        if trainer is None or trainer.is_global_zero:
-            log.warning(
-                "robust accuracy fell from %.1f%% (epoch %d) to %.1f%% (epoch %d), more than the margin "
-                "of %.1f points: likely catastrophic overfitting (Wong et al.); the best robust model is "
-                "in the best checkpoint%s",
-                100 * self.best_worst_acc,
-                self.best_epoch,
-                100 * worst_acc,
-                epoch,
-                100 * self.overfit_margin,
-                "; stopping training (robustness.stop_on_overfit)" if self.stop_on_overfit else "",
-            )
-        if self.stop_on_overfit and trainer is not None:
-            trainer.should_stop = True
+        self._flag_overfitting(
+            trainer,
+            f"robust accuracy fell from {100 * self.best_worst_acc:.1f}% (epoch {self.best_epoch}) to "
+            f"{100 * worst_acc:.1f}% (epoch {epoch}), more than the margin of "
+            f"{100 * self.overfit_margin:.1f} points: likely catastrophic overfitting (Wong et al.); the "
+            "best robust model is in the best checkpoint",
+        )
         return True
 
     def check_training_gap(
@@ -348,21 +340,23 @@ class RobustnessEvaluation(Callback):
         exceeds the monitor's robust accuracy by more than ``overfit_gap``; return whether it did."""
         if not overfit_gap_exceeded(train_adv_acc, worst_acc, self.overfit_gap):
             return False
+        self._flag_overfitting(
+            trainer,
+            f"epoch {epoch}: the single-step training attack leaves {100 * train_adv_acc:.1f}% of training "
+            f"examples correct, the robustness evaluation {100 * worst_acc:.1f}% of validation examples, "
+            f"a gap above {100 * self.overfit_gap:.1f} points: the model resists its training attack "
+            "only, likely catastrophic overfitting (Wong et al.)",
+        )
+        return True
+
+    def _flag_overfitting(self, trainer: L.Trainer | None, message: str) -> None:
+        """Record a guard's finding, warn once (rank zero), and stop when ``stop_on_overfit``."""
         self.overfit_detected = True
         if trainer is None or trainer.is_global_zero:
-            log.warning(
-                "epoch %d: the single-step training attack leaves %.1f%% of training examples correct, "
-                "the robustness evaluation %.1f%% of validation examples, a gap above %.1f points: the "
-                "model resists its training attack only, likely catastrophic overfitting (Wong et al.)%s",
-                epoch,
-                100 * train_adv_acc,
-                100 * worst_acc,
-                100 * self.overfit_gap,
-                "; stopping training (robustness.stop_on_overfit)" if self.stop_on_overfit else "",
-            )
+            stopping = "; stopping training (robustness.stop_on_overfit)" if self.stop_on_overfit else ""
+            log.warning("%s%s", message, stopping)
         if self.stop_on_overfit and trainer is not None:
             trainer.should_stop = True
-        return True
 
     # ---------------------------------------------------------------- HParams tab
     def write_hparams(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
