@@ -648,7 +648,9 @@ def report(store: Store, out: Path, tag: str) -> None:
                 "robust": mean,
                 "train_min": _mean([e["train"]["fit_seconds"] / 60 for e in seeds.values()]),
                 "eval_min": _mean([e["seconds"] / 60 for e in evaluated.values()]),
-                "overfit_guard": overfit_verdict(seeds, warmup_epochs=settings_of(first)["eps_warmup_epochs"]),
+                "overfit_guard": overfit_verdict(
+                    seeds, warmup_epochs=settings_of(first)["eps_warmup_epochs"]
+                ),
                 "monitor_worst_per_epoch": " ".join(
                     f"{100 * e.get('robust/worst_acc', float('nan')):.1f}" for e in monitor
                 ),
@@ -804,7 +806,12 @@ def overfit_verdict(seeds: dict[int, dict[str, Any]], warmup_epochs: float) -> s
             for epoch in train["epochs"]:
                 after_warmup = epoch["epoch"] > warmup_epochs  # counted from 1; epoch 1 ramps eps
                 worst, adv = epoch.get("robust/worst_acc"), epoch.get("train/adv_acc")
-                if after_warmup and worst is not None and adv is not None and overfit_gap_exceeded(adv, worst, gap):
+                if (
+                    after_warmup
+                    and worst is not None
+                    and adv is not None
+                    and overfit_gap_exceeded(adv, worst, gap)
+                ):
                     verdicts.add("gap")
     return "+".join(sorted(verdicts)) or "no"
 

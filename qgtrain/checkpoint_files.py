@@ -82,7 +82,9 @@ def check_writable(folder: Path, what: str) -> None:
         finally:
             probe.unlink(missing_ok=True)
     except OSError as exc:
-        raise ValueError(f"cannot write the {what} folder {folder}: {exc.strerror or exc}; choose another") from None
+        raise ValueError(
+            f"cannot write the {what} folder {folder}: {exc.strerror or exc}; choose another"
+        ) from None
     finally:
         for path in created:  # deepest first
             try:

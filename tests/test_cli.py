@@ -167,6 +167,7 @@ BAD_TRAIN_ARGS = [
     (["--eval-steps", "0"], ("--eval-steps must be an integer >= 1",)),  # RobustnessEvaluation's check
     (["--batch-size", "0"], ("--batch-size must be >= 1",)),  # the data module's check
     (["--num-nodes", "0"], ("--num-nodes must be a positive integer",)),  # Lightning's check
+    (["--ckpt-every-steps", "-1"], ("--ckpt-every-steps must be an integer >= 0",)),  # StepCheckpoint's
     # values from YAML / dotted keys reach the classes' own checks: one line, the class's message
     (["--model.inner.init_args.eps=-1"], ("eps", "(0, 1]")),
     (["--model.inner.init_args.steps=0"], ("steps", ">= 1")),

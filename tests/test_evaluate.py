@@ -408,6 +408,7 @@ BAD_EVALUATE_ARGS = [
     (["--sweep", "lr=0.1"], "--sweep", ()),
     (["--sweep", "eps=0.1,2"], "--sweep", ()),
     (["--model-kwargs", "[1]"], "--model-kwargs", ()),
+    (["--merge", "a.npz"], "--merge", ("not allowed with argument --ckpt",)),
 ]
 
 

@@ -224,7 +224,9 @@ class RobustnessEvaluation(Callback):
         self.check_overfitting(trainer.current_epoch, results[f"{PREFIX}/worst_acc"], trainer)
         train_adv_acc = single_step_training_accuracy(pl_module)
         if train_adv_acc is not None:
-            self.check_training_gap(trainer.current_epoch, train_adv_acc, results[f"{PREFIX}/worst_acc"], trainer)
+            self.check_training_gap(
+                trainer.current_epoch, train_adv_acc, results[f"{PREFIX}/worst_acc"], trainer
+            )
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not self.enabled:
@@ -424,4 +426,3 @@ def single_step_training_accuracy(pl_module: L.LightningModule) -> float | None:
     if current is None or current.eps < inner.eps or not metric.update_called:
         return None
     return float(metric.compute())
-

@@ -13,21 +13,18 @@ used by ``cli/train.py``). The robustness evaluation has ``eps: null`` and takes
 from __future__ import annotations
 
 import argparse
-import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from qgtrain.attacks import ATTACKS
+from qgtrain.cli import UsageError
 from qgtrain.data import DATAMODULES
 from qgtrain.models import MODELS
 
 INNER = "model.inner.init_args"
-
-
-class UsageError(ValueError):
-    """A bad command-line value: reported as one line, exit status 2."""
+VALIDATION = "model.val_attack.init_args"
 
 
 @dataclass(frozen=True)
@@ -46,17 +43,14 @@ class ShortFlag:
     minimum: int | None = None
 
 
+EVAL, VIEWS = "robustness", "visualization"  # the robustness evaluation and its TensorBoard views
 SHORT_FLAGS: tuple[ShortFlag, ...] = (
     ShortFlag("--dataset", ("data",), "dataset; loads configs/<name>.yaml", DATAMODULES),
     ShortFlag(
-        "--inner", ("model.inner",), "inner maximiser (none: standard training)", {"none": None, **ATTACKS}
+        "--inner", ("model.inner",), "inner attack (none: standard training)", {"none": None, **ATTACKS}
     ),
     ShortFlag("--steps", (f"{INNER}.steps",), "inner attack steps"),
-    ShortFlag(
-        "--eps",
-        (f"{INNER}.eps", "model.val_attack.init_args.eps"),
-        "L-inf radius in pixel units (training and validation; robustness evaluation follows)",
-    ),
+    ShortFlag("--eps", (f"{INNER}.eps", f"{VALIDATION}.eps"), "L-inf radius in pixels (robustness follows)"),
     ShortFlag("--alpha", (f"{INNER}.alpha",), "inner attack step size"),
     ShortFlag("--b", (f"{INNER}.b",), "quantization level of the inner attack (1 = sign gradient)"),
     ShortFlag("--model", ("model.net",), "network", MODELS),
@@ -67,39 +61,19 @@ SHORT_FLAGS: tuple[ShortFlag, ...] = (
     ShortFlag("--num-nodes", ("trainer.num_nodes",), "number of nodes"),
     ShortFlag("--strategy", ("trainer.strategy",), "auto, ddp, ddp_spawn, ..."),
     ShortFlag("--precision", ("trainer.precision",), "32-true, 16-mixed, bf16-mixed"),
-    ShortFlag(
-        "--seed",
-        ("seed_everything", "model.seed", "data.init_args.seed"),
-        "seed of everything: data split and order, attacks, initialisation",
-        minimum=0,
-    ),
+    ShortFlag("--seed", ("seed_everything", "model.seed", "data.init_args.seed"), "seed of all", minimum=0),
     ShortFlag("--data-dir", ("data.init_args.data_dir",), "data root (null: $QGTRAIN_DATA, else ./data)"),
     ShortFlag("--run-name", ("run_name",), "run name (null: <dataset>-<model>-<inner>-k<steps>-b<b>)"),
     ShortFlag("--resume", ("resume",), "continue from a .ckpt, a run folder, or 'last' for this run name"),
+    ShortFlag("--ckpt-every-steps", ("ckpt_every_steps",), "also write step.ckpt every N steps (0 = off)"),
+    ShortFlag("--ckpt-every-minutes", ("ckpt_every_minutes",), "write step.ckpt every T minutes (0 = off)"),
     ShortFlag(
-        "--ckpt-every-steps",
-        ("ckpt_every_steps",),
-        "also write step.ckpt every N training steps inside an epoch (0 = off)",
-        minimum=0,
+        "--eval-every", (f"{EVAL}.every_n_epochs", f"{VIEWS}.every_n_epochs"), "every N epochs (0 = off)"
     ),
-    ShortFlag(
-        "--ckpt-every-minutes",
-        ("ckpt_every_minutes",),
-        "write step.ckpt every T minutes of training (0 = off)",
-    ),
-    ShortFlag(
-        "--eval-every",
-        ("robustness.every_n_epochs", "visualization.every_n_epochs"),
-        "robustness evaluation and TensorBoard views every N epochs (0 = off)",
-    ),
-    ShortFlag(
-        "--eval-attack", ("robustness.attack",), f"robustness evaluation's main attack: {', '.join(ATTACKS)}"
-    ),
-    ShortFlag("--eval-steps", ("robustness.steps",), "robustness evaluation attack steps"),
-    ShortFlag(
-        "--eval-size", ("robustness.subset_size",), "robustness evaluation subset of the validation split"
-    ),
-    ShortFlag("--eval-b", ("robustness.b",), "quantization level of the robustness evaluation's main attack"),
+    ShortFlag("--eval-attack", (f"{EVAL}.attack",), f"the evaluation's main attack: {', '.join(ATTACKS)}"),
+    ShortFlag("--eval-steps", (f"{EVAL}.steps",), "robustness evaluation attack steps"),
+    ShortFlag("--eval-size", (f"{EVAL}.subset_size",), "validation images in the robustness evaluation"),
+    ShortFlag("--eval-b", (f"{EVAL}.b",), "quantization level of the robustness evaluation's main attack"),
 )
 FLAGS: dict[str, ShortFlag] = {row.flag: row for row in SHORT_FLAGS}
 
@@ -215,9 +189,3 @@ def short_flag_help(config: Any = None, source: str = "") -> str:
         lines.append(f"  {f'{flag} {shown}'.ljust(width)}  {row.help}{choices}")
         lines.append(f"  {''.ljust(width)}    sets {keys}")
     return "\n".join(lines)
-
-
-def main_usage_error(prog: str, message: str) -> None:
-    """Print ``prog: error: message`` on one line and exit with status 2."""
-    sys.stderr.write(f"{prog}: error: {message}\n")
-    raise SystemExit(2)

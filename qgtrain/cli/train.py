@@ -12,6 +12,7 @@ import sys
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
+from pydoc import locate
 from typing import Any
 
 from jsonargparse import Namespace
@@ -23,68 +24,54 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from qgtrain.attacks import ATTACKS
 from qgtrain.callbacks import AttackVisualization, RobustnessEvaluation
 from qgtrain.checkpoint_files import check_writable
+from qgtrain.cli import UsageError, exit_usage
 from qgtrain.cli.aliases import (
     SHORT_FLAGS,
-    UsageError,
     configs_dir,
     expand_short_flags,
-    main_usage_error,
     name_the_flag,
     parse_short_flags,
     short_flag_help,
 )
 from qgtrain.data import DATAMODULES, DataError, VisionDataModule
 from qgtrain.models import MODELS
-from qgtrain.training import AdversarialTraining, NonFiniteLossError
+from qgtrain.training import AdversarialTraining, NonFiniteLossError, resume
 from qgtrain.training.checkpoint_io import (
+    BEST_CHECKPOINT,
+    DEFAULT_CKPT_MINUTES,
     AtomicCheckpointIO,
     CheckpointError,
     LastCheckpoint,
     StepCheckpoint,
-    read_checkpoint,
 )
 from qgtrain.training.interrupt import InterruptCheckpoint
-from qgtrain.training.resume import (
-    RestoreLoaderState,
-    ResumeError,
-    check_resume_compatible,
-    finished_message,
-    latest_checkpoint,
-    resolve_resume,
-    resume_command,
-    run_name,
-    slurm_requeued,
-    unique_run_name,
-)
 from qgtrain.training.trainer import run_summary
 
 log = logging.getLogger(__name__)
 PROG = "train.py"
-# One step checkpoint of the main job (MadryMNIST + Adam, 37.5 MiB) takes 0.12 s to write here,
-# 0.05 of a 2.3 s CPU training step (docs/RESULTS.md). A step count cannot bound that cost on every
-# machine (a GPU step is many times shorter), a time interval can: every 10 minutes it is 0.02 %,
-# and a kill loses at most 10 minutes. --ckpt_every_steps (off by default) adds a step trigger.
-DEFAULT_CKPT_MINUTES = 10.0
-
 REGISTRIES = {"model.inner": ATTACKS, "model.val_attack": ATTACKS, "model.net": MODELS, "data": DATAMODULES}
 """The classes a subclass-typed key can take: their arguments are the candidates for a typo."""
+RUN_OPTIONS = (  # (name, type, default, help): top-level keys beside LightningCLI's
+    ("run_name", str | None, None, "Run name (default from the config)."),
+    ("checkpoint_root", str, "checkpoints", "Checkpoints go to ROOT/<run>/."),
+    ("log_root", str, "logs", "TensorBoard logs go to ROOT/<run>/version_N/."),
+    ("resume", str | None, None, "A .ckpt, a run folder, or 'last' (the newest of this run name)."),
+    ("ckpt_every_steps", int, 0, "Write step.ckpt every N training steps in an epoch (0 = off)."),
+    ("ckpt_every_minutes", float, DEFAULT_CKPT_MINUTES, "Write step.ckpt every T minutes (0 = off)."),
+)
 
 
 def default_run_name(config: Namespace) -> str:
     """:func:`~qgtrain.training.resume.run_name` of the parsed config; the model is its registry name."""
-    data_cls = _import(config.data.class_path)
-    net_cls = _import(config.model.net.class_path)
+    net_cls = locate(config.model.net.class_path)
     model = next((name for name, cls in MODELS.items() if cls is net_cls), net_cls.__name__.lower())
+    dataset = locate(config.data.class_path).name
     inner = config.model.inner
-    dataset = getattr(data_cls, "name", data_cls.__name__.lower())
     if inner is None:
-        return run_name(dataset, model, None)
-    return run_name(dataset, model, _import(inner.class_path).name, inner.init_args.steps, inner.init_args.b)
-
-
-def _import(class_path: str) -> Any:
-    module, _, name = class_path.rpartition(".")
-    return getattr(__import__(module, fromlist=[name]), name)
+        return resume.run_name(dataset, model, None)
+    return resume.run_name(
+        dataset, model, locate(inner.class_path).name, inner.init_args.steps, inner.init_args.b
+    )
 
 
 class QGTrainCLI(LightningCLI):
@@ -96,51 +83,10 @@ class QGTrainCLI(LightningCLI):
     interrupt: InterruptCheckpoint
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        parser.add_argument(
-            "--run_name", type=str | None, default=None, help="Run name (default from the config)."
-        )
-        parser.add_argument(
-            "--checkpoint_root", type=str, default="checkpoints", help="Checkpoints go to ROOT/<run>/."
-        )
-        parser.add_argument(
-            "--log_root", type=str, default="logs", help="TensorBoard logs go to ROOT/<run>/version_N/."
-        )
-        parser.add_argument(
-            "--resume",
-            type=str | None,
-            default=None,
-            help="A .ckpt, a run folder (its newest checkpoint), or 'last' (the newest of this run name).",
-        )
-        parser.add_argument(
-            "--ckpt_every_steps",
-            type=int,
-            default=0,
-            help="Write ROOT/<run>/step.ckpt every N training steps inside an epoch (0 = off).",
-        )
-        parser.add_argument(
-            "--ckpt_every_minutes",
-            type=float,
-            default=DEFAULT_CKPT_MINUTES,
-            help="Write ROOT/<run>/step.ckpt every T minutes of training (0 = off).",
-        )
+        for name, kind, default, text in RUN_OPTIONS:
+            parser.add_argument(f"--{name}", type=kind, default=default, help=text)
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
-        parser.set_defaults(
-            {
-                # `best` is the best robust model: the per-example worst case over the robustness
-                # callback's attacks (BLOB_QG + PGD). It exists only on evaluation epochs (the first,
-                # every N-th, the last), so the checkpoint is taken at train-epoch end, after the
-                # callback; between evaluations the stale value never beats the best. With
-                # robustness.every_n_epochs=0 the monitor falls back to val/adv_acc.
-                "checkpoint.monitor": "robust/worst_acc",
-                "checkpoint.save_on_train_epoch_end": True,
-                "checkpoint.mode": "max",
-                "checkpoint.filename": "best",
-                "checkpoint.save_last": True,
-                "checkpoint.save_top_k": 1,
-                "checkpoint.auto_insert_metric_name": False,
-                "checkpoint.enable_version_counter": False,
-            }
-        )
+        parser.set_defaults({f"checkpoint.{key}": value for key, value in BEST_CHECKPOINT.items()})
         parser.add_lightning_class_args(RobustnessEvaluation, "robustness")  # forced callbacks
         parser.add_lightning_class_args(AttackVisualization, "visualization")
 
@@ -173,7 +119,6 @@ class QGTrainCLI(LightningCLI):
         ``ValueError`` from one, e.g. :class:`ResumeError`, becomes one line in :func:`main`)."""
         self._refuse_classless_attacks()
         self._name_the_run()
-        self._monitor_validation_without_evaluation()
         self._point_outputs_at_the_run()
 
     def _refuse_classless_attacks(self) -> None:
@@ -189,35 +134,20 @@ class QGTrainCLI(LightningCLI):
         """``run_name``, else the default from the config (``-vN`` when taken); ``--resume`` reads
         its checkpoint here, so a crafted file is refused before anything is built."""
         config = self.config
-        checkpoint_root = Path(config.checkpoint_root)
-        base = config.run_name or default_run_name(config)
-        if not config.resume and slurm_requeued() and latest_checkpoint(checkpoint_root, base):
+        root, base = Path(config.checkpoint_root), config.run_name or default_run_name(config)
+        if not config.resume and resume.slurm_requeued() and resume.latest_checkpoint(root, base):
             config.resume = "last"  # a requeued SLURM job continues where it was stopped
-        if config.resume:
-            self.resume_path = resolve_resume(config.resume, checkpoint_root, base)  # ResumeError
-            try:
-                self.resume_checkpoint = read_checkpoint(self.resume_path)  # refuses pickled code
-            except CheckpointError as exc:
-                raise UsageError(f"--resume: {exc}") from None
-            trainer_config = config.trainer
-            finished = finished_message(
-                self.resume_checkpoint, self.resume_path, trainer_config.max_epochs, trainer_config.max_steps
-            )
-            if finished:
-                raise UsageError(f"--resume: {finished}")
-            self.run_name = config.run_name or self.resume_path.parent.name
-        else:
-            self.run_name = config.run_name or unique_run_name(checkpoint_root, base)
-
-    def _monitor_validation_without_evaluation(self) -> None:
-        config = self.config
-        if config.checkpoint.monitor == "robust/worst_acc" and config.robustness.every_n_epochs == 0:
-            config.checkpoint.monitor = "val/adv_acc"  # robustness evaluation is off
+        limits = config.trainer.max_epochs, config.trainer.max_steps
+        self.run_name, self.resume_path, self.resume_checkpoint = resume.start_point(
+            config.run_name, config.resume, root, base, *limits
+        )
 
     def _point_outputs_at_the_run(self) -> None:
         """Checkpoints in ``checkpoint_root/<run>/``, TensorBoard in ``log_root/<run>/version_N/``,
         both folders probed for writability (and left as they were)."""
         config = self.config
+        if config.checkpoint.monitor == "robust/worst_acc" and config.robustness.every_n_epochs == 0:
+            config.checkpoint.monitor = "val/adv_acc"  # robustness evaluation is off
         if config.checkpoint.dirpath is None:
             config.checkpoint.dirpath = str(Path(config.checkpoint_root) / self.run_name)
         check_writable(Path(config.checkpoint.dirpath), "checkpoint")
@@ -241,7 +171,7 @@ class QGTrainCLI(LightningCLI):
             trainer.callbacks.append(
                 StepCheckpoint(config.checkpoint.dirpath, config.ckpt_every_steps, config.ckpt_every_minutes)
             )
-        trainer.callbacks.append(RestoreLoaderState())  # the data loader's position on resume
+        trainer.callbacks.append(resume.RestoreLoaderState())  # the data loader's position on resume
         self.interrupt = InterruptCheckpoint(config.checkpoint.dirpath)
         trainer.callbacks.append(self.interrupt)  # Ctrl-C, SIGTERM, SIGUSR1 save interrupted.ckpt
         return trainer
@@ -268,13 +198,20 @@ class QGTrainCLI(LightningCLI):
 
     def check_before_fit(self) -> None:
         """What Lightning would check only inside ``fit``, after creating the log folder: the data
-        (download, read, split) and the optimizer's arguments (the optimizer is built once)."""
+        (download, read, split), the optimizer's arguments (the optimizer is built once), and that
+        the checkpoint to resume fits this network and number of processes."""
         self.datamodule.prepare_data()
         self.datamodule.setup("fit")
         try:
             self.model.optimizer_factory(self.model.parameters())
         except (ValueError, TypeError) as exc:
             raise UsageError(f"model.optimizer (--lr): {_one_line(exc)}") from None
+        checkpoint = self.resume_checkpoint
+        if checkpoint is not None:
+            resume.check_resume_compatible(checkpoint, self.resume_path, self.model, self.trainer.world_size)
+            epoch, step = checkpoint.get("epoch", 0), checkpoint.get("global_step", 0)
+            log.info("resuming from %s: epoch %d, step %d", self.resume_path, epoch, step)
+            self.resume_checkpoint = None  # Lightning reads the file again; do not hold two copies
 
 
 def build_cli(args: list[str]) -> QGTrainCLI:
@@ -309,22 +246,10 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.write(f"{PROG}: error: {_one_line(exc)}\n")
         return 1
     except (UsageError, ValueError, TypeError, MisconfigurationException, argparse.ArgumentError) as exc:
-        main_usage_error(PROG, _one_line(exc, given))
+        exit_usage(PROG, _one_line(exc, given))
     except KeyboardInterrupt:
         sys.stderr.write(f"{PROG}: interrupted before training started; nothing was saved\n")
         return 130
-    if cli.resume_checkpoint is not None:
-        try:
-            check_resume_compatible(cli.resume_checkpoint, cli.resume_path, cli.model, cli.trainer.world_size)
-        except ResumeError as exc:
-            main_usage_error(PROG, str(exc))
-        log.info(
-            "resuming from %s: epoch %d, step %d",
-            cli.resume_path,
-            cli.resume_checkpoint.get("epoch", 0),
-            cli.resume_checkpoint.get("global_step", 0),
-        )
-        cli.resume_checkpoint = None  # Lightning reads the file again; do not hold two copies
     log.info("run %s: checkpoints in %s", cli.run_name, cli.config.checkpoint.dirpath)
     try:
         cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=cli.resume_path)
@@ -336,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
         if not interrupt.interrupted:
             raise
         script = sys.argv[0] if Path(sys.argv[0]).name == PROG else PROG
-        command = resume_command(script, argv, interrupt.saved_path or "last")
+        command = resume.resume_command(script, argv, interrupt.saved_path or "last")
         sys.stderr.write(f"{PROG}: {interrupt.message(command)}\n")
         return interrupt.exit_status
     if cli.trainer.is_global_zero and not cli.trainer.interrupted:
@@ -357,9 +282,7 @@ def _resolved_defaults(parser: LightningArgumentParser, args: list[str]) -> tupl
 def _did_you_mean(unknown: list[str], parser: LightningArgumentParser) -> str:
     """``unrecognized argument --stpes; did you mean --steps?`` for the first unknown flag."""
     flag = next((a.split("=", 1)[0] for a in unknown if a.startswith("-")), unknown[0])
-    valid = [row.flag for row in SHORT_FLAGS] + [
-        o for o in parser._option_string_actions if o.startswith("--")
-    ]
+    valid = [row.flag for row in SHORT_FLAGS] + [o for o in parser._option_string_actions if o[:2] == "--"]
     close = difflib.get_close_matches(flag, valid, n=1, cutoff=0.6)
     hint = f"did you mean {close[0]}?" if close else f"see python {PROG} --help"
     return f"unrecognized argument {flag}; {hint}"
@@ -375,12 +298,12 @@ def _one_line(exc: BaseException, given: Mapping[str, str] | None = None) -> str
         key = re.match(r'Parser key "([^"]+)"', text)
         if key is not None and key.group(1) not in keys:
             keys.append(key.group(1))
-        if exc.__cause__ is None or isinstance(exc, UsageError | ResumeError):
+        if exc.__cause__ is None or isinstance(exc, UsageError | resume.ResumeError):
             break
         exc = exc.__cause__
     reason = " ".join(line.strip() for line in text.splitlines() if line.strip()) or type(exc).__name__
     given = given or {}
-    if isinstance(exc, UsageError | ResumeError):
+    if isinstance(exc, UsageError | resume.ResumeError):
         return reason  # written here, naming its flag already
     if keys:
         flagged = name_the_flag(f"{'.'.join(keys)}: {reason}", given)

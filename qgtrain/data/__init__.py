@@ -10,6 +10,7 @@ from qgtrain.data.datamodules import (
     VisionDataModule,
     build_datamodule,
     resolve_data_dir,
+    test_split,
 )
 
 __all__ = [
@@ -22,4 +23,5 @@ __all__ = [
     "VisionDataModule",
     "build_datamodule",
     "resolve_data_dir",
+    "test_split",
 ]

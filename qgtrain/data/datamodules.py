@@ -438,3 +438,11 @@ def build_datamodule(name: str, **kwargs: Any) -> VisionDataModule:
     except KeyError:
         raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATAMODULES)}") from None
     return cls(**kwargs)
+
+
+def test_split(name: str, data_dir: str | os.PathLike | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The test split of dataset ``name`` as stored: uint8 images ``(N, C, H, W)`` and labels."""
+    datamodule = build_datamodule(name, data_dir=data_dir, download=False)
+    datamodule.setup("test")
+    assert datamodule.test_set is not None
+    return datamodule.test_set.images, datamodule.test_set.labels

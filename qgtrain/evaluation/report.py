@@ -11,8 +11,10 @@ import json
 import logging
 import os
 import platform
+import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -51,6 +53,35 @@ log = logging.getLogger(__name__)
 PACKAGES = ("torch", "torchvision", "lightning", "torchmetrics", "numpy", "matplotlib", "tqdm")
 TIMING_KEYS = frozenset({"run_seconds", "seconds", "wall_seconds", "created", "masking_seconds"})
 """Keys whose values differ between identical runs (everything else is reproducible)."""
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` (CUDA when present), ``cpu``, ``cuda``, ``cuda:N`` or ``mps``; ValueError for a device
+    this machine lacks."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N")
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if device.type == "cuda" and (device.index or 0) >= gpus:
+        raise ValueError(f"{name} is not on this machine ({gpus} CUDA GPUs); use --device cpu or auto")
+    return device
+
+
+@contextmanager
+def progress_bar(enabled: bool) -> Iterator[Progress | None]:
+    """A tqdm bar on stderr (also when stderr is not a terminal, as tqdm does), closed on exit; or None."""
+    if not enabled:
+        yield None
+        return
+    from tqdm import tqdm
+
+    with tqdm(total=0, unit="batch", desc="attacking", dynamic_ncols=True, file=sys.stderr) as bar:
+        yield bar
 
 
 def environment_info(device: torch.device | str) -> dict[str, Any]:

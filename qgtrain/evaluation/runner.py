@@ -602,4 +602,3 @@ def describe_plan(
         f"on this device at {1000 * per_gradient:.2f} ms per example-gradient (an estimate from one batch); "
         "Ctrl-C writes what is done"
     )
-

@@ -16,6 +16,8 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from qgtrain.checkpoint_files import CheckpointError, read_checkpoint
 
 __all__ = [
+    "BEST_CHECKPOINT",
+    "DEFAULT_CKPT_MINUTES",
     "AtomicCheckpointIO",
     "CheckpointError",
     "LastCheckpoint",
@@ -25,6 +27,28 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+DEFAULT_CKPT_MINUTES = 10.0
+"""``train.py``'s ``step.ckpt`` interval. One step checkpoint of the main job (MadryMNIST + Adam,
+37.5 MiB) takes 0.12 s to write on the CPU of docs/RESULTS.md, 0.05 of a 2.3 s training step. A step
+count cannot bound that cost on every machine (a GPU step is many times shorter), a time interval
+can: every 10 minutes it is 0.02 %, and a kill loses at most 10 minutes."""
+
+BEST_CHECKPOINT = {
+    "monitor": "robust/worst_acc",
+    "save_on_train_epoch_end": True,
+    "mode": "max",
+    "filename": "best",
+    "save_last": True,
+    "save_top_k": 1,
+    "auto_insert_metric_name": False,
+    "enable_version_counter": False,
+}
+"""``train.py``'s ``ModelCheckpoint``: ``best.ckpt`` is the best robust model, the per-example worst
+case over the robustness callback's attacks (BLOB_QG + PGD). That exists only on evaluation epochs
+(the first, every N-th, the last), so the checkpoint is taken at train-epoch end, after the callback;
+between evaluations the stale value never beats the best. Without robustness evaluation the monitor
+falls back to ``val/adv_acc``. ``save_last`` is handed to :class:`LastCheckpoint`."""
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:

@@ -17,6 +17,8 @@ from typing import Any
 import lightning as L
 from lightning.pytorch.callbacks import Callback
 
+from qgtrain.checkpoint_files import CheckpointError, read_checkpoint
+
 RESUMABLE = ("step.ckpt", "last.ckpt", "interrupted.ckpt")
 
 
@@ -164,6 +166,30 @@ def finished_message(
             f"to train longer resume with --epochs N (N > {epochs})"
         )
     return None
+
+
+def start_point(
+    name: str | None,
+    resume: str | None,
+    checkpoint_root: Path,
+    base: str,
+    max_epochs: int | None,
+    max_steps: int,
+) -> tuple[str, Path | None, dict[str, Any] | None]:
+    """``(run name, checkpoint path, checkpoint)`` of a run: a new one is ``name``, else ``base``
+    (``-vN`` when taken); with ``resume`` the run of that checkpoint, read without pickle code. A
+    checkpoint that is crafted, or of a finished run, is refused with :class:`ResumeError`."""
+    if not resume:
+        return name or unique_run_name(checkpoint_root, base), None, None
+    path = resolve_resume(resume, checkpoint_root, base)
+    try:
+        checkpoint = read_checkpoint(path)
+    except CheckpointError as exc:
+        raise ResumeError(f"--resume: {exc}") from None
+    finished = finished_message(checkpoint, path, max_epochs, max_steps)
+    if finished:
+        raise ResumeError(f"--resume: {finished}")
+    return name or path.parent.name, path, checkpoint
 
 
 def slurm_requeued() -> bool:
