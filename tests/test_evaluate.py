@@ -402,6 +402,7 @@ BAD_EVALUATE_ARGS = [
     (["--restarts", "0"], "--restarts", ()),
     (["--n", "0"], "--n", ()),
     (["--attacks", "pgd,cw"], "--attacks", ("pqgd",)),
+    (["--attacks", "nfgsm"], "--attacks", ("stays in the threat model",)),  # the engine's check
     (["--dataset", "imagenet"], "--dataset", ("cifar10",)),
     (["--model", "vit"], "--model", ("tiny_cnn",)),
     (["--loss", "hinge"], "--loss", ()),
@@ -621,3 +622,14 @@ def test_paper_options_are_refused_with_the_standard_protocol(
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and named in err and "--protocol paper" in err
     assert not (tmp_path / "tiny").exists()
+
+
+def test_a_torchattacks_class_reaches_the_adapter_and_a_bad_one_is_one_line(
+    tiny_ckpt: Path, data_dir: Path, tmp_path: Path, capsys
+) -> None:
+    """``--attacks torchattacks.<Class>`` is parsed (not refused as unknown); the adapter builds every
+    attack before any batch, so a missing package or class is one line, status 1, nothing written."""
+    assert run_standard_cli(tiny_ckpt, data_dir, tmp_path, "--attacks", "torchattacks.NoSuch") == 1
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "torchattacks" in err and "unknown attack" not in err, err
+    assert list(tmp_path.iterdir()) == []

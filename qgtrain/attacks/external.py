@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from qgtrain.attacks.base import Attack, AttackResult, StepObserver
+from qgtrain.attacks.base import Attack, RunOutcome, StepObserver
 
 PREFIX = "torchattacks."
 
@@ -35,29 +35,33 @@ class _ForwardCounter(nn.Module):
 class TorchattacksAttack(Attack):
     """A ``torchattacks`` attack class, configured by ``eps`` and its own keyword arguments.
 
-    The wrapped attack is built on every call (torchattacks binds the model), runs on the examples
-    still robust, and its output is projected onto the eps-ball and the input range, so a wrapped
-    attack can never be credited with a point outside the threat model. Its gradient count is not
+    Each run of :class:`Attack`'s loop (``restarts`` of them, on the examples still robust) builds
+    the wrapped attack (torchattacks binds the model) and projects its output onto the eps-ball and
+    the input range, so a wrapped attack can never be credited with a point outside the threat
+    model. It starts and iterates as it does itself, with its own loss. Its gradient count is not
     known: ``forwards`` counts every model evaluation it made.
     """
 
     name = "torchattacks"
     cost_known = False
+    fixed_loss = "the wrapped class's own"
 
     def __init__(
         self,
         attack: str = "PGD",
         eps: float = 0.3,
         attack_kwargs: dict[str, Any] | None = None,
+        restarts: int = 1,
         clip: tuple[float, float] = (0.0, 1.0),
     ) -> None:
         """Args:
         attack: the torchattacks class name, e.g. ``FAB``, ``APGDT``, ``AutoAttack``.
         eps: L-inf radius in pixel units.
         attack_kwargs: further keyword arguments of that class.
+        restarts: runs of the wrapped attack; per example the first output that fools the model is kept.
         clip: the valid input range.
         """
-        super().__init__(eps, eps, 1, 1, False, 1, "ce", clip)
+        super().__init__(eps, eps, 1, 1, False, restarts, "ce", clip)
         self.attack = attack.removeprefix(PREFIX)
         self.attack_kwargs = dict(attack_kwargs or {})
         self.attack_class()  # a one-line error now for a missing package or class
@@ -78,7 +82,8 @@ class TorchattacksAttack(Attack):
     def for_budget(
         cls, eps: float, steps: int, alpha: float | None = None, b: int | None = None, **kwargs: Any
     ) -> Attack:
-        """``steps`` (and ``alpha``) go to the wrapped class when it takes them."""
+        """``steps`` (and ``alpha``) go to the wrapped class when it takes them; ``loss`` does not apply."""
+        kwargs.pop("loss", None)
         attack = kwargs.pop("attack")
         wrapped = cls(attack, eps, dict(kwargs.pop("attack_kwargs", {}) or {}), **kwargs)
         accepted = inspect.signature(wrapped.attack_class().__init__).parameters
@@ -102,26 +107,24 @@ class TorchattacksAttack(Attack):
             "name": self.label,
             "eps": self.eps,
             "attack_kwargs": dict(self.attack_kwargs),
+            "restarts": self.restarts,
             "clip": list(self.clip),
         }
 
-    def _perturb(
+    def _run_once(
         self,
         model: nn.Module,
         x: torch.Tensor,
         y: torch.Tensor,
+        start: torch.Tensor,
+        target: torch.Tensor | None,
         observer: StepObserver | None,
-        need_fooled: bool,
         early_exit: bool,
-        active: torch.Tensor | None,
-    ) -> AttackResult:
-        index = torch.arange(x.shape[0], device=x.device) if active is None else active.nonzero().squeeze(1)
-        x_adv = x.clone()
+    ) -> RunOutcome:
+        """One run of the wrapped attack on ``x`` (``start`` unused: it draws its own), projected."""
+        if x.shape[0] == 0:
+            return RunOutcome(x.clone(), torch.zeros_like(y, dtype=torch.bool), 0, 0)
         counter = _ForwardCounter(model)
-        if index.numel():
-            wrapped = self.attack_class()(counter, eps=self.eps, **self.attack_kwargs)
-            out = wrapped(x[index], y[index]).detach().to(x.dtype)
-            x_adv[index] = self.threat_model.project(out, x[index])
-        fooled = torch.zeros_like(y, dtype=torch.bool)
-        fooled[index] = self._is_fooled(model, x_adv[index], y[index])
-        return AttackResult(x_adv, fooled, 0, counter.examples + index.numel())
+        out = self.attack_class()(counter, eps=self.eps, **self.attack_kwargs)(x, y)
+        x_adv = self.threat_model.project(out.detach().to(x.dtype), x)
+        return RunOutcome(x_adv, self._is_fooled(model, x_adv, y), 0, counter.examples + y.numel())

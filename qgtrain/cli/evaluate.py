@@ -21,10 +21,11 @@ from typing import Any, NoReturn
 import torch
 from torch import nn
 
-from qgtrain.attacks import ATTACK_LOSSES, available_attacks
+from qgtrain.attacks import ATTACK_LOSSES, attack_class, available_attacks
 from qgtrain.cli import UsageError, exit_usage
 from qgtrain.data import DATAMODULES, DataError, resolve_data_dir, test_split
 from qgtrain.evaluation.checkpoints import CheckpointError, load_model_from_checkpoint
+from qgtrain.evaluation.protocol import check_evaluation_attack
 from qgtrain.evaluation.report import (
     default_result_name,
     progress_bar,
@@ -95,11 +96,13 @@ its own losses)."""
 
 
 def parse_attacks(text: str) -> list[str]:
+    """Registered names or ``torchattacks.<Class>``, each an attack that stays in the threat model."""
     names = list(dict.fromkeys(n.strip() for n in text.split(",") if n.strip()))
-    unknown = [n for n in names if n not in available_attacks()]
-    if not names or unknown:
-        bad, known = unknown[0] if unknown else text, ", ".join(available_attacks())
-        raise argparse.ArgumentTypeError(f"unknown attack {bad!r}; choose from {known}")
+    try:
+        for name in names or [text]:
+            check_evaluation_attack(attack_class(name))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
     return names
 
 
@@ -173,9 +176,10 @@ def build_parser() -> OneLineParser:
 
 
 def build_settings(args: argparse.Namespace, num_classes: int) -> Settings:
-    """The protocol's settings from the arguments; options of the other protocol are refused."""
+    """The protocol's settings from the arguments, their attacks built once; options of the other
+    protocol are refused."""
     if args.protocol == "paper":
-        return ProtocolSettings(
+        settings: Settings = ProtocolSettings(
             attacks=args.attacks or ["pgd", "pqgd", "blob", "blob_qg"],
             eps=args.eps,
             alpha=args.alpha,
@@ -186,6 +190,8 @@ def build_settings(args: argparse.Namespace, num_classes: int) -> Settings:
             loss=args.loss,
             seed=args.seed,
         )
+        settings.check()  # a one-line error now (e.g. torchattacks.<Class> without torchattacks)
+        return settings
     given = [name for name, unset in PAPER_ONLY.items() if getattr(args, name) != unset]
     if given:
         raise UsageError(
@@ -205,7 +211,7 @@ def build_settings(args: argparse.Namespace, num_classes: int) -> Settings:
         num_classes=num_classes,
         seed=args.seed,
     )
-    settings.suite()  # a one-line error now (e.g. --fab without torchattacks)
+    settings.check()  # a one-line error now (e.g. --fab without torchattacks)
     return settings
 
 

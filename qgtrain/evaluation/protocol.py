@@ -131,8 +131,9 @@ class SuiteOutcome:
         )
 
 
-def check_evaluation_attack(attack: Attack) -> None:
-    """Refuse attacks whose output leaves the threat model (N-FGSM's training perturbation)."""
+def check_evaluation_attack(attack: Attack | type[Attack]) -> None:
+    """Refuse attacks (or attack classes) whose output leaves the threat model (N-FGSM's training
+    perturbation)."""
     if not attack.stays_in_ball:
         raise ValueError(
             f"{attack.name} is a training attack whose output leaves the eps-ball; "
