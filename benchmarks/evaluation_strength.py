@@ -40,6 +40,7 @@ from qgtrain.evaluation import TensorBatches
 from qgtrain.evaluation.checkpoints import CheckpointError, load_model_from_checkpoint
 from qgtrain.evaluation.protocol import evaluate_suite
 from qgtrain.evaluation.runner import StandardSettings
+from qgtrain.training.checkpoint_io import atomic_torch_save
 
 MAIN_JOB_EPOCH_GRADIENTS = 55_000 * 11
 """One epoch of the main job: 55k images x (10 PQGD gradients + 1 training backward)."""
@@ -206,22 +207,18 @@ def main() -> None:
 
 
 def load(args: argparse.Namespace, folder: Path) -> nn.Module:
+    """The checkpoint's network, through the loader evaluate.py uses (``--tiny``: a plain state dict
+    of :func:`train_tiny`'s TinyCNN, trained once and kept in ``folder``)."""
+    architecture: tuple[str | None, str | None, dict[str, Any]] = (None, None, {})
     if args.tiny:
         path = folder / "tiny_cnn_pgd10.pt"
         if not path.exists():
-            net = train_tiny(args.data_dir, args.seed)
-            torch.save(
-                {
-                    "state_dict": net.state_dict(),
-                    "qgtrain": {"net": {"name": "tiny_cnn", "kwargs": {"dataset": "mnist", "width": 16}}},
-                },
-                path,
-            )
-        args.ckpt = str(path)
+            atomic_torch_save(train_tiny(args.data_dir, args.seed).state_dict(), path)
+        args.ckpt, architecture = str(path), ("tiny_cnn", "mnist", {"width": 16})
     if args.ckpt is None:
         fail("pass --ckpt PATH or --tiny")
     try:
-        model, _ = load_model_from_checkpoint(Path(args.ckpt))
+        model, _ = load_model_from_checkpoint(Path(args.ckpt), *architecture)
     except CheckpointError as exc:
         fail(str(exc).splitlines()[0])
     return model.eval()
