@@ -1,6 +1,6 @@
 """What does one step checkpoint cost, next to a training step? (issue 14: defaults under 2 %)
 
-Trains the main job's module (configs/mnist.yaml: MadryMNIST, 10-step PQGD b=100, Adam, batch 100)
+Trains the main job's module (``--inner pqgd --steps 10``: MadryMNIST, 10-step PQGD b=100, Adam, batch 100)
 with ``Trainer.fit`` on MNIST-sized random data, writing ``step.ckpt`` through the same
 ``StepCheckpoint`` and ``AtomicCheckpointIO`` as ``train.py`` after every ``--every``-th step. Reports
 the median training-step time (batches without a write), the median checkpoint write time and the

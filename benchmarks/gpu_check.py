@@ -6,8 +6,8 @@ Sections, each reported ok / FAILED / skipped (table on stdout, JSON in ``--out`
 * ``tests``: ``pytest -m cuda`` (tests/test_amp.py's CUDA cases: every attack's invariants under
   16-mixed and bf16-mixed autocast, quantization in float32, inference mode, channels_last, AMP
   training). CPU half: the same file's CPU cases (skipped with ``--quick``: the suite runs them).
-* ``main_job``: one epoch of the main job (configs/mnist.yaml: MadryMNIST, PQGD-10, batch 100, with
-  its validation and robustness callbacks) through the training CLI, in process: wall time and the
+* ``main_job``: one epoch of the main job (``--inner pqgd --steps 10`` on configs/mnist.yaml:
+  MadryMNIST, PQGD-10, batch 100, with its validation and robustness callbacks) through the training CLI, in process: wall time and the
   module's ``perf/images_per_sec`` / ``perf/attack_time_share``; on a GPU at 32-true and bf16-mixed.
   CPU half: a few batches of TinyCNN (``--quick``) or 20 MadryMNIST batches.
 * ``attacks``: our PGD against torchattacks.PGD on the same network copy, 10 steps, batch 256
@@ -128,6 +128,10 @@ def section_main_job(plan: Plan) -> Section:
     for precision in precisions:
         argv = ["--config", str(REPO_ROOT / "configs" / ("mnist_fast.yaml" if plan.quick else "mnist.yaml"))]
         argv += [
+            "--inner",  # the main job: python train.py --inner pqgd --steps 10
+            "pqgd",
+            "--steps",
+            "10",
             "--epochs",
             "1",
             "--precision",

@@ -149,6 +149,27 @@ def test_inner_switch_shows_every_argument_of_the_new_class(name: str, capsys: p
         assert init_args["b"] == cls.default_b
 
 
+def test_inner_resets_alpha_and_b_only_when_it_changes_the_configs_class(
+    capsys: pytest.CaptureFixture, tmp_path: Path
+) -> None:
+    """The config's alpha and b were chosen for its own class: a class other than the config's takes
+    its own b and step-size rule (2.5 eps / steps for PQGD: the study's 0.075 at 10 steps); naming
+    the config's own class keeps the config's values, and a given --alpha wins over both."""
+    config = yaml.safe_load((CONFIGS / "mnist.yaml").read_text())["model"]["inner"]
+    assert config["class_path"] == "qgtrain.attacks.PGD" and config["init_args"]["alpha"] == 0.12
+
+    def inner(*argv: str) -> dict:
+        return resolved_config(capsys, *argv)["model"]["inner"]["init_args"]
+
+    assert inner("--inner", "pqgd", "--steps", "10").items() >= {"alpha": None, "b": 100, "steps": 10}.items()
+    assert built(tmp_path, "--inner", "pqgd", "--steps", "10").model.inner.alpha == pytest.approx(0.075)
+    assert inner("--inner", "pgd", "--steps", "10")["alpha"] == 0.12  # the config's class: kept
+    assert inner("--inner", "pqgd", "--alpha", "0.05")["alpha"] == 0.05
+    fast = ("--config", str(CONFIGS / "mnist_fast.yaml"))  # a PQGD config: --inner pqgd keeps its values
+    assert inner(*fast, "--inner", "pqgd", "--b", "200").items() >= {"alpha": 0.075, "b": 200}.items()
+    assert inner(*fast, "--inner", "pgd")["alpha"] is None and inner(*fast, "--inner", "pgd")["b"] == 1
+
+
 BAD_TRAIN_ARGS = [
     (["--eps", "-0.1"], ("--eps", "(0, 1]")),
     (["--eps", "0"], ("--eps", "(0, 1]")),
@@ -266,7 +287,7 @@ def test_help_starts_with_the_short_flags_and_their_resolved_defaults(
     first = text.splitlines()[: 2 * len(SHORT_FLAGS) + 1]
     assert first[0].startswith("Short flags") and "mnist.yaml" in first[0]
     table = "\n".join(first)
-    for shown in ("--dataset mnist ", "--inner pqgd ", "--steps 10 ", "--eps 0.3 ", "--model madry_mnist "):
+    for shown in ("--dataset mnist ", "--inner pgd ", "--steps 10 ", "--eps 0.3 ", "--model madry_mnist "):
         assert shown in table, shown
     assert "sets model.inner.init_args.eps, model.val_attack.init_args.eps" in table
     # The values come from the resolved config, so another config file shows its own.

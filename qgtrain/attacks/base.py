@@ -228,7 +228,8 @@ class Attack:
 
     Args:
         eps: L-inf radius in pixel units, in (0, high - low] of ``clip``.
-        alpha: Step size per iteration (> 0).
+        alpha: Step size per iteration (> 0); None: the class's rule, :meth:`default_alpha` of
+            ``eps`` and ``steps``.
         steps: Iterations per start (an integer >= 1).
         b: Quantization level of the gradient, ``zeta(b * g / M)``; 1 is the sign gradient (Eq. 7).
         random_start: Start from a uniform point in the eps-ball instead of the clean input.
@@ -258,7 +259,7 @@ class Attack:
     def __init__(
         self,
         eps: float = 0.3,
-        alpha: float = 0.01,
+        alpha: float | None = 0.01,
         steps: int = 40,
         b: int = default_b,
         random_start: bool = True,
@@ -271,15 +272,15 @@ class Attack:
             raise ValueError(f"clip must be (low, high) with low < high, got {clip!r}")
         if not 0 < eps <= hi - lo:
             raise ValueError(f"eps must be in (0, {hi - lo:g}] for inputs in [{lo:g}, {hi:g}], got {eps!r}")
-        if not alpha > 0:
-            raise ValueError(f"alpha must be > 0, got {alpha!r}")
+        if alpha is not None and not alpha > 0:
+            raise ValueError(f"alpha must be > 0 (or null: the class's rule), got {alpha!r}")
         if isinstance(steps, bool) or int(steps) != steps or steps < 1:
             raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
         if isinstance(restarts, bool) or int(restarts) != restarts or restarts < 1:
             raise ValueError(f"restarts must be an integer >= 1, got {restarts!r}")
         self.eps = float(eps)
-        self.alpha = float(alpha)
         self.steps = int(steps)
+        self.alpha = self.default_alpha(float(eps), self.steps) if alpha is None else float(alpha)
         self.b = check_quantization_level(b)
         self.random_start = bool(random_start)
         self.restarts = int(restarts)

@@ -81,7 +81,7 @@ class BLOB(Attack):
     def __init__(
         self,
         eps: float = 0.3,
-        alpha: float = 0.01,
+        alpha: float | None = 0.01,
         steps: int = 40,
         b: int = 1,
         random_start: bool = True,

@@ -25,11 +25,7 @@ class FGSM(Attack):
         steps: Gradient steps (1: a single-step attack).
         random_start: Start from a uniform point in the eps-ball instead of the clean input.
         """
-        super().__init__(
-            alpha=1.0 if alpha is None else alpha, steps=steps, random_start=random_start, **kwargs
-        )
-        if alpha is None:
-            self.alpha = self.default_alpha(self.eps, self.steps)
+        super().__init__(alpha=alpha, steps=steps, random_start=random_start, **kwargs)
 
     @classmethod
     def default_alpha(cls, eps: float, steps: int = 1) -> float:

@@ -16,7 +16,10 @@ import argparse
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from pydoc import locate
 from typing import Any
+
+import yaml
 
 from qgtrain.attacks import ATTACKS
 from qgtrain.cli import UsageError
@@ -90,13 +93,36 @@ def class_path(cls: type) -> str:
 
 
 def class_specific_defaults(cls: type) -> dict[str, str]:
-    """Arguments reset when ``--inner`` switches class: ``b`` (where the class takes one); single-step
-    attacks also ``steps``, ``alpha`` (null: derived from eps) and ``random_start``."""
+    """Arguments reset when ``--inner`` switches to ``cls`` from another class: ``b`` (where the class
+    takes one) and ``alpha`` (null: the class's step-size rule of eps and steps), whose meaning
+    depends on the class; single-step attacks also ``steps`` and ``random_start``."""
     accepted = cls.constructor_defaults()
-    reset = {"b": str(cls.default_b)} if "b" in accepted else {}
+    reset = {key: value for key, value in (("b", str(cls.default_b)), ("alpha", "null")) if key in accepted}
     if cls.single_step:
-        reset.update(steps="1", alpha="null", random_start=str(accepted["random_start"]).lower())
+        reset.update(steps="1", random_start=str(accepted["random_start"]).lower())
     return reset
+
+
+def config_files(args: list[str]) -> list[str]:
+    """The ``--config`` files among ``args``, in order; none means ``configs/mnist.yaml``."""
+    files = [value for flag, value in zip(args, args[1:], strict=False) if flag in ("--config", "-c")]
+    files += [arg.split("=", 1)[1] for arg in args if arg.startswith("--config=")]
+    return files
+
+
+def configured_inner(args: list[str]) -> Any:
+    """The class the config files (or a ``--model.inner=`` argument) among ``args`` give the inner
+    attack, the last one winning; None when none names one."""
+    found = None
+    for file in config_files(args) or [str(configs_dir() / "mnist.yaml")]:
+        try:
+            inner = (yaml.safe_load(Path(file).read_text()) or {}).get("model", {}).get("inner")
+        except (OSError, yaml.YAMLError, AttributeError):
+            continue
+        found = locate(inner["class_path"]) if isinstance(inner, dict) and "class_path" in inner else found
+    for arg in args:
+        found = locate(arg.split("=", 1)[1]) if arg.startswith("--model.inner=") else found
+    return found
 
 
 def parse_short_flags(argv: list[str]) -> tuple[dict[str, str], list[str]]:
@@ -144,9 +170,9 @@ def expand_short_flags(argv: list[str]) -> list[str]:
             classes.append(f"--{keys[0]}=null")
         else:
             classes.append(f"--{keys[0]}={class_path(cls)}")
-            if flag == "--inner":
-                # init_args of the config's attack carry over to the new class (eps, alpha, steps...);
-                # those whose meaning depends on the class are reset to the new class's defaults.
+            if flag == "--inner" and cls is not configured_inner(head + rest):
+                # init_args of the config's attack carry over to the new class (eps, steps...); those
+                # whose meaning depends on the class are reset to the new class's defaults.
                 defaults = class_specific_defaults(cls).items()
                 values[:0] = [f"--{INNER}.{key}={default}" for key, default in defaults]
     return head + rest + classes + values

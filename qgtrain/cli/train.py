@@ -27,6 +27,7 @@ from qgtrain.checkpoint_files import check_writable
 from qgtrain.cli import UsageError, exit_usage
 from qgtrain.cli.aliases import (
     SHORT_FLAGS,
+    config_files,
     configs_dir,
     expand_short_flags,
     name_the_flag,
@@ -216,7 +217,7 @@ class QGTrainCLI(LightningCLI):
 
 def build_cli(args: list[str]) -> QGTrainCLI:
     """Parse ``args`` (already expanded) and instantiate model, data and trainer, without fitting."""
-    if not any(a in ("--config", "-c") or a.startswith("--config=") for a in args):
+    if not config_files(args):
         args = ["--config", str(configs_dir() / "mnist.yaml"), *args]
     return QGTrainCLI(
         AdversarialTraining,
