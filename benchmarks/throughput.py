@@ -25,7 +25,7 @@ the attacks' native CPU stem backward, clean accuracy on every 10th batch, as co
     python benchmarks/throughput.py                      # CPU, TinyCNN and MadryMNIST, batch 128
     python benchmarks/throughput.py --models tiny_cnn --repeats 3
     python benchmarks/throughput.py --profile pqgd --steps-list 10   # op-level profile of one attack
-    # the main job (configs/mnist.yaml: MadryMNIST, PQGD-10, batch 100), before vs after:
+    # the main job (--inner pqgd --steps 10 on configs/mnist.yaml: MadryMNIST, batch 100), before vs after:
     python benchmarks/throughput.py --models madry_mnist --attacks pqgd --steps-list 10 --batch-size 100 \
         --repeats 5 --lightning-batches 20
 """
