@@ -103,25 +103,36 @@ def class_specific_defaults(cls: type) -> dict[str, str]:
     return reset
 
 
+def default_config() -> Path:
+    """``configs/mnist.yaml``: what ``train.py`` reads when no ``--config`` is given."""
+    return configs_dir() / "mnist.yaml"
+
+
 def config_files(args: list[str]) -> list[str]:
-    """The ``--config`` files among ``args``, in order; none means ``configs/mnist.yaml``."""
-    files = [value for flag, value in zip(args, args[1:], strict=False) if flag in ("--config", "-c")]
-    files += [arg.split("=", 1)[1] for arg in args if arg.startswith("--config=")]
+    """The ``--config`` files among ``args`` (``--config F``, ``-c F``, ``--config=F``), in order."""
+    files = []
+    for flag, value in zip(args, [*args[1:], ""], strict=True):
+        if flag in ("--config", "-c"):
+            files.append(value)
+        elif flag.startswith("--config="):
+            files.append(flag.split("=", 1)[1])
     return files
 
 
 def configured_inner(args: list[str]) -> Any:
-    """The class the config files (or a ``--model.inner=`` argument) among ``args`` give the inner
-    attack, the last one winning; None when none names one."""
+    """The class the config files (else :func:`default_config`), then any ``--model.inner=``
+    argument among ``args``, give the inner attack, the last one winning; None when none names one."""
     found = None
-    for file in config_files(args) or [str(configs_dir() / "mnist.yaml")]:
+    for file in config_files(args) or [str(default_config())]:
         try:
             inner = (yaml.safe_load(Path(file).read_text()) or {}).get("model", {}).get("inner")
         except (OSError, yaml.YAMLError, AttributeError):
-            continue
-        found = locate(inner["class_path"]) if isinstance(inner, dict) and "class_path" in inner else found
+            continue  # jsonargparse reports a bad file itself
+        if isinstance(inner, dict) and "class_path" in inner:
+            found = locate(inner["class_path"])
     for arg in args:
-        found = locate(arg.split("=", 1)[1]) if arg.startswith("--model.inner=") else found
+        if arg.startswith("--model.inner="):
+            found = locate(arg.split("=", 1)[1])
     return found
 
 

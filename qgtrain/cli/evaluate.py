@@ -71,7 +71,6 @@ def checked(parse: Callable[[str], Any], allowed: Callable[[Any], bool], what: s
             raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}")
         return parsed
 
-    value.__name__ = what
     return value
 
 
@@ -190,28 +189,27 @@ def build_settings(args: argparse.Namespace, num_classes: int) -> Settings:
             loss=args.loss,
             seed=args.seed,
         )
-        settings.check()  # a one-line error now (e.g. torchattacks.<Class> without torchattacks)
-        return settings
-    given = [name for name, unset in PAPER_ONLY.items() if getattr(args, name) != unset]
-    if given:
-        raise UsageError(
-            f"argument --{given[0]}: applies to --protocol paper (the suite runs once, its losses fixed)"
+    else:
+        given = [name for name, unset in PAPER_ONLY.items() if getattr(args, name) != unset]
+        if given:
+            raise UsageError(
+                f"argument --{given[0]}: applies to --protocol paper (the suite runs once, its losses fixed)"
+            )
+        settings = StandardSettings(
+            eps=args.eps,
+            steps=args.steps or 100,
+            targets=args.targets,
+            queries=args.queries,
+            b=args.apgd_b,
+            fab=args.fab,
+            paper_rows=args.attacks if args.attacks is not None else ["pqgd", "blob_qg"],
+            paper_steps=args.steps or 100,
+            paper_alpha=args.alpha,
+            paper_b=args.b[0],
+            num_classes=num_classes,
+            seed=args.seed,
         )
-    settings = StandardSettings(
-        eps=args.eps,
-        steps=args.steps or 100,
-        targets=args.targets,
-        queries=args.queries,
-        b=args.apgd_b,
-        fab=args.fab,
-        paper_rows=args.attacks if args.attacks is not None else ["pqgd", "blob_qg"],
-        paper_steps=args.steps or 100,
-        paper_alpha=args.alpha,
-        paper_b=args.b[0],
-        num_classes=num_classes,
-        seed=args.seed,
-    )
-    settings.check()  # a one-line error now (e.g. --fab without torchattacks)
+    settings.check()  # a one-line error now (e.g. --fab or torchattacks.<Class> without torchattacks)
     return settings
 
 

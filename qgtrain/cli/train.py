@@ -28,7 +28,7 @@ from qgtrain.cli import UsageError, exit_usage
 from qgtrain.cli.aliases import (
     SHORT_FLAGS,
     config_files,
-    configs_dir,
+    default_config,
     expand_short_flags,
     name_the_flag,
     parse_short_flags,
@@ -66,7 +66,8 @@ def default_run_name(config: Namespace) -> str:
     """:func:`~qgtrain.training.resume.run_name` of the parsed config; the model is its registry name."""
     net_cls = locate(config.model.net.class_path)
     model = next((name for name, cls in MODELS.items() if cls is net_cls), net_cls.__name__.lower())
-    dataset = locate(config.data.class_path).name
+    data_cls = locate(config.data.class_path)
+    dataset = getattr(data_cls, "name", data_cls.__name__.lower())
     inner = config.model.inner
     if inner is None:
         return resume.run_name(dataset, model, None)
@@ -120,6 +121,7 @@ class QGTrainCLI(LightningCLI):
         ``ValueError`` from one, e.g. :class:`ResumeError`, becomes one line in :func:`main`)."""
         self._refuse_classless_attacks()
         self._name_the_run()
+        self._monitor_validation_without_evaluation()
         self._point_outputs_at_the_run()
 
     def _refuse_classless_attacks(self) -> None:
@@ -143,12 +145,15 @@ class QGTrainCLI(LightningCLI):
             config.run_name, config.resume, root, base, *limits
         )
 
+    def _monitor_validation_without_evaluation(self) -> None:
+        config = self.config
+        if config.checkpoint.monitor == "robust/worst_acc" and config.robustness.every_n_epochs == 0:
+            config.checkpoint.monitor = "val/adv_acc"  # robustness evaluation is off
+
     def _point_outputs_at_the_run(self) -> None:
         """Checkpoints in ``checkpoint_root/<run>/``, TensorBoard in ``log_root/<run>/version_N/``,
         both folders probed for writability (and left as they were)."""
         config = self.config
-        if config.checkpoint.monitor == "robust/worst_acc" and config.robustness.every_n_epochs == 0:
-            config.checkpoint.monitor = "val/adv_acc"  # robustness evaluation is off
         if config.checkpoint.dirpath is None:
             config.checkpoint.dirpath = str(Path(config.checkpoint_root) / self.run_name)
         check_writable(Path(config.checkpoint.dirpath), "checkpoint")
@@ -218,7 +223,7 @@ class QGTrainCLI(LightningCLI):
 def build_cli(args: list[str]) -> QGTrainCLI:
     """Parse ``args`` (already expanded) and instantiate model, data and trainer, without fitting."""
     if not config_files(args):
-        args = ["--config", str(configs_dir() / "mnist.yaml"), *args]
+        args = ["--config", str(default_config()), *args]
     return QGTrainCLI(
         AdversarialTraining,
         VisionDataModule,
