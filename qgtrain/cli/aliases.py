@@ -111,7 +111,7 @@ def default_config() -> Path:
 def config_files(args: list[str]) -> list[str]:
     """The ``--config`` files among ``args`` (``--config F``, ``-c F``, ``--config=F``), in order."""
     files = []
-    for flag, value in zip(args, [*args[1:], ""], strict=True):
+    for flag, value in zip(args, [*args[1:], ""][: len(args)], strict=True):
         if flag in ("--config", "-c"):
             files.append(value)
         elif flag.startswith("--config="):
