@@ -24,6 +24,7 @@ if str(REPO_ROOT) not in sys.path:  # `python benchmarks/x.py` from the reposito
 
 from qgtrain.data import DataError, MNISTDataModule  # noqa: E402
 from qgtrain.evaluation import TensorBatches  # noqa: E402
+from qgtrain.training.checkpoint_io import atomic_write  # noqa: E402
 
 DEFAULT_OUT = REPO_ROOT / "benchmarks" / "out"
 EPS = 0.3
@@ -124,8 +125,7 @@ def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[str], title: 
 
 
 def write_json(path: Path, payload: dict[str, Any]) -> None:
-    """Write atomically (a temporary file renamed over ``path``): a killed run leaves no half file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(payload, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
+    """Write through the library's :func:`~qgtrain.training.checkpoint_io.atomic_write`: a killed
+    run leaves no half file."""
+    text = json.dumps(payload, indent=2, default=str) + "\n"
+    atomic_write(path, lambda handle: handle.write(text.encode()))

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import lightning as L
 import torch
@@ -23,6 +24,7 @@ __all__ = [
     "LastCheckpoint",
     "StepCheckpoint",
     "atomic_torch_save",
+    "atomic_write",
     "read_checkpoint",
 ]
 
@@ -52,13 +54,19 @@ falls back to ``val/adv_acc``. ``save_last`` is handed to :class:`LastCheckpoint
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
-    """``torch.save`` to a temporary file in the same folder, fsync, then rename over ``path``."""
+    """``torch.save`` through :func:`atomic_write`."""
+    atomic_write(path, lambda handle: torch.save(obj, handle))
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], Any]) -> None:
+    """``write(handle)`` into a temporary file in the same folder, fsync, then rename over ``path``:
+    ``path`` is complete or as it was, never half written (the one atomic write; benchmarks use it)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         with open(tmp, "wb") as handle:
-            torch.save(obj, handle)
+            write(handle)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
