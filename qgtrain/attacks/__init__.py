@@ -1,5 +1,5 @@
 """Attacks (pure PyTorch): quantized gradients, FGSM, FGSM-RS, N-FGSM, PGD, PQGD, DAA-BLOB, BLOB_QG,
-APGD (CE, DLR, targeted), Square, and an adapter for any ``torchattacks`` attack.
+APGD (CE, DLR, targeted), FAB-T, Square, and an adapter for any ``torchattacks`` attack.
 
 ``build_attack("pqgd", eps=0.3, steps=10)`` resolves a registry name to a configured attack;
 ``build_attack("torchattacks.FAB", eps=0.3)`` wraps a torchattacks class.
@@ -14,6 +14,7 @@ from qgtrain.attacks.base import Attack, AttackResult, LinfThreatModel, StepObse
 from qgtrain.attacks.blob import BLOB, BLOBQG, blob_direction
 from qgtrain.attacks.external import PREFIX as TORCHATTACKS_PREFIX
 from qgtrain.attacks.external import TorchattacksAttack
+from qgtrain.attacks.fab import FABT
 from qgtrain.attacks.fgsm import FGSM, FGSMRS
 from qgtrain.attacks.losses import (
     ATTACK_LOSSES,
@@ -28,7 +29,7 @@ from qgtrain.attacks.quantize import check_quantization_level, quantize_gradient
 from qgtrain.attacks.square import Square
 
 ATTACKS: dict[str, type[Attack]] = {
-    cls.name: cls for cls in (FGSM, FGSMRS, NFGSM, PGD, PQGD, BLOB, BLOBQG, APGDCE, APGDDLR, APGDT, Square)
+    cls.name: cls for cls in (FGSM, FGSMRS, NFGSM, PGD, PQGD, BLOB, BLOBQG, APGDCE, APGDDLR, APGDT, FABT, Square)
 }
 
 
@@ -76,6 +77,7 @@ __all__ = [
     "AttackResult",
     "BLOB",
     "BLOBQG",
+    "FABT",
     "FGSM",
     "FGSMRS",
     "LinfThreatModel",

@@ -274,7 +274,7 @@ class APGDT(APGD):
         classes = logits.shape[1]
         if self.targets > classes - 1:
             raise ValueError(
-                f"apgd_t: targets={self.targets} but the model has only {classes - 1} wrong classes"
+                f"{self.name}: targets={self.targets} but the model has only {classes - 1} wrong classes"
             )
         ranked = logits.scatter(1, y[:, None], float("-inf")).argsort(dim=1, descending=True)
         return [ranked[:, k] for k in range(self.targets) for _ in range(self.restarts)]
