@@ -1,786 +1,399 @@
-"""Which inner maximiser buys the most AutoAttack-strength robustness per gradient? (issue 13)
+"""Which inner maximiser buys the most AutoAttack-strength robustness per gradient? (issues 13, 25)
 
-Every inner maximiser trains the main job's model with the main job's recipe, read from
-``configs/mnist.yaml`` (MadryMNIST, eps = 0.3, Adam 1e-3, piecewise learning rate, eps warm-up over
-the first epoch, Madry objective, attack in eval mode, channels_last, the module's other options,
-batch 100, 5,000 validation images), on the
-same training images in the same order, from the same initialisation (``--seed``), for the same
-number of epochs. The grid (``--runs``, names below): the PGD-40 reference (``pgd40``, alpha 0.01,
-Madry et al.); FGSM-RS (alpha 1.25 eps) and N-FGSM (noise 2 eps, alpha eps, no eps projection),
-each with the sign (``fgsm_rs``, ``nfgsm``) and with b = 100 (``fgsm_rs_b100``, ``nfgsm_b100``;
-N-FGSM also with alpha = eps / b, ``nfgsm_b100_small_alpha``, since nothing bounds its step);
-PGD-k and PQGD-k (b = 100) for k in {10, 5, 2} (``pgd10``, ``pqgd10_b100``, ...).
+Each training run is a ``train.py`` command (``configs/mnist.yaml``, the run's inner-maximiser flags,
+the budget's flags, ``--seed S --run-name <run>_s<S>``, ``--resume last`` when it has a resumable
+checkpoint); each judgement an ``evaluate.py`` command: APGD-CE -> APGD-T (``--suite apgd_ce,apgd_t
+--attacks none``) for every run, the whole suite for single-step runs (where gradient masking is the
+risk) and, once every run is judged, for the runs on the Pareto frontier. Cost = epochs x
+(``inner.gradients_per_example`` + 1 training pass), the attack rebuilt from the checkpoint's record.
+Budgets: ``robust`` (the full 55,000-image split, 3 epochs), ``cpu`` (docs/RESULTS.md section 3: the
+first 20,000 images, 3 epochs, its monitor and the step sizes its sweep chose), ``smoke`` (the test's).
 
-Step size of PGD-k / PQGD-k: a sweep, as in the first version of this study. Candidates: the
-attack class's ``default_alpha`` (2.5 eps / k) times 0.4, 1 and 1.6, and the paper's 0.01; the
-chosen alpha is the candidate that makes the k-step attack strongest (lowest accuracy, ties: the
-class default) against the seed-0 PGD-40 model of the same budget on ``sweep_size`` held-out
-*validation* images (never the test images). The sweep of a run needs only the PGD-40 checkpoint,
-which is stored as soon as its training ends; single-step runs keep their published step sizes and
-need no sweep, so a second process trains them meanwhile. A second seed reuses the seed-0 sweep
-(seeds are paired: data, order, sweep and evaluation never depend on ``--seed``).
+``OUT/cheap_training/<budget>/``: train.py's ``checkpoints/<run>_s<S>/`` and
+``logs/<run>_s<S>/``; ``<run>_s<S>.train.log``; ``<run>_s<S>.done``, touched by the step's shell after
+exit 0 (also when the study was killed and its child ran on); evaluate.py's ``results/<name>/`` and
+``results/<name>.eval.log``. A step is done when its file exists; one that a live process runs (this
+study's or another runner's) is left to it.
 
-Judged by the ``standard`` suite, ``StandardSettings(eps).suite()`` (APGD-CE 100 steps -> APGD-T
-9 targets -> Square 5000 queries, each attack on the examples still robust), through
-``qgtrain.evaluation.protocol.evaluate_suite``, on the first ``--eval-size`` test images (default
-1000), seed 0. Cost = gradient computations per training example = epochs x
-(``inner.gradients_per_example`` + 1 training pass). Catastrophic overfitting: the training
-callback ``RobustnessEvaluation`` (BLOB_QG + APGD-T on a fixed validation subset after every epoch)
-runs during training; its guard is reported with the per-epoch series: ``drop`` (robust accuracy
-fell more than ``overfit_margin`` below its best, ``check_overfitting``) or ``gap`` (a single-step
-run's ``train/adv_acc`` exceeds the monitor's accuracy by more than ``overfit_gap`` after the eps
-warm-up, ``overfit_gap_exceeded``; recomputed from the series, so runs stored before that check
-existed are judged the same way).
-
-Budgets (``--budget``): ``cpu`` (default): 20,000 training images (the first 20,000 of the main
-job's seeded training split), 3 epochs, monitor on 500 validation images with 10-step attacks,
-sweep on 500 validation images. ``full``: the main job exactly (all 55,000 images, 10 epochs, the
-config's monitor: 1,000 images, 20 steps) for a GPU. ``smoke``: 500 images, 1 epoch, runs pgd40
-and pqgd2_b100, evaluation on 50 images with a reduced suite (APGD 10 steps, 2 targets, Square
-100 queries): a check that the script works, not a result.
-
-Resumable: every finished step is its own file under ``OUT/cheap_training/<tag>/`` as soon as it
-is done: ``runs/<run>_s<seed>.ckpt`` (a weights-only Lightning checkpoint written by the library,
-readable by ``load_model_from_checkpoint``) and ``.train.json``, ``sweep/<run>.json``,
-``runs/<run>_s<seed>.eval_<suite><n>.json``. A process claims a step with an exclusive ``flock``
-(released by the kernel if the process dies), so a killed study continues with what it has not
-finished, and two processes, on disjoint or on the same ``--runs``, never write the same file.
-``--report`` prints the table and writes ``OUT/cheap_training_<tag>.{json,png}`` (robust accuracy
-against cost, Pareto frontier marked) from what is stored.
-
-Time (benchmarks/README.md has the arithmetic): the cpu budget trains 5.34 M example-gradients
-(40-65 min for two single-thread processes on this 2-core machine); judging 11 models with the
-standard suite on 1,000 images adds 1.6-4 CPU-hours (Square's 5,000 queries per robust image), so
-the whole cpu study takes ~1.5-2.7 h (more under heavy load), not 90 minutes, unless evaluated on
-fewer images or on a GPU.
-
-    python benchmarks/cheap_training.py --runs pgd40 pgd2 pqgd2_b100 pgd5 fgsm_rs &         # process 1
-    python benchmarks/cheap_training.py --runs fgsm_rs_b100 nfgsm nfgsm_b100 pgd10 pqgd10_b100 \
-        pqgd5_b100 &                                                                       # process 2
-    python benchmarks/cheap_training.py --report
-    python benchmarks/cheap_training.py --seed 1 --runs pgd10 pqgd10_b100                 # close call
-    python benchmarks/cheap_training.py --budget full                                      # GPU
-    python benchmarks/cheap_training.py --smoke && python benchmarks/cheap_training.py --smoke --report
+    python benchmarks/cheap_training.py --dry-run                 # the plan and the commands
+    python benchmarks/cheap_training.py                           # train and judge (2 processes)
+    python benchmarks/cheap_training.py --judge-only              # judge what has finished training
+    python benchmarks/cheap_training.py --report                  # tables, JSON, Pareto plot
 """
 
 from __future__ import annotations
 
-import argparse
-import contextlib
-import fcntl
-import functools
-import importlib
-import inspect
 import json
-import logging
 import os
+import shlex
+import subprocess
+import sys
 import time
-import warnings
-from collections.abc import Iterator
+from argparse import ArgumentParser, RawDescriptionHelpFormatter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from statistics import mean
 from typing import Any
 
-import lightning as L
-import torch
-import yaml
+from common import DEFAULT_OUT, EPS, REPO_ROOT, fail, write_json  # isort: skip
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from common import REPO_ROOT, add_common_args, environment, fail, format_table, mnist_datamodule, setup_threads, write_json  # isort: skip  # fmt: skip
-from torch import nn
+from qgtrain.attacks import Attack, attack_for_budget, build_attack
+from qgtrain.evaluation.plots import _pyplot
+from qgtrain.evaluation.report import markdown_table, text_table
+from qgtrain.evaluation.runner import StandardSettings, format_duration
 
-from qgtrain.attacks import Attack, attack_class, attack_for_budget
-from qgtrain.callbacks import RobustnessEvaluation, subset_indices
-from qgtrain.callbacks.robustness import overfit_gap_exceeded
-from qgtrain.checkpoint_files import CheckpointError, file_sha256
-from qgtrain.data import MNISTDataModule
-from qgtrain.evaluation import TensorBatches
-from qgtrain.evaluation.checkpoints import load_model_from_checkpoint
-from qgtrain.evaluation.protocol import evaluate_suite
-from qgtrain.evaluation.runner import StandardSettings, fraction
-from qgtrain.training import AdversarialTraining
-from qgtrain.training.checkpoint_io import AtomicCheckpointIO
-
-MAIN_CONFIG = REPO_ROOT / "configs" / "mnist.yaml"
-REFERENCE = "pgd40"
-PROTOCOL_SEED = 0
-"""Data split and order, alpha sweep, monitor and evaluation use this seed; ``--seed`` changes only
-the initialisation and the inner attack's random starts, so runs with different seeds are paired."""
-PAPER_ALPHA = 0.01
-ALPHA_FACTORS = (1.0, 0.4, 1.6)
-"""Sweep candidates: these multiples of the class's ``default_alpha`` (first: the default), then 0.01."""
-CLOSE_CALL = 2.0
-"""Points of robust accuracy within which two runs need a second seed before one is called better."""
+FALLBACK_MS_PER_GRADIENT = 0.93
+"""Training ms per example-gradient when no stored run has measured it (docs/RESULTS.md section 3)."""
+PAIR = ("apgd_ce", "apgd_t")  # the judge of every run
+JUDGES = (("pair", ""), ("full", "_full"))  # results/<run>_s<S><suffix>/: APGD-CE -> APGD-T, whole suite
+OWNER = {"train.py": ("--run-name", "--checkpoint_root"), "evaluate.py": ("--name", "--out-dir")}
 
 
-# ------------------------------------------------------------------------------------ the main job
-@dataclass(frozen=True)
-class MainJob:
-    """The settings of ``python train.py`` (configs/mnist.yaml), so the study cannot drift from them."""
-
-    config: dict[str, Any]
-
-    @classmethod
-    def load(cls, path: Path = MAIN_CONFIG) -> MainJob:
-        return cls(yaml.safe_load(path.read_text()))
-
-    @property
-    def eps(self) -> float:
-        return float(self.config["model"]["inner"]["init_args"]["eps"])
-
-    @property
-    def epochs(self) -> int:
-        return int(self.config["trainer"]["max_epochs"])
-
-    @property
-    def data(self) -> dict[str, Any]:
-        return self.config["data"]["init_args"]
-
-    @property
-    def monitor(self) -> dict[str, Any]:
-        """``RobustnessEvaluation`` arguments of the main job (its ``robustness:`` section)."""
-        return dict(self.config["robustness"])
-
-    def module_options(self) -> dict[str, Any]:
-        """``AdversarialTraining`` arguments of the main job but the network, the attacks, the
-        optimizer (a class path there) and the seed (the study's ``--seed``)."""
-        skip = ("net", "inner", "val_attack", "optimizer", "seed")
-        return {k: v for k, v in self.config["model"].items() if k not in skip}
-
-    def recipe(self) -> dict[str, Any]:
-        """What the study takes from the main job (not its inner attack, which the study varies)."""
-        model = self.config["model"]
-        data = {k: self.data[k] for k in ("batch_size", "eval_batch_size", "val_size", "seed")}
-        return {
-            "eps": self.eps,
-            "net": model["net"],
-            "optimizer": model["optimizer"],
-            **self.module_options(),
-            "data": data,
-        }
-
-    def network(self) -> nn.Module:
-        return _instantiate(self.config["model"]["net"])
-
-    def module(self, net: nn.Module, inner: Attack, seed: int) -> AdversarialTraining:
-        optimizer = self.config["model"]["optimizer"]
-        return AdversarialTraining(
-            net,
-            inner=inner,
-            optimizer=functools.partial(_import(optimizer["class_path"]), **optimizer.get("init_args", {})),
-            seed=seed,
-            **self.module_options(),
-        )
-
-
-def _import(class_path: str) -> Any:
-    module, _, name = class_path.rpartition(".")
-    return getattr(importlib.import_module(module), name)
-
-
-def _instantiate(spec: dict[str, Any]) -> Any:
-    return _import(spec["class_path"])(**spec.get("init_args", {}))
-
-
-# ------------------------------------------------------------------------------------ budgets
-@dataclass(frozen=True)
-class Budget:
-    """What one study trains and how it is judged; the training part is fixed per output folder."""
-
-    name: str
-    train_subset: int | None  # None: the whole training split (55,000)
-    epochs: int | None  # None: the main job's
-    sweep_size: int
-    monitor: dict[str, Any] = field(default_factory=dict)  # overrides of the main job's monitor
-    eval_size: int = 1000
-    suite: str = "standard"
-    runs: tuple[str, ...] | None = None  # default --runs (None: the whole grid)
-
-    def suite_settings(self, eps: float) -> StandardSettings:
-        if self.suite == "standard":
-            return StandardSettings(eps=eps)
-        return StandardSettings(eps=eps, steps=10, targets=2, queries=100)  # "reduced" (smoke only)
-
-    def training_record(self, job: MainJob) -> dict[str, Any]:
-        """The settings every stored run of a folder must share."""
-        return {
-            "budget": self.name,
-            "train_subset": self.train_subset,
-            "epochs": self.epochs or job.epochs,
-            "sweep_size": self.sweep_size,
-            "monitor": {**job.monitor, **self.monitor},
-            "recipe": job.recipe(),
-        }
-
-
-BUDGETS = {
-    "cpu": Budget("cpu", 20_000, 3, 500, {"subset_size": 500, "steps": 10}),
-    "full": Budget("full", None, None, 1000),
-    "smoke": Budget(
-        "smoke", 500, 1, 100, {"subset_size": 100, "steps": 5}, 50, "reduced", (REFERENCE, "pqgd2_b100")
-    ),
-}
-
-
-# ------------------------------------------------------------------------------------ the grid
 @dataclass(frozen=True)
 class Run:
-    """One inner maximiser; ``alpha=None``: the class default (single-step) or the sweep's choice."""
+    """One inner maximiser of the grid: ``train.py --inner NAME [--steps K] [--alpha A] [--b B]``."""
 
     name: str
-    attack: str
-    steps: int
-    b: int = 1
+    inner: str
+    steps: int | None = None
     alpha: float | None = None
-    sweep: bool = False
+    b: int | None = None
+    seeds: tuple[int, ...] = (0,)
 
-    def build(self, eps: float, alpha: float | None = None) -> Attack:
-        return attack_for_budget(self.attack, eps, self.steps, alpha=alpha or self.alpha, b=self.b)
+    def flags(self) -> list[str]:
+        given = (("--steps", self.steps), ("--alpha", self.alpha), ("--b", self.b))
+        return ["--inner", self.inner, *(str(v) for pair in given if pair[1] is not None for v in pair)]
 
-    def candidates(self, eps: float) -> list[float]:
-        default = attack_class(self.attack).default_alpha(eps, self.steps)
-        values: list[float] = []
-        for value in (*(f * default for f in ALPHA_FACTORS), PAPER_ALPHA):
-            if all(abs(value - v) > 1e-9 for v in values):
-                values.append(round(value, 6))
-        return values
-
-    def cost_per_epoch(self, eps: float) -> int:
-        """Gradient computations per training example and epoch: the attack's, plus the training pass."""
-        return self.build(eps).gradients_per_example + 1
+    def attack(self) -> Attack:
+        """The attack these flags train with (for the plan; the report rebuilds the recorded one)."""
+        return attack_for_budget(self.inner, EPS, self.steps or 1, alpha=self.alpha, b=self.b)
 
 
-GRID: dict[str, Run] = {
-    run.name: run
-    for run in (
-        Run(REFERENCE, "pgd", 40, alpha=PAPER_ALPHA),  # Madry et al.'s MNIST setting
-        Run("fgsm_rs", "fgsm_rs", 1),
-        Run("fgsm_rs_b100", "fgsm_rs", 1, b=100),
-        Run("nfgsm", "nfgsm", 1),
-        Run("nfgsm_b100", "nfgsm", 1, b=100),
-        # N-FGSM has no eps projection to absorb the quantized step's size: alpha * qg moves a pixel by
-        # up to alpha * b. With alpha = eps / b (0.3 / 100 at the main job's eps) the largest moves eps.
-        Run("nfgsm_b100_small_alpha", "nfgsm", 1, b=100, alpha=0.003),
-        *(
-            run
-            for k in (10, 5, 2)
-            for run in (
-                Run(f"pgd{k}", "pgd", k, sweep=True),
-                Run(f"pqgd{k}_b100", "pqgd", k, b=100, sweep=True),
-            )
-        ),
-    )
+@dataclass(frozen=True)
+class Budget:
+    """What train.py and evaluate.py are given beyond the runs' own flags."""
+
+    name: str
+    grid: tuple[Run, ...]
+    epochs: int = 3
+    train_flags: tuple[str, ...] = ()  # after the run's flags, before --epochs
+    train_images: int = 55_000  # for the plan's estimate only
+    n: int = 1000  # test images judged
+    suite: dict[str, int] = field(default_factory=dict)  # StandardSettings overrides (evaluate.py flags)
+
+
+# fmt: off
+ROBUST = (  # issue 25's grid: two seeds for every PGD-vs-PQGD pair
+    Run("pgd40", "pgd", 40, 0.01), Run("pgd10", "pgd", 10, 0.12, seeds=(0, 1)),
+    Run("pqgd10_b100", "pqgd", 10, seeds=(0, 1)), Run("pgd5", "pgd", 5, 0.15, seeds=(0, 1)),
+    Run("pqgd5_b100", "pqgd", 5, seeds=(0, 1)), Run("nfgsm", "nfgsm"),
+)
+CPU = (  # docs/RESULTS.md section 3: the step sizes its sweep chose, its seeds
+    Run("pgd40", "pgd", 40, 0.01, seeds=(0, 1)), Run("pgd10", "pgd", 10, 0.12), Run("pqgd10_b100", "pqgd", 10),
+    Run("pgd5", "pgd", 5, 0.15, seeds=(0, 1)), Run("pqgd5_b100", "pqgd", 5, 0.06),
+    Run("pgd2", "pgd", 2, 0.375, seeds=(0, 1)), Run("pqgd2_b100", "pqgd", 2, 0.15, seeds=(0, 1)),
+    Run("fgsm_rs", "fgsm_rs"), Run("fgsm_rs_b100", "fgsm_rs", b=100), Run("nfgsm", "nfgsm"),
+    Run("nfgsm_b100", "nfgsm", b=100), Run("nfgsm_b100_small_alpha", "nfgsm", alpha=0.003, b=100),
+)
+SMOKE = (  # a tiny network on 400 images; step.ckpt every 2 steps
+    "--model", "tiny_cnn", "--data.init_args.train_subset", "400", "--data.init_args.val_size", "200",
+    "--batch-size", "20", "--eval-size", "50", "--eval-steps", "2", "--trainer.limit_val_batches", "1",
+    "--visualization.every_n_epochs", "0", "--ckpt-every-steps", "2",
+)
+BUDGETS = {
+    "robust": Budget("robust", ROBUST),
+    "cpu": Budget("cpu", CPU, train_flags=("--data.init_args.train_subset", "20000", "--eval-size", "500",
+                                           "--eval-steps", "10"), train_images=20_000),
+    "smoke": Budget("smoke", (Run("pgd2", "pgd", 2, 0.375), Run("pqgd2_b100", "pqgd", 2)), epochs=2,
+                    train_flags=SMOKE, train_images=400, n=50, suite={"steps": 5, "targets": 2, "queries": 50}),
 }
+# fmt: on
 
 
-# ------------------------------------------------------------------------------------ storage
+# ------------------------------------------------------------------------------------ steps
 @dataclass(frozen=True)
 class Step:
-    """One stored result: ``kind`` in train / sweep / eval; done when ``output`` exists."""
+    """One command; done when ``target`` exists (a judgement: a results.json not marked partial)."""
 
-    kind: str
-    run: str
-    seed: int
-    output: Path
-    needs: tuple[Step, ...] = ()
+    label: str
+    command: list[str]
+    log: Path
+    target: Path
+    needs: tuple[Path, ...] = ()
+    marker: bool = False  # the shell touches ``target`` after exit 0 (training runs)
+    gradients: int = 0  # example-gradients it spends at most (for the plan line)
+    forwards: int = 0
 
+    def done(self) -> bool:
+        if self.marker or not self.target.is_file():
+            return self.target.is_file()
+        return not json.loads(self.target.read_text())["results"].get("partial", False)
 
-class Store:
-    """The files of one study folder."""
-
-    def __init__(self, folder: Path, suite: str, eval_size: int) -> None:
-        self.folder = folder
-        self.tag = f"{suite}{eval_size}"
-
-    def checkpoint(self, run: str, seed: int) -> Path:
-        return self.folder / "runs" / f"{run}_s{seed}.ckpt"
-
-    def train(self, run: str, seed: int) -> Step:
-        needs = (self.sweep(run),) if GRID[run].sweep else ()
-        return Step("train", run, seed, self.folder / "runs" / f"{run}_s{seed}.train.json", needs)
-
-    def sweep(self, run: str) -> Step:
-        return Step("sweep", run, 0, self.folder / "sweep" / f"{run}.json", (self.train(REFERENCE, 0),))
-
-    def evaluation(self, run: str, seed: int) -> Step:
-        path = self.folder / "runs" / f"{run}_s{seed}.eval_{self.tag}.json"
-        return Step("eval", run, seed, path, (self.train(run, seed),))
-
-    def plan(self, runs: list[str], seed: int, evaluate: bool = True) -> list[Step]:
-        """Every step the evaluations (or, ``evaluate=False``, the trainings) of ``runs`` need,
-        dependencies first, in the order given."""
-        ordered: list[Step] = []
-
-        def visit(step: Step) -> None:
-            for need in step.needs:
-                visit(need)
-            if step not in ordered:
-                ordered.append(step)
-
-        for run in runs:
-            visit(self.evaluation(run, seed) if evaluate else self.train(run, seed))
-        return ordered
-
-
-def lock_path(step: Step) -> Path:
-    return step.output.parent.parent / "locks" / f"{step.output.name}.lock"
-
-
-@contextlib.contextmanager
-def claim(step: Step) -> Iterator[bool]:
-    """An exclusive non-blocking ``flock`` on :func:`lock_path`: True while this process holds it.
-
-    The kernel drops the lock when the holder exits or is killed, so no claim outlives its process.
-    """
-    lock = lock_path(step)
-    lock.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock, "a+") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            yield False
-            return
-        try:
-            handle.truncate(0)
-            handle.write(f"{os.getpid()}\n")
-            handle.flush()
-            yield True
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-def create_or_check(path: Path, record: dict[str, Any]) -> None:
-    """Write ``record`` to ``path`` if absent (atomically, first writer wins); else it must be equal."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
-    try:
-        os.link(tmp, path)
-    except FileExistsError:
-        stored = json.loads(path.read_text())
-        if stored != json.loads(tmp.read_text()):
-            changed = sorted(k for k in {*stored, *record} if stored.get(k) != record.get(k))
-            fail(
-                f"{path.parent} holds a study with other training settings ({', '.join(changed)} differ); "
-                "pass --tag NAME to start another study"
-            )
-    finally:
-        tmp.unlink()
-
-
-# ------------------------------------------------------------------------------------ training
-class EpochRecorder(L.Callback):
-    """Per epoch: the robustness callback's results and the training metrics; time inside training batches."""
-
-    def __init__(self, monitor: RobustnessEvaluation) -> None:
-        self.monitor = monitor
-        self.epochs: list[dict[str, float]] = []
-        self.train_seconds = 0.0
-        self._start = 0.0
-
-    def on_train_batch_start(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, idx: int
-    ) -> None:
-        self._start = time.perf_counter()
-
-    def on_train_batch_end(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, idx: int
-    ) -> None:
-        self.train_seconds += time.perf_counter() - self._start
-
-    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        row: dict[str, float] = {"epoch": trainer.current_epoch + 1}
-        if self.monitor.is_due(trainer):  # runs after the monitor (callback order), so these are fresh
-            row.update(self.monitor.last_results)
-        self.epochs.append(row)
-
-    def _epoch_metrics(self, trainer: L.Trainer) -> None:
-        """The previous epoch's training metrics (Lightning reduces them after the epoch-end hooks)."""
-        if self.epochs:
-            for key in ("train/adv_acc", "train/clean_acc", "train/loss_epoch"):
-                if key in trainer.callback_metrics:
-                    self.epochs[-1][key] = float(trainer.callback_metrics[key])
-
-    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._epoch_metrics(trainer)
-
-    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._epoch_metrics(trainer)
+    def running_elsewhere(self) -> bool:
+        """A live process runs this command already (this study's or another runner's):
+        the same script with the same name (``--run-name`` / ``--name``) in the same output root."""
+        script, (name_flag, root_flag) = self.command[1], OWNER[self.command[1]]
+        mine = dict(zip(self.command, self.command[1:], strict=False))
+        for proc in Path("/proc").glob("[0-9]*"):
+            try:
+                argv = (proc / "cmdline").read_bytes().decode(errors="replace").split("\0")
+                cwd = Path(os.readlink(proc / "cwd"))
+            except OSError:
+                continue
+            given = dict(zip(argv, argv[1:], strict=False))
+            if any(Path(a).name == script for a in argv[:3]) and given.get(name_flag) == mine[name_flag]:
+                if (cwd / given.get(root_flag, ".")).resolve() == Path(mine[root_flag]).resolve():
+                    return True
+        return False
 
 
 class Study:
-    """Executes the steps of one study folder."""
+    """The steps of one budget's folder, planned again after every finished step."""
 
-    def __init__(self, job: MainJob, budget: Budget, store: Store, args: argparse.Namespace) -> None:
-        self.job = job
-        self.budget = budget
-        self.store = store
-        self.args = args
-        self.eps = job.eps
-        self.record = budget.training_record(job)
-        self.device = "cuda" if torch.cuda.is_available() else "cpu"  # Lightning's "auto" choice too
-        self._dm: MNISTDataModule | None = None
+    def __init__(self, budget: Budget, folder: Path, data_dir: str | None) -> None:
+        self.budget, self.folder, self.grid = budget, folder, budget.grid
+        self.data = ["--data-dir", data_dir] if data_dir else []
 
-    @property
-    def dm(self) -> MNISTDataModule:
-        if self._dm is None:
-            data = self.job.data
-            self._dm = mnist_datamodule(
-                self.args.data_dir,
-                self.budget.train_subset,
-                data["val_size"],
-                data["batch_size"],
-                data["seed"],
+    def train(self, run: Run, seed: int) -> Step:
+        name, checkpoints = f"{run.name}_s{seed}", self.folder / "checkpoints"
+        command = [
+            sys.executable, "train.py", *run.flags(), *self.budget.train_flags, *self.data,
+            "--epochs", str(self.budget.epochs), "--seed", str(seed), "--run-name", name,
+            "--checkpoint_root", str(checkpoints), "--log_root", str(self.folder / "logs"),
+        ]  # fmt: skip
+        done = self.folder / f"{name}.done"
+        if any((checkpoints / name / f).is_file() for f in ("step.ckpt", "last.ckpt", "interrupted.ckpt")):
+            command += ["--resume", "last"]
+        gradients = self.budget.epochs * (run.attack().gradients_per_example + 1) * self.budget.train_images
+        return Step(f"train {name}", command, self.folder / f"{name}.train.log", done, (), True, gradients)
+
+    def judge(self, run: Run, seed: int, whole_suite: bool) -> Step:
+        name = f"{run.name}_s{seed}"
+        result, results = f"{name}_full" if whole_suite else name, self.folder / "results"
+        suite_flags = [str(v) for key, value in self.budget.suite.items() for v in (f"--{key}", value)]
+        best = self.folder / "checkpoints" / name / "best.ckpt"
+        command = [
+            sys.executable, "evaluate.py", "--ckpt", str(best), *([] if whole_suite else ["--suite", ",".join(PAIR)]),
+            "--attacks", "none", "--n", str(self.budget.n), *suite_flags, *self.data,
+            "--threads", "1", "--out-dir", str(results), "--name", result, "--overwrite",
+        ]  # fmt: skip
+        needs = (self.folder / f"{name}.done", best)
+        log, target = results / f"{result}.eval.log", results / result / "results.json"
+        suite = StandardSettings(eps=EPS, paper_rows=[], **self.budget.suite).suite()
+        attacks = [a for a in suite if whole_suite or a.name in PAIR]
+        gradients = self.budget.n * sum(a.gradients_per_example for a in attacks)
+        forwards = self.budget.n * sum(a.forwards_per_example for a in attacks)
+        return Step(f"judge {result}", command, log, target, needs, False, gradients, forwards)
+
+    def steps(self, train: bool = True, judge: bool = True) -> list[Step]:
+        """Training, the APGD-CE -> APGD-T judgement of every run, the whole suite for single-step
+        runs, and (once every run is judged) for the runs on the frontier."""
+        planned: list[Step] = []
+        for run in self.grid:
+            single = run.attack().single_step
+            for seed in run.seeds:
+                planned += [self.train(run, seed)] if train else []
+                planned += [self.judge(run, seed, False)] + ([self.judge(run, seed, True)] if single else [])
+        pairs = [self.judge(r, s, False) for r in self.grid for s in r.seeds]
+        if judge and all(step.done() for step in pairs):
+            rows = method_rows(self.budget, self.folder)
+            front = pareto_front({name: (row["cost"], mean(row["pair"])) for name, row in rows.items()})
+            planned += [self.judge(r, s, True) for r in self.grid if r.name in front for s in r.seeds]
+        unique = {step.label: step for step in planned}.values()
+        return [step for step in unique if judge or step.marker]
+
+    def plan_line(self, steps: list[Step], jobs: int) -> str:
+        ms = measured_ms_per_gradient(self.budget, self.folder)
+        todo = [step for step in steps if not step.done()]
+        train = sum(step.gradients for step in todo if step.marker)
+        gradients = sum(step.gradients for step in todo if not step.marker)
+        forwards = sum(step.forwards for step in todo if not step.marker)
+        return (
+            f"plan: {self.folder}: {len(steps) - len(todo)} of {len(steps)} steps done; training {train / 1e6:.1f} M "
+            f"example-gradients (resumed runs: less), judging <= {gradients / 1e6:.1f} M and {forwards / 1e6:.1f} M "
+            f"forward queries (no early exit); at {ms:.2f} ms per example-gradient on {jobs} processes: "
+            f"{format_duration(train * ms / 1e3 / jobs)} + {format_duration(gradients * ms / 1e3 / jobs)}"
+        )
+
+
+def run_steps(plan: Callable[[], list[Step]], jobs: int) -> list[str]:
+    """Launch ready steps (inputs there, not done, not running anywhere), at most ``jobs`` at a time,
+    one thread each, until none is left that can start; return the labels of failed steps."""
+    running: dict[str, subprocess.Popen] = {}
+    failed: list[str] = []
+    elsewhere: set[str] = set()  # left to the process that runs them, not retried here
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    shell = '"${@:3}" >> "$1" 2>&1 && if [ -n "$2" ]; then touch "$2"; fi'
+    changed = True
+    while True:
+        for label, process in list(running.items()):
+            if process.poll() is not None:
+                del running[label]
+                changed = True
+                failed += [label] if process.returncode else []
+                log(f"{label}: {f'FAILED (exit {process.returncode})' if process.returncode else 'done'}")
+        if changed:  # plan again only when a step ended: the frontier's steps appear when known
+            skip = {*running, *failed, *elsewhere}
+            ready = [
+                s for s in plan() if s.label not in skip and not s.done() and all(map(Path.exists, s.needs))
+            ]
+            changed = False
+        while ready and len(running) < jobs:
+            step = ready.pop(0)
+            if step.running_elsewhere():
+                log(f"{step.label}: another process runs it; left to it")
+                elsewhere.add(step.label)
+                continue
+            step.log.parent.mkdir(parents=True, exist_ok=True)
+            log(f"{step.label}: {shlex.join(step.command)} >> {step.log}")
+            marker = str(step.target) if step.marker else ""
+            running[step.label] = subprocess.Popen(
+                ["bash", "-c", shell, "step", str(step.log), marker, *step.command], cwd=REPO_ROOT, env=env
             )
-        return self._dm
-
-    def batches(self, split: str, n: int) -> TensorBatches:
-        """The first ``n`` test images, or a fixed seeded subset of ``n`` validation images."""
-        dataset = self.dm.test_set if split == "test" else self.dm.val_set
-        index = (
-            torch.arange(min(n, len(dataset)))
-            if split == "test"
-            else subset_indices(len(dataset), n, PROTOCOL_SEED)
-        )
-        return TensorBatches(dataset.images[index], dataset.labels[index], self.job.data["eval_batch_size"])
-
-    def load(self, run: str, seed: int) -> nn.Module:
-        try:
-            model, _ = load_model_from_checkpoint(self.store.checkpoint(run, seed))
-        except CheckpointError as exc:
-            fail(f"{exc}; delete {self.store.train(run, seed).output} to train {run} again")
-        if self.job.module_options().get("channels_last"):  # the main job's layout: same results, faster
-            model = model.to(memory_format=torch.channels_last)
-        return model.to(self.device).eval()
-
-    def execute(self, step: Step) -> None:
-        start = time.perf_counter()
-        result = {"sweep": self.sweep, "train": self.train, "eval": self.evaluate}[step.kind](step)
-        result.update(
-            run=step.run,
-            seed=step.seed,
-            step=step.kind,
-            seconds=time.perf_counter() - start,
-            environment=environment(self.args.threads),
-            settings=self.record,
-        )
-        write_json(step.output, result)
-
-    def chosen_alpha(self, run: str) -> float:
-        return json.loads(self.store.sweep(run).output.read_text())["alpha"]
-
-    def sweep(self, step: Step) -> dict[str, Any]:
-        """Accuracy of the run's k-step attack per candidate alpha against the seed-0 PGD-40 model."""
-        run = GRID[step.run]
-        reference = self.load(REFERENCE, 0)
-        batches = self.batches("val", self.budget.sweep_size)
-        rows = []
-        for alpha in run.candidates(self.eps):
-            outcome = evaluate_suite(
-                reference, [run.build(self.eps, alpha)], batches, self.device, PROTOCOL_SEED
-            )
-            rows.append({"alpha": alpha, "accuracy": 100 * fraction(outcome.robust)})
-            log(f"sweep {run.name}: alpha {alpha:.4g} -> {rows[-1]['accuracy']:.1f}% on {REFERENCE}")
-        best = min(rows, key=lambda r: r["accuracy"])  # the strongest; ties: the first (class default)
-        return {
-            "alpha": best["alpha"],
-            "candidates": rows,
-            "examples": batches.num_examples,
-            "reference": str(self.store.checkpoint(REFERENCE, 0).relative_to(self.store.folder)),
-            "reference_sha256": file_sha256(self.store.checkpoint(REFERENCE, 0)),
-        }
-
-    def train(self, step: Step) -> dict[str, Any]:
-        run = GRID[step.run]
-        inner = run.build(self.eps, self.chosen_alpha(run.name) if run.sweep else None)
-        L.seed_everything(step.seed, workers=True, verbose=False)
-        module = self.job.module(self.job.network(), inner, step.seed)
-        monitor = RobustnessEvaluation(**self.record["monitor"], log_hparams=False)
-        recorder = EpochRecorder(monitor)
-        epochs = self.record["epochs"]
-        trainer = L.Trainer(
-            accelerator="auto",
-            devices=1,
-            max_epochs=epochs,
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            inference_mode=False,
-            num_sanity_val_steps=0,
-            limit_val_batches=0,  # the robustness callback is the per-epoch check
-            plugins=[AtomicCheckpointIO()],
-            callbacks=[monitor, recorder],
-        )
-        log(
-            f"train {run.name} (seed {step.seed}): {inner!r}, {epochs} epochs on {len(self.dm.train_set)} images"
-        )
-        start = time.perf_counter()
-        trainer.fit(module, datamodule=self.dm)
-        fit_seconds = time.perf_counter() - start
-        checkpoint = self.store.checkpoint(run.name, step.seed)
-        trainer.save_checkpoint(checkpoint, weights_only=True)
-        cost = epochs * run.cost_per_epoch(self.eps)
-        examples = len(self.dm.train_set)
-        return {
-            "inner": inner.config(),
-            "label": inner.label,
-            "single_step": inner.single_step,
-            "cost": cost,
-            "train_examples": examples,
-            "training_gradients": cost * examples,
-            "fit_seconds": fit_seconds,
-            "train_seconds": recorder.train_seconds,
-            "epochs": recorder.epochs,
-            "overfit_detected": monitor.overfit_detected,
-            "overfit_margin": monitor.overfit_margin,
-            "best_worst_acc": monitor.best_worst_acc,
-            "best_epoch": monitor.best_epoch,
-            "checkpoint": str(checkpoint.relative_to(self.store.folder)),
-            "checkpoint_sha256": file_sha256(checkpoint),
-        }
-
-    def evaluate(self, step: Step) -> dict[str, Any]:
-        model = self.load(step.run, step.seed)
-        attacks = self.budget.suite_settings(self.eps).suite()
-        batches = self.batches("test", self.args.eval_size)
-        outcome = evaluate_suite(model, attacks, batches, self.device, PROTOCOL_SEED)
-        result = {
-            "suite": self.budget.suite,
-            "examples": batches.num_examples,
-            "clean": 100 * fraction(outcome.clean),
-            "robust": 100 * fraction(outcome.robust),
-            "after": {
-                label: 100 * fraction(a) for label, a in zip(outcome.labels, outcome.after, strict=True)
-            },
-            "fooled_first": dict(zip(outcome.labels, outcome.fooled_counts(), strict=True)),
-            "attacks": [a.config() for a in attacks],
-            "costs": {label: c.to_dict() for label, c in zip(outcome.labels, outcome.costs, strict=True)},
-            "robust_vector": "".join("1" if r else "0" for r in outcome.robust.tolist()),
-        }
-        log(
-            f"eval {step.run} (seed {step.seed}): clean {result['clean']:.1f}% robust {result['robust']:.1f}%"
-        )
-        return result
-
-    def run(self, steps: list[Step], poll_seconds: float) -> None:
-        """Do every step not stored yet whose inputs are stored and which no other process holds."""
-        waiting_since = None
-        while True:
-            pending = [s for s in steps if not s.output.exists()]
-            if not pending:
-                return
-            for step in pending:
-                if not all(n.output.exists() for n in step.needs):
-                    continue
-                with claim(step) as mine:
-                    if mine and not step.output.exists():
-                        self.execute(step)
-                        waiting_since = None
-                        break
-            else:
-                if waiting_since is None:
-                    waiting_since = time.time()
-                    held = ", ".join(f"{s.kind} {s.run} s{s.seed}" for s in pending)
-                    log(f"waiting for steps another process holds or needs first: {held}")
-                time.sleep(poll_seconds)
+        if not running:
+            return failed
+        time.sleep(1.0)
 
 
 def log(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
-# ------------------------------------------------------------------------------------ report
-def load_results(store: Store) -> dict[str, dict[int, dict[str, Any]]]:
-    """``{run: {seed: {"train": ..., "eval": ...}}}`` from the stored files."""
-    results: dict[str, dict[int, dict[str, Any]]] = {}
-    for path in sorted((store.folder / "runs").glob("*.train.json")):
-        train = json.loads(path.read_text())
-        if train["run"] not in GRID:  # stored by a version of this script with a larger grid
-            log(f"skipping {path.name}: run {train['run']!r} is not in this script's grid")
-            continue
-        entry = results.setdefault(train["run"], {}).setdefault(train["seed"], {})
-        entry["train"] = train
-        evaluation = store.evaluation(train["run"], train["seed"]).output
-        if evaluation.exists():
-            entry["eval"] = json.loads(evaluation.read_text())
-    return results
+# ------------------------------------------------------------------------------------ reading
+def scalars(folder: Path) -> dict[str, list[float]]:
+    """Epoch-level TensorBoard scalars of a run, over its versions (a resumed run logs in a new
+    one; a later version wins at the same step), in step order."""
+    merged: dict[str, dict[int, float]] = {}
+    for version in sorted(folder.glob("version_*"), key=lambda p: int(p.name.split("_")[1])):
+        events = EventAccumulator(str(version), size_guidance={"scalars": 0})
+        events.Reload()
+        for tag in events.Tags()["scalars"]:
+            merged.setdefault(tag, {}).update({e.step: e.value for e in events.Scalars(tag)})
+    return {tag: [v for _, v in sorted(values.items())] for tag, values in merged.items()}
+
+
+def measured_ms_per_gradient(budget: Budget, folder: Path) -> float:
+    """Training ms per example-gradient of the finished runs (``perf/images_per_sec``), else the fallback."""
+    rates = []
+    for run in budget.grid:
+        for seed in run.seeds:
+            speed = scalars(folder / "logs" / f"{run.name}_s{seed}").get("perf/images_per_sec", [])
+            if speed and (folder / f"{run.name}_s{seed}.done").exists():
+                rates.append(1e3 / (mean(speed) * (run.attack().gradients_per_example + 1)))
+    return mean(rates) if rates else FALLBACK_MS_PER_GRADIENT
+
+
+def cost_per_example(inner: dict[str, Any], epochs: int) -> dict[str, Any]:
+    """Cost = epochs x (``gradients_per_example`` + 1 training pass) of the inner attack a checkpoint
+    records, with its label and whether it is single-step."""
+    config = dict(inner)
+    attack = build_attack(config.pop("name"), **config)
+    cost = epochs * (attack.gradients_per_example + 1)
+    return {"cost": cost, "label": attack.label, "single_step": attack.single_step, "seeds": []}
+
+
+def method_rows(budget: Budget, folder: Path) -> dict[str, dict[str, Any]]:
+    """Per run of the grid with a judgement: cost, label, and per seed clean / pair / whole-suite
+    robust accuracy (%), the monitor's worst case and train/adv_acc per epoch."""
+    rows: dict[str, dict[str, Any]] = {}
+    for run in budget.grid:
+        for seed in run.seeds:
+            name = f"{run.name}_s{seed}"
+            paths = {kind: folder / "results" / f"{name}{end}" / "results.json" for kind, end in JUDGES}
+            records = {kind: json.loads(path.read_text()) for kind, path in paths.items() if path.is_file()}
+            records = {kind: r for kind, r in records.items() if not r["results"].get("partial")}
+            if "pair" not in records:
+                continue
+            first = records["pair"]
+            if run.name not in rows:
+                rows[run.name] = cost_per_example(first["checkpoint"]["training"]["inner"], budget.epochs)
+            row, series = rows[run.name], scalars(folder / "logs" / name)
+            row["seeds"].append(seed)
+            row.setdefault("clean", []).append(100 * first["results"]["clean"]["accuracy"])
+            for kind, record in records.items():
+                row.setdefault(kind, []).append(100 * record["results"]["suite"]["accuracy"])
+            row.setdefault("monitor", []).append(series.get("robust/worst_acc", []))
+            row.setdefault("train_adv", []).append(series.get("train/adv_acc", []))
+    return rows
 
 
 def pareto_front(points: dict[str, tuple[float, float]]) -> list[str]:
     """Names whose (cost, robust) no other point matches or beats in both with one strictly better."""
-    return [
-        name
-        for name, (cost, robust) in points.items()
-        if not any(
-            c <= cost and r >= robust and (c < cost or r > robust)
-            for other, (c, r) in points.items()
-            if other != name
-        )
-    ]
+    beats = lambda q, p: q[0] <= p[0] and q[1] >= p[1] and q != p  # noqa: E731
+    return [name for name, p in points.items() if not any(beats(q, p) for q in points.values())]
 
 
-def report(store: Store, out: Path, tag: str) -> None:
-    results = load_results(store)
-    if not results:
-        print(f"nothing stored yet in {store.folder}")
-        return
-    sweeps = {p.stem: json.loads(p.read_text()) for p in sorted((store.folder / "sweep").glob("*.json"))}
-    rows, points = [], {}
-    for name in [n for n in GRID if n in results]:
-        seeds = results[name]
-        first = seeds[min(seeds)]["train"]
-        evaluated = {s: e["eval"] for s, e in seeds.items() if "eval" in e}
-        robust = [evaluated[s]["robust"] for s in sorted(evaluated)]
-        mean = sum(robust) / len(robust) if robust else None
-        if mean is not None:
-            points[name] = (first["cost"], mean)
-        monitor = first["epochs"]
-        rows.append(
-            {
-                "run": name,
-                "inner": first["label"],
-                "k": first["inner"]["steps"],
-                "alpha": f"{first['inner']['alpha']:.4g}",
-                "cost": first["cost"],
-                "clean": _mean([e["clean"] for e in evaluated.values()]),
-                "robust_by_seed": " / ".join(f"s{s}: {evaluated[s]['robust']:.1f}" for s in sorted(evaluated))
-                or "—",
-                "robust": mean,
-                "train_min": _mean([e["train"]["fit_seconds"] / 60 for e in seeds.values()]),
-                "eval_min": _mean([e["seconds"] / 60 for e in evaluated.values()]),
-                "overfit_guard": overfit_verdict(
-                    seeds, warmup_epochs=settings_of(first)["eps_warmup_epochs"]
-                ),
-                "monitor_worst_per_epoch": " ".join(
-                    f"{100 * e.get('robust/worst_acc', float('nan')):.1f}" for e in monitor
-                ),
-                "train_adv_per_epoch": " ".join(
-                    f"{100 * e.get('train/adv_acc', float('nan')):.1f}" for e in monitor
-                ),
-            }
-        )
-    front = pareto_front(points)
-    for row in rows:
-        row["pareto"] = "*" if row["run"] in front else ""
-    close = [
-        (a, b)
-        for i, a in enumerate(points)
-        for b in list(points)[i + 1 :]
-        if (a in front or b in front) and abs(points[a][1] - points[b][1]) <= CLOSE_CALL
-    ]
-    single_seed = sorted({r for pair in close for r in pair if len(results[r]) < 2}, key=list(GRID).index)
-    first_train = next(s[min(s)]["train"] for s in results.values())
-    settings = first_train["settings"]
-    title = (
-        f"cheap training ({settings['budget']}, {store.folder}): MadryMNIST, eps {first_train['inner']['eps']}, "
-        f"{first_train['train_examples']} training images, {settings['epochs']} epochs, main job's recipe; "
-        f"robust = standard suite ({store.tag}) on the first test images, % (mean over seeds); cost = gradient "
-        "computations per training example; overfit_guard = drop (check_overfitting fired) / gap (train/adv_acc "
-        "above the monitor by more than overfit_gap after warm-up, single-step runs) / no; "
-        "monitor_worst_per_epoch = the callback's worst case on validation images after each epoch"
-    )
-    columns = [
-        "run", "inner", "k", "alpha", "cost", "clean", "robust_by_seed", "robust", "pareto",
-        "train_min", "eval_min", "overfit_guard", "monitor_worst_per_epoch", "train_adv_per_epoch",
+# ------------------------------------------------------------------------------------ report
+def summary(values: list[float]) -> str:
+    if not values:
+        return "—"
+    each = f" ± {(max(values) - min(values)) / 2:.1f} ({', '.join(f'{v:.1f}' for v in values)})"
+    return f"{mean(values):.1f}{each if len(values) > 1 else ''}"
+
+
+def budget_table(name: str, rows: dict[str, dict[str, Any]]) -> tuple[list[str], list[list[str]], list[str]]:
+    front = pareto_front({run: (row["cost"], mean(row["pair"])) for run, row in rows.items()})
+    header = ["run", "inner", "cost", "seeds", "clean %", "APGD-CE→APGD-T %", "whole suite %", "frontier",
+              "monitor worst % per epoch (first seed)", "train adv. % per epoch"]  # fmt: skip
+    per_epoch = lambda values: " ".join(f"{100 * v:.1f}" for v in values)  # noqa: E731
+    table = [
+        [run, row["label"], str(row["cost"]), " ".join(f"s{s}" for s in row["seeds"]), summary(row["clean"]),
+         summary(row["pair"]), summary(row.get("full", [])), "*" if run in front else "",
+         per_epoch(row["monitor"][0]), per_epoch(row["train_adv"][0])]
+        for run, row in rows.items()
     ]  # fmt: skip
-    print(format_table(rows, columns, title))
-    sweep_rows = [
-        {
-            "run": run,
-            "alpha": f"{c['alpha']:.4g}",
-            "accuracy": c["accuracy"],
-            "chosen": "*" if c["alpha"] == s["alpha"] else "",
-        }
-        for run, s in sweeps.items()
-        for c in s["candidates"]
-    ]
-    if sweep_rows:
-        print(
-            format_table(
-                sweep_rows,
-                ["run", "alpha", "accuracy", "chosen"],
-                f"alpha sweep: k-step attack vs {REFERENCE} (seed 0), validation images, accuracy %",
-            )
-        )
-    gradients = sum(e["train"]["training_gradients"] for s in results.values() for e in s.values())
-    seconds = sum(e["train"]["train_seconds"] for s in results.values() for e in s.values())
-    print(
-        f"training: {gradients} example-gradients in {seconds:.0f} s inside training batches = {1e3 * seconds / max(gradients, 1):.3f} ms per gradient"
-    )
-    for a, b in close:
-        print(
-            f"close call (<= {CLOSE_CALL} points, one on the frontier): {a} {points[a][1]:.1f}% vs {b} {points[b][1]:.1f}%"
-        )
-    if single_seed:
-        print(
-            f"before calling a winner: python benchmarks/cheap_training.py --budget {settings['budget']} --seed 1 --runs {' '.join(single_seed)}"
-        )
-    summary = {
-        "folder": str(store.folder),
-        "settings": settings,
-        "rows": rows,
-        "pareto_front": front,
-        "close_calls": close,
-        "second_seed_needed": single_seed,
-        "sweeps": sweeps,
-        "ms_per_training_gradient": 1e3 * seconds / max(gradients, 1),
-    }
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(out / f"cheap_training_{tag}.json", summary)
-    if points:
-        short = (
-            f"MadryMNIST, eps {first_train['inner']['eps']}, {first_train['train_examples']} images x "
-            f"{settings['epochs']} epochs ({settings['budget']} budget); {store.tag} test images"
-        )
-        plot(rows, points, front, out / f"cheap_training_{tag}.png", short)
-        print(f"wrote {out / f'cheap_training_{tag}.json'} and {out / f'cheap_training_{tag}.png'}")
+    return header, table, front
 
 
-def _mean(values: list[float]) -> float | None:
-    return sum(values) / len(values) if values else None
+def report(out: Path, names: list[str]) -> None:
+    stored = {name: method_rows(BUDGETS[name], out / "cheap_training" / name) for name in names}
+    stored = {name: rows for name, rows in stored.items() if rows}
+    if not stored:
+        print(f"nothing judged yet under {out / 'cheap_training'} ({', '.join(names)})")
+        return
+    markdown, fronts = [], {}
+    for name, rows in stored.items():
+        header, table, fronts[name] = budget_table(name, rows)
+        title = (f"budget {name}: robust accuracy on the first {BUDGETS[name].n} test images, mean ± half "
+                 "the range over seeds (per seed); cost = gradient computations per training example")  # fmt: skip
+        print(f"{title}\n{text_table(header, table)}\n")
+        markdown += [f"### {title}", "", markdown_table(header, table), ""]
+    missing = [n for n in names if n not in stored]
+    if len(stored) > 1:
+        header = ["run", "cost", *(f"{n} %" for n in stored), *(f"{n} rank" for n in stored)]
+        ranks = {n: sorted(rows, key=lambda r: -mean(rows[r]["pair"])) for n, rows in stored.items()}
+        runs = list(dict.fromkeys(r for rows in stored.values() for r in rows))
+        table = [[run, str(next(rows[run]["cost"] for rows in stored.values() if run in rows)),
+                  *(summary(rows[run]["pair"]) if run in rows else "—" for rows in stored.values()),
+                  *(str(ranks[n].index(run) + 1) if run in ranks[n] else "—" for n in stored)] for run in runs]  # fmt: skip
+        print(f"budgets side by side\n{text_table(header, table)}\n")
+        markdown += ["### budgets side by side", "", markdown_table(header, table), ""]
+    for name in missing:
+        print(f"budget {name}: nothing judged in {out / 'cheap_training' / name} (cpu: RESULTS.md §3)")
+    tag = "_".join(stored)
+    (out / f"cheap_training_{tag}.md").write_text("\n".join(markdown))
+    write_json(out / f"cheap_training_{tag}.json", {"budgets": stored, "pareto_front": fronts})
+    plot(stored, fronts, out / f"cheap_training_{tag}.png")
+    print(f"wrote {out / f'cheap_training_{tag}'}.{{md,json,png}}")
 
 
-def plot(
-    rows: list[dict[str, Any]],
-    points: dict[str, tuple[float, float]],
-    front: list[str],
-    path: Path,
-    title: str,
-) -> None:
-    import matplotlib
-    import matplotlib.ticker
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def plot(stored: dict[str, dict[str, dict[str, Any]]], fronts: dict[str, list[str]], path: Path) -> None:
+    """Robust accuracy against cost per example, one colour per budget, seed range as error bars."""
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(8, 5))
-    for row in rows:
-        if row["run"] not in points:
-            continue
-        cost, robust = points[row["run"]]
-        quantized = "b=" in row["inner"]
-        marker = "^" if row["k"] == 1 else ("*" if row["run"] == REFERENCE else "o")
-        ax.scatter(cost, robust, marker=marker, s=90 if row["run"] in front else 45,
-                   color="tab:orange" if quantized else "tab:blue",
-                   edgecolors="black" if row["run"] in front else "none", zorder=3)  # fmt: skip
-        ax.annotate(row["run"], (cost, robust), textcoords="offset points", xytext=(5, 4), fontsize=8)
-    frontier = sorted(points[n] for n in front)
-    ax.step(
-        [c for c, _ in frontier],
-        [r for _, r in frontier],
-        where="post",
-        color="gray",
-        ls="--",
-        label="Pareto frontier",
-    )
-    ax.scatter([], [], marker="o", color="tab:blue", label="sign (b=1)")
-    ax.scatter([], [], marker="o", color="tab:orange", label="quantized (b=100)")
-    ax.scatter([], [], marker="^", color="gray", label="single-step")
-    ax.set_xscale("log")
-    ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
-    ax.set_xlabel("training cost (gradient computations per training example)")
-    ax.set_ylabel("robust accuracy, standard suite (%)")
-    ax.set_title(title, fontsize=8)
+    for (name, rows), colour in zip(stored.items(), ("tab:blue", "tab:orange", "tab:green"), strict=False):
+        for run, row in rows.items():
+            values = row["pair"]
+            y = mean(values)
+            ax.errorbar(row["cost"], y, yerr=[[y - min(values)], [max(values) - y]], color=colour, capsize=3,
+                        marker="^" if row["single_step"] else ("o" if "b=" not in row["label"] else "s"))  # fmt: skip
+            ax.annotate(run, (row["cost"], y), textcoords="offset points", xytext=(5, 4), fontsize=7)
+        front = sorted((rows[r]["cost"], mean(rows[r]["pair"])) for r in fronts[name])
+        ax.step(*zip(*front, strict=True), where="post", color=colour, ls="--", label=f"{name}: frontier")
+    ax.set(xscale="log", xlabel="training cost (gradient computations per training example)",
+           ylabel="robust accuracy (%), APGD-CE → APGD-T", title="o sign, s quantized, ^ single-step; bars: seeds")  # fmt: skip
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -789,113 +402,38 @@ def plot(
 
 
 # ------------------------------------------------------------------------------------ main
-def settings_of(train: dict[str, Any]) -> dict[str, Any]:
-    """The recipe a stored training step used (``settings.recipe``, else the job's defaults)."""
-    return {"eps_warmup_epochs": 1.0, **train["settings"].get("recipe", {})}
-
-
-def overfit_verdict(seeds: dict[int, dict[str, Any]], warmup_epochs: float) -> str:
-    """``drop``, ``gap`` or ``no`` over a run's seeds: the callback's two catastrophic-overfitting checks."""
-    gap = inspect.signature(RobustnessEvaluation).parameters["overfit_gap"].default
-    verdicts = set()
-    for entry in seeds.values():
-        train = entry["train"]
-        if train["overfit_detected"]:
-            verdicts.add("drop")
-        if train["single_step"]:
-            for epoch in train["epochs"]:
-                after_warmup = epoch["epoch"] > warmup_epochs  # counted from 1; epoch 1 ramps eps
-                worst, adv = epoch.get("robust/worst_acc"), epoch.get("train/adv_acc")
-                if (
-                    after_warmup
-                    and worst is not None
-                    and adv is not None
-                    and overfit_gap_exceeded(adv, worst, gap)
-                ):
-                    verdicts.add("gap")
-    return "+".join(sorted(verdicts)) or "no"
-
-
-def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--budget", choices=sorted(BUDGETS), default="cpu", help="preset (default cpu)")
-    parser.add_argument("--full", action="store_true", help="same as --budget full (a GPU)")
-    parser.add_argument(
-        "--smoke", action="store_true", help="same as --budget smoke (a quick end-to-end check)"
-    )
-    parser.add_argument(
-        "--runs", nargs="+", default=None, help=f"runs of the grid (default: all): {' '.join(GRID)}"
-    )
-    parser.add_argument(
-        "--eval-size", type=int, default=None, help="the first N test images (default 1000; smoke 50)"
-    )
-    parser.add_argument(
-        "--report", action="store_true", help="print the table, write the JSON summary and plot"
-    )
-    parser.add_argument(
-        "--tag", default=None, help="study folder OUT/cheap_training/TAG (default: the budget's name)"
-    )
-    parser.add_argument(
-        "--skip-eval",
-        action="store_true",
-        help="train (and sweep) only; evaluate later with the same command without this flag",
-    )
-    parser.add_argument(
-        "--poll-seconds", type=float, default=30.0, help="wait between checks for other processes"
-    )
-    add_common_args(parser)
-    args = parser.parse_args()
-    if args.full and args.smoke:
-        fail("--full and --smoke exclude each other")
-    args.budget = "full" if args.full else "smoke" if args.smoke else args.budget
-    unknown = [r for r in args.runs or [] if r not in GRID]
-    if unknown:
-        fail(f"unknown run(s) {', '.join(unknown)}; choose from {', '.join(GRID)}")
-    if args.eval_size is not None and args.eval_size < 1:
-        fail(f"--eval-size must be >= 1, got {args.eval_size}")
-    if args.seed < 0:
-        fail(f"--seed must be >= 0, got {args.seed}")
-    return args
-
-
-def quiet_lightning() -> None:
-    """Keep the log to the study's lines and real warnings (the overfitting guard's among them)."""
-    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
-    for message in (".*set_vital.*", ".*LeafSpec.*"):
-        warnings.filterwarnings("ignore", message=message)
-
-
 def main() -> None:
-    args = parse_args()
-    quiet_lightning()
-    setup_threads(args.threads)
+    parser = ArgumentParser(description=__doc__, formatter_class=RawDescriptionHelpFormatter)
+    add = parser.add_argument
+    add("--budget", choices=sorted(BUDGETS), default="robust")
+    add("--jobs", type=int, default=2, help="processes at a time, one thread each (at most 2)")
+    add("--dry-run", action="store_true", help="print the plan line and the commands, run nothing")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--judge-only", action="store_true", help="judge finished runs; start no training")
+    mode.add_argument("--train-only", action="store_true", help="train; judge later")
+    mode.add_argument("--report", action="store_true", help="tables, JSON and Pareto plot of what is stored")
+    add("--out", type=Path, default=DEFAULT_OUT, help="study folders: OUT/cheap_training/<budget>")
+    add("--data-dir", help="passed to train.py and evaluate.py (default: $QGTRAIN_DATA)")
+    args = parser.parse_args()
     budget = BUDGETS[args.budget]
-    args.eval_size = args.eval_size or budget.eval_size
-    job = MainJob.load()
-    tag = args.tag or budget.name
-    store = Store(args.out / "cheap_training" / tag, budget.suite, args.eval_size)
+    if not 1 <= args.jobs <= 2:
+        fail(f"--jobs must be 1 or 2 (this study shares 2 cores), got {args.jobs}")
     if args.report:
-        report(store, args.out, tag)
+        report(args.out, [budget.name] if budget.name == "smoke" else ["robust", "cpu"])
         return
-    study = Study(job, budget, store, args)
-    create_or_check(store.folder / "budget.json", study.record)
-    runs = [r for r in GRID if r in (args.runs or budget.runs or GRID)]
-    steps = store.plan(runs, args.seed, evaluate=not args.skip_eval)
-    examples = len(study.dm.train_set)
-    planned = sum(
-        GRID[s.run].cost_per_epoch(job.eps) * study.record["epochs"] * examples
-        for s in steps
-        if s.kind == "train" and not s.output.exists()
-    )
-    log(
-        f"budget {budget.name} -> {store.folder}: {examples} training images, {study.record['epochs']} epochs, "
-        f"eval {budget.suite} on {args.eval_size} test images; {len(steps)} steps "
-        f"({sum(s.output.exists() for s in steps)} stored); training still to do: {planned} example-gradients"
-    )
-    study.run(steps, args.poll_seconds)
-    report(store, args.out, tag)
+    study = Study(budget, args.out / "cheap_training" / budget.name, args.data_dir)
+    plan = lambda: study.steps(train=not args.judge_only, judge=not args.train_only)  # noqa: E731
+    steps = plan()
+    log(study.plan_line(steps, args.jobs))
+    if args.dry_run:
+        for step in steps:
+            print(f"{'done' if step.done() else 'todo'}  {step.label}: {shlex.join(step.command)}")
+        return
+    failed = run_steps(plan, args.jobs)
+    left = [s.label for s in plan() if not s.done()]
+    log(f"finished; failed: {', '.join(failed) or 'none'}; not done: {', '.join(left) or 'none'}")
+    if failed:
+        raise SystemExit(1)
 
 
 if __name__ == "__main__":

@@ -1,72 +1,94 @@
-"""benchmarks/cheap_training.py's bookkeeping: step plan, claims, cost from the attack classes, frontier."""
+"""benchmarks/cheap_training.py on the smoke budget: a study killed with SIGKILL mid-training continues
+from the run's step.ckpt (at most one checkpoint interval lost) and does not redo finished steps."""
 
 from __future__ import annotations
 
-import importlib.util
+import os
+import re
+import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 from conftest import REPO
 
-sys.path.insert(0, str(REPO / "benchmarks"))
-_spec = importlib.util.spec_from_file_location("cheap_training", REPO / "benchmarks" / "cheap_training.py")
-study = importlib.util.module_from_spec(_spec)
-sys.modules["cheap_training"] = study  # dataclasses look their module up there
-_spec.loader.exec_module(study)
+from qgtrain.checkpoint_files import read_checkpoint
+
+SCRIPT = REPO / "benchmarks" / "cheap_training.py"
+INTERVAL = 2  # the smoke budget's --ckpt-every-steps
+FIRST, SECOND = "pgd2_s0", "pqgd2_b100_s0"  # the smoke grid, trained in this order with --jobs 1
 
 
-def test_plan_puts_the_reference_and_the_sweep_before_a_swept_run(tmp_path):
-    store = study.Store(tmp_path, "standard", 1000)
-    steps = [(s.kind, s.run, s.seed) for s in store.plan(["pgd10", "fgsm_rs"], seed=1)]
-    assert steps == [
-        ("train", "pgd40", 0),  # the sweep's reference is always seed 0
-        ("sweep", "pgd10", 0),
-        ("train", "pgd10", 1),
-        ("eval", "pgd10", 1),
-        ("train", "fgsm_rs", 1),  # single-step: published step size, no sweep
-        ("eval", "fgsm_rs", 1),
-    ]
+def study(out: Path, data: Path, *options: str) -> list[str]:
+    return [sys.executable, str(SCRIPT), "--budget", "smoke", "--out", str(out), "--data-dir", str(data),
+            "--jobs", "1", *options]  # fmt: skip
 
 
-@pytest.mark.parametrize(
-    ("run", "per_epoch"), [("pgd40", 41), ("pqgd5_b100", 6), ("pgd2", 3), ("fgsm_rs", 2), ("nfgsm_b100", 2)]
-)
-def test_cost_is_the_attacks_gradients_plus_the_training_pass(run, per_epoch):
-    assert study.GRID[run].cost_per_epoch(0.3) == per_epoch
+def batches_trained(log: Path) -> int:
+    """Optimizer steps done, from the last progress-bar line train.py wrote (``Epoch E: ...| n/N``)."""
+    epoch, done, per_epoch = re.findall(r"Epoch (\d+):\s+\d+%\|[^|]*\| (\d+)/(\d+)", log.read_text())[-1]
+    return int(epoch) * int(per_epoch) + int(done)
 
 
-def test_a_claim_excludes_others_and_dies_with_its_process(tmp_path):
-    step = study.Store(tmp_path, "standard", 1000).train("pgd40", 0)
-    with study.claim(step) as first, study.claim(step) as second:
-        assert first and not second
-    with study.claim(step) as again:
-        assert again  # released on exit
-    lock = study.lock_path(step)
-    holder = subprocess.Popen(
-        [sys.executable, "-c", f"import fcntl,sys,time; f=open({str(lock)!r},'a+'); "
-         "fcntl.flock(f, fcntl.LOCK_EX); print('held', flush=True); time.sleep(60)"],
-        stdout=subprocess.PIPE, text=True,
+@pytest.fixture(scope="module")
+def killed_and_rerun(tmp_path_factory: pytest.TempPathFactory, data_root: Path) -> dict:
+    """Train the smoke grid with --jobs 1; SIGKILL the study's whole process group once the second
+    run has a step.ckpt past step 2; rerun the same command to the end."""
+    out = tmp_path_factory.mktemp("study")
+    folder = out / "cheap_training" / "smoke"
+    fresh = subprocess.run(study(out, data_root, "--dry-run"), capture_output=True, text=True, check=True)
+    process = subprocess.Popen(
+        study(out, data_root, "--train-only"), start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT
     )  # fmt: skip
-    try:
-        assert holder.stdout.readline().strip() == "held"
-        with study.claim(step) as mine:
-            assert not mine  # control: another live process holds it
-    finally:
-        holder.kill()
-        holder.wait()
-    time.sleep(0.1)
-    with study.claim(step) as mine:
-        assert mine  # the kernel released the killed holder's lock
-
-
-def test_pareto_front_keeps_only_undominated_points():
-    points = {
-        "cheap": (6, 40.0),
-        "mid": (18, 60.0),
-        "dominated": (33, 55.0),
-        "tie": (18, 60.0),
-        "top": (123, 70.0),
+    step_ckpt = folder / "checkpoints" / SECOND / "step.ckpt"
+    deadline = time.monotonic() + 240
+    while not (step_ckpt.is_file() and read_checkpoint(step_ckpt)["global_step"] > INTERVAL):
+        assert process.poll() is None, "the study ended before it could be killed mid-training"
+        assert time.monotonic() < deadline, "no step checkpoint of the second run within 240 s"
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGSTOP)  # frozen: its log and checkpoints are what the kill leaves
+    killed = {
+        "trained": batches_trained(folder / f"{SECOND}.train.log"),
+        "saved": read_checkpoint(step_ckpt)["global_step"],
+        "first_done": (folder / f"{FIRST}.done").stat().st_mtime_ns,
+        "first_log": (folder / f"{FIRST}.train.log").read_text(),
+        "second_done": (folder / f"{SECOND}.done").exists(),
     }
-    assert study.pareto_front(points) == ["cheap", "mid", "tie", "top"]
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    planned = subprocess.run(
+        study(out, data_root, "--dry-run"), capture_output=True, text=True
+    )
+    rerun = subprocess.run(study(out, data_root, "--train-only"), capture_output=True, text=True, timeout=300)
+    return {
+        "out": out,
+        "folder": folder,
+        "fresh": fresh.stdout,
+        "planned": planned.stdout,
+        "rerun": rerun,
+        **killed,
+    }
+
+
+def test_the_rerun_resumes_the_killed_run_from_its_step_checkpoint(killed_and_rerun):
+    run = killed_and_rerun
+    assert run["rerun"].returncode == 0, run["rerun"].stdout + run["rerun"].stderr
+    assert not run["second_done"] and (run["folder"] / f"{SECOND}.done").is_file()
+    # control: a run without a checkpoint starts fresh; after the kill the same run resumes
+    assert "--resume" not in run["fresh"]
+    assert re.search(rf"todo  train {SECOND}: .* --resume last$", run["planned"], re.MULTILINE)
+    log = (run["folder"] / f"{SECOND}.train.log").read_text()
+    resumed = [int(step) for step in re.findall(r"resuming from \S+: epoch \d+, step (\d+)", log)]
+    assert len(resumed) == 1, log[-2000:]
+    assert resumed[0] >= run["saved"] > 0  # from the checkpoint the kill left, not from zero
+    assert run["trained"] - resumed[0] <= INTERVAL  # at most one checkpoint interval lost
+
+
+def test_the_rerun_does_not_redo_the_finished_run(killed_and_rerun):
+    run = killed_and_rerun
+    assert re.search(rf"^done  train {FIRST}:", run["planned"], re.MULTILINE)
+    assert f"train {FIRST}:" not in run["rerun"].stdout  # not launched again
+    assert (run["folder"] / f"{FIRST}.done").stat().st_mtime_ns == run["first_done"]
+    assert (run["folder"] / f"{FIRST}.train.log").read_text() == run["first_log"]
