@@ -58,9 +58,7 @@ def killed_and_rerun(tmp_path_factory: pytest.TempPathFactory, data_root: Path) 
     }
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
-    planned = subprocess.run(
-        study(out, data_root, "--dry-run"), capture_output=True, text=True
-    )
+    planned = subprocess.run(study(out, data_root, "--dry-run"), capture_output=True, text=True)
     rerun = subprocess.run(study(out, data_root, "--train-only"), capture_output=True, text=True, timeout=300)
     return {
         "out": out,
