@@ -545,7 +545,7 @@ def test_standard_suite_record_breakdown_and_per_example_file(
     results = record["results"]
     assert results["protocol"] == "standard" and not results["partial"]
     suite = results["suite"]
-    assert [a["label"] for a in suite["attacks"]] == ["apgd_ce", "apgd_t", "square"]
+    assert [a["label"] for a in suite["attacks"]] == ["apgd_ce", "apgd_t", "fab_t", "square"]
     clean = results["clean"]["correct"]
     assert sum(a["fooled"] for a in suite["attacks"]) == clean - suite["correct"]
     after = [a["robust_after"] for a in suite["attacks"]]

@@ -134,7 +134,7 @@ def build_parser() -> OneLineParser:
         "--protocol",
         choices=["standard", "paper"],
         default="standard",
-        help="standard: APGD-CE -> APGD-T -> Square (AutoAttack's suite, early exit) plus PQGD and BLOB_QG "
+        help="standard: APGD-CE -> APGD-T -> FAB-T -> Square (AutoAttack's suite, early exit) plus PQGD and BLOB_QG "
         "rows; paper: the paper's Table 2 protocol (--runs, --restarts, --sweep)",
     )
     add("--model", choices=available_models(), help="architecture of a plain state dict")
@@ -158,7 +158,12 @@ def build_parser() -> OneLineParser:
     add("--apgd-b", type=COUNT, default=1, help="standard: APGD's quantization level (1: the sign)")
     add("--n", type=COUNT, help="first n test examples (default: the full test split)")
     add("--batch-size", type=COUNT, default=200, help="attack batch size (BLOB's particles are the batch)")
-    add("--fab", action="store_true", help="standard: add FAB-T (torchattacks.FAB, needs the bench extra)")
+    add(
+        "--fab",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="standard: FAB-T (native fab_t) between APGD-T and Square, as AutoAttack; --no-fab leaves it out",
+    )
     add("--loss", choices=sorted(ATTACK_LOSSES), default="ce", help="attack loss (paper)")
     add("--seed", type=int, default=0, help="run r uses seed + r")
     sweep_help = "paper: sweep eps, steps or b (repeatable), e.g. eps=0.1,0.2,0.3; writes sweep_PARAM.png"
@@ -209,7 +214,7 @@ def build_settings(args: argparse.Namespace, num_classes: int) -> Settings:
             num_classes=num_classes,
             seed=args.seed,
         )
-    settings.check()  # a one-line error now (e.g. --fab or torchattacks.<Class> without torchattacks)
+    settings.check()  # a one-line error now (e.g. torchattacks.<Class> without torchattacks)
     return settings
 
 

@@ -381,7 +381,7 @@ def describe_setup(record: dict[str, Any]) -> list[str]:
         lines.append(f"Data: {record['results']['n']} examples, batch size {record['batch_size']}")
     results = record["results"]
     if results.get("protocol") == "standard":
-        fab = "FAB-T (torchattacks), " if s["fab"] else ""
+        fab = "FAB-T, " if s["fab"] else ""
         quantized = "" if s["b"] == 1 else f", quantized b = {s['b']}"
         lines.append(
             f"Protocol standard: L-inf, eps = {s['eps']:g}; APGD-CE and APGD-T ({s['targets']} targets) with "
