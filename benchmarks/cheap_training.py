@@ -53,7 +53,7 @@ OWNER = {"train.py": ("--run-name", "--checkpoint_root"), "evaluate.py": ("--nam
 
 @dataclass(frozen=True)
 class Run:
-    """One inner maximiser of the grid: ``train.py --inner NAME [--steps K] [--alpha A] [--b B]``."""
+    """One method of the grid: ``train.py --inner NAME [--steps K] [--alpha A] [--b B] [EXTRA...]``."""
 
     name: str
     inner: str
@@ -61,10 +61,11 @@ class Run:
     alpha: float | None = None
     b: int | None = None
     seeds: tuple[int, ...] = (0,)
+    extra: tuple[str, ...] = ()  # further train.py arguments (e.g. the objective of issue 23's methods)
 
     def flags(self) -> list[str]:
         given = (("--steps", self.steps), ("--alpha", self.alpha), ("--b", self.b))
-        return ["--inner", self.inner, *(str(v) for pair in given if pair[1] is not None for v in pair)]
+        return ["--inner", self.inner, *(str(v) for p in given if p[1] is not None for v in p), *self.extra]
 
     def attack(self) -> Attack:
         """The attack these flags train with (for the plan; the report rebuilds the recorded one)."""
