@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from qgtrain.attacks.base import Attack, RunOutcome, StepObserver, as_model_input
+from qgtrain.attacks.base import Attack, RunOutcome, StepObserver, model_memory_format
 
 SCHEDULE = (
     (10, 1),
@@ -107,7 +107,6 @@ class Square(Attack):
         signs = torch.randint(0, 2, (x.shape[0], x.shape[1], 1, x.shape[3]), device=x.device)
         return (x + self.eps * (2.0 * signs.to(x.dtype) - 1.0)).clamp_(*self.clip)
 
-    @torch.no_grad()
     def _run_once(
         self,
         model: nn.Module,
@@ -118,31 +117,55 @@ class Square(Attack):
         observer: StepObserver | None,
         early_exit: bool,
     ) -> RunOutcome:
+        """``queries`` rounds of: one window for the batch, kept per example where the margin drops.
+
+        Forward passes only, under ``inference_mode``, on inputs kept in the network's memory
+        format. Only the examples still robust are carried from query to query (fooled ones leave
+        at once), and a proposal rewrites the window in place and undoes it where it is rejected,
+        instead of building a whole candidate image: outside the window a candidate equals the
+        current point, so every example's result is what the full-image update gives.
+        """
         if x.dim() != 4:
             raise ValueError(f"square expects images shaped (N, C, H, W), got {tuple(x.shape)}")
-        geometry = self.threat_model
-        lower, upper = geometry.bounds(x)
+        memory_format = model_memory_format(model)
+
+        def laid_out(t: torch.Tensor) -> torch.Tensor:
+            return t.contiguous(memory_format=memory_format)
+
         channels, height, width = x.shape[1:]
-        best = start.clone()
-        best_margin = margin(model(as_model_input(model, best)), y)
-        forwards = x.shape[0]
-        for query in range(self.queries):
+        with torch.inference_mode():
+            lower, upper = (laid_out(b) for b in self.threat_model.bounds(x))
+            best = laid_out(torch.clamp(start, min=lower, max=upper))  # the stripes are in the set
+            best_margin = margin(model(best), y)
+            forwards = x.shape[0]
+            # The examples still robust: their indices, current points, bounds and labels.
             live = (best_margin > 0).nonzero().squeeze(1)
-            if live.numel() == 0:
-                break
-            side = max(
-                int(round(math.sqrt(square_fraction(query, self.queries, self.p_init) * height * width))), 1
-            )
-            side = min(side, height, width)
-            top = int(torch.randint(0, height - side + 1, ()))
-            left = int(torch.randint(0, width - side + 1, ()))
-            window = torch.zeros((channels, height, width), device=x.device, dtype=x.dtype)
-            signs = 2.0 * torch.randint(0, 2, (channels, 1, 1), device=x.device).to(x.dtype) - 1.0
-            window[:, top : top + side, left : left + side] = 2.0 * self.eps * signs
-            candidate = torch.clamp(best[live] + window, min=lower[live], max=upper[live])
-            candidate_margin = margin(model(as_model_input(model, candidate)), y[live])
-            forwards += live.numel()
-            better = candidate_margin < best_margin[live]
-            best[live[better]] = candidate[better]
-            best_margin[live[better]] = candidate_margin[better]
-        return RunOutcome(best, best_margin <= 0, 0, forwards)
+            current, current_margin = laid_out(best[live]), best_margin[live]
+            low, high, labels = lower[live], upper[live], y[live]
+            for query in range(self.queries):
+                if live.numel() == 0:
+                    break
+                fraction = square_fraction(query, self.queries, self.p_init)
+                side = min(max(int(round(math.sqrt(fraction * height * width))), 1), height, width)
+                top = int(torch.randint(0, height - side + 1, ()))
+                left = int(torch.randint(0, width - side + 1, ()))
+                signs = 2.0 * torch.randint(0, 2, (channels, 1, 1), device=x.device).to(x.dtype) - 1.0
+                rows, cols = slice(top, top + side), slice(left, left + side)
+                kept = current[:, :, rows, cols].clone()
+                current[:, :, rows, cols] = torch.clamp(
+                    kept + 2.0 * self.eps * signs, min=low[:, :, rows, cols], max=high[:, :, rows, cols]
+                )
+                candidate_margin = margin(model(current), labels)
+                forwards += live.numel()
+                better = candidate_margin < current_margin
+                current[~better, :, rows, cols] = kept[~better]
+                current_margin = torch.where(better, candidate_margin, current_margin)
+                fooled = current_margin <= 0
+                if bool(fooled.any()):  # these leave: store them, carry on with the rest
+                    best[live[fooled]], best_margin[live[fooled]] = current[fooled], current_margin[fooled]
+                    stay = ~fooled
+                    live, current, current_margin = live[stay], laid_out(current[stay]), current_margin[stay]
+                    low, high, labels = low[stay], high[stay], labels[stay]
+            best[live], best_margin[live] = current, current_margin
+        # Clones made outside inference mode are ordinary tensors, usable in autograd by the caller.
+        return RunOutcome(best.clone(), best_margin.clone() <= 0, 0, forwards)
