@@ -13,6 +13,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 from collections.abc import Callable  # noqa: E402
 from pathlib import Path  # noqa: E402
 
+import lightning as L  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -151,3 +152,75 @@ def trained_tiny_model() -> TinyCNN:
     for p in model.parameters():
         p.grad = None
     return model
+
+
+# ---------------------------------------------------------------- training runs killed and resumed (issue 23)
+def small_mnist_datamodule(root: Path, train_subset: int = 64, batch_size: int = 16):
+    """Real MNIST, ``train_subset`` training examples in seeded order, a small validation split."""
+    from qgtrain.data import MNISTDataModule
+
+    return MNISTDataModule(
+        data_dir=str(root), batch_size=batch_size, eval_batch_size=64, val_size=64,
+        train_subset=train_subset, download=False, seed=0,
+    )  # fmt: skip
+
+
+class KilledError(RuntimeError):
+    """Raised by :class:`KillAfterBatches`: the run dies as a killed process would, after its step checkpoint."""
+
+
+class KillAfterBatches(L.Callback):
+    """Stops training with :class:`KilledError` at the end of the ``batches``-th training batch of the run."""
+
+    def __init__(self, batches: int) -> None:
+        self.batches, self.seen = batches, 0
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.seen += 1
+        if self.seen == self.batches:
+            raise KilledError(f"killed after {self.seen} batches")
+
+
+def fit_killed_and_resumed(
+    build: Callable[[], L.LightningModule],
+    root: Path,
+    folder: Path,
+    max_epochs: int,
+    kill_after_batches: int,
+    every_n_steps: int,
+    edit_checkpoint: Callable[[dict], None] | None = None,
+) -> L.LightningModule:
+    """Train ``build()`` with a ``step.ckpt`` every ``every_n_steps`` optimizer steps, kill it after
+    ``kill_after_batches`` batches, then train a fresh ``build()`` from that checkpoint (optionally
+    edited first by ``edit_checkpoint``) to the end, as ``train.py --resume`` does. Returns the resumed
+    module."""
+    from qgtrain.training.checkpoint_io import StepCheckpoint
+    from qgtrain.training.resume import RestoreLoaderState
+
+    killed = quiet_trainer(
+        max_epochs=max_epochs, limit_val_batches=0, enable_checkpointing=True,
+        callbacks=[StepCheckpoint(folder, every_n_steps=every_n_steps), KillAfterBatches(kill_after_batches)],
+    )  # fmt: skip
+    with pytest.raises(KilledError):
+        killed.fit(build(), datamodule=small_mnist_datamodule(root))
+    path = folder / "step.ckpt"
+    if edit_checkpoint is not None:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        edit_checkpoint(checkpoint)
+        torch.save(checkpoint, path)
+    module = build()
+    resumed = quiet_trainer(max_epochs=max_epochs, limit_val_batches=0, callbacks=[RestoreLoaderState()])
+    resumed.fit(module, datamodule=small_mnist_datamodule(root), ckpt_path=str(path))
+    return module
+
+
+def fit_uninterrupted(build: Callable[[], L.LightningModule], root: Path, max_epochs: int) -> L.LightningModule:
+    """Train ``build()`` for ``max_epochs`` on :func:`small_mnist_datamodule` without validation."""
+    module = build()
+    quiet_trainer(max_epochs=max_epochs, limit_val_batches=0).fit(module, datamodule=small_mnist_datamodule(root))
+    return module
+
+
+def same_weights(a: nn.Module, b: nn.Module) -> bool:
+    """Bit-identical parameters."""
+    return all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters(), strict=True))

@@ -1,4 +1,4 @@
-"""Attacks (pure PyTorch): quantized gradients, FGSM, FGSM-RS, N-FGSM, PGD, PQGD, DAA-BLOB, BLOB_QG,
+"""Attacks (pure PyTorch): quantized gradients, FGSM, FGSM-RS, free AT's step, N-FGSM, PGD, PQGD, DAA-BLOB, BLOB_QG,
 APGD (CE, DLR, targeted), FAB-T, Square, and an adapter for any ``torchattacks`` attack.
 
 ``build_attack("pqgd", eps=0.3, steps=10)`` resolves a registry name to a configured attack;
@@ -16,10 +16,13 @@ from qgtrain.attacks.external import PREFIX as TORCHATTACKS_PREFIX
 from qgtrain.attacks.external import TorchattacksAttack
 from qgtrain.attacks.fab import FABT
 from qgtrain.attacks.fgsm import FGSM, FGSMRS
+from qgtrain.attacks.free import Free
 from qgtrain.attacks.losses import (
     ATTACK_LOSSES,
+    class_labels,
     cross_entropy_loss,
     dlr_loss,
+    kl_loss,
     margin_loss,
     targeted_dlr_loss,
 )
@@ -27,9 +30,10 @@ from qgtrain.attacks.nfgsm import NFGSM
 from qgtrain.attacks.pgd import PGD, PQGD
 from qgtrain.attacks.quantize import check_quantization_level, quantize_gradient
 from qgtrain.attacks.square import Square
+from qgtrain.attacks.warm_start import started_at
 
 ATTACKS: dict[str, type[Attack]] = {
-    cls.name: cls for cls in (FGSM, FGSMRS, NFGSM, PGD, PQGD, BLOB, BLOBQG, APGDCE, APGDDLR, APGDT, FABT, Square)
+    cls.name: cls for cls in (FGSM, FGSMRS, Free, NFGSM, PGD, PQGD, BLOB, BLOBQG, APGDCE, APGDDLR, APGDT, FABT, Square)
 }
 
 
@@ -80,6 +84,7 @@ __all__ = [
     "FABT",
     "FGSM",
     "FGSMRS",
+    "Free",
     "LinfThreatModel",
     "NFGSM",
     "PGD",
@@ -93,9 +98,12 @@ __all__ = [
     "blob_direction",
     "build_attack",
     "check_quantization_level",
+    "class_labels",
     "cross_entropy_loss",
     "dlr_loss",
+    "kl_loss",
     "margin_loss",
     "quantize_gradient",
+    "started_at",
     "targeted_dlr_loss",
 ]

@@ -19,7 +19,7 @@ from typing import Any, ClassVar, NamedTuple
 import torch
 from torch import nn
 
-from qgtrain.attacks.losses import get_attack_loss
+from qgtrain.attacks.losses import class_labels, get_attack_loss
 from qgtrain.attacks.quantize import check_quantization_level, quantize_gradient
 
 StepObserver = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], None]
@@ -190,7 +190,7 @@ class FirstFooled:
     def update(self, x_adv: torch.Tensor, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor | None:
         """Record the live examples that ``x_adv`` fools; return the mask of those that stay live,
         or None when none leaves."""
-        hit = logits.argmax(dim=1) != y
+        hit = logits.argmax(dim=1) != class_labels(y)
         if not self.drop:
             hit &= ~self.fooled
         if not bool(hit.any()):
@@ -234,7 +234,8 @@ class Attack:
         b: Quantization level of the gradient, ``zeta(b * g / M)``; 1 is the sign gradient (Eq. 7).
         random_start: Start from a uniform point in the eps-ball instead of the clean input.
         restarts: Random starts; per example the first input that fools the model is kept.
-        loss: Attack loss summed over the batch: ``ce`` (cross-entropy), ``margin`` (CW) or ``dlr``.
+        loss: Attack loss summed over the batch: ``ce`` (cross-entropy), ``margin`` (CW), ``dlr``, or
+            ``kl`` (TRADES; the labels ``y`` are then the clean softmax, ``(N, C)``).
         clip: Valid input range ``(low, high)``.
     """
 
@@ -408,8 +409,8 @@ class Attack:
         """
         if x.shape[0] != y.shape[0]:
             raise ValueError(f"x and y disagree on batch size: {x.shape[0]} vs {y.shape[0]}")
-        if active is not None and active.shape != y.shape:
-            raise ValueError(f"active must be a boolean mask of shape {tuple(y.shape)}")
+        if active is not None and active.shape != y.shape[:1]:
+            raise ValueError(f"active must be a boolean mask of shape {tuple(y.shape[:1])}")
         modes = [m.training for m in model.modules()]
         try:
             with torch.inference_mode(False):
@@ -435,9 +436,10 @@ class Attack:
         forwards = x.shape[0] if stages and stages[0] is not None else 0  # targets from clean logits
         if len(stages) == 1 and active is None and not early_exit and not need_fooled:
             run = self._run_once(model, x, y, self.starting_point(x), stages[0], observer, False)
-            return AttackResult(run.x_adv, torch.zeros_like(y, dtype=torch.bool), run.gradients, forwards)
+            none = torch.zeros(y.shape[0], dtype=torch.bool, device=y.device)
+            return AttackResult(run.x_adv, none, run.gradients, forwards)
         best = x.clone()
-        fooled = torch.zeros_like(y, dtype=torch.bool)
+        fooled = torch.zeros(y.shape[0], dtype=torch.bool, device=y.device)
         todo = torch.ones_like(fooled) if active is None or self.batch_coupled else active
         gradients = 0
         for run_index, target in enumerate(stages):
@@ -522,5 +524,5 @@ class Attack:
     @torch.no_grad()
     def _is_fooled(model: nn.Module, x_adv: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         if x_adv.shape[0] == 0:
-            return torch.zeros_like(y, dtype=torch.bool)
-        return model(as_model_input(model, x_adv)).argmax(dim=1) != y
+            return torch.zeros(y.shape[0], dtype=torch.bool, device=y.device)
+        return model(as_model_input(model, x_adv)).argmax(dim=1) != class_labels(y)

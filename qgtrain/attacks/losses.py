@@ -48,11 +48,36 @@ def targeted_dlr_loss(logits: torch.Tensor, labels: torch.Tensor, targets: torch
     return -(true_logit - target_logit) / (top[:, 0] - 0.5 * (top[:, 2] + top[:, 3]) + 1e-12)
 
 
-ATTACK_LOSSES: dict[str, LossFn] = {"ce": cross_entropy_loss, "margin": margin_loss, "dlr": dlr_loss}
+def kl_loss(logits: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """Per-example ``KL(p || softmax(logits)) = sum_j p_j (log p_j - log q_j)`` (TRADES, Zhang et al.
+    2019, Eq. 5), to be maximised. ``reference`` is the distribution ``p`` (N, C) that an attack's labels
+    carry for this loss: the model's softmax on the clean inputs (``0 log 0 = 0``)."""
+    if reference.dim() != 2 or reference.shape != logits.shape or not reference.is_floating_point():
+        raise ValueError(
+            f"the kl loss takes a reference distribution (N, C) = {tuple(logits.shape)} as the attack's "
+            f"labels (softmax of the clean logits), got {reference.dtype} {tuple(reference.shape)}"
+        )
+    reference = reference.float()
+    log_q = F.log_softmax(logits.float(), dim=1)
+    return (torch.special.xlogy(reference, reference) - reference * log_q).sum(dim=1)
+
+
+def class_labels(labels: torch.Tensor) -> torch.Tensor:
+    """Class indices of an attack's labels: ``labels`` itself, or for a reference distribution (N, C)
+    (the :func:`kl_loss` labels) its most likely class, against which "fooled" is judged."""
+    return labels.argmax(dim=1) if labels.dim() == 2 else labels
+
+
+ATTACK_LOSSES: dict[str, LossFn] = {
+    "ce": cross_entropy_loss,
+    "margin": margin_loss,
+    "dlr": dlr_loss,
+    "kl": kl_loss,
+}
 
 
 def get_attack_loss(name: str) -> LossFn:
-    """Resolve a loss name (``ce``, ``margin`` or ``dlr``) or raise a one-line error."""
+    """Resolve a loss name (``ce``, ``margin``, ``dlr`` or ``kl``) or raise a one-line error."""
     try:
         return ATTACK_LOSSES[name]
     except KeyError:

@@ -117,6 +117,19 @@ class ImageTensorDataset(Dataset):
         return image, self.labels[index]
 
 
+class WithIndex(Dataset):
+    """``dataset``'s items followed by their index: ``(image, label, index)`` (ATTA's buffer key)."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        return (*self.dataset[index], index)
+
+
 class VisionDataModule(L.LightningDataModule):
     """Common base: download/check, load into memory, validate, split, loaders."""
 
@@ -135,6 +148,7 @@ class VisionDataModule(L.LightningDataModule):
         num_workers: int | None = None,
         download: bool = True,
         seed: int = 0,
+        yield_indices: bool = False,
     ) -> None:
         """Check the arguments; the files are read in :meth:`prepare_data` and :meth:`setup`.
 
@@ -147,6 +161,8 @@ class VisionDataModule(L.LightningDataModule):
             num_workers: DataLoader worker processes (null: 4 with augmentation, else 0).
             download: Download the files when missing (torchvision's mirrors).
             seed: Seed of the validation split and of the training order per epoch.
+            yield_indices: Training batches are ``(x, y, index)``, index = position in the training
+                split (set by ``AdversarialTraining(atta=True)``).
         """
         super().__init__()
         if batch_size < 1 or eval_batch_size < 1:
@@ -164,6 +180,7 @@ class VisionDataModule(L.LightningDataModule):
         self.num_workers = num_workers
         self.download = download
         self.seed = seed
+        self.yield_indices = bool(yield_indices)
         self.spec = dataset_spec(self.name)
         self.train_set: ImageTensorDataset | None = None
         self.val_set: ImageTensorDataset | None = None
@@ -282,8 +299,9 @@ class VisionDataModule(L.LightningDataModule):
         trainer = getattr(self, "trainer", None)
         replicas, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
         sampler = SeededRandomSampler(len(self.train_set), self.seed, num_replicas=replicas, rank=rank)
+        dataset = WithIndex(self.train_set) if self.yield_indices else self.train_set
         return StatefulDataLoader(
-            self.train_set, self.batch_size, sampler=sampler, drop_last=True, **self._loader_kwargs()
+            dataset, self.batch_size, sampler=sampler, drop_last=True, **self._loader_kwargs()
         )
 
     def val_dataloader(self) -> DataLoader:

@@ -1,7 +1,10 @@
 """Madry-style min-max training: ``min_theta E[max_{x' in B(x, eps)} L(theta, x', y)]`` (paper Eq. 1).
 
 The network and the inner maximiser are injected; the inner attack is any :class:`qgtrain.attacks.Attack`
-(PGD, PQGD with few steps, FGSM-RS, BLOB, BLOB_QG) or ``None`` for standard training.
+(PGD, PQGD with few steps, FGSM-RS, BLOB, BLOB_QG) or ``None`` for standard training. Issue 23's cheap
+methods: free adversarial training (an inner attack with the ``reuses_training_backward`` trait,
+:class:`qgtrain.attacks.Free`), ATTA (``atta``: a per-example perturbation buffer,
+:mod:`qgtrain.training.atta`) and the TRADES objective (``objective="trades"``).
 """
 
 from __future__ import annotations
@@ -20,9 +23,10 @@ from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from qgtrain import __version__
-from qgtrain.attacks import PGD, Attack
+from qgtrain.attacks import PGD, Attack, build_attack, kl_loss, started_at
 from qgtrain.evaluation.protocol import attack_batch
 from qgtrain.models import DATASET_SPECS, Network, model_spec
+from qgtrain.training.atta import PerturbationBuffer, request_example_indices
 
 log = logging.getLogger(__name__)
 
@@ -74,11 +78,34 @@ def default_val_attack() -> PGD:
     return PGD(eps=0.3, alpha=0.01 * 4, steps=10)
 
 
+TRADES_START_STD = 0.001
+"""TRADES's start ``x + 0.001 N(0, 1)`` (Zhang et al.'s reference code)."""
+
+
+def with_kl_loss(attack: Attack) -> Attack:
+    """``attack`` rebuilt from its config with the ``kl`` loss (TRADES's inner maximisation)."""
+    if attack.fixed_loss is not None:
+        raise ValueError(
+            f"objective trades maximises the kl loss, but {attack.name} fixes its loss ({attack.fixed_loss}); "
+            "choose an inner attack with a loss argument (pgd, pqgd, apgd_ce, fgsm_rs...)"
+        )
+    config = attack.config()
+    return (
+        attack if config.get("loss") == "kl" else build_attack(config.pop("name"), **{**config, "loss": "kl"})
+    )
+
+
 class AdversarialTraining(L.LightningModule):
     """Adversarial training of ``net`` against the inner maximiser ``inner``.
 
     ``objective="madry"`` trains on adversarial examples only (Eq. 1); ``"mixed"`` on
-    ``clean_weight * L(x) + (1 - clean_weight) * L(x_adv)``. The attack runs with the network in
+    ``clean_weight * L(x) + (1 - clean_weight) * L(x_adv)``; ``"trades"`` on TRADES's
+    ``CE(f(x), y) + beta * KL(f(x) || f(x'))`` (Zhang et al. 2019, Eq. 5), ``x'`` maximising the KL
+    term: the inner attack runs with the ``kl`` loss from ``x + 0.001 N(0, 1)``. An inner attack with
+    the ``reuses_training_backward`` trait (``free``) trains by free adversarial training: each batch
+    is replayed ``inner.replays`` times, one optimizer step each, and the epochs are divided by the
+    replays so ``max_epochs`` counts data passes. ``atta`` starts the inner attack from each
+    example's perturbation of its previous visit (ATTA). The attack runs with the network in
     eval mode when ``attack_in_eval_mode`` (so BatchNorm statistics are neither used per batch nor
     updated by the attack's forward passes). Validation reports clean accuracy and accuracy under
     ``val_attack`` (a cheap PGD by default), with a fixed seed so epochs are comparable.
@@ -97,10 +124,14 @@ class AdversarialTraining(L.LightningModule):
         net: The network to train (a registered qgtrain model: inputs in [0, 1], logits out).
         inner: Inner maximiser that crafts the training inputs; null trains on clean inputs.
         val_attack: Attack behind ``val/adv_acc`` (null: PGD-10, eps 0.3, step 0.04).
-        objective: ``madry`` trains on adversarial inputs only (Eq. 1); ``mixed`` also on clean ones.
+        objective: ``madry`` trains on adversarial inputs only (Eq. 1); ``mixed`` also on clean ones;
+            ``trades``: clean cross-entropy + beta * KL(clean || adversarial).
         clean_weight: Weight of the clean loss under ``objective: mixed``, in [0, 1].
+        beta: Weight of the KL term under ``objective: trades`` (>= 0; 6 in the paper).
+        atta: Keep each training example's perturbation across epochs and start the inner attack
+            there (ATTA, Zheng et al. 2020); the data module yields the examples' indices.
         attack_in_eval_mode: Run the inner attack with the network in eval mode (BatchNorm untouched).
-        optimizer: Optimizer class and its arguments (``lr``...), built over the network's parameters.
+        optimizer: Optimizer class and its arguments (``lr``...), built over the network's parameters (null: Adam).
         lr_schedule: Per-step learning rate: constant, piecewise (x0.1 at 50%, x0.01 at 75%) or onecycle.
         eps_warmup_epochs: Epochs over which the inner radius ramps linearly from 0 to eps (0 = off).
         track_clean_accuracy: Also log training accuracy on the clean inputs (one more forward pass).
@@ -115,10 +146,12 @@ class AdversarialTraining(L.LightningModule):
         net: Network,
         inner: Attack | None = None,
         val_attack: Attack | None = None,
-        objective: Literal["madry", "mixed"] = "madry",
+        objective: Literal["madry", "mixed", "trades"] = "madry",
         clean_weight: float = 0.5,
+        beta: float = 6.0,
+        atta: bool = False,
         attack_in_eval_mode: bool = True,
-        optimizer: OptimizerFactory = torch.optim.Adam,
+        optimizer: OptimizerFactory | None = None,
         lr_schedule: Literal["constant", "piecewise", "onecycle"] = "constant",
         eps_warmup_epochs: float = 0.0,
         track_clean_accuracy: bool = True,
@@ -128,10 +161,23 @@ class AdversarialTraining(L.LightningModule):
         seed: int = 0,
     ) -> None:
         super().__init__()
-        if objective not in ("madry", "mixed"):
-            raise ValueError(f"objective must be 'madry' or 'mixed', got {objective!r}")
+        if objective not in ("madry", "mixed", "trades"):
+            raise ValueError(f"objective must be 'madry', 'mixed' or 'trades', got {objective!r}")
         if not 0.0 <= clean_weight <= 1.0:
             raise ValueError(f"clean_weight must be in [0, 1], got {clean_weight}")
+        if not (isinstance(beta, int | float) and math.isfinite(beta) and beta >= 0):
+            raise ValueError(f"beta must be a number >= 0, got {beta!r}")
+        free = getattr(inner, "reuses_training_backward", False)
+        if objective == "trades":
+            if inner is None:
+                raise ValueError("objective trades needs an inner attack (--inner pgd, pqgd...), not none")
+            if free:
+                raise ValueError("objective trades needs an attack that crafts x', not free's in-place step")
+            inner = with_kl_loss(inner)
+        if atta and (inner is None or free):
+            raise ValueError(
+                "atta warm-starts an inner attack (pgd or pqgd, 1 or 2 steps); --inner is none or free"
+            )
         if eps_warmup_epochs < 0:
             raise ValueError(f"eps_warmup_epochs must be >= 0, got {eps_warmup_epochs}")
         if (
@@ -147,7 +193,11 @@ class AdversarialTraining(L.LightningModule):
         self.net = net.to(memory_format=torch.channels_last) if channels_last else net
         self.inner = inner
         self.val_attack = val_attack if val_attack is not None else default_val_attack()
-        self.optimizer_factory = optimizer
+        self.optimizer_factory = optimizer if optimizer is not None else torch.optim.Adam
+        self.automatic_optimization = not free  # free: one optimizer step per replay
+        self.free_delta: torch.Tensor | None = None  # this process's free-training perturbation
+        self.free_deltas: torch.Tensor | None = None  # every process's (the checkpoint's copy)
+        self.perturbations = PerturbationBuffer() if atta else None
         num_classes = self._num_classes()
         self.train_loss = MeanMetric()
         self.train_adv_acc = MulticlassAccuracy(num_classes, average="micro")
@@ -172,6 +222,29 @@ class AdversarialTraining(L.LightningModule):
         if self.hparams.compile_net and not getattr(self, "_net_compiled", False):
             self.net.compile()  # in place: the checkpoint's keys and model_spec stay the network's own
             self._net_compiled = True
+        if stage != "fit" or self._trainer is None:
+            return
+        if self.perturbations is not None:
+            request_example_indices(getattr(self.trainer, "datamodule", None))
+        replays = self.replays_per_batch
+        loop = self.trainer.fit_loop
+        if replays > 1 and loop.max_epochs is not None and loop.max_epochs > 0:
+            if getattr(self, "_epochs_divided_for", None) is not loop:  # once per fit
+                self._epochs_divided_for = loop
+                epochs = max(math.ceil(loop.max_epochs / replays), 1)
+                log.info(
+                    "free adversarial training: %d epochs / %d replays -> %d epochs (%d data passes)",
+                    loop.max_epochs,
+                    replays,
+                    epochs,
+                    epochs * replays,
+                )
+                loop.max_epochs = epochs
+
+    @property
+    def replays_per_batch(self) -> int:
+        """Optimizer steps per batch: the free inner attack's replays, else 1."""
+        return int(getattr(self.inner, "replays", 1)) if not self.automatic_optimization else 1
 
     # ---------------------------------------------------------------- the inner maximisation
     def current_inner(self) -> Attack | None:
@@ -184,13 +257,15 @@ class AdversarialTraining(L.LightningModule):
             if math.isfinite(self.trainer.num_training_batches)
             else 1
         )
-        progress = (self.global_step + 1) / (warmup * batches)
+        progress = (self.global_step + 1) / (warmup * batches * self.replays_per_batch)
         if progress >= 1:
             return self.inner
         return self.inner.with_eps(self.inner.eps * progress)
 
-    def craft(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """Adversarial examples for training (the network's mode is restored afterwards)."""
+    def craft(self, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor | None = None) -> torch.Tensor:
+        """Adversarial examples for training (the network's mode is restored afterwards). TRADES
+        attacks the KL term from ``x + 0.001 N(0, 1)``; ATTA starts at the examples' stored
+        perturbations (``index``: their positions in the training split) and stores the new ones."""
         attack = self.current_inner()
         if attack is None:
             return x
@@ -198,9 +273,33 @@ class AdversarialTraining(L.LightningModule):
         if self.hparams.attack_in_eval_mode:
             self.net.eval()
         try:
-            return attack(self.net, x, y)
+            labels = y
+            if self.hparams.objective == "trades":
+                with torch.no_grad():
+                    labels = F.softmax(self.net(x).float(), dim=1)
+                start = x + TRADES_START_STD * torch.randn_like(x)
+                attack = started_at(attack, start)
+            if self.perturbations is not None:
+                if index is None:
+                    raise ValueError(
+                        "atta needs the examples' indices: the data module must yield (x, y, index)"
+                    )
+                self.perturbations.allocate(self._training_examples(), x)
+                start = self.perturbations.start(index, x, attack.starting_point(x))
+                x_adv = started_at(attack, start)(self.net, x, labels)
+                self.perturbations.store(index, x_adv - x, self)
+                return x_adv
+            return attack(self.net, x, labels)
         finally:
             self.net.train(was_training)
+
+    def _training_examples(self) -> int:
+        """Examples in the training split (ATTA's buffer size): the training loader's dataset length."""
+        loader = self.trainer.train_dataloader if self._trainer is not None else None
+        dataset = getattr(loader, "dataset", None)
+        if dataset is None:
+            raise ValueError("atta needs a training DataLoader over a dataset with a length")
+        return len(dataset)
 
     # ---------------------------------------------------------------- training
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
@@ -212,37 +311,94 @@ class AdversarialTraining(L.LightningModule):
         key = (self.hparams.seed, self.current_epoch, batch_idx, self.global_rank)
         torch.manual_seed(hash(key) & 0x7FFF_FFFF_FFFF_FFFF)  # int-tuple hashes are not salted
 
-    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        x, y = batch
+    def training_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> torch.Tensor | None:
+        """One batch: ``(x, y)``, or ``(x, y, index)`` when the data module yields indices (ATTA)."""
+        x, y = batch[0], batch[1]
+        if not self.automatic_optimization:
+            self._free_training_step(x, y, batch_idx)
+            return None
         start = time.perf_counter()
-        x_adv = self.craft(x, y)
+        x_adv = self.craft(x, y, batch[2] if len(batch) > 2 else None)
         self._attack_seconds = time.perf_counter() - start
         logits_adv = self.net(x_adv)
         if not self._output_checked:
             self._output_checked = True
             warn_if_probabilities(logits_adv)
-        loss_adv = F.cross_entropy(logits_adv, y)
-        if self.hparams.objective == "mixed":
+        if self.hparams.objective == "trades":
+            logits_clean = self.net(x)
+            robust = kl_loss(logits_adv, F.softmax(logits_clean.float(), dim=1)).mean()
+            loss = F.cross_entropy(logits_clean, y) + self.hparams.beta * robust
+            self.train_clean_acc(logits_clean.detach(), y)
+        elif self.hparams.objective == "mixed":
+            loss_adv = F.cross_entropy(logits_adv, y)
             logits_clean = self.net(x)
             w = self.hparams.clean_weight
             loss = w * F.cross_entropy(logits_clean, y) + (1 - w) * loss_adv
             self.train_clean_acc(logits_clean.detach(), y)
         else:
-            loss = loss_adv
+            loss = F.cross_entropy(logits_adv, y)
             if self._tracks_clean_accuracy() and batch_idx % self.hparams.clean_accuracy_every_n_batches == 0:
                 self.train_clean_acc(self._eval_logits(x), y)
         if not torch.isfinite(loss):
             raise NonFiniteLossError(self._non_finite_message(loss))
         self.train_adv_acc(logits_adv.detach(), y)
         self.train_loss(loss.detach())
+        self._log_training(attack=self.current_inner())
+        return loss
+
+    def _log_training(self, attack: Attack | None) -> None:
         self.log("train/loss", self.train_loss, on_step=True, on_epoch=True, prog_bar=True)
         self.log("train/adv_acc", self.train_adv_acc, on_step=False, on_epoch=True, prog_bar=True)
-        if self.hparams.objective == "mixed" or self._tracks_clean_accuracy():
+        if self.hparams.objective != "madry" or self._tracks_clean_accuracy():
             self.log("train/clean_acc", self.train_clean_acc, on_step=False, on_epoch=True)
-        attack = self.current_inner()
         if attack is not None:
             self.log("train/eps", attack.eps, on_step=True, on_epoch=False)
-        return loss
+
+    def _free_training_step(self, x: torch.Tensor, y: torch.Tensor, batch_idx: int) -> None:
+        """Free adversarial training (Shafahi et al. 2019, Alg. 1): ``inner.replays`` replays of the
+        batch, each one forward/backward pass on ``clip(x + delta)`` giving the weight step and, from
+        the gradient w.r.t. that input, ``delta``'s step; ``delta`` goes on to the next batch (its shape follows the batch's)."""
+        attack = self.current_inner()
+        optimizer, scheduler = self.optimizers(), self.lr_schedulers()
+        delta = self._free_delta_for(x)
+        start = time.perf_counter()
+        for _ in range(attack.replays):
+            # the gradient w.r.t. the network's input (as the reference code's tf.gradients(loss, x_input)):
+            # through the clamp it would vanish wherever x + delta sits on 0 or 1 (most MNIST pixels)
+            x_in = (x + delta).clamp_(*attack.clip).requires_grad_(True)
+            logits = self.net(x_in)
+            if not self._output_checked:
+                self._output_checked = True
+                warn_if_probabilities(logits)
+            loss = F.cross_entropy(logits, y)
+            if not torch.isfinite(loss):
+                raise NonFiniteLossError(self._non_finite_message(loss))
+            optimizer.zero_grad()
+            self.manual_backward(loss)
+            optimizer.step()
+            scheduler.step()
+            delta = attack.free_step(delta, x_in.grad)
+            self.train_adv_acc(logits.detach(), y)
+            self.train_loss(loss.detach())
+        self._attack_seconds = 0.0  # the input gradients come with the training passes
+        self.free_delta = delta
+        self.free_deltas = self.all_gather(delta) if self.trainer.world_size > 1 else None
+        if self._tracks_clean_accuracy() and batch_idx % self.hparams.clean_accuracy_every_n_batches == 0:
+            self.train_clean_acc(self._eval_logits(x), y)
+        log.debug("free step: %d replays in %.3fs", attack.replays, time.perf_counter() - start)
+        self._log_training(attack=attack)
+
+    def _free_delta_for(self, x: torch.Tensor) -> torch.Tensor:
+        """The carried perturbation, shaped like ``x``: zeros at first; a batch of another size keeps
+        the overlapping examples' rows (Shafahi et al.'s ``global_noise_data[0:n]``), zeros elsewhere."""
+        delta = self.free_delta
+        if delta is not None and delta.shape == x.shape:
+            return delta.detach().to(x.device, x.dtype)
+        fresh = torch.zeros_like(x)
+        if delta is not None and delta.shape[1:] == x.shape[1:]:
+            n = min(delta.shape[0], x.shape[0])
+            fresh[:n] = delta[:n].to(x.device, x.dtype)
+        return fresh
 
     def _tracks_clean_accuracy(self) -> bool:
         """Madry objective: clean accuracy needs its own forward pass (without an attack it is adv_acc)."""
@@ -294,6 +450,7 @@ class AdversarialTraining(L.LightningModule):
     def configure_optimizers(self) -> dict[str, Any]:
         optimizer = self.optimizer_factory(self.parameters())
         total = self.trainer.estimated_stepping_batches if self._trainer is not None else 1
+        total = total * self.replays_per_batch  # free: one optimizer step per replay
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(self.hparams.lr_schedule, total))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
@@ -312,3 +469,21 @@ class AdversarialTraining(L.LightningModule):
             # a mid-epoch checkpoint holds each process's data position: resume with as many
             "world_size": self.trainer.world_size if self._trainer is not None else 1,
         }
+        state: dict[str, Any] = {}
+        if self.free_delta is not None:  # every process's perturbation (index: the rank)
+            deltas = self.free_deltas if self.free_deltas is not None else self.free_delta[None]
+            state["free_delta"] = deltas.detach().cpu().clone()
+        if self.perturbations is not None:
+            state["atta"] = self.perturbations.state_dict()
+        if state:
+            checkpoint["qgtrain_state"] = state
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Restore free training's perturbation (this process's) and ATTA's buffer: exact resume."""
+        state = checkpoint.get("qgtrain_state") or {}
+        if "free_delta" in state and not self.automatic_optimization:
+            deltas = state["free_delta"]
+            rank = self.global_rank if self._trainer is not None else 0
+            self.free_delta = deltas[rank].to(self.device) if rank < deltas.shape[0] else None
+        if self.perturbations is not None and "atta" in state:
+            self.perturbations.load_state_dict(state["atta"])
