@@ -224,3 +224,45 @@ def fit_uninterrupted(build: Callable[[], L.LightningModule], root: Path, max_ep
 def same_weights(a: nn.Module, b: nn.Module) -> bool:
     """Bit-identical parameters."""
     return all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters(), strict=True))
+
+
+DDP_FIT_SCRIPT = '''
+import sys
+from pathlib import Path
+
+import torch
+
+from qgtrain.attacks import PGD, Free
+from qgtrain.data import MNISTDataModule
+from qgtrain.models import TinyCNN
+from qgtrain.training import AdversarialTraining, quiet_trainer
+
+method, root, out, epochs = sys.argv[1], sys.argv[2], Path(sys.argv[3]), int(sys.argv[4])
+torch.manual_seed(0)
+inner = Free(eps=0.3, replays=2) if method == "free" else PGD(eps=0.3, alpha=0.1, steps=1)
+module = AdversarialTraining(TinyCNN(width=4), inner, atta=method == "atta", track_clean_accuracy=False)
+datamodule = MNISTDataModule(data_dir=root, batch_size=16, val_size=64, train_subset=64, download=False, seed=0)
+trainer = quiet_trainer(max_epochs=epochs, limit_val_batches=0, devices=2, strategy="ddp")
+trainer.fit(module, datamodule=datamodule)
+trainer.save_checkpoint(out / "last.ckpt")
+state = module.perturbations.state_dict() if module.perturbations is not None else {"delta": module.free_delta}
+torch.save(state, out / f"rank{trainer.global_rank}.pt")
+'''
+
+
+def ddp_fit(method: str, root: Path, folder: Path, epochs: int) -> tuple[dict, list[dict]]:
+    """Two CPU processes (DDP) train a TinyCNN on 64 MNIST examples, batch 16 per process, with
+    ``method`` (``free``: m = 2; ``atta``: PGD-1); returns rank 0's checkpoint and each rank's state."""
+    import subprocess
+    import sys
+
+    script = folder / "ddp_fit.py"
+    script.write_text(DDP_FIT_SCRIPT)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    done = subprocess.run(
+        [sys.executable, str(script), method, str(root), str(folder), str(epochs)],
+        cwd=folder, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    states = [torch.load(folder / f"rank{rank}.pt", weights_only=True) for rank in (0, 1)]
+    return torch.load(folder / "last.ckpt", weights_only=True), states

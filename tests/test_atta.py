@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import (
+    ddp_fit,
     fit_killed_and_resumed,
     fit_uninterrupted,
     quiet_trainer,
@@ -132,4 +133,16 @@ def test_the_data_module_yields_indices_only_when_asked(data_root: Path) -> None
     x, y, index = next(iter(datamodule.train_dataloader()))
     assert torch.equal(x, datamodule.train_set.images[index].float() / 255) and torch.equal(
         y, datamodule.train_set.labels[index]
+    )
+
+
+@pytest.mark.slow
+def test_ddp_processes_share_one_complete_buffer(data_root: Path, tmp_path: Path) -> None:
+    """One epoch on 2 processes: each visited 32 of the 64 examples, yet both buffers hold all 64,
+    identically, and so does rank 0's checkpoint."""
+    checkpoint, states = ddp_fit("atta", data_root, tmp_path, epochs=1)
+    saved = checkpoint["qgtrain_state"]["atta"]
+    assert int(saved["seen"].sum()) == 64 and checkpoint["global_step"] == 2
+    assert all(
+        torch.equal(s["delta"], saved["delta"]) and torch.equal(s["seen"], saved["seen"]) for s in states
     )

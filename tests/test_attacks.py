@@ -98,6 +98,7 @@ def test_registry_names_and_config_round_trip() -> None:
         [
             "fgsm",
             "fgsm_rs",
+            "free",
             "nfgsm",
             "pgd",
             "pqgd",

@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import (
+    ddp_fit,
     fit_killed_and_resumed,
     fit_uninterrupted,
     load_mnist_tensors,
@@ -147,3 +148,15 @@ def test_kill_and_resume_inside_an_epoch_is_bit_exact_and_needs_delta(
         edit_checkpoint=drop_delta,
     )
     assert not same_weights(control.net, whole.net)
+
+
+@pytest.mark.slow
+def test_ddp_keeps_one_delta_per_process_and_the_checkpoint_holds_both(
+    data_root: Path, tmp_path: Path
+) -> None:
+    """2 processes, 32 examples each = 2 batches of 16, 2 data passes / m = 2 -> 1 epoch, 4 steps."""
+    checkpoint, states = ddp_fit("free", data_root, tmp_path, epochs=2)
+    saved = checkpoint["qgtrain_state"]["free_delta"]
+    assert checkpoint["global_step"] == 4 and saved.shape == (2, 16, 1, 28, 28)
+    assert torch.equal(saved[0], states[0]["delta"]) and torch.equal(saved[1], states[1]["delta"])
+    assert not torch.equal(saved[0], saved[1])  # each process carries its own perturbation
