@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import builtins
 import io
 import json
@@ -590,6 +591,8 @@ def test_results_are_versioned_not_overwritten_and_merge_per_example(
 def test_ctrl_c_writes_the_finished_batches_marked_partial(
     tiny_ckpt: Path, data_dir: Path, tmp_path: Path, monkeypatch, capsys
 ) -> None:
+    import numpy as np
+
     import qgtrain.evaluation.protocol as protocol
 
     calls = []
@@ -597,7 +600,7 @@ def test_ctrl_c_writes_the_finished_batches_marked_partial(
 
     def interrupted_after_one_batch(*args, **kwargs):
         calls.append(1)
-        if len(calls) == 2:
+        if len(calls) == 4:  # batch 0: the suite and the two rows; then batch 1's suite
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
@@ -608,6 +611,8 @@ def test_ctrl_c_writes_the_finished_batches_marked_partial(
     assert "interrupted; wrote what was finished, marked partial" in err and "Traceback" not in err
     results = json.loads((tmp_path / "cut" / "results.json").read_text())["results"]
     assert results["partial"] and results["n"] == 50 and results["n_planned"] == 100
+    per_example = np.load(tmp_path / "cut" / "correctness.npz")
+    assert [per_example[k].shape for k in ("suite", "row0_run0", "row1_run0")] == [(50,)] * 3  # same batches
     assert "PARTIAL" in (tmp_path / "cut" / "results.md").read_text()
 
 
@@ -633,3 +638,151 @@ def test_a_torchattacks_class_reaches_the_adapter_and_a_bad_one_is_one_line(
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "torchattacks" in err and "unknown attack" not in err, err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_suite_option_runs_exactly_those_attacks_and_none_drops_the_rows(
+    tiny_ckpt: Path, data_dir: Path, tmp_path: Path, capsys, caplog
+) -> None:
+    """The cheap-training study's judge: ``--suite apgd_ce,apgd_t --attacks none`` runs APGD-CE then
+    APGD-T and nothing else, writes results.json and correctness.npz, and the plan shows the shares.
+    Control: the default run has AutoAttack's four attacks and two paper rows."""
+    import numpy as np
+
+    caplog.set_level("INFO")
+    args = ("--suite", "apgd_ce,apgd_t", "--attacks", "none", "--name", "pair")
+    assert run_standard_cli(tiny_ckpt, data_dir, tmp_path, *args) == 0
+    results = json.loads((tmp_path / "pair" / "results.json").read_text())["results"]
+    assert [a["label"] for a in results["suite"]["attacks"]] == ["apgd_ce", "apgd_t"]
+    assert results["rows"] == [] and results["settings"]["suite_attacks"] == ["apgd_ce", "apgd_t"]
+    assert results["ensemble"]["correct"] == results["suite"]["correct"]
+    assert set(np.load(tmp_path / "pair" / "correctness.npz")) >= {"clean", "robust", "suite", "fooled_by"}
+    plan = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("plan:"))
+    assert "suite 100% (apgd_ce " in plan and "apgd_t " in plan and "no paper rows" in plan, plan
+    caplog.clear()
+    assert run_standard_cli(tiny_ckpt, data_dir, tmp_path, "--name", "all", "--quiet") == 0
+    default = json.loads((tmp_path / "all" / "results.json").read_text())["results"]
+    assert [a["label"] for a in default["suite"]["attacks"]] == ["apgd_ce", "apgd_t", "fab_t", "square"]
+    assert len(default["rows"]) == 2
+
+
+@pytest.mark.parametrize(
+    ("args", "named", "fragment"),
+    [
+        (["--suite", "apgd_ce,cw"], "--suite", "'cw' is not one of AutoAttack's attacks"),
+        (["--suite", "square,square"], "--suite", "named twice"),
+        (["--suite", ","], "--suite", "at least one"),
+        (["--protocol", "paper", "--suite", "apgd_ce"], "--suite", "--protocol standard"),
+        (["--protocol", "paper", "--attacks", "none"], "--attacks", "--protocol standard"),
+    ],
+)
+def test_bad_suite_is_one_line_naming_the_choices(
+    args: list[str], named: str, fragment: str, tiny_ckpt: Path, data_dir: Path, tmp_path: Path, capsys
+) -> None:
+    paper = "--protocol" in args
+    base = ["--ckpt", str(tiny_ckpt), "--data-dir", str(data_dir), "--out-dir", str(tmp_path), "--n", "10"]
+    assert (main([*base, *args]) if paper else run_standard_cli(tiny_ckpt, data_dir, tmp_path, *args)) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and err.startswith(f"evaluate.py: error: argument {named}: "), err
+    assert fragment in err, err
+    if not paper:
+        assert "apgd_ce,apgd_t,fab_t,square" in err  # the fix: the names to choose from
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_options_left_out_take_the_settings_defaults(monkeypatch) -> None:
+    """The CLI restates no default: settings built from no options are the dataclasses' defaults,
+    and a changed dataclass default reaches the settings (it would not, were the CLI to restate it)."""
+    import dataclasses
+
+    import qgtrain.cli.evaluate as cli
+    from qgtrain.evaluation.runner import StandardSettings
+
+    def settings(*argv: str):
+        return cli.build_settings(cli.build_parser().parse_args(["--ckpt", "x.ckpt", *argv]), 10)
+
+    assert settings() == StandardSettings(num_classes=10)
+    assert settings("--protocol", "paper") == ProtocolSettings()
+
+    @dataclasses.dataclass
+    class Changed(StandardSettings):
+        steps: int = 7
+        paper_rows: list[str] = dataclasses.field(default_factory=lambda: ["pgd"])
+
+    monkeypatch.setattr(cli, "StandardSettings", Changed)
+    changed = settings()
+    assert (changed.steps, changed.paper_rows, changed.paper_steps) == (7, ["pgd"], 100)
+    assert settings("--steps", "3").paper_steps == 3  # --steps sets the rows' steps too
+
+
+def test_help_describes_the_default_protocol_and_states_each_default_once(capsys) -> None:
+    """Control: argparse's ArgumentDefaultsHelpFormatter (the former formatter) appends a second
+    ``(default: ...)`` to options whose help already states one."""
+    from qgtrain.cli.evaluate import PAPER, STANDARD, build_parser
+
+    text = build_parser().format_help()
+    description = " ".join(text.split("\n\n")[1].split())
+    assert description.startswith("A checkpoint's robust accuracy. By default (--protocol standard)"), (
+        description
+    )
+    assert "paper's protocol" not in description.split(";")[0]
+
+    def options(help_text: str) -> dict[str, str]:
+        blocks = re.split(r"\n  (?=-)", help_text.split("options:")[1])
+        return {block.split()[0].rstrip(","): " ".join(block.split()) for block in blocks if block.strip()}
+
+    found = options(text)
+    assert all(block.count("(default:") <= 1 for block in found.values()), [
+        b for b in found.values() if b.count("(default:") > 1
+    ]
+    assert (
+        f"default: {STANDARD.steps} for standard" in found["--steps"]
+        and f"{PAPER.steps} for paper" in found["--steps"]
+    )
+    assert f"default: {PAPER.restarts})" in found["--restarts"]
+    control = build_parser()
+    control.formatter_class = argparse.ArgumentDefaultsHelpFormatter
+    control.argument_default = None
+    for action in control._actions:
+        if action.default is argparse.SUPPRESS and action.option_strings and action.help:
+            action.default = None
+    assert any(b.count("(default:") > 1 for b in options(control.format_help()).values())
+
+
+def test_plots_and_the_time_estimate_beside_the_real_time(
+    tiny_ckpt: Path, data_dir: Path, tmp_path: Path, capsys, caplog
+) -> None:
+    """standard: suite.png (accuracy after each attack, cost against the naive count) and the estimate
+    from the first batch, logged before the rest runs and reported beside the real time; paper:
+    accuracy.png."""
+    caplog.set_level("INFO")
+    assert run_standard_cli(tiny_ckpt, data_dir, tmp_path, "--name", "std") == 0
+    out = capsys.readouterr().out
+    folder = tmp_path / "std"
+    record = json.loads((folder / "results.json").read_text())
+    assert (folder / "suite.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and "suite.png" in record[
+        "figures"
+    ]
+    assert "](suite.png)" in (folder / "results.md").read_text()
+    timing = record["results"]["time"]
+    assert timing["estimated_seconds"] > 0 and timing["seconds"] > 0
+    assert (
+        0.2 < timing["estimated_seconds"] / timing["seconds"] < 5
+    )  # two equal batches: about twice the first
+    estimate = [r.getMessage() for r in caplog.records if r.getMessage().startswith("estimate:")]
+    assert len(estimate) == 1 and "first 50 examples" in estimate[0], estimate
+    assert re.search(r"Time of the attacks: estimated \d+ s from the first batch, took \d+ s", out), out
+    status, paper, markdown = run_cli(
+        tiny_ckpt,
+        data_dir,
+        tmp_path / "paper",
+        "--name",
+        "run",
+        "--attacks",
+        "pgd",
+        "--runs",
+        "2",
+        "--restarts",
+        "1",
+    )
+    assert status == 0 and "accuracy.png" in paper["figures"] and "](accuracy.png)" in markdown
+    assert (tmp_path / "paper" / "run" / "accuracy.png").read_bytes()[:4] == b"\x89PNG"

@@ -42,6 +42,7 @@ from qgtrain.evaluation.runner import (
     StandardSettings,
     TensorBatches,
     describe_plan,
+    format_duration,
 )
 from qgtrain.models import DATASET_SPECS, available_models
 
@@ -89,13 +90,32 @@ B_LIST = checked(
 )
 JSON_OBJECT = checked(json.loads, lambda v: isinstance(v, dict), "a JSON object such as '{\"width\": 8}'")
 SWEEP_VALUES = {"eps": RADIUS, "steps": COUNT, "b": COUNT}
-PAPER_ONLY = {"runs": None, "restarts": None, "sweep": [], "loss": "ce"}
-"""Options of ``--protocol paper``, with the value that means "not given" (the suite runs once, with
-its own losses)."""
+PAPER, STANDARD = ProtocolSettings(), StandardSettings()
+"""The settings' defaults, shown by ``--help``: options left out take them (one home per default)."""
+PAPER_ONLY = ("runs", "restarts", "sweep", "loss")
+STANDARD_ONLY = ("suite", "targets", "queries", "apgd_b")
+PAPER_FIELDS = {"attacks": "attacks", "eps": "eps", "alpha": "alpha", "steps": "steps", "b": "b_values"}
+PAPER_FIELDS |= {"restarts": "restarts", "runs": "runs", "loss": "loss", "seed": "seed"}
+STANDARD_FIELDS = {"eps": "eps", "suite": "suite_attacks", "steps": "steps", "targets": "targets"}
+STANDARD_FIELDS |= {"queries": "queries", "apgd_b": "b", "attacks": "paper_rows", "alpha": "paper_alpha"}
+STANDARD_FIELDS |= {"seed": "seed"}
+"""Option -> settings field; ``--steps`` also sets the paper rows' steps and ``--b`` their b."""
+
+
+def names(values: list[Any]) -> str:
+    return ",".join(str(v) for v in values)
+
+
+def parse_suite(text: str) -> list[str]:
+    """Comma-separated names; :meth:`StandardSettings.suite` checks them, where they are used."""
+    return [n.strip() for n in text.split(",") if n.strip()]
 
 
 def parse_attacks(text: str) -> list[str]:
-    """Registered names or ``torchattacks.<Class>``, each an attack that stays in the threat model."""
+    """Registered names or ``torchattacks.<Class>``, each an attack that stays in the threat model;
+    ``none``: no attack (the standard suite alone)."""
+    if text.strip() == "none":
+        return []
     names = list(dict.fromkeys(n.strip() for n in text.split(",") if n.strip()))
     try:
         for name in names or [text]:
@@ -120,100 +140,162 @@ def parse_sweep(text: str) -> tuple[str, list[float | int]]:
 
 
 def build_parser() -> OneLineParser:
+    """Options the settings define default to nothing (absent from the namespace), so the settings'
+    own defaults apply; ``--help`` states each default once, read from them."""
     p = OneLineParser(
         prog=PROG,
-        description="Evaluate a checkpoint with the paper's protocol: independent runs, restarts merged per "
-        "example, Worst/Avg per attack, per-example worst case over all attacks (docs/EVALUATION.md).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="A checkpoint's robust accuracy. By default (--protocol standard) AutoAttack's suite, "
+        f"{' -> '.join(STANDARD.suite_attacks)}, each attack on the examples still robust (early exit), "
+        "with PQGD and BLOB_QG rows beside it; --protocol paper runs the paper's protocol (independent "
+        "runs, restarts merged per example, Worst/Avg, sweeps). Writes results.json, results.md, "
+        "correctness.npz and PNG plots to OUT_DIR/NAME (docs/EVALUATION.md).",
+        argument_default=argparse.SUPPRESS,
     )
     add = p.add_argument
     source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--ckpt", help="a train.py checkpoint (.ckpt) or a plain state dict (.pt)")
-    source.add_argument("--merge", nargs="+", metavar="NPZ", help="merge earlier correctness.npz per example")
+    source.add_argument(
+        "--ckpt", default=None, help="a train.py checkpoint (.ckpt) or a plain state dict (.pt)"
+    )
+    source.add_argument(
+        "--merge", nargs="+", default=None, metavar="NPZ", help="merge earlier correctness.npz per example"
+    )
     add(
         "--protocol",
         choices=["standard", "paper"],
         default="standard",
-        help="standard: APGD-CE -> APGD-T -> FAB-T -> Square (AutoAttack's suite, early exit) plus PQGD and BLOB_QG "
-        "rows; paper: the paper's Table 2 protocol (--runs, --restarts, --sweep)",
+        help="standard (default): AutoAttack's suite, early exit, plus the paper rows; paper: the paper's "
+        "Table 2 protocol (--runs, --restarts, --sweep)",
     )
-    add("--model", choices=available_models(), help="architecture of a plain state dict")
+    add("--model", default=None, choices=available_models(), help="architecture of a plain state dict")
     add("--model-kwargs", type=JSON_OBJECT, default={}, help="constructor arguments of --model as JSON")
-    add("--dataset", choices=list(DATAMODULES), help="default: the checkpoint's (else the model's default)")
-    add("--data-dir", help="dataset root (default: $QGTRAIN_DATA, else ./data)")
+    add(
+        "--dataset",
+        default=None,
+        choices=list(DATAMODULES),
+        help="default: the checkpoint's (else the model's)",
+    )
+    add("--data-dir", default=None, help="dataset root (default: $QGTRAIN_DATA, else ./data)")
     add(
         "--attacks",
         type=parse_attacks,
-        help=f"comma-separated, from {', '.join(available_attacks())} or torchattacks.<Class> "
-        "(default: pgd,pqgd,blob,blob_qg for paper; the pqgd,blob_qg rows beside the standard suite)",
+        help=f"comma-separated, from {', '.join(available_attacks())} or torchattacks.<Class>: standard's "
+        "rows beside the suite (none: the suite alone), or paper's attacks (default: "
+        f"{names(STANDARD.paper_rows)} for standard, {names(PAPER.attacks)} for paper)",
     )
-    add("--eps", type=RADIUS, default=0.3, help="L-inf radius (8/255 works)")
-    add("--alpha", type=STEP_SIZE, default=0.01, help="step size")
-    add("--b", type=B_LIST, default=[100, 200], help="quantization levels: one row per b for pqgd, blob_qg")
-    add("--steps", type=COUNT, help="iterations per run (default: 100 for standard, 200 for paper)")
-    add("--restarts", type=COUNT, help="paper: random restarts per run, merged per example (default 50)")
-    add("--runs", type=COUNT, help="paper: independent runs (default 5)")
-    add("--targets", type=COUNT, default=9, help="standard: APGD-T's target classes (AutoAttack: 9)")
-    add("--queries", type=COUNT, default=5000, help="standard: Square's queries (AutoAttack: 5000)")
-    add("--apgd-b", type=COUNT, default=1, help="standard: APGD's quantization level (1: the sign)")
-    add("--n", type=COUNT, help="first n test examples (default: the full test split)")
-    add("--batch-size", type=COUNT, default=200, help="attack batch size (BLOB's particles are the batch)")
     add(
-        "--fab",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="standard: FAB-T (native fab_t) between APGD-T and Square, as AutoAttack; --no-fab leaves it out",
+        "--suite",
+        type=parse_suite,
+        help=f"standard: AutoAttack's attacks to run, in the order given (default: {names(STANDARD.suite_attacks)})",
     )
-    add("--loss", choices=sorted(ATTACK_LOSSES), default="ce", help="attack loss (paper)")
-    add("--seed", type=int, default=0, help="run r uses seed + r")
+    add("--eps", type=RADIUS, help=f"L-inf radius; 8/255 works (default: {STANDARD.eps:g})")
+    add(
+        "--alpha",
+        type=STEP_SIZE,
+        help=f"step size of the paper's attacks (default: {PAPER.alpha:g}; standard rows: {STANDARD.paper_alpha:g})",
+    )
+    add(
+        "--b",
+        type=B_LIST,
+        help="quantization levels: one row per b for quantized attacks; standard's rows take the first "
+        f"(default: {STANDARD.paper_b} for standard, {names(PAPER.b_values)} for paper)",
+    )
+    add(
+        "--steps",
+        type=COUNT,
+        help=f"iterations per run (default: {STANDARD.steps} for standard, suite and rows; {PAPER.steps} for paper)",
+    )
+    add(
+        "--restarts",
+        type=COUNT,
+        help=f"paper: random restarts per run, merged per example (default: {PAPER.restarts})",
+    )
+    add("--runs", type=COUNT, help=f"paper: independent runs (default: {PAPER.runs})")
+    add(
+        "--targets",
+        type=COUNT,
+        help=f"standard: APGD-T's and FAB-T's target classes (default: {STANDARD.targets})",
+    )
+    add("--queries", type=COUNT, help=f"standard: Square's queries (default: {STANDARD.queries})")
+    add(
+        "--apgd-b",
+        type=COUNT,
+        help=f"standard: APGD's quantization level, 1 is the sign (default: {STANDARD.b})",
+    )
+    add("--n", type=COUNT, default=None, help="first n test examples (default: the whole test split)")
+    add(
+        "--batch-size",
+        type=COUNT,
+        default=200,
+        help="attack batch size; BLOB's particles are the batch (default: 200)",
+    )
+    add("--loss", choices=sorted(ATTACK_LOSSES), help=f"paper: attack loss (default: {PAPER.loss})")
+    add("--seed", type=int, help=f"run r uses seed + r (default: {PAPER.seed})")
     sweep_help = "paper: sweep eps, steps or b (repeatable), e.g. eps=0.1,0.2,0.3; writes sweep_PARAM.png"
-    add("--sweep", type=parse_sweep, action="append", default=[], metavar="PARAM=V1,...", help=sweep_help)
-    add("--histogram", action="store_true", help="save Figure 2's gradient histograms of the first batch")
-    add("--no-masking-checks", action="store_true", help="skip the gradient-masking checks")
-    add("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
-    add("--threads", type=COUNT, help="CPU threads for torch (default: torch's); 1 is fastest when busy")
-    add("--out-dir", default="results", help="outputs go to OUT_DIR/NAME/")
-    add("--name", help="results folder (default: from the checkpoint path); a taken one gets -v1, -v2, ...")
-    add("--overwrite", action="store_true", help="write into OUT_DIR/NAME even if it has results")
-    add("--quiet", action="store_true", help="no progress bar (on stderr), no plan, no summary table")
+    add("--sweep", type=parse_sweep, action="append", metavar="PARAM=V1,...", help=sweep_help)
+    add(
+        "--histogram",
+        action="store_true",
+        default=False,
+        help="save Figure 2's gradient histograms of the first batch",
+    )
+    add("--no-masking-checks", action="store_true", default=False, help="skip the gradient-masking checks")
+    add("--device", default="auto", help="auto (CUDA when present; the default), cpu, cuda, cuda:N")
+    add(
+        "--threads",
+        type=COUNT,
+        default=None,
+        help="CPU threads for torch (default: torch's); 1 is fastest when busy",
+    )
+    add("--out-dir", default="results", help="outputs go to OUT_DIR/NAME/ (default: results)")
+    add(
+        "--name",
+        default=None,
+        help="results folder (default: from the checkpoint path); a taken one gets -v1, -v2, ...",
+    )
+    add(
+        "--overwrite",
+        action="store_true",
+        default=False,
+        help="write into OUT_DIR/NAME even if it has results",
+    )
+    add(
+        "--quiet",
+        action="store_true",
+        default=False,
+        help="no progress bar (on stderr), no plan, no summary table",
+    )
     return p
 
 
 def build_settings(args: argparse.Namespace, num_classes: int) -> Settings:
-    """The protocol's settings from the arguments, their attacks built once; options of the other
-    protocol are refused."""
-    if args.protocol == "paper":
-        settings: Settings = ProtocolSettings(
-            attacks=args.attacks or ["pgd", "pqgd", "blob", "blob_qg"],
-            eps=args.eps,
-            alpha=args.alpha,
-            steps=args.steps or 200,
-            b_values=args.b,
-            restarts=args.restarts or 50,
-            runs=args.runs or 5,
-            loss=args.loss,
-            seed=args.seed,
+    """The protocol's settings from the options given (the rest take the settings' defaults), their
+    attacks built once; options of the other protocol are refused."""
+    options = vars(args)
+    paper = args.protocol == "paper"
+    other = [name for name in (STANDARD_ONLY if paper else PAPER_ONLY) if name in options]
+    if other:
+        flag = "--" + other[0].replace("_", "-")
+        if paper:
+            raise UsageError(f"argument {flag}: applies to --protocol standard (the default)")
+        raise UsageError(
+            f"argument {flag}: applies to --protocol paper (the suite runs once, its losses fixed)"
         )
-    else:
-        given = [name for name, unset in PAPER_ONLY.items() if getattr(args, name) != unset]
-        if given:
+    fields = PAPER_FIELDS if paper else STANDARD_FIELDS
+    given = {fields[name]: value for name, value in options.items() if name in fields}
+    if paper:
+        if given.get("attacks") == []:
             raise UsageError(
-                f"argument --{given[0]}: applies to --protocol paper (the suite runs once, its losses fixed)"
+                "argument --attacks: none applies to --protocol standard; name the paper's attacks"
             )
-        settings = StandardSettings(
-            eps=args.eps,
-            steps=args.steps or 100,
-            targets=args.targets,
-            queries=args.queries,
-            b=args.apgd_b,
-            fab=args.fab,
-            paper_rows=args.attacks if args.attacks is not None else ["pqgd", "blob_qg"],
-            paper_steps=args.steps or 100,
-            paper_alpha=args.alpha,
-            paper_b=args.b[0],
-            num_classes=num_classes,
-            seed=args.seed,
-        )
+        settings: Settings = ProtocolSettings(**given)
+    else:
+        given |= {"paper_steps": args.steps} if "steps" in options else {}
+        given |= {"paper_b": args.b[0]} if "b" in options else {}
+        settings = StandardSettings(**given, num_classes=num_classes)
+        try:
+            settings.suite()
+        except ValueError as exc:
+            raise UsageError(f"argument --suite: {exc}") from None
     settings.check()  # a one-line error now (e.g. torchattacks.<Class> without torchattacks)
     return settings
 
@@ -252,7 +334,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     about = {
         "command": [PROG, *(sys.argv[1:] if argv is None else argv)],
-        "config": {**vars(args), "sweep": [{"parameter": p, "values": v} for p, v in args.sweep]},
+        "config": {**vars(args), "sweep": [{"parameter": p, "values": v} for p, v in sweeps(args)]},
         "checkpoint": info.to_dict(),
         "data": dict(
             dataset=info.dataset,
@@ -276,6 +358,19 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(threads)
 
 
+def sweeps(args: argparse.Namespace) -> list[tuple[str, list[float | int]]]:
+    """The ``--sweep`` options given (paper), in order."""
+    return getattr(args, "sweep", [])
+
+
+def log_estimate(seconds: float, examples: int) -> None:
+    log.info(
+        "estimate: the attacks take about %s (from the first %d examples, early exit)",
+        format_duration(seconds),
+        examples,
+    )
+
+
 def _evaluate(
     args: argparse.Namespace,
     net: nn.Module,
@@ -294,10 +389,14 @@ def _evaluate(
         *(args.ckpt, checkpoint["model"], checkpoint["dataset"], batches.num_examples, device, out_dir),
     )
     if not args.quiet:
-        log.info(describe_plan(settings, net, batches, device, args.sweep))
-    histogram_b, masking = args.b if args.histogram else None, not args.no_masking_checks
+        log.info(describe_plan(settings, net, batches, device, sweeps(args)))
+    levels = settings.b_values if isinstance(settings, ProtocolSettings) else [settings.paper_b]
+    histogram_b, masking = levels if args.histogram else None, not args.no_masking_checks
     with progress_bar(not args.quiet) as progress:
-        record = run_evaluation(net, batches, settings, device, args.sweep, histogram_b, masking, progress)
+        record = run_evaluation(
+            *(net, batches, settings, device, sweeps(args), histogram_b, masking, progress),
+            on_estimate=None if args.quiet else log_estimate,
+        )
     record.update(about, name=out_dir.name)
     try:
         paths = write_outputs(record, out_dir)

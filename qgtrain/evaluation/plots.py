@@ -58,6 +58,83 @@ def plot_sweep(sweep: dict[str, Any], path: str | os.PathLike, title: str = "") 
     return path
 
 
+def _save(fig: Any, plt: Any, path: str | os.PathLike, dpi: int = 120) -> Path:
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return path
+
+
+def plot_suite(results: dict[str, Any], path: str | os.PathLike, title: str = "") -> Path:
+    """The standard protocol (``results.json``'s ``results``): robust accuracy left after each attack
+    of the suite in order (clean first; the paper rows as horizontal lines), and what each attack
+    spent against the naive count (example-gradients; Square, gradient-free: forward queries)."""
+    plt = _pyplot()
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10.0, 4.0))
+    attacks = results["suite"]["attacks"]
+    labels = ["clean", *(a["label"] for a in attacks)]
+    accuracy = [100 * results["clean"]["accuracy"], *(100 * a["robust_after"] for a in attacks)]
+    left.plot(range(len(labels)), accuracy, marker="o", color="black", label="suite, per example")
+    for position, value in enumerate(accuracy):
+        left.annotate(f"{value:.1f}", (position, value), textcoords="offset points", xytext=(0, 6))
+    for row in results["rows"]:
+        left.axhline(100 * row["worst"], linestyle="--", linewidth=1, label=f"{row['label']} alone")
+    left.set_xticks(range(len(labels)), labels, rotation=20)
+    left.set_ylabel("accuracy left after the attack (%)")
+    left.set_title("robust accuracy after each attack")
+    left.grid(True, alpha=0.3)
+    left.legend(fontsize=8)
+    parts = [*attacks, *({"label": r["label"], "cost": r["cost"]} for r in results["rows"])]
+    spent, naive, names = [], [], []
+    for part in parts:
+        cost = part["cost"]
+        queries = not cost["naive_gradients"]  # a score-based attack: count its forward queries
+        spent.append(cost["forwards"] if queries else cost["gradients"] or 0)
+        naive.append(cost["naive_forwards"] if queries else cost["naive_gradients"])
+        names.append(f"{part['label']} (queries)" if queries else part["label"])
+    positions = range(len(names))
+    right.bar(
+        [i - 0.2 for i in positions], naive, width=0.4, color="lightgray", label="naive (no early exit)"
+    )
+    right.bar([i + 0.2 for i in positions], spent, width=0.4, color="tab:blue", label="spent")
+    right.set_xticks(list(positions), names, rotation=20)
+    right.set_yscale("log")
+    right.set_ylabel("example-gradients (Square: queries)")
+    right.set_title("cost against the naive count")
+    right.legend(fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    return _save(fig, plt, path)
+
+
+def plot_rows(results: dict[str, Any], path: str | os.PathLike, title: str = "") -> Path:
+    """The paper protocol (Table 2 as bars): per attack variant the Avg over runs with a bar from
+    its Worst to its best run, beside the clean accuracy and the per-example worst case."""
+    plt = _pyplot()
+    rows = results["rows"]
+    fig, ax = plt.subplots(figsize=(max(4.0, 1.1 * len(rows) + 2), 4.0))
+    avg = [100 * r["avg"] for r in rows]
+    low = [100 * (r["avg"] - r["worst"]) for r in rows]
+    high = [100 * (max(r["run_accuracies"]) - r["avg"]) for r in rows]
+    ax.bar(
+        range(len(rows)),
+        avg,
+        yerr=[low, high],
+        capsize=4,
+        color="tab:blue",
+        label="Avg (bar: Worst to best run)",
+    )
+    ax.axhline(100 * results["clean"]["accuracy"], color="gray", linestyle="--", label="clean")
+    ax.axhline(100 * results["ensemble"]["accuracy"], color="black", linestyle=":", label="worst case")
+    ax.set_xticks(range(len(rows)), [r["label"] for r in rows], rotation=20)
+    ax.set_ylabel("robust accuracy (%)")
+    ax.grid(True, axis="y", alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(title or "robust accuracy per attack")
+    return _save(fig, plt, path)
+
+
 def gradient_histograms(grad: torch.Tensor, b_values: Sequence[int]) -> dict[str, Any]:
     """Per-component values of the normalised gradient ``g / M``, ``sign(g)`` and ``ζ(b g / M)`` (Fig. 2).
 

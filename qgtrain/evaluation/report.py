@@ -13,7 +13,7 @@ import os
 import platform
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
@@ -35,7 +35,7 @@ from qgtrain.evaluation.masking import (
     check_zero_gradients,
     input_gradients,
 )
-from qgtrain.evaluation.plots import gradient_histograms, plot_histograms, plot_sweep
+from qgtrain.evaluation.plots import gradient_histograms, plot_histograms, plot_rows, plot_suite, plot_sweep
 from qgtrain.evaluation.runner import (
     Progress,
     ProtocolResult,
@@ -51,7 +51,9 @@ from qgtrain.evaluation.runner import (
 log = logging.getLogger(__name__)
 
 PACKAGES = ("torch", "torchvision", "lightning", "torchmetrics", "numpy", "matplotlib", "tqdm")
-TIMING_KEYS = frozenset({"run_seconds", "seconds", "wall_seconds", "created", "masking_seconds"})
+TIMING_KEYS = frozenset(
+    {"run_seconds", "seconds", "estimated_seconds", "wall_seconds", "created", "masking_seconds"}
+)
 """Keys whose values differ between identical runs (everything else is reproducible)."""
 
 
@@ -173,13 +175,15 @@ def run_evaluation(
     histogram_b: Sequence[int] | None = None,
     masking: bool = True,
     progress: Progress | None = None,
+    on_estimate: Callable[[float, int], None] | None = None,
 ) -> dict[str, Any]:
     """Run the protocol (``standard`` or ``paper``), the sweeps (paper), the masking checks and the
     histograms; return the record. Ctrl-C during the protocol returns what is finished, marked
     ``partial`` (then no sweep, check or histogram runs).
 
     The caller may add ``name``, ``checkpoint``, ``data``, ``config`` and ``command`` before writing.
-    ``progress.total`` (when the bar has one) is set to the number of attacked batches to run.
+    ``progress.total`` (when the bar has one) is set to the number of attacked batches to run;
+    ``on_estimate`` gets the standard protocol's time estimate after its first batch.
     """
     start = time.perf_counter()
     model = model.to(device)
@@ -187,7 +191,9 @@ def run_evaluation(
     sweep_results: list[SweepResult] = []
     if isinstance(settings, StandardSettings):
         _set_total(progress, len(batches) * (1 + len(settings.row_specs())))
-        main: ProtocolResult | StandardResult = run_standard(model, batches, settings, device, progress)
+        main: ProtocolResult | StandardResult = run_standard(
+            model, batches, settings, device, progress, on_estimate
+        )
     else:
         runner = ProtocolRunner(model, batches, device, progress)
         plans = [settings] + [settings.with_value(p, v) for p, values in sweeps for v in values]
@@ -381,14 +387,17 @@ def describe_setup(record: dict[str, Any]) -> list[str]:
         lines.append(f"Data: {record['results']['n']} examples, batch size {record['batch_size']}")
     results = record["results"]
     if results.get("protocol") == "standard":
-        fab = "FAB-T, " if s["fab"] else ""
-        quantized = "" if s["b"] == 1 else f", quantized b = {s['b']}"
+        quantized = "" if s["b"] == 1 else f", APGD quantized b = {s['b']}"
+        rows = (
+            f"then the paper rows {', '.join(s['paper_rows'])} ({s['paper_steps']} steps, alpha = "
+            f"{s['paper_alpha']:g}, b = {s['paper_b']})"
+            if s["paper_rows"]
+            else "no paper rows"
+        )
         lines.append(
-            f"Protocol standard: L-inf, eps = {s['eps']:g}; APGD-CE and APGD-T ({s['targets']} targets) with "
-            f"{s['steps']} steps{quantized}, {fab}Square "
-            f"({s['queries']} queries), each on the examples still robust (early exit); then "
-            f"{', '.join(s['paper_rows']) or 'no'} paper rows ({s['paper_steps']} steps, alpha = "
-            f"{s['paper_alpha']:g}, b = {s['paper_b']}); seed {s['seed']}"
+            f"Protocol standard: L-inf, eps = {s['eps']:g}; suite {' -> '.join(s['suite_attacks'])} "
+            f"({s['steps']} steps, {s['targets']} targets, {s['queries']} queries{quantized}), each on the "
+            f"examples still robust (early exit); {rows}; seed {s['seed']}"
         )
     else:
         lines.append(
@@ -406,6 +415,12 @@ def describe_setup(record: dict[str, Any]) -> list[str]:
         lines.append(
             f"PARTIAL: interrupted; {results['n']} of {results.get('n_planned', results['n'])} examples "
             "and the finished rows only"
+        )
+    timing = results.get("time") or {}
+    if timing.get("estimated_seconds") is not None:
+        lines.append(
+            f"Time of the attacks: estimated {timing['estimated_seconds']:.0f} s from the first batch, "
+            f"took {timing['seconds']:.0f} s"
         )
     lines += [
         f"Device: {env['device']} ({env['device_name']}), torch {env['packages']['torch']}, "
@@ -430,8 +445,12 @@ def render_markdown(record: dict[str, Any]) -> str:
     if record["results"].get("suite"):
         out += ["", "## Standard suite: robust accuracy after each attack", ""]
         out.append(markdown_table(*suite_table(record["results"])))
+        if "suite.png" in record.get("figures", []):
+            out += ["", "![robust accuracy after each attack, and the gradients spent](suite.png)"]
     out += ["", "## Accuracy (%) per run, Worst and Avg over runs", ""]
     out.append(markdown_table(*protocol_table(record["results"])))
+    if "accuracy.png" in record.get("figures", []):
+        out += ["", "![robust accuracy per attack](accuracy.png)"]
     for sweep in record["sweeps"]:
         out += ["", f"## Sweep over {sweep['parameter']}: Avg (Worst) accuracy (%)", ""]
         out.append(markdown_table(*sweep_table(sweep)))
@@ -486,6 +505,12 @@ def write_outputs(record: dict[str, Any], out_dir: str | os.PathLike) -> dict[st
         paths["histogram.png"] = plot_histograms(histogram, out_dir / "histogram.png", title=record["name"])
         figures.append("histogram.png")
         record["histogram"] = histogram["stats"]
+    results = record["results"]
+    if results["n"] and results.get("rows") is not None:
+        name, plot = ("suite.png", plot_suite) if results.get("suite") else ("accuracy.png", plot_rows)
+        if plot is plot_suite or results["rows"]:
+            paths[name] = plot(results, out_dir / name, title=record["name"])
+            figures.insert(0, name)
     record["figures"] = figures
     arrays = record.pop("_per_example", None)
     if arrays is not None:

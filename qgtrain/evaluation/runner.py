@@ -19,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -36,6 +36,14 @@ from qgtrain.evaluation.protocol import (
 )
 
 SWEEPABLE = ("eps", "steps", "b")
+DEFAULT_EPS: float = Attack.constructor_defaults()["eps"]
+"""The L-inf radius both protocols default to: the attacks' own default (``attacks/base.py``)."""
+PAPER_ATTACKS = ("pgd", "pqgd", "blob", "blob_qg")
+"""The paper protocol's default attacks (Table 2)."""
+AUTOATTACK = ("apgd_ce", "apgd_t", "fab_t", "square")
+"""AutoAttack's standard version, in its order: the standard suite's default and its choices."""
+PAPER_ROWS = ("pqgd", "blob_qg")
+"""The paper's attacks the standard protocol reports beside the suite by default."""
 
 
 def fraction(correct: torch.Tensor) -> float:
@@ -116,8 +124,8 @@ class AttackSpec:
 class ProtocolSettings:
     """The attack-side configuration of one protocol evaluation."""
 
-    attacks: list[str]
-    eps: float = 0.3
+    attacks: list[str] = field(default_factory=lambda: list(PAPER_ATTACKS))
+    eps: float = DEFAULT_EPS
     alpha: float = 0.01
     steps: int = 200
     b_values: list[int] = field(default_factory=lambda: [100, 200])
@@ -150,6 +158,8 @@ class ProtocolSettings:
     def check(self) -> None:
         """Build every attack once, so a bad one (an unknown torchattacks class, a missing package)
         is a one-line ValueError before any batch is attacked."""
+        if not self.attacks:
+            raise ValueError("the paper protocol needs at least one attack (none is for --protocol standard)")
         for spec in self.specs():
             spec.build()
 
@@ -374,22 +384,22 @@ class ProtocolRunner:
 # ---------------------------------------------------------------------------------------------- standard
 @dataclass
 class StandardSettings:
-    """The ``standard`` protocol: AutoAttack's suite (APGD-CE -> APGD-T -> FAB-T -> Square), each
-    attack on the examples still robust, then the paper's PQGD and BLOB_QG rows on their own."""
+    """The ``standard`` protocol: AutoAttack's suite (APGD-CE -> APGD-T -> FAB-T -> Square, or the
+    part of it named in ``suite_attacks``), each attack on the examples still robust, then the
+    paper's PQGD and BLOB_QG rows (``paper_rows``; empty: the suite alone)."""
 
-    eps: float = 0.3
+    eps: float = DEFAULT_EPS
+    suite_attacks: list[str] = field(default_factory=lambda: list(AUTOATTACK))
+    """The suite's attacks, run in this order: any of :data:`AUTOATTACK` (default: all four)."""
     steps: int = 100
-    """APGD iterations per run (AutoAttack: 100)."""
+    """APGD's and FAB-T's iterations per run (AutoAttack: 100)."""
     targets: int = 9
     """APGD-T's and FAB-T's target classes (AutoAttack: 9 each, for ten classes)."""
     queries: int = 5000
     """Square's queries (AutoAttack: 5000)."""
     b: int = 1
     """Quantization level of APGD's direction: 1 is AutoAttack's sign; > 1 quantized APGD."""
-    fab: bool = True
-    """FAB-T (native ``fab_t``, ``steps`` iterations per target) between APGD-T and Square, as in
-    AutoAttack's standard version; False leaves it out (then the suite is not AutoAttack's)."""
-    paper_rows: list[str] = field(default_factory=lambda: ["pqgd", "blob_qg"])
+    paper_rows: list[str] = field(default_factory=lambda: list(PAPER_ROWS))
     paper_steps: int = 100
     paper_alpha: float = 0.01
     paper_b: int = 100
@@ -397,19 +407,24 @@ class StandardSettings:
     seed: int = 0
 
     def suite(self) -> list[Attack]:
-        """The attacks of the suite, in order."""
-        attacks = [
-            attack_for_budget("apgd_ce", self.eps, self.steps, b=self.b),
-            attack_for_budget(
-                "apgd_t", self.eps, self.steps, b=self.b, targets=min(self.targets, self.num_classes - 1)
-            ),
-        ]
-        if self.fab:
-            attacks.append(
-                attack_for_budget("fab_t", self.eps, self.steps, targets=min(self.targets, self.num_classes - 1))
-            )
-        attacks.append(attack_for_budget("square", self.eps, self.steps, queries=self.queries))
-        return attacks
+        """The attacks of the suite, in the order of ``suite_attacks``; a ValueError naming the
+        choices for an unknown, repeated or missing name."""
+        targets = min(self.targets, self.num_classes - 1)
+        budgets: dict[str, dict[str, Any]] = {
+            "apgd_ce": {"b": self.b},
+            "apgd_t": {"b": self.b, "targets": targets},
+            "fab_t": {"targets": targets},
+            "square": {"queries": self.queries},
+        }
+        choose = f"choose from {','.join(AUTOATTACK)} (AutoAttack's order)"
+        if not self.suite_attacks:
+            raise ValueError(f"the suite needs at least one attack; {choose}")
+        for name in self.suite_attacks:
+            if name not in budgets:
+                raise ValueError(f"{name!r} is not one of AutoAttack's attacks; {choose}")
+            if self.suite_attacks.count(name) > 1:
+                raise ValueError(f"{name!r} is named twice; {choose}")
+        return [attack_for_budget(name, self.eps, self.steps, **budgets[name]) for name in self.suite_attacks]
 
     def check(self) -> None:
         """Build every attack of the suite and the rows once (see :meth:`ProtocolSettings.check`)."""
@@ -445,6 +460,10 @@ class StandardResult:
     rows: list[RowResult]
     num_examples_planned: int
     partial: bool = False
+    seconds: float = 0.0
+    """Wall time of the attacks (suite and rows)."""
+    estimated_seconds: float | None = None
+    """What the attacks were estimated to take, from the first batch (None: no batch finished)."""
 
     @property
     def clean(self) -> torch.Tensor:
@@ -500,6 +519,7 @@ class StandardResult:
                 "over": ["suite", *(row.spec.label for row in self.rows)],
             },
             "cost": total.to_dict(),
+            "time": {"estimated_seconds": self.estimated_seconds, "seconds": self.seconds},
         }
 
 
@@ -509,55 +529,88 @@ def run_standard(
     settings: StandardSettings,
     device: torch.device | str | None = None,
     progress: Progress | None = None,
+    on_estimate: Callable[[float, int], None] | None = None,
 ) -> StandardResult:
-    """The suite batch by batch (batch ``i`` under the stream ``(seed, i)``), then the paper rows.
+    """Batch by batch: on batch ``i`` the suite, then each paper row, each under the stream
+    ``(seed, i)`` (so every part gives what it gives alone over all batches).
 
-    Ctrl-C keeps what is finished: the result covers the batches attacked so far, marked partial.
+    After the first batch the attacks' total time is estimated from it, in proportion to the
+    examples, and passed to ``on_estimate(seconds, examples measured)``. Ctrl-C keeps the batches
+    every part finished, marked partial.
     """
     attacks = settings.suite()
-    if progress is not None:
-        progress.set_postfix_str("suite")
-    suite = evaluate_suite(
-        model,
-        attacks,
-        batches,
-        device,
-        settings.seed,
-        on_batch=(lambda index: progress.update(1)) if progress is not None else None,
-        interruptible=True,
-    )
-    rows: list[RowResult] = []
-    partial = suite.partial
-    if not partial:
-        runner = ProtocolRunner(model, batches, device, progress)
-        try:
-            rows = [runner.row(spec, [settings.seed]) for spec in settings.row_specs()]
-        except KeyboardInterrupt:
-            partial = True
-            rows = [runner.row(spec, [settings.seed]) for spec in runner.finished_specs(settings.row_specs())]
+    specs = settings.row_specs()
+    row_attacks = [spec.build() for spec in specs]
+    suite_parts: list[SuiteOutcome] = []
+    row_parts: list[list[SuiteOutcome]] = [[] for _ in specs]
+    row_seconds = [0.0 for _ in specs]
+    estimate, partial, start = None, False, time.perf_counter()
+    try:
+        for index, batch in enumerate(batches):
+            one = [batch]
+            if progress is not None:
+                progress.set_postfix_str("suite")
+            suite_parts.append(evaluate_suite(model, attacks, one, device, settings.seed, first_batch_index=index))
+            if progress is not None:
+                progress.update(1)
+            for k, (spec, attack) in enumerate(zip(specs, row_attacks, strict=True)):
+                if progress is not None:
+                    progress.set_postfix_str(spec.label)
+                row_start = time.perf_counter()
+                row_parts[k].append(evaluate_suite(model, [attack], one, device, settings.seed, first_batch_index=index))
+                row_seconds[k] += time.perf_counter() - row_start
+                if progress is not None:
+                    progress.update(1)
+            if index == 0:
+                measured = len(batch[1])
+                estimate = (time.perf_counter() - start) * batches.num_examples / measured
+                if on_estimate is not None:
+                    on_estimate(estimate, measured)
+    except KeyboardInterrupt:
+        partial = True
+    done = min([len(suite_parts), *(len(parts) for parts in row_parts)])  # batches every part finished
+    suite = SuiteOutcome.concatenate(suite_parts[:done], [a.label for a in attacks])
+    rows = []
+    for spec, parts, seconds in zip(specs, row_parts, row_seconds, strict=True):
+        outcome = SuiteOutcome.concatenate(parts[:done], [spec.label])
+        rows.append(RowResult(spec, [settings.seed], [outcome.robust], [seconds], outcome.costs))
     configs = [a.config() for a in attacks]
-    return StandardResult(settings, suite, configs, rows, batches.num_examples, partial)
+    seconds = time.perf_counter() - start
+    return StandardResult(settings, suite, configs, rows, batches.num_examples, partial, seconds, estimate)
 
 
 # ---------------------------------------------------------------------------------------------- planning
-def planned_cost(
+def planned_parts(
     settings: ProtocolSettings | StandardSettings,
     num_examples: int,
     sweeps: Sequence[tuple[str, Sequence[float | int]]] = (),
-) -> tuple[int, int]:
-    """The naive budget ``(example-gradients, forward queries)``: every example, step, restart and
-    run, no early exit (an upper bound of what the evaluation spends)."""
+) -> list[tuple[str, int, int]]:
+    """The naive budget per part, ``(label, example-gradients, forward queries)``: every example,
+    step, restart and run, no early exit (an upper bound of what the evaluation spends). The
+    standard protocol's parts are the suite's attacks, then its paper rows; the paper protocol's,
+    its attack variants (over every sweep point)."""
     if isinstance(settings, StandardSettings):
         attacks = [*settings.suite(), *(spec.build() for spec in settings.row_specs())]
         runs = 1
     else:
         plans = [settings] + [settings.with_value(p, v) for p, values in sweeps for v in values]
-        specs = {spec for plan in plans for spec in plan.specs()}
+        specs = list(dict.fromkeys(spec for plan in plans for spec in plan.specs()))
         attacks = [spec.build() for spec in specs]
         runs = settings.runs
-    gradients = sum(a.gradients_per_example for a in attacks) * num_examples * runs
-    forwards = sum(a.forwards_per_example for a in attacks) * num_examples * runs
-    return gradients, forwards
+    return [
+        (a.label, a.gradients_per_example * num_examples * runs, a.forwards_per_example * num_examples * runs)
+        for a in attacks
+    ]
+
+
+def planned_cost(
+    settings: ProtocolSettings | StandardSettings,
+    num_examples: int,
+    sweeps: Sequence[tuple[str, Sequence[float | int]]] = (),
+) -> tuple[int, int]:
+    """The naive budget ``(example-gradients, forward queries)`` summed over :func:`planned_parts`."""
+    parts = planned_parts(settings, num_examples, sweeps)
+    return sum(g for _, g, _ in parts), sum(f for _, _, f in parts)
 
 
 def probe_seconds(
@@ -600,13 +653,26 @@ def describe_plan(
     device: torch.device | str | None,
     sweeps: Sequence[tuple[str, Sequence[float | int]]] = (),
 ) -> str:
-    """One line: the naive budget (:func:`planned_cost`) and the time it takes here (:func:`probe_seconds`)."""
-    gradients, forwards = planned_cost(settings, batches.num_examples, sweeps)
+    """One line: the naive budget (:func:`planned_parts`), each part's share of it (its gradients
+    and queries at the speed :func:`probe_seconds` measures here), and the time it takes at most."""
+    parts = planned_parts(settings, batches.num_examples, sweeps)
     per_gradient, per_forward = probe_seconds(model, batches, device)
+    cost = [(label, g * per_gradient + f * per_forward) for label, g, f in parts]
+    total = sum(seconds for _, seconds in cost) or 1.0
+
+    def share(part: list[tuple[str, float]]) -> str:
+        return ", ".join(f"{label} {100 * seconds / total:.0f}%" for label, seconds in part)
+
+    shares = share(cost)
+    if isinstance(settings, StandardSettings):
+        k = len(settings.suite_attacks)
+        suite = sum(seconds for _, seconds in cost[:k])
+        rows = share(cost[k:]) if cost[k:] else "no paper rows"
+        shares = f"suite {100 * suite / total:.0f}% ({share(cost[:k])}), {rows}"
+    gradients, forwards = sum(g for _, g, _ in parts), sum(f for _, _, f in parts)
     protocol = "standard" if isinstance(settings, StandardSettings) else "paper"
     return (
         f"plan: {protocol} protocol, at most {gradients:.3g} example-gradients and {forwards:.3g} forward "
-        f"queries (early exit spends less); about {format_duration(gradients * per_gradient + forwards * per_forward)} "
-        f"on this device at {1000 * per_gradient:.2f} ms per example-gradient (an estimate from one batch); "
-        "Ctrl-C writes what is done"
+        f"queries, shared {shares}; at most {format_duration(total)} here (no early exit, at "
+        f"{1000 * per_gradient:.2f} ms per example-gradient); Ctrl-C writes what is done"
     )
