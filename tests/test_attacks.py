@@ -648,4 +648,4 @@ def test_class_traits_agree_with_the_constructors() -> None:
         if cls.single_step:
             assert defaults["steps"] == 1, name
     assert [n for n in available_attacks() if attack_class(n).default_b > 1] == ["pqgd", "blob_qg"]
-    assert [n for n in available_attacks() if attack_class(n).single_step] == ["fgsm", "fgsm_rs", "nfgsm"]
+    assert [n for n in available_attacks() if attack_class(n).single_step] == ["fgsm", "fgsm_rs", "free", "nfgsm"]
