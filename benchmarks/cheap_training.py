@@ -128,9 +128,7 @@ class Step:
     forwards: int = 0
 
     def done(self) -> bool:
-        if self.marker or not self.target.is_file():
-            return self.target.is_file()
-        return not json.loads(self.target.read_text())["results"].get("partial", False)
+        return self.target.is_file() if self.marker else judgement(self.target) is not None
 
     def running_elsewhere(self) -> bool:
         """A live process runs this command already (this study's or another runner's):
@@ -286,6 +284,15 @@ def measured_ms_per_gradient(budget: Budget, folder: Path) -> float:
     return mean(rates) if rates else FALLBACK_MS_PER_GRADIENT
 
 
+def judgement(path: Path) -> dict[str, Any] | None:
+    """evaluate.py's record at ``path``; None while it is absent, being written, or marked partial."""
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return None if record["results"].get("partial") else record
+
+
 def cost_per_example(inner: dict[str, Any], epochs: int) -> dict[str, Any]:
     """Cost = epochs x (``gradients_per_example`` + 1 training pass) of the inner attack a checkpoint
     records, with its label and whether it is single-step."""
@@ -303,8 +310,7 @@ def method_rows(budget: Budget, folder: Path) -> dict[str, dict[str, Any]]:
         for seed in run.seeds:
             name = f"{run.name}_s{seed}"
             paths = {kind: folder / "results" / f"{name}{end}" / "results.json" for kind, end in JUDGES}
-            records = {kind: json.loads(path.read_text()) for kind, path in paths.items() if path.is_file()}
-            records = {kind: r for kind, r in records.items() if not r["results"].get("partial")}
+            records = {kind: r for kind, path in paths.items() if (r := judgement(path)) is not None}
             if "pair" not in records:
                 continue
             first = records["pair"]
