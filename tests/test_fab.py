@@ -23,7 +23,7 @@ def one_torch_thread():
     torch.set_num_threads(previous)
 
 
-# ---------------------------------------------------------------- the projection step (Eq. 5, p = inf)
+# ---------------------------------------------------------------- the projection step (p = inf)
 
 
 def linf_projection_by_vertices(
@@ -142,7 +142,7 @@ def test_fools_a_point_near_the_boundary_with_the_overshot_projection_and_leaves
     result = FABT(eps=0.1, steps=5, targets=2).perturb(model, x, y, early_exit=True)
     assert result.fooled.tolist() == [True, False]
     # one iteration from the clean input: both projections are the exact boundary point, so the step
-    # is x + eta * delta with delta = 0.04 sign(w) (Eq. 9), |.|_inf = 0.042 <= eps
+    # is x + eta * delta with delta = 0.04 sign(w), |.|_inf = 0.042 <= eps
     assert torch.allclose(result.x_adv[0], x[0] + 1.05 * 0.04 * WEIGHT.sign(), atol=1e-6)
     assert (result.x_adv - x).abs().max() <= 0.1 + 1e-7
     assert result.x_adv.min() >= 0 and result.x_adv.max() <= 1

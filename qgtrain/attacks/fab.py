@@ -4,7 +4,7 @@ boundary attack"), L-inf, targeted: AutoAttack's third attack.
 At the current iterate ``x_k`` the decision boundary between the true class ``y`` and the target ``t``
 is linearised, ``pi_k = {z : <w, z - x_k> + f_t(x_k) - f_y(x_k) = 0}`` with ``w = grad(f_t - f_y)``,
 and both ``x_k`` and the clean input ``x_0`` are projected onto ``pi_k`` intersected with the box
-(:func:`project_linf_hyperplane_box`, the paper's Eq. 5 for p = inf). The step (Eq. 9) mixes the two
+(:func:`project_linf_hyperplane_box`, the paper's projection for p = inf). The step mixes the two
 projections, biased towards the one of ``x_0`` so that the perturbation stays small::
 
     x_{k+1} = clip((1 - a) (x_k + eta d_k) + a (x_0 + eta d_0)),
@@ -18,17 +18,19 @@ one run per target from the clean input.
 **What differs from the original, and why it cannot raise robust accuracy.** The original is a
 minimum-norm attack: it runs every iteration for every example and keeps the smallest adversarial
 iterate, counted only when its norm is at most ``eps``. Robust accuracy needs only one misclassified
-point within ``eps``, so here (with early exit, as evaluation runs it) an example leaves at its first adversarial iterate with
-``|x_k - x_0|_inf <= eps`` and costs no more gradients (nor later targets). Adversarial iterates outside
+point within ``eps``, so here (with early exit, as evaluation runs it) an example leaves at its
+first adversarial iterate with ``|x_k - x_0|_inf <= eps`` and costs no more gradients (nor later
+targets). Adversarial iterates outside
 the ball still take the backward step, exactly as in the original. Every operation of an iteration is
 per example (the gradient of a sum of per-example logit differences, the projection, ``a``, the
-backward step), so until an example leaves its iterates are the original's; the original then holds
+backward step; for a network in eval mode), so until an example leaves its iterates are the original's; the original then holds
 an adversarial point within ``eps`` for it too, so in exact arithmetic the same examples are fooled
 by each target. In addition an example no target fools returns its last iterate projected onto the
 eps-ball (the original returns the clean input), which can only add examples found non-robust by a
 genuine point of the threat model. The rest are floating-point differences (our projection sorts
 and sums in its own order). ``random_start`` applies to every restart (the original starts its first
 restart from the clean input and later ones at random; the standard version has one restart).
+Measured agreement and cost against the original: docs/RESULTS.md, section 8.
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ def project_linf_hyperplane_box(
     b: torch.Tensor,
     clip: tuple[float, float] = (0.0, 1.0),
 ) -> torch.Tensor:
-    """Per row, the L-inf projection step of FAB (Eq. 5, p = inf): the ``delta`` of smallest
+    """Per row, the L-inf projection step of FAB (p = inf): the ``delta`` of smallest
     ``|delta|_inf`` with ``<w, points + delta> = b`` and ``points + delta`` in the box ``clip``.
 
     With a budget ``lam`` each coordinate moves ``min(lam, room_i)`` towards the hyperplane
