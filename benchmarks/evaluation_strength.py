@@ -4,6 +4,10 @@ On each model, the same first N MNIST test images (eps = 0.3), side by side:
 
 * ``ours_standard``: qgtrain's suite (APGD-CE -> APGD-T (9 targets) -> Square 5000), early exit,
   through ``qgtrain.evaluation.protocol`` (the engine evaluate.py and the callback use);
+* ``autoattack`` (``--reference autoattack``): the original AutoAttack (Croce & Hein's code,
+  ``fra31/auto-attack``, ``version="standard"``), when importable: a measuring instrument installed
+  into the environment by hand, never a dependency of qgtrain; its attacks run one at a time on the
+  examples still robust, exactly as its own loop does, so its per-attack breakdown is recorded;
 * ``torchattacks_aa``: ``torchattacks.AutoAttack(version="standard")`` (APGD-CE, APGD-T, FAB-T,
   Square), accuracy by the same rule (correct clean and on its output). Note: torchattacks 3.5 builds
   its APGD, APGD-T and FAB-T with its default of 10 steps, not AutoAttack's 100; ``torchattacks_aa100``
@@ -18,6 +22,7 @@ on different ``--rows`` at once; ``--report`` prints the table from what is stor
 
     python benchmarks/evaluation_strength.py --ckpt checkpoints/mnist-.../last.ckpt --name madry
     python benchmarks/evaluation_strength.py --tiny --name tiny          # trains the TinyCNN first
+    python benchmarks/evaluation_strength.py --ckpt ... --name madry --reference autoattack --rows ours_standard autoattack
     python benchmarks/evaluation_strength.py --name madry --report
 """
 
@@ -92,6 +97,13 @@ def run_suite(model: nn.Module, attacks: list[Attack], x: torch.Tensor, y: torch
         "forwards": sum(c.forwards for c in outcome.costs),
         "epoch_share": gradients / MAIN_JOB_EPOCH_GRADIENTS,
         "breakdown": dict(zip(outcome.labels, outcome.fooled_counts(), strict=True)),
+        "robust_after": {
+            label: 100 * after.float().mean().item()
+            for label, after in zip(outcome.labels, outcome.after, strict=True)
+        },
+        "attack_seconds": {
+            label: cost.seconds for label, cost in zip(outcome.labels, outcome.costs, strict=True)
+        },
         "attacks": [a.config() for a in attacks],
         "robust_vector": outcome.robust.int().tolist(),
     }
@@ -146,6 +158,67 @@ def run_torchattacks(
     }
 
 
+AUTOATTACK_ORDER = ("apgd-ce", "apgd-t", "fab-t", "square")
+"""The original AutoAttack's standard version, in its order."""
+
+
+def original_autoattack() -> Any:
+    """The ``autoattack`` package (fra31/auto-attack), or None when it is not installed here."""
+    try:
+        import autoattack
+    except ImportError:
+        return None
+    return autoattack
+
+
+def run_original_autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int) -> dict:
+    """The original AutoAttack, standard version, seed 0, batch ``batch``: each attack in its order on
+    the examples still robust (what ``run_standard_evaluation`` does in one call: the same batches,
+    the same seed per attack), so the robust accuracy after each attack and its time are recorded."""
+    autoattack = original_autoattack()
+    model.eval()
+    adversary = autoattack.AutoAttack(
+        model, norm="Linf", eps=EPS, version="standard", seed=0, device=str(x.device), verbose=False
+    )
+    start = time.perf_counter()
+    with torch.no_grad():
+        clean = torch.cat(
+            [model(x[i : i + batch]).argmax(1) == y[i : i + batch] for i in range(0, len(y), batch)]
+        )
+    robust = clean.clone()
+    robust_after, attack_seconds, breakdown = {}, {}, {}
+    for name in AUTOATTACK_ORDER:
+        index = robust.nonzero().squeeze(1)
+        attack_start = time.perf_counter()
+        if index.numel():
+            adversary.attacks_to_run = [name]
+            adversary.version = "custom"
+            x_adv = adversary.run_standard_evaluation(x[index], y[index], bs=batch)
+            with torch.no_grad():
+                fooled = torch.cat(
+                    [
+                        model(x_adv[i : i + batch]).argmax(1) != y[index][i : i + batch]
+                        for i in range(0, len(index), batch)
+                    ]
+                )
+            robust[index[fooled]] = False
+            breakdown[name] = int(fooled.sum())
+        attack_seconds[name] = time.perf_counter() - attack_start
+        robust_after[name] = 100 * robust.float().mean().item()
+    return {
+        "clean": 100 * clean.float().mean().item(),
+        "robust": 100 * robust.float().mean().item(),
+        "seconds": time.perf_counter() - start,
+        "gradients": None,
+        "naive_gradients": None,
+        "breakdown": breakdown,
+        "robust_after": robust_after,
+        "attack_seconds": attack_seconds,
+        "reference": f"autoattack {getattr(autoattack, '__version__', '(fra31/auto-attack)')}, version standard, seed 0",
+        "robust_vector": robust.int().tolist(),
+    }
+
+
 def train_tiny(data_dir: str | None, seed: int) -> nn.Module:
     """The TinyCNN of cheap_training.py's budget: width 16, PGD-10 training on 10k images, 3 epochs."""
     from qgtrain.models import TinyCNN
@@ -175,12 +248,28 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=250)
     parser.add_argument("--rows", nargs="*", default=None, help="rows to run (default: all not yet stored)")
     parser.add_argument("--report", action="store_true", help="only print the table of the stored rows")
+    parser.add_argument(
+        "--reference",
+        choices=["torchattacks", "autoattack"],
+        default="torchattacks",
+        help="what vs_AA compares with: torchattacks' AutoAttack (default) or the original AutoAttack "
+        "(fra31/auto-attack, when importable)",
+    )
     args = parser.parse_args()
     setup_threads(args.threads)
     folder = Path(args.out) / "evaluation_strength" / args.name
     folder.mkdir(parents=True, exist_ok=True)
+    reference = "autoattack" if args.reference == "autoattack" else "torchattacks_aa"
+    if reference == "autoattack" and original_autoattack() is None:
+        print(
+            "--reference autoattack: the original AutoAttack is not importable here (pip install --no-deps "
+            "a copy of fra31/auto-attack into this environment); its rows are skipped",
+            flush=True,
+        )
+        reference = "torchattacks_aa"
     every = [
         "ours_standard",
+        *(["autoattack"] if reference == "autoattack" else []),
         "torchattacks_aa",
         *[r for r in suite_rows() if r != "ours_standard"],
         "torchattacks_aa100",
@@ -193,7 +282,9 @@ def main() -> None:
             path = folder / f"{row}.json"
             if path.exists():
                 continue
-            if row in ("torchattacks_aa", "torchattacks_aa100"):
+            if row == "autoattack":
+                result = run_original_autoattack(model, x, y, args.batch_size)
+            elif row in ("torchattacks_aa", "torchattacks_aa100"):
                 steps = 100 if row.endswith("100") else None
                 result = run_torchattacks(model, x, y, args.batch_size, steps)
             elif row in suite_rows():
@@ -203,7 +294,7 @@ def main() -> None:
             result.update(row=row, n=args.n, environment=environment(args.threads))
             write_json(path, result)
             print(f"{row}: robust {result['robust']:.2f}% in {result['seconds']:.0f} s", flush=True)
-    report(folder, every)
+    report(folder, every, reference)
 
 
 def load(args: argparse.Namespace, folder: Path) -> nn.Module:
@@ -224,10 +315,12 @@ def load(args: argparse.Namespace, folder: Path) -> nn.Module:
     return model.eval()
 
 
-def report(folder: Path, order: list[str]) -> None:
+def report(folder: Path, order: list[str], reference_row: str = "torchattacks_aa") -> None:
+    """The rows' table against ``reference_row``, then (when stored) the original AutoAttack's
+    per-attack breakdown beside ours: robust accuracy left after each attack and its time."""
     rows: list[dict[str, Any]] = []
     stored = {p.stem: json.loads(p.read_text()) for p in folder.glob("*.json")}
-    reference = stored.get("torchattacks_aa")
+    reference = stored.get(reference_row)
     for name in order:
         if name not in stored:
             continue
@@ -256,8 +349,31 @@ def report(folder: Path, order: list[str]) -> None:
         "naive",
         "epoch_share_%",
     ]
-    print(format_table(rows, columns, title=f"evaluation strength: {folder.name} (accuracy %, eps {EPS})"))
-    write_json(folder.parent / f"{folder.name}_summary.json", {"rows": rows})
+    title = f"evaluation strength: {folder.name} (accuracy %, eps {EPS}; vs_AA: against {reference_row})"
+    print(format_table(rows, columns, title=title))
+    breakdown = []
+    ours, original = stored.get("ours_standard", {}), stored.get("autoattack", {})
+    ours_after = list(ours.get("robust_after", {}).items())
+    original_after = list(original.get("robust_after", {}).items())
+    for k in range(max(len(ours_after), len(original_after))):
+        line: dict[str, Any] = {"step": k + 1}
+        if k < len(ours_after):
+            label = ours_after[k][0]
+            line |= {"ours": label, "ours_after": ours_after[k][1], "ours_s": ours["attack_seconds"][label]}
+        if k < len(original_after):
+            name = original_after[k][0]
+            line |= {
+                "original": name,
+                "original_after": original_after[k][1],
+                "original_s": original["attack_seconds"][name],
+            }
+        breakdown.append(line)
+    if breakdown:
+        columns = ["step", "ours", "ours_after", "ours_s", "original", "original_after", "original_s"]
+        print(
+            format_table(breakdown, columns, title="robust accuracy (%) after each attack, and its seconds")
+        )
+    write_json(folder.parent / f"{folder.name}_summary.json", {"rows": rows, "breakdown": breakdown})
 
 
 if __name__ == "__main__":
