@@ -160,3 +160,33 @@ def test_ddp_keeps_one_delta_per_process_and_the_checkpoint_holds_both(
     assert checkpoint["global_step"] == 4 and saved.shape == (2, 16, 1, 28, 28)
     assert torch.equal(saved[0], states[0]["delta"]) and torch.equal(saved[1], states[1]["delta"])
     assert not torch.equal(saved[0], saved[1])  # each process carries its own perturbation
+
+
+class RecordLearningRate(L.Callback):
+    def __init__(self) -> None:
+        self.after_batch: list[float] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.after_batch.append(trainer.optimizers[0].param_groups[0]["lr"] / LR)
+
+
+LR = 1e-3
+
+
+def test_the_lr_schedule_spans_the_replayed_optimizer_steps() -> None:
+    """piecewise: x0.1 from 50 %, x0.01 from 75 % of the optimizer steps. 4 data passes / m = 2 -> 2
+    epochs x 4 batches x 2 replays = 16 steps: after batch k (2k + 2 steps) the rate for step 2k + 2.
+    A schedule over 8 steps (replays not counted) or 32 (epochs not divided) would switch elsewhere."""
+    torch.manual_seed(0)
+    module = AdversarialTraining(
+        TinyCNN(width=4),
+        Free(eps=EPS, replays=2),
+        optimizer=lambda params: torch.optim.Adam(params, lr=LR),
+        lr_schedule="piecewise",
+        track_clean_accuracy=False,
+    )
+    record = RecordLearningRate()
+    trainer = quiet_trainer(max_epochs=4, limit_val_batches=0, callbacks=[record])
+    trainer.fit(module, _loader())
+    assert trainer.global_step == 16
+    assert record.after_batch == pytest.approx([1, 1, 1, 0.1, 0.1, 0.01, 0.01, 0.01])

@@ -79,3 +79,27 @@ def test_trades_gives_the_inner_attack_the_kl_loss_and_refuses_fixed_losses() ->
         AdversarialTraining(TinyCNN(width=4), build_attack("square", eps=0.3), objective="trades")
     with pytest.raises(ValueError, match="beta must be a number >= 0"):
         AdversarialTraining(TinyCNN(width=4), PGD(eps=0.3), objective="trades", beta=-1.0)
+
+
+class StartSpy(PGD):
+    """PGD that records each run's start relative to the clean input, and the labels it was given (on
+    the class: the module rebuilds its inner attack with the kl loss, and copies it to set the start)."""
+
+    seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def _run_once(self, model, x, y, start, target, observer, early_exit):
+        self.seen.append((start - x, y))
+        return super()._run_once(model, x, y, start, target, observer, early_exit)
+
+
+def test_trades_attacks_from_x_plus_small_gaussian_noise_with_the_clean_softmax_as_labels() -> None:
+    torch.manual_seed(0)
+    net = TinyCNN(width=4)
+    StartSpy.seen = []
+    module = AdversarialTraining(net, StartSpy(eps=0.3, alpha=0.1, steps=1), objective="trades")
+    x, y = torch.full((64, 1, 28, 28), 0.5), torch.zeros(64, dtype=torch.long)
+    module.craft(x, y)
+    ((offset, labels),) = StartSpy.seen
+    assert abs(float(offset.std()) - 0.001) < 5e-5 and abs(float(offset.mean())) < 5e-5  # x + 0.001 N(0, 1)
+    with torch.no_grad():
+        assert torch.allclose(labels, F.softmax(net(x), dim=1))

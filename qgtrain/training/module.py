@@ -23,7 +23,7 @@ from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from qgtrain import __version__
-from qgtrain.attacks import PGD, Attack, build_attack, kl_loss, started_at
+from qgtrain.attacks import PGD, Attack, kl_loss, started_at
 from qgtrain.evaluation.protocol import attack_batch
 from qgtrain.models import DATASET_SPECS, Network, model_spec
 from qgtrain.training.atta import PerturbationBuffer, request_example_indices
@@ -83,16 +83,14 @@ TRADES_START_STD = 0.001
 
 
 def with_kl_loss(attack: Attack) -> Attack:
-    """``attack`` rebuilt from its config with the ``kl`` loss (TRADES's inner maximisation)."""
+    """``attack`` rebuilt (same class, same config) with the ``kl`` loss (TRADES's inner maximisation)."""
     if attack.fixed_loss is not None:
         raise ValueError(
             f"objective trades maximises the kl loss, but {attack.name} fixes its loss ({attack.fixed_loss}); "
             "choose an inner attack with a loss argument (pgd, pqgd, apgd_ce, fgsm_rs...)"
         )
-    config = attack.config()
-    return (
-        attack if config.get("loss") == "kl" else build_attack(config.pop("name"), **{**config, "loss": "kl"})
-    )
+    config = {key: value for key, value in attack.config().items() if key != "name"}
+    return attack if config.get("loss") == "kl" else type(attack)(**{**config, "loss": "kl"})
 
 
 class AdversarialTraining(L.LightningModule):
