@@ -78,8 +78,10 @@ def plot_suite(results: dict[str, Any], path: str | os.PathLike, title: str = ""
     left.plot(range(len(labels)), accuracy, marker="o", color="black", label="suite, per example")
     for position, value in enumerate(accuracy):
         left.annotate(f"{value:.1f}", (position, value), textcoords="offset points", xytext=(0, 6))
-    for row in results["rows"]:
-        left.axhline(100 * row["worst"], linestyle="--", linewidth=1, label=f"{row['label']} alone")
+    for i, row in enumerate(results["rows"]):
+        left.axhline(
+            100 * row["worst"], color=f"C{i + 1}", linestyle="--", linewidth=1, label=f"{row['label']} alone"
+        )
     left.set_xticks(range(len(labels)), labels, rotation=20)
     left.set_ylabel("accuracy left after the attack (%)")
     left.set_title("robust accuracy after each attack")
