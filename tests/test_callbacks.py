@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import re
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -19,6 +20,7 @@ from tensorboard.plugins.hparams import plugin_data_pb2
 
 from qgtrain.attacks import PGD, PQGD, build_attack
 from qgtrain.callbacks import AttackVisualization, RobustnessEvaluation, shard_batches, subset_indices
+from qgtrain.callbacks.robustness import WORST_ACC
 from qgtrain.callbacks.validation_data import limited_validation_size
 from qgtrain.cli.aliases import expand_short_flags
 from qgtrain.cli.train import build_cli, main
@@ -27,6 +29,8 @@ from qgtrain.evaluation import adversarial_correct, clean_correct
 from qgtrain.evaluation.protocol import evaluate_suite
 from qgtrain.models import TinyCNN
 from qgtrain.training import AdversarialTraining
+from qgtrain.training.checkpoint_io import BEST_CHECKPOINT, VAL_ADV_ACC
+from qgtrain.training.trainer import EPOCH_NUMBERING, run_summary
 
 EPS = 0.1  # small enough that a briefly trained tiny CNN keeps some robust accuracy: no 0 == 0 checks
 DOCUMENTED_SCALARS = [
@@ -261,6 +265,56 @@ def test_best_checkpoint_holds_the_best_robust_model_and_collapse_stops_training
     assert checkpoint.best_model_score == pytest.approx(0.7)
 
 
+class RadiusPerEpoch(RobustnessEvaluation):
+    """The real evaluation, at a radius chosen per epoch (so the best epoch is known in advance)."""
+
+    def __init__(self, radii: list[float], **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.radii = radii
+
+    def evaluate(self, trainer, pl_module) -> dict[str, float]:
+        self.attacks = self.build_attacks(self.radii[trainer.current_epoch])
+        return super().evaluate(trainer, pl_module)
+
+
+class BarLabels(L.Callback):
+    def __init__(self) -> None:
+        self.seen: list[str] = []
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module) -> None:
+        self.seen.append(trainer.progress_bar_callback.train_progress_bar.desc.rstrip(": "))
+
+
+def test_one_epoch_numbering_in_the_bar_the_robustness_lines_the_checkpoint_and_the_summary(
+    data_root: Path, trained_tiny_model: TinyCNN, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Issue 26.6: three epochs, the second evaluated at a tiny radius so that it is the best. The
+    progress bar's ``Epoch 1``, the robustness line ``epoch 1 robustness ...``, ``best.ckpt``'s
+    ``epoch``, the callback's best epoch and the end-of-run summary all name it 1 (from 0)."""
+    robustness = RadiusPerEpoch([0.3, 0.002, 0.3], subset_size=64, batch_size=64, extra_attacks=[], steps=2)
+    labels = BarLabels()
+    best = ModelCheckpoint(dirpath=tmp_path, **{**BEST_CHECKPOINT, "save_last": False})
+    trainer = _trainer(
+        max_epochs=3, limit_train_batches=1, enable_checkpointing=True, enable_progress_bar=True,
+        callbacks=[robustness, labels, best],
+    )  # fmt: skip
+    with caplog.at_level(logging.INFO, logger="qgtrain.callbacks.robustness"):
+        trainer.fit(_module(trained_tiny_model), datamodule=_datamodule(data_root))
+    lines = re.findall(r"epoch (\d+) robustness on 64 validation examples: .*worst=([\d.]+)%", caplog.text)
+    assert [int(epoch) for epoch, _ in lines] == [0, 1, 2]
+    worst = [float(value) for _, value in lines]
+    best_epoch = worst.index(max(worst))
+    assert best_epoch == 1 and worst[1] > max(worst[0], worst[2])  # not the trivial epoch 0
+    assert labels.seen == ["Epoch 0", "Epoch 1", "Epoch 2"]
+    assert torch.load(tmp_path / "best.ckpt", weights_only=True)["epoch"] == best_epoch
+    assert robustness.best_epoch == best_epoch
+    summary = run_summary(trainer, "r", tmp_path).splitlines()[0]
+    assert summary == (
+        f"run r finished: best {WORST_ACC} = {float(best.best_model_score):.4f} at epoch {best_epoch} "
+        f"({EPOCH_NUMBERING})"
+    )
+
+
 def test_eval_flags_and_eps_reach_the_robustness_config(
     capsys: pytest.CaptureFixture, tmp_path: Path
 ) -> None:
@@ -310,7 +364,7 @@ def test_turning_evaluation_off_falls_back_to_validation_accuracy(tmp_path: Path
         robustness = [cb for cb in cli.trainer.callbacks if isinstance(cb, RobustnessEvaluation)]
         assert len(robustness) == 1 and robustness[0].every_n_epochs == int(every)
         monitors[every] = checkpoint.monitor
-    assert monitors == {"0": "val/adv_acc", "2": "robust/worst_acc"}
+    assert monitors == {"0": VAL_ADV_ACC, "2": WORST_ACC} == {"0": "val/adv_acc", "2": "robust/worst_acc"}
 
 
 @pytest.mark.parametrize(("examples", "batch", "world"), [(90, 20, 2), (100, 25, 2), (30, 20, 3), (7, 10, 2)])

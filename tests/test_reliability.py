@@ -26,6 +26,8 @@ import pytest
 import torch
 from conftest import (
     REPO,
+    KillAfterBatches,
+    KilledError,
     SoftmaxOutput,
     call_main,
     error_lines,
@@ -33,7 +35,10 @@ from conftest import (
     no_training,
     output_roots,
     quiet_trainer,
+    small_mnist_datamodule,
 )
+from lightning.pytorch.callbacks import TQDMProgressBar
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -44,6 +49,7 @@ from qgtrain.attacks import ATTACKS, build_attack
 from qgtrain.data import VisionDataModule
 from qgtrain.models import TinyCNN
 from qgtrain.training import AdversarialTraining
+from qgtrain.training.checkpoint_io import LastCheckpoint, StepCheckpoint
 from qgtrain.training.module import looks_like_probabilities
 
 # Six batches of 50 per epoch, 2-step PGD, one validation batch, no robustness/visualization callbacks.
@@ -52,10 +58,11 @@ TINY = [
     "--data.init_args.train_subset", "300", "--data.init_args.val_size", "100",
     "--data.init_args.batch_size", "50", "--data.init_args.eval_batch_size", "100",
     "--trainer.limit_val_batches", "1", "--trainer.enable_progress_bar", "false",
-    "--trainer.enable_model_summary", "false",
+    "--trainer.enable_model_summary", "false", "--trainer.log_every_n_steps", "1",
     "--robustness.every_n_epochs", "0", "--visualization.every_n_epochs", "0",
 ]  # fmt: skip
 BATCHES_PER_EPOCH = 6
+LIGHTNING_SIGNAL_NOTICE = "Received SIGTERM"  # Lightning's notice, which names every signal SIGTERM
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -401,6 +408,9 @@ def test_ctrl_c_saves_a_checkpoint_exits_cleanly_and_resumes(
     interrupted = tmp_path / "ckpt" / "r" / "interrupted.ckpt"
     assert process.returncode == 130, stderr[-2000:]
     assert "Traceback" not in stderr
+    # one notice when the signal arrives, naming it (not Lightning's "Received SIGTERM: 2" beside it)
+    assert LIGHTNING_SIGNAL_NOTICE not in stderr
+    assert stderr.count("Ctrl-C: stopping at the end of this batch (Ctrl-C again to stop now)") == 1
     last_line = stderr.strip().splitlines()[-1]
     assert last_line.startswith("train.py: interrupted by Ctrl-C at epoch 0, step ")
     assert f"saved {interrupted}" in last_line
@@ -415,8 +425,9 @@ def test_ctrl_c_saves_a_checkpoint_exits_cleanly_and_resumes(
 
     monkeypatch.setenv("QGTRAIN_DATA", str(data_root))
     assert call_main(train_cli.main, [*argv, "--resume", str(interrupted)]) == 0
-    final = load_all_checkpoints(interrupted.parent)["last.ckpt"]
-    assert final["global_step"] == 12  # the epoch's remaining batches, not a fresh epoch
+    final = load_all_checkpoints(interrupted.parent)
+    assert final["last.ckpt"]["global_step"] == 12  # the epoch's remaining batches, not a fresh epoch
+    assert "interrupted.ckpt" not in final  # superseded by last.ckpt, which continued it
 
 
 # ----------------------------------------------------------------------- 3b. step checkpoints, preemption
@@ -429,6 +440,14 @@ def newest_checkpoint(folder: Path) -> tuple[str, int]:
     names = [n for n in ("step.ckpt", "last.ckpt", "interrupted.ckpt") if (folder / n).exists()]
     name = max(names, key=lambda n: (folder / n).stat().st_mtime_ns)
     return name, load_all_checkpoints(folder)[name]["global_step"]
+
+
+def scalar_curve(log_dir: Path, tag: str) -> list[tuple[int, float]]:
+    """``(step, value)`` of ``tag`` as TensorBoard shows it: every event file of ``log_dir`` in order,
+    steps that a resumed run logged again replacing the stopped run's."""
+    events = EventAccumulator(str(log_dir), size_guidance={"scalars": 0})
+    events.Reload()
+    return [(event.step, event.value) for event in events.Scalars(tag)]
 
 
 def saved_step(path: Path) -> int:
@@ -454,10 +473,12 @@ def test_sigkill_inside_an_epoch_resumes_from_the_step_checkpoint_bit_identicall
     monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
     uninterrupted_run: dict,
+    uninterrupted_root: Path,
 ) -> None:
     """SIGKILL inside an epoch, then ``--resume last``: the run continues at the step checkpoint's
     next batch (same data order, attack starts, optimizer and scheduler) and ends bit-identical to
-    the uninterrupted run; only the steps since that checkpoint are computed again."""
+    the uninterrupted run; only the steps since that checkpoint are computed again. Its TensorBoard
+    curves continue the killed run's version (issue 26.2)."""
     run_dir = tmp_path / "ckpt" / "r"
     argv = [*TINY, *output_roots(tmp_path), "--epochs", "2", "--ckpt-every-steps", str(EVERY)]
     run = ProgressWatcher(argv, data_root)
@@ -481,6 +502,18 @@ def test_sigkill_inside_an_epoch_resumes_from_the_step_checkpoint_bit_identicall
     final = load_all_checkpoints(run_dir)["last.ckpt"]
     assert final["global_step"] == 2 * BATCHES_PER_EPOCH  # 12 - step steps trained after the resume
     assert_same_state(final, uninterrupted_run)
+    # One TensorBoard run: the resumed run continued version_0's stream (a second event file). Its
+    # curve is the uninterrupted run's, one value per step: the resumed run's steps replace what the
+    # killed run logged after the checkpoint, and the steps before it were flushed with the
+    # checkpoint (all but the checkpoint's own batch, which logs after the checkpoint hook).
+    logs = tmp_path / "logs" / "r"
+    assert sorted(p.name for p in logs.iterdir()) == ["version_0"]
+    assert len(list((logs / "version_0").glob("events.out.tfevents.*"))) == 2
+    curve = scalar_curve(logs / "version_0", "train/loss_step")
+    reference = dict(scalar_curve(uninterrupted_root / "logs" / "r" / "version_0", "train/loss_step"))
+    assert sorted(reference) == list(range(2 * BATCHES_PER_EPOCH))
+    assert len({s for s, _ in curve}) == len(curve) and all(reference[s] == v for s, v in curve)
+    assert {*range(step - 1), *range(step, 2 * BATCHES_PER_EPOCH)} <= {s for s, _ in curve}
 
 
 def test_no_signal_no_preemption_checkpoint(uninterrupted_root: Path) -> None:
@@ -532,6 +565,8 @@ def test_sigterm_and_sigusr1_save_a_checkpoint_exit_with_128_plus_signal_and_res
     interrupted = tmp_path / "ckpt" / "r" / "interrupted.ckpt"
     assert run.process.returncode == 128 + signum, stderr[-3000:]
     assert "Traceback" not in stderr
+    assert LIGHTNING_SIGNAL_NOTICE not in stderr  # it would call SIGUSR1 "SIGTERM: 10"
+    assert stderr.count(f"{signal_name}: stopping at the end of this batch") == 1
     line = stderr.strip().splitlines()[-1]
     saved = load_all_checkpoints(interrupted.parent)["interrupted.ckpt"]
     step = saved["global_step"]
@@ -555,7 +590,9 @@ def test_sigterm_and_sigusr1_save_a_checkpoint_exit_with_128_plus_signal_and_res
     with caplog.at_level(logging.INFO, logger="qgtrain"):
         assert call_main(train_cli.main, resume_argv) == 0
     assert RESUMED_FROM.findall(caplog.text) == [(str(interrupted), "0", str(step))]
-    assert_same_state(load_all_checkpoints(interrupted.parent)["last.ckpt"], uninterrupted_run)
+    final = load_all_checkpoints(interrupted.parent)
+    assert_same_state(final["last.ckpt"], uninterrupted_run)
+    assert "interrupted.ckpt" not in final  # superseded once the resumed run wrote last.ckpt
 
 
 # ----------------------------------------------------------------------- 3c. --resume (issue 17.3, 17.5)
@@ -616,6 +653,121 @@ def test_resume_with_another_architecture_is_one_line(
     assert "Traceback" not in stderr
     with pytest.raises(AssertionError, match="training started"):  # the control: same network, accepted
         train_cli.main(argv)
+
+
+def _write_checkpoint(path: Path, global_step: int, epochs_done: int, age_s: float) -> None:
+    """A small checkpoint with Lightning's progress counters, written ``age_s`` seconds ago."""
+    progress = {"current": {"processed": epochs_done, "completed": epochs_done}}
+    checkpoint = {
+        "global_step": global_step,
+        "epoch": epochs_done,
+        "loops": {"fit_loop": {"epoch_progress": progress}},
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(checkpoint, path)
+    stamp = time.time() - age_s
+    os.utime(path, (stamp, stamp))
+
+
+@pytest.mark.parametrize("interrupted_is_newer_on_disk", [False, True])
+def test_resume_last_never_picks_a_superseded_interrupted_checkpoint(
+    tmp_path: Path, interrupted_is_newer_on_disk: bool
+) -> None:
+    """A stale interrupted.ckpt (step 3) beside the last.ckpt of the run that continued it (step 12):
+    ``--resume last`` and the run folder give last.ckpt in both orders of the files' times (a copied
+    folder gets new ones). The control: an interrupted.ckpt further along (step 15) is picked."""
+    run = tmp_path / "ckpt" / "r"
+    _write_checkpoint(run / "interrupted.ckpt", 3, 0, 0 if interrupted_is_newer_on_disk else 100)
+    _write_checkpoint(run / "last.ckpt", 12, 2, 50)
+    assert resume.resolve_resume("last", run.parent, "r") == run / "last.ckpt"
+    assert resume.resolve_resume(str(run), run.parent, "r") == run / "last.ckpt"
+    _write_checkpoint(run / "interrupted.ckpt", 15, 2, 100)  # interrupted in epoch 2, older on disk
+    assert resume.resolve_resume("last", run.parent, "r") == run / "interrupted.ckpt"
+    # same step: last.ckpt (epoch done) beats the step checkpoint of the epoch's last batch, by epochs
+    _write_checkpoint(run / "step.ckpt", 15, 2, 0)
+    _write_checkpoint(run / "last.ckpt", 15, 3, 200)
+    assert resume.resolve_resume("last", run.parent, "r") == run / "last.ckpt"
+
+
+def test_interrupted_checkpoint_is_removed_only_once_a_checkpoint_continuing_it_is_written(
+    tmp_path: Path,
+) -> None:
+    folder = tmp_path / "run"
+    interrupted, last = folder / "interrupted.ckpt", folder / "last.ckpt"
+    _write_checkpoint(interrupted, 3, 0, 0)
+    _write_checkpoint(last, 12, 2, 0)
+
+    def trainer(ckpt_path: Path | None, rank_zero: bool = True) -> object:
+        return type("T", (), {"ckpt_path": ckpt_path, "is_global_zero": rank_zero, "global_step": 12})()
+
+    # controls: a run that started elsewhere (or fresh), and a non-zero rank, leave it alone
+    for other in (trainer(folder / "step.ckpt"), trainer(None), trainer(interrupted, rank_zero=False)):
+        resume.remove_superseded_interrupt(other, folder, last)
+        assert interrupted.is_file()
+    resume.remove_superseded_interrupt(trainer(interrupted), folder, interrupted)  # writing it again
+    assert interrupted.is_file()
+    resume.remove_superseded_interrupt(trainer(interrupted), folder, last)  # the run that continued it
+    assert not interrupted.exists() and last.is_file()
+
+
+def test_a_resumed_run_logs_into_its_tensorboard_version(tmp_path: Path) -> None:
+    logs = tmp_path / "logs" / "r"
+    # a step checkpoint after 8 batches (the 8th processed, not completed) and a last.ckpt after 6
+    step_ckpt = {"loops": {"fit_loop": {"epoch_loop.state_dict": {"_batches_that_stepped": 7},
+                 "epoch_loop.batch_progress": {"total": {"processed": 8, "completed": 7}}}}}  # fmt: skip
+    last_ckpt = {"loops": {"fit_loop": {"epoch_loop.state_dict": {"_batches_that_stepped": 6},
+                 "epoch_loop.batch_progress": {"total": {"processed": 6, "completed": 6}}}}}  # fmt: skip
+    assert resume.log_continuation(logs, step_ckpt) == {}  # no log folder yet: a new version
+    for name in ("version_0", "version_2", "version_10", "other", "version_x"):
+        (logs / name).mkdir(parents=True)
+    assert resume.log_continuation(logs, step_ckpt) == {"version": 10, "purge_step": 8}
+    assert resume.log_continuation(logs, last_ckpt) == {"version": 10, "purge_step": 6}
+    assert resume.log_continuation(logs, None) == {}  # a new run: Lightning's next version
+
+
+class ProgressBarSeen(L.Callback):
+    """The progress bar's label, position and total before each training batch (after the bar's
+    own hooks and :class:`~qgtrain.training.resume.RestoreLoaderState` have run)."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, int, int | None]] = []
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module, batch, batch_idx: int) -> None:
+        bar = trainer.progress_bar_callback.train_progress_bar
+        self.seen.append((bar.desc.rstrip(": "), bar.n, bar.total))
+
+
+@pytest.mark.parametrize(
+    ("checkpoint", "kill_after", "resumes_at"),
+    [("step.ckpt", 3, (0, 2)), ("last.ckpt", 5, (1, 4))],
+    ids=["inside epoch 0", "after epoch 0"],
+)
+def test_a_resumed_epoch_shows_its_progress_bar_total_and_its_number(
+    data_root: Path, tmp_path: Path, checkpoint: str, kill_after: int, resumes_at: tuple[int, int]
+) -> None:
+    """4 batches per epoch. Killed inside epoch 0 (step.ckpt at step 2) or in epoch 1 (last.ckpt at
+    the end of epoch 0), the resumed run's bar reads ``Epoch 0: 2/4`` / ``Epoch 1: 0/4``, not
+    ``2/?``, and :func:`resume.resumes_at` names the same epoch (numbered from 0, as the bar)."""
+    folder = tmp_path / "ckpt"
+    build = lambda: AdversarialTraining(TinyCNN(width=4), build_attack("pgd", eps=0.3, steps=1))  # noqa: E731
+    killed = quiet_trainer(
+        max_epochs=2, limit_val_batches=0, enable_checkpointing=True,
+        callbacks=[StepCheckpoint(folder, every_n_steps=2), LastCheckpoint(folder), KillAfterBatches(kill_after)],
+    )  # fmt: skip
+    with pytest.raises(KilledError):
+        killed.fit(build(), datamodule=small_mnist_datamodule(data_root))
+    saved = torch.load(folder / checkpoint, map_location="cpu", weights_only=True)
+    assert resume.resumes_at(saved) == resumes_at
+    seen = ProgressBarSeen()
+    resumed = quiet_trainer(
+        max_epochs=2, limit_val_batches=0, enable_progress_bar=True,
+        callbacks=[resume.RestoreLoaderState(), seen, TQDMProgressBar()],
+    )  # fmt: skip
+    resumed.fit(build(), datamodule=small_mnist_datamodule(data_root), ckpt_path=str(folder / checkpoint))
+    epoch, step = resumes_at
+    assert seen.seen[0][0] == f"Epoch {epoch}"
+    # before each remaining batch g of the run: its epoch, the batches done in it, the epoch's total
+    assert seen.seen == [(f"Epoch {g // 4}", g % 4, 4) for g in range(step, 8)]
 
 
 # ----------------------------------------------------------------------- 3d. DDP

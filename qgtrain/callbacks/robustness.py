@@ -2,9 +2,10 @@
 
 A cheap inner attack (FGSM-RS, few-step PGD) can make a model robust to that attack only, or collapse
 its robustness within an epoch ("catastrophic overfitting", Wong et al. 2020). This callback measures
-robustness with a stronger attack than the one trained on: BLOB_QG (Liu & Tsang, Eq. 10-11) and, by
-default, PGD; an example counts as robust only when it survives every attack run (per-example worst
-case). Tags are documented in docs/MONITORING.md.
+robustness with a stronger attack than the one trained on: by default BLOB_QG (Liu & Tsang, Eq.
+10-11), then APGD-T over 3 targets on the examples BLOB_QG left robust; an example counts as robust
+only when it survives every attack run (per-example worst case, :data:`WORST_ACC`). Epochs are
+Lightning's, numbered from 0 as in the progress bar. Tags are documented in docs/MONITORING.md.
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ from qgtrain.evaluation.protocol import evaluate_suite
 log = logging.getLogger(__name__)
 
 PREFIX = "robust"
+WORST_ACC = f"{PREFIX}/worst_acc"
+"""The monitor's robust accuracy (per-example worst case over its attacks): ``best.ckpt``'s monitor."""
 DEFAULT_EXTRA_ATTACKS = ["apgd_t"]
 DEFAULT_ATTACK_KWARGS: dict[str, dict[str, Any]] = {"apgd_t": {"targets": 3}}
 """The monitor's default after BLOB_QG-20: APGD-T-20 over 3 targets (benchmarks/evaluation_strength.py)."""
@@ -57,8 +60,8 @@ class RobustnessEvaluation(Callback):
     and the counts are summed with torchmetrics, so 1 and N processes report the same accuracy for
     the same model. ``extra_attacks=None`` means ``["apgd_t"]`` and ``attack_kwargs=None`` means
     ``{"apgd_t": {"targets": 3}}``: APGD-T over the 3 most likely wrong classes after BLOB_QG, the
-    cheapest monitor measured within 0.5 points of AutoAttack (docs/RESULTS.md); ``[]`` runs the
-    main attack only.
+    monitor chosen by ``benchmarks/evaluation_strength.py`` (its distance to AutoAttack is in
+    docs/RESULTS.md section 8); ``[]`` runs the main attack only.
 
     The overfitting guard warns when ``robust/worst_acc`` falls more than ``overfit_margin``
     (absolute) below its best so far, or, for a single-step inner attack after the eps warm-up,
@@ -209,6 +212,9 @@ class RobustnessEvaluation(Callback):
         if self.enabled and stage == "fit":
             self.attacks = self.build_attacks(self.resolve_eps(pl_module))
 
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._epoch_start = time.perf_counter()  # an epoch resumed inside gets no epoch-start hook
+
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._epoch_start = time.perf_counter()
 
@@ -221,12 +227,10 @@ class RobustnessEvaluation(Callback):
             # Already summed over ranks, so every rank holds the same value; sync_dist only keeps
             # Lightning's distributed-logging check quiet (the mean of equal values is that value).
             pl_module.log(key, value, on_step=False, on_epoch=True, sync_dist=True)
-        self.check_overfitting(trainer.current_epoch, results[f"{PREFIX}/worst_acc"], trainer)
+        self.check_overfitting(trainer.current_epoch, results[WORST_ACC], trainer)
         train_adv_acc = single_step_training_accuracy(pl_module)
         if train_adv_acc is not None:
-            self.check_training_gap(
-                trainer.current_epoch, train_adv_acc, results[f"{PREFIX}/worst_acc"], trainer
-            )
+            self.check_training_gap(trainer.current_epoch, train_adv_acc, results[WORST_ACC], trainer)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not self.enabled:
@@ -237,7 +241,7 @@ class RobustnessEvaluation(Callback):
             results = self.evaluate(trainer, pl_module)
             for logger in trainer.loggers:
                 logger.log_metrics(results, step=trainer.global_step)
-            self.check_overfitting(trainer.current_epoch, results[f"{PREFIX}/worst_acc"], trainer)
+            self.check_overfitting(trainer.current_epoch, results[WORST_ACC], trainer)
         if self.log_hparams and self.last_results:
             self.write_hparams(trainer, pl_module)
 
@@ -300,7 +304,7 @@ class RobustnessEvaluation(Callback):
         results[f"{PREFIX}/eval_seconds"] = seconds
         results[f"{PREFIX}/eval_time_share"] = seconds / max(seconds + self._time_since_eval, 1e-9)
         results[f"{PREFIX}/gradient_share"] = gradient_share
-        worst = results[f"{PREFIX}/worst_acc"]
+        worst = results[WORST_ACC]
         if self.best_worst_acc is None or worst > self.best_worst_acc:
             self.best_worst_acc, self.best_epoch = worst, trainer.current_epoch
         results[f"{PREFIX}/best_worst_acc"] = self.best_worst_acc
@@ -365,7 +369,7 @@ class RobustnessEvaluation(Callback):
         """Hyperparameters with final clean and robust accuracy, for TensorBoard's HParams tab."""
         metrics = {
             "hparams/clean_acc": self.last_results[f"{PREFIX}/clean_acc"],
-            "hparams/robust_acc": self.last_results[f"{PREFIX}/worst_acc"],
+            "hparams/robust_acc": self.last_results[WORST_ACC],
             "hparams/best_robust_acc": self.best_worst_acc,
         }
         params = run_hyperparameters(trainer, pl_module, self)

@@ -159,9 +159,13 @@ class QGTrainCLI(LightningCLI):
         check_writable(Path(config.checkpoint.dirpath), "checkpoint")
         if config.trainer.logger in (None, True):
             check_writable(Path(config.log_root), "log")
+            # a resumed run continues its version's curves (version=, purge_step=)
+            same_curves = resume.log_continuation(Path(config.log_root) / self.run_name, self.resume_checkpoint)
             config.trainer.logger = Namespace(
                 class_path="lightning.pytorch.loggers.TensorBoardLogger",
-                init_args=Namespace(save_dir=config.log_root, name=self.run_name, default_hp_metric=False),
+                init_args=Namespace(
+                    save_dir=config.log_root, name=self.run_name, default_hp_metric=False, **same_curves
+                ),
             )
 
     def instantiate_trainer(self, **kwargs: Any):

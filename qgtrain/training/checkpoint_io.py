@@ -14,14 +14,18 @@ import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
 
+from qgtrain.callbacks.robustness import WORST_ACC
 from qgtrain.checkpoint_files import CheckpointError, read_checkpoint
+from qgtrain.training.resume import remove_superseded_interrupt
 
 __all__ = [
     "BEST_CHECKPOINT",
     "DEFAULT_CKPT_MINUTES",
+    "VAL_ADV_ACC",
     "AtomicCheckpointIO",
     "CheckpointError",
     "LastCheckpoint",
+    "ResumePoint",
     "StepCheckpoint",
     "atomic_torch_save",
     "atomic_write",
@@ -31,13 +35,17 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 DEFAULT_CKPT_MINUTES = 10.0
-"""``train.py``'s ``step.ckpt`` interval. One step checkpoint of the main job (MadryMNIST + Adam,
-37.5 MiB) takes 0.12 s to write on the CPU of docs/RESULTS.md, 0.05 of a 2.3 s training step. A step
-count cannot bound that cost on every machine (a GPU step is many times shorter), a time interval
-can: every 10 minutes it is 0.02 %, and a kill loses at most 10 minutes."""
+"""``train.py``'s ``step.ckpt`` interval: a kill loses at most this many minutes. A time interval,
+not a step count, bounds the write's share of training time on every machine (a GPU step is many
+times shorter than a CPU step, a write is not); the write's measured cost is in docs/RESULTS.md
+section 6."""
+
+VAL_ADV_ACC = "val/adv_acc"
+""":class:`~qgtrain.training.AdversarialTraining`'s validation robust accuracy (its ``val_attack``):
+``best.ckpt``'s monitor when robustness evaluation is off."""
 
 BEST_CHECKPOINT = {
-    "monitor": "robust/worst_acc",
+    "monitor": WORST_ACC,
     "save_on_train_epoch_end": True,
     "mode": "max",
     "filename": "best",
@@ -47,10 +55,11 @@ BEST_CHECKPOINT = {
     "enable_version_counter": False,
 }
 """``train.py``'s ``ModelCheckpoint``: ``best.ckpt`` is the best robust model, the per-example worst
-case over the robustness callback's attacks (BLOB_QG + PGD). That exists only on evaluation epochs
-(the first, every N-th, the last), so the checkpoint is taken at train-epoch end, after the callback;
-between evaluations the stale value never beats the best. Without robustness evaluation the monitor
-falls back to ``val/adv_acc``. ``save_last`` is handed to :class:`LastCheckpoint`."""
+case over the robustness callback's attacks (by default BLOB_QG, then APGD-T). That exists only on
+evaluation epochs (the first, every N-th, the last), so the checkpoint is taken at train-epoch end,
+after the callback; between evaluations the stale value never beats the best. Without robustness
+evaluation the monitor falls back to :data:`VAL_ADV_ACC`. ``save_last`` is handed to
+:class:`LastCheckpoint`."""
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
@@ -94,7 +103,20 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         return read_checkpoint(path)  # weights_only=True; one-line CheckpointError on any failure
 
 
-class LastCheckpoint(ModelCheckpoint):
+class ResumePoint(ModelCheckpoint):
+    """A checkpoint ``--resume`` continues from (``last.ckpt``, ``step.ckpt``). After each write the
+    loggers are flushed, so the curves up to the checkpoint are on disk with it (a run killed later
+    and resumed has no hole before its resume point), and the ``interrupted.ckpt`` this run resumed
+    from is removed: the checkpoint just written continued it and supersedes it."""
+
+    def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
+        super()._save_checkpoint(trainer, filepath)
+        for logger in trainer.loggers:
+            logger.save()
+        remove_superseded_interrupt(trainer, Path(filepath).parent, Path(filepath))
+
+
+class LastCheckpoint(ResumePoint):
     """``<dirpath>/last.ckpt`` at the end of every training epoch, whatever the monitored metric did.
 
     Lightning 2.6 writes a monitored callback's ``last.ckpt`` only at steps where a top-k checkpoint
@@ -115,7 +137,7 @@ class LastCheckpoint(ModelCheckpoint):
         )
 
 
-class StepCheckpoint(ModelCheckpoint):
+class StepCheckpoint(ResumePoint):
     """``<dirpath>/step.ckpt`` inside an epoch: every ``every_n_steps`` optimizer steps and/or every
     ``every_minutes`` minutes of training (0 turns a trigger off), whichever comes first.
 

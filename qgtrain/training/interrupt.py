@@ -7,8 +7,11 @@ every rank stops at the same batch). SIGUSR1, what SLURM sends before a time lim
 handler is replaced: it saves ``hpc_ckpt_N.ckpt`` in the middle of whatever the process is doing
 (the signal interrupts a training step) and keeps training; here the checkpoint is taken at the
 batch boundary, and under SLURM with auto-requeue on (Lightning's ``SLURMEnvironment`` default) the
-job is then requeued with ``scontrol requeue`` as Lightning does. Exit statuses: 130 (Ctrl-C),
-143 (SIGTERM), 138 (SIGUSR1): 128 + the signal number, as a shell reports a killed command.
+job is then requeued with ``scontrol requeue`` as Lightning does. The first signal is reported in
+one line naming it (``SIGUSR1: stopping at the end of this batch``); Lightning's notice, which calls
+every signal ``SIGTERM`` (``[rank: 0] Received SIGTERM: 2`` for Ctrl-C), is silenced. Exit
+statuses: 130 (Ctrl-C), 143 (SIGTERM), 138 (SIGUSR1): 128 + the signal number, as a shell reports
+a killed command.
 """
 
 from __future__ import annotations
@@ -26,15 +29,33 @@ from typing import Any
 import lightning as L
 from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.trainer.connectors import signal_connector
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-log = logging.getLogger(__name__)
+from qgtrain.training.resume import INTERRUPTED_CHECKPOINT
 
-INTERRUPTED_CHECKPOINT = "interrupted.ckpt"
+log = logging.getLogger(__name__)
 SIGNAL_NAMES = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM"}
 if hasattr(signal, "SIGUSR1"):
     SIGNAL_NAMES[signal.SIGUSR1] = "SIGUSR1"
+LIGHTNING_SIGNAL_LOG = logging.getLogger(signal_connector.__name__)
+"""Lightning's SIGTERM handler logs here; silenced while it runs inside ours, which names the signal."""
+
+
+def signal_name(signum: int | None) -> str:
+    """``Ctrl-C``, ``SIGTERM``, ``SIGUSR1``, else ``signal N``."""
+    return SIGNAL_NAMES.get(signum or signal.SIGINT, f"signal {signum}")
+
+
+def stopping_message(signum: int) -> str:
+    """The one line written when a signal arrives (Lightning's own notice is silenced)."""
+    again = " (Ctrl-C again to stop now)" if signum == signal.SIGINT else ""
+    return f"{signal_name(signum)}: stopping at the end of this batch{again}"
+
+
+def _drop(record: logging.LogRecord) -> bool:
+    return False
 
 
 def requeue_slurm_job() -> bool:
@@ -92,11 +113,16 @@ class InterruptCheckpoint(Callback):
         def handler(signum: int, frame: FrameType | None) -> None:
             if signum == signal.SIGINT and self.signal == signal.SIGINT:
                 raise KeyboardInterrupt  # a second Ctrl-C: stop now, wherever the run is
-            if signum == signal.SIGINT:
-                log.warning("Ctrl-C: stopping at the end of this batch (Ctrl-C again to stop now)")
+            if self.signal is None:
+                log.warning("%s", stopping_message(signum))
             self.signal = self.signal or signum
             if callable(lightning_sigterm):
-                lightning_sigterm(signum, frame)
+                # its "[rank: 0] Received SIGTERM: <number>" would call every signal SIGTERM
+                LIGHTNING_SIGNAL_LOG.addFilter(_drop)
+                try:
+                    lightning_sigterm(signum, frame)
+                finally:
+                    LIGHTNING_SIGNAL_LOG.removeFilter(_drop)
 
         # all restored by Lightning's SignalConnector.teardown
         for signum in (signal.SIGTERM, signal.SIGINT, getattr(signal, "SIGUSR1", None)):
@@ -141,8 +167,7 @@ class InterruptCheckpoint(Callback):
 
     def message(self, resume_command: str) -> str:
         """One line for the user: what stopped the run, where, what was saved, how to continue."""
-        what = SIGNAL_NAMES.get(self.signal or signal.SIGINT, f"signal {self.signal}")
-        where = f"interrupted by {what} at epoch {self.epoch}, step {self.global_step}"
+        where = f"interrupted by {signal_name(self.signal)} at epoch {self.epoch}, step {self.global_step}"
         requeued = "; SLURM job requeued, it resumes by itself" if self.requeued else ""
         if self.saved_path is not None:
             return f"{where}; saved {self.saved_path}{requeued}; continue with {resume_command}"

@@ -3,11 +3,18 @@ what a resumed run must restore (issue 14, exact mid-epoch resume).
 
 A run folder holds up to three resumable checkpoints: ``step.ckpt`` (inside an epoch, see
 :class:`~qgtrain.training.checkpoint_io.StepCheckpoint`), ``last.ckpt`` (end of every epoch) and
-``interrupted.ckpt`` (Ctrl-C, SIGTERM, SIGUSR1). The newest one written is the resume point.
+``interrupted.ckpt`` (Ctrl-C, SIGTERM, SIGUSR1). The resume point is the one furthest along in
+training (global step, then completed epochs; the newest written on a tie), whatever the files'
+modification times say (a copied folder has new ones). ``interrupted.ckpt`` is removed once the run
+resumed from it has written a newer checkpoint, which supersedes it.
+
+Epochs are numbered from 0 everywhere, as Lightning's progress bar (``Epoch 0``), its ``epoch``
+scalar in TensorBoard and ``checkpoint["epoch"]`` count them.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import shlex
@@ -15,11 +22,16 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
 from lightning.pytorch.callbacks import Callback
 
 from qgtrain.checkpoint_files import CheckpointError, read_checkpoint
 
-RESUMABLE = ("step.ckpt", "last.ckpt", "interrupted.ckpt")
+log = logging.getLogger(__name__)
+
+INTERRUPTED_CHECKPOINT = "interrupted.ckpt"
+RESUMABLE = ("step.ckpt", "last.ckpt", INTERRUPTED_CHECKPOINT)
+LOG_VERSION = re.compile(r"version_(\d+)")
 
 
 class ResumeError(ValueError):
@@ -41,10 +53,24 @@ def unique_run_name(checkpoint_root: Path, base: str) -> str:
     return name
 
 
-def newest_resumable(folder: Path) -> Path | None:
-    """The most recently written of ``folder``'s resumable checkpoints, or ``None``."""
+def training_progress(path: Path) -> tuple[int, int]:
+    """``(global step, completed epochs)`` of a checkpoint file, read through a memory map (only the
+    counters are touched); ``(-1, -1)`` when the file cannot be read (it then ranks last)."""
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        return int(checkpoint.get("global_step", 0)), completed_epochs(checkpoint)
+    except Exception as exc:  # empty, truncated or foreign: read_checkpoint says why if it is chosen
+        log.warning("cannot read %s to rank it among the resume points (%s)", path, type(exc).__name__)
+        return -1, -1
+
+
+def furthest_resumable(folder: Path) -> Path | None:
+    """The resumable checkpoint of ``folder`` furthest along in training, or ``None``: the highest
+    global step, then the most completed epochs (``last.ckpt`` after a ``step.ckpt`` of the epoch's
+    last batch), then the newest written. A stale ``interrupted.ckpt`` of an earlier session never
+    wins over a ``last.ckpt`` that trained further, whichever file is newer on disk."""
     found = [folder / name for name in RESUMABLE if (folder / name).is_file()]
-    return max(found, key=lambda p: p.stat().st_mtime_ns) if found else None
+    return max(found, key=lambda p: (*training_progress(p), p.stat().st_mtime_ns)) if found else None
 
 
 def run_versions(checkpoint_root: Path, base: str) -> list[Path]:
@@ -60,17 +86,17 @@ def run_versions(checkpoint_root: Path, base: str) -> list[Path]:
 
 
 def latest_checkpoint(checkpoint_root: Path, base: str) -> Path | None:
-    """The newest resumable checkpoint of the newest run named ``base`` (or ``base-vN``) that has one."""
+    """:func:`furthest_resumable` of the newest run named ``base`` (or ``base-vN``) that has one."""
     for run in reversed(run_versions(checkpoint_root, base)):
-        found = newest_resumable(run)
+        found = furthest_resumable(run)
         if found is not None:
             return found
     return None
 
 
 def resolve_resume(resume: str, checkpoint_root: Path, base: str) -> Path:
-    """A ``.ckpt`` file; a run folder (its newest of ``step.ckpt``, ``last.ckpt``, ``interrupted.ckpt``);
-    or ``last``: the newest resumable checkpoint of the newest run named ``base`` or ``base-vN``."""
+    """A ``.ckpt`` file; a run folder (the one of ``step.ckpt``, ``last.ckpt``, ``interrupted.ckpt``
+    furthest along); or ``last``: that checkpoint of the newest run named ``base`` or ``base-vN``."""
     if resume == "last":
         path = latest_checkpoint(checkpoint_root, base)
         if path is None:
@@ -81,7 +107,7 @@ def resolve_resume(resume: str, checkpoint_root: Path, base: str) -> Path:
         return path
     path = Path(resume)
     if path.is_dir():
-        found = newest_resumable(path)
+        found = furthest_resumable(path)
         if found is None:
             raise ResumeError(f"--resume: no checkpoint ({', '.join(RESUMABLE)}) in {path}")
         return found
@@ -150,6 +176,57 @@ def completed_epochs(checkpoint: dict[str, Any]) -> int:
         return int(checkpoint.get("epoch", 0))
 
 
+def resumes_at(checkpoint: dict[str, Any]) -> tuple[int, int]:
+    """``(epoch, global step)`` where a run resumed from ``checkpoint`` continues, the epoch as the
+    progress bar numbers it: a ``last.ckpt`` written at the end of epoch 0 continues in epoch 1."""
+    epoch = max(int(checkpoint.get("epoch", 0)), completed_epochs(checkpoint))
+    return epoch, int(checkpoint.get("global_step", 0))
+
+
+def first_logged_step(checkpoint: dict[str, Any]) -> int:
+    """The logger step at which a run resumed from ``checkpoint`` logs first: Lightning's
+    ``_batches_that_stepped``, plus the one that ``TrainingEpochLoop.reset`` adds for a checkpoint
+    written in a batch's end hooks (a step checkpoint: that batch processed, not yet completed).
+    Under free training it counts batches, not the replays' optimizer steps of ``global_step``."""
+    try:
+        loop = checkpoint["loops"]["fit_loop"]
+        stepped = int(loop["epoch_loop.state_dict"]["_batches_that_stepped"])
+        batches = loop["epoch_loop.batch_progress"]["total"]
+        return stepped + int(batches["processed"] > batches["completed"])
+    except (KeyError, TypeError):
+        return int(checkpoint.get("global_step", 0))
+
+
+def log_continuation(log_folder: Path, checkpoint: dict[str, Any] | None) -> dict[str, int]:
+    """``TensorBoardLogger`` arguments that make a resumed run continue its run's curves.
+
+    ``version``: the newest ``log_folder/version_N`` (a run folder's versions are all that run's, as
+    its checkpoint folder is), instead of a new ``version_N+1``. ``purge_step``: the resumed run's
+    :func:`first_logged_step`; its event file starts with a marker there, and TensorBoard drops what
+    the stopped run logged at that step and after (the resumed run logs those steps again), so each
+    step has one value. ``{}`` for a new run, or when the folder has no version yet.
+    """
+    if checkpoint is None or not log_folder.is_dir():
+        return {}
+    versions = [int(m.group(1)) for p in log_folder.iterdir() if (m := LOG_VERSION.fullmatch(p.name))]
+    if not versions:
+        return {}
+    return {"version": max(versions), "purge_step": first_logged_step(checkpoint)}
+
+
+def remove_superseded_interrupt(trainer: L.Trainer, folder: Path, written: Path) -> None:
+    """Remove ``folder/interrupted.ckpt`` after ``written`` (a newer ``last.ckpt`` or ``step.ckpt``)
+    when this run resumed from it: the run continued that checkpoint, so ``written`` holds all of it
+    and more. An ``interrupted.ckpt`` this run did not start from is left alone."""
+    interrupted = folder / INTERRUPTED_CHECKPOINT
+    source = trainer.ckpt_path
+    if not trainer.is_global_zero or not source or written.resolve() == interrupted.resolve():
+        return
+    if Path(source).resolve() == interrupted.resolve() and interrupted.is_file():
+        interrupted.unlink()
+        log.info("removed %s: superseded by %s (step %d)", interrupted, written.name, trainer.global_step)
+
+
 def finished_message(
     checkpoint: dict[str, Any], path: Path, max_epochs: int | None, max_steps: int
 ) -> str | None:
@@ -198,7 +275,8 @@ def slurm_requeued() -> bool:
 
 
 class RestoreLoaderState(Callback):
-    """Hand the checkpoint's ``StatefulDataLoader`` state to the loader when Lightning did not.
+    """Hand the checkpoint's ``StatefulDataLoader`` state to the loader when Lightning did not, and
+    give the epoch resumed inside it its progress bar.
 
     Lightning 2.6 restores a stateful loader in ``FitLoop.setup_data``, but when
     ``configure_optimizers`` reads ``trainer.estimated_stepping_batches`` (as
@@ -207,12 +285,36 @@ class RestoreLoaderState(Callback):
     the resumed epoch would start again at its first batch. At ``on_train_start`` the fit loop has
     read the checkpoint; this loads the pending state through the fit loop's own method (which
     applies it only when restarting inside an epoch) and recreates the batch iterator from it.
+
+    An epoch resumed inside gets no ``on_train_epoch_start`` (it started before the checkpoint), the
+    hook in which the progress bar sets the epoch's total and its ``Epoch N`` label: the bar would
+    count ``80/?``. Before the first resumed batch the progress bar's hook is called, and a tqdm
+    bar starts at the batches already done (``80/550``, its rate from the resumed batches only).
     """
+
+    def __init__(self) -> None:
+        self._resumed_inside_epoch = False
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         loop = trainer.fit_loop
+        self._resumed_inside_epoch = loop.restarted_mid_epoch
         if not getattr(loop, "_combined_loader_states_to_load", None) or loop._data_fetcher is None:
             return
         loop._load_combined_loader_states()
         if not loop._combined_loader_states_to_load:  # loaded: iterate from the restored position
             iter(loop._data_fetcher)
+
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        if not self._resumed_inside_epoch:
+            return
+        self._resumed_inside_epoch = False
+        bar = trainer.progress_bar_callback
+        if bar is None:
+            return
+        bar.on_train_epoch_start(trainer, pl_module)
+        tqdm_bar = getattr(bar, "train_progress_bar", None)  # TQDMProgressBar; Rich counts from the update
+        if tqdm_bar is not None and hasattr(tqdm_bar, "initial"):
+            tqdm_bar.initial = tqdm_bar.n = batch_idx
+            tqdm_bar.refresh()

@@ -8,6 +8,9 @@ from typing import Any
 import lightning as L
 import torch
 
+EPOCH_NUMBERING = "counted from 0, as the progress bar counts"
+"""How every epoch qgtrain reports is numbered: Lightning's ``current_epoch``, the progress bar's ``Epoch N``."""
+
 
 def quiet_trainer(**overrides: Any) -> L.Trainer:
     """A one-device CPU Trainer without logger, checkpoints, progress bar or sanity check, with
@@ -27,7 +30,9 @@ def quiet_trainer(**overrides: Any) -> L.Trainer:
 
 
 def run_summary(trainer: L.Trainer, run_name: str, folder: Path) -> str:
-    """Best robust accuracy (metric, epoch), both checkpoints, and the commands to run next."""
+    """Best robust accuracy (metric, epoch), both checkpoints, and the commands to run next. The
+    epoch is ``checkpoint["epoch"]``, numbered from 0 as the progress bar and the robustness lines
+    number it (and said so: ``at epoch 1`` of a 3-epoch run is its second, ``Epoch 1`` on the bar)."""
     checkpoint = trainer.checkpoint_callback
     last = folder / "last.ckpt"
     best_path = getattr(checkpoint, "best_model_path", "")
@@ -35,7 +40,10 @@ def run_summary(trainer: L.Trainer, run_name: str, folder: Path) -> str:
         best = folder / Path(best_path).name  # as configured: a relative folder stays relative
         epoch = torch.load(best, map_location="cpu", weights_only=True, mmap=True)["epoch"]
         score = float(checkpoint.best_model_score)
-        lines = [f"run {run_name} finished: best {checkpoint.monitor} = {score:.4f} at epoch {epoch}"]
+        lines = [
+            f"run {run_name} finished: best {checkpoint.monitor} = {score:.4f} at epoch {epoch} "
+            f"({EPOCH_NUMBERING})"
+        ]
         lines.append(f"  best: {best}")
     else:
         best = last
