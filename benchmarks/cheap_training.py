@@ -99,9 +99,9 @@ CPU = (  # docs/RESULTS.md section 3: the step sizes its sweep chose, its seeds
     Run("nfgsm_b100", "nfgsm", b=100), Run("nfgsm_b100_small_alpha", "nfgsm", alpha=0.003, b=100),
 )
 SMOKE = (  # a tiny network on 400 images; step.ckpt every 2 steps
-    "--model", "tiny_cnn", "--data.init_args.train_subset", "400", "--data.init_args.val_size", "200",
-    "--batch-size", "20", "--eval-size", "50", "--eval-steps", "2", "--trainer.limit_val_batches", "1",
-    "--visualization.every_n_epochs", "0", "--ckpt-every-steps", "2",
+    "--model.net", "qgtrain.models.TinyCNN", "--data.init_args.train_subset", "400",
+    "--data.init_args.val_size", "200", "--batch-size", "20", "--eval-size", "50", "--eval-steps", "2",
+    "--trainer.limit_val_batches", "1", "--visualization.every_n_epochs", "0", "--ckpt-every-steps", "2",
 )
 BUDGETS = {
     "robust": Budget("robust", ROBUST),

@@ -3,6 +3,7 @@ from the run's step.ckpt (at most one checkpoint interval lost) and does not red
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -17,6 +18,7 @@ from conftest import REPO
 from qgtrain.checkpoint_files import read_checkpoint
 
 SCRIPT = REPO / "benchmarks" / "cheap_training.py"
+pytestmark = pytest.mark.slow  # several train.py and evaluate.py processes
 INTERVAL = 2  # the smoke budget's --ckpt-every-steps
 FIRST, SECOND = "pgd2_s0", "pqgd2_b100_s0"  # the smoke grid, trained in this order with --jobs 1
 
@@ -90,3 +92,21 @@ def test_the_rerun_does_not_redo_the_finished_run(killed_and_rerun):
     assert f"train {FIRST}:" not in run["rerun"].stdout  # not launched again
     assert (run["folder"] / f"{FIRST}.done").stat().st_mtime_ns == run["first_done"]
     assert (run["folder"] / f"{FIRST}.train.log").read_text() == run["first_log"]
+
+
+def test_judging_writes_each_result_once_and_the_report_reads_them(killed_and_rerun, data_root):
+    run = killed_and_rerun
+    judged = subprocess.run(study(run["out"], data_root, "--judge-only"), capture_output=True, text=True)
+    assert judged.returncode == 0, judged.stdout + judged.stderr
+    results = run["folder"] / "results"
+    for name in (FIRST, SECOND):  # every run: APGD-CE -> APGD-T only
+        record = json.loads((results / name / "results.json").read_text())
+        assert [a["label"] for a in record["results"]["suite"]["attacks"]] == ["apgd_ce", "apgd_t"]
+    assert list(results.glob("*_full/results.json"))  # the whole suite for the frontier (equal cost)
+    written = {path: path.stat().st_mtime_ns for path in results.glob("*/results.json")}
+    again = subprocess.run(study(run["out"], data_root, "--judge-only"), capture_output=True, text=True)
+    assert again.returncode == 0 and not re.search(r"\] judge \S+: ", again.stdout)  # nothing launched
+    assert {path: path.stat().st_mtime_ns for path in results.glob("*/results.json")} == written
+    report = subprocess.run(study(run["out"], data_root, "--report"), capture_output=True, text=True)
+    assert report.returncode == 0, report.stderr
+    assert "pqgd2_b100" in report.stdout and (run["out"] / "cheap_training_smoke.png").is_file()
