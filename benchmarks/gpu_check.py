@@ -118,7 +118,6 @@ def section_tests(plan: Plan) -> Section:
 
 def section_main_job(plan: Plan) -> Section:
     """One epoch of the main job through the training CLI, in process; the module's perf meters."""
-    from qgtrain.cli.aliases import expand_short_flags
     from qgtrain.cli.train import build_cli
 
     if plan.data_dir is None:
@@ -166,7 +165,7 @@ def section_main_job(plan: Plan) -> Section:
                     "--data.init_args.train_subset",
                     "300",
                 ]
-        cli = build_cli(expand_short_flags(argv))
+        cli = build_cli(argv)
         start = time.perf_counter()
         cli.trainer.fit(cli.model, datamodule=cli.datamodule)
         wall = time.perf_counter() - start

@@ -29,9 +29,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 # A tiny train.py run (one step, no robustness or visualization callbacks) for tests that expect a
 # refusal before training: were a check to let a bad value through, the run would still be short.
-# No short flag that would override the dotted keys under test (short flags are applied last).
+# No short flag that would override the dotted keys under test.
 REFUSED_RUN_ARGS = [
-    "--model", "tiny_cnn", "--data.init_args.train_subset=100", "--data.init_args.val_size=100",
+    "--net", "tiny_cnn", "--data.init_args.train_subset=100", "--data.init_args.val_size=100",
     "--trainer.max_steps=1", "--robustness.every_n_epochs=0", "--visualization.every_n_epochs=0",
 ]  # fmt: skip
 

@@ -22,7 +22,6 @@ from qgtrain.attacks import PGD, PQGD, build_attack
 from qgtrain.callbacks import AttackVisualization, RobustnessEvaluation, shard_batches, subset_indices
 from qgtrain.callbacks.robustness import WORST_ACC
 from qgtrain.callbacks.validation_data import limited_validation_size
-from qgtrain.cli.aliases import expand_short_flags
 from qgtrain.cli.train import build_cli, main
 from qgtrain.data import MNISTDataModule
 from qgtrain.evaluation import adversarial_correct, clean_correct
@@ -335,7 +334,7 @@ def test_eval_flags_and_eps_reach_the_robustness_config(
     assert cfg["visualization"]["every_n_epochs"] == 3
     assert cfg["checkpoint"]["monitor"] == "robust/worst_acc"
     roots = ["--checkpoint_root", str(tmp_path / "ck"), "--log_root", str(tmp_path / "lg")]
-    cli = build_cli(expand_short_flags(["--eps", "0.2", "--model", "tiny_cnn", *roots]))
+    cli = build_cli(["--eps", "0.2", "--net", "tiny_cnn", *roots])
     robustness = next(c for c in cli.trainer.callbacks if isinstance(c, RobustnessEvaluation))
     assert robustness.resolve_eps(cli.model) == 0.2
     for bad, message in (
@@ -343,7 +342,7 @@ def test_eval_flags_and_eps_reach_the_robustness_config(
         (["--eval-every", "-1"], "--eval-every must be >= 0"),
     ):
         with pytest.raises(SystemExit) as info:
-            main([*bad, "--model", "tiny_cnn", *roots])
+            main([*bad, "--net", "tiny_cnn", *roots])
         assert info.value.code == 2 and message in capsys.readouterr().err
 
 
@@ -354,12 +353,12 @@ def test_turning_evaluation_off_falls_back_to_validation_accuracy(tmp_path: Path
         str(tmp_path / "ck"),
         "--log_root",
         str(tmp_path / "lg"),
-        "--model",
+        "--net",
         "tiny_cnn",
     ]
     monitors = {}
     for every in ("0", "2"):
-        cli = build_cli(expand_short_flags([*common, "--eval-every", every, "--run-name", f"r{every}"]))
+        cli = build_cli([*common, "--eval-every", every, "--run-name", f"r{every}"])
         (checkpoint,) = [cb for cb in cli.trainer.callbacks if isinstance(cb, ModelCheckpoint) and cb.monitor]
         robustness = [cb for cb in cli.trainer.callbacks if isinstance(cb, RobustnessEvaluation)]
         assert len(robustness) == 1 and robustness[0].every_n_epochs == int(every)

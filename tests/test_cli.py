@@ -13,8 +13,9 @@ from conftest import REFUSED_RUN_ARGS, call_main, error_lines, no_training, outp
 
 from qgtrain.attacks import attack_class
 from qgtrain.callbacks import RobustnessEvaluation
-from qgtrain.cli.aliases import SHORT_FLAGS, expand_short_flags
+from qgtrain.cli.aliases import SHORT_FLAGS
 from qgtrain.cli.train import QGTrainCLI, build_cli, main
+from qgtrain.training.trainer import EPOCH_NUMBERING
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -46,7 +47,7 @@ def usage_error(
 
 def built(tmp_path: Path, *argv: str):
     """The CLI of ``train.py argv`` with model, data, callbacks and trainer built (nothing fitted)."""
-    return build_cli(expand_short_flags([*argv, *output_roots(tmp_path)]))
+    return build_cli([*argv, *output_roots(tmp_path)])
 
 
 def test_main_job_flags_resolve_to_paper_defaults(capsys: pytest.CaptureFixture) -> None:
@@ -80,7 +81,7 @@ def test_switching_inner_attack_resets_class_specific_arguments(
     assert (
         none_eps["model"]["val_attack"]["init_args"]["eps"] == 0.2 and none_eps["robustness"]["eps"] is None
     )
-    cli = built(tmp_path, "--model", "tiny_cnn", "--inner", "none", "--eps", "0.2")
+    cli = built(tmp_path, "--net", "tiny_cnn", "--inner", "none", "--eps", "0.2")
     robustness = next(c for c in cli.trainer.callbacks if isinstance(c, RobustnessEvaluation))
     assert robustness.resolve_eps(cli.model) == 0.2
 
@@ -100,7 +101,7 @@ def test_every_short_flag_lands_in_the_config(capsys: pytest.CaptureFixture, tmp
         "0.02",
         "--b",
         "500",
-        "--model",
+        "--net",
         "tiny_cnn",
         "--epochs",
         "3",
@@ -181,7 +182,7 @@ BAD_TRAIN_ARGS = [
     (["--alpha", "-1"], ("--alpha", "> 0")),
     (["--inner", "pgdx"], ("--inner must be one of none, fgsm", "pqgd")),
     (["--inner", "none", "--steps", "3"], ("--steps needs an inner attack",)),
-    (["--model", "vgg16"], ("--model", "tiny_cnn")),
+    (["--net", "vgg16"], ("--net", "tiny_cnn")),
     (["--dataset", "svhn"], ("--dataset must be one of mnist", "cifar10")),
     (["--devices", "999"], ("--devices 999", "available")),
     (["--devices", "two"], ("--devices", "'auto'")),
@@ -287,12 +288,12 @@ def test_help_starts_with_the_short_flags_and_their_resolved_defaults(
     first = text.splitlines()[: 2 * len(SHORT_FLAGS) + 1]
     assert first[0].startswith("Short flags") and "mnist.yaml" in first[0]
     table = "\n".join(first)
-    for shown in ("--dataset mnist ", "--inner pgd ", "--steps 10 ", "--eps 0.3 ", "--model madry_mnist "):
+    for shown in ("--dataset mnist ", "--inner pgd ", "--steps 10 ", "--eps 0.3 ", "--net madry_mnist "):
         assert shown in table, shown
     assert "sets model.inner.init_args.eps, model.val_attack.init_args.eps" in table
     # The values come from the resolved config, so another config file shows its own.
     fast = "\n".join(help_text("--config", str(CONFIGS / "mnist_fast.yaml")).splitlines()[:20])
-    assert "--model tiny_cnn " in fast and "mnist_fast.yaml" in fast
+    assert "--net tiny_cnn " in fast and "mnist_fast.yaml" in fast
     # --model.net lists qgtrain's networks, not every torch.nn class.
     assert "torch.nn" not in text and "qgtrain.models.TinyCNN" in text
     # Every option of qgtrain's own classes has a description before its type.
@@ -311,7 +312,7 @@ def test_run_names_show_the_model(tmp_path: Path) -> None:
     fast = built(tmp_path, "--config", str(CONFIGS / "mnist_fast.yaml"))
     assert full.run_name == "mnist-madry_mnist-pqgd-k10-b100"
     assert fast.run_name == "mnist-tiny_cnn-pqgd-k10-b100"
-    assert built(tmp_path, "--model", "tiny_cnn", "--inner", "none").run_name == "mnist-tiny_cnn-standard"
+    assert built(tmp_path, "--net", "tiny_cnn", "--inner", "none").run_name == "mnist-tiny_cnn-standard"
 
 
 @pytest.mark.parametrize(
@@ -334,7 +335,7 @@ def test_a_refused_run_writes_nothing(
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("QGTRAIN_DATA", str(data_root))
     try:
-        code = main(["--model", "tiny_cnn", "--data.init_args.train_subset=100", *argv])
+        code = main(["--net", "tiny_cnn", "--data.init_args.train_subset=100", *argv])
     except SystemExit as exc:
         code = exc.code
     err = capsys.readouterr().err
@@ -342,10 +343,20 @@ def test_a_refused_run_writes_nothing(
     assert list(tmp_path.iterdir()) == []  # no logs/, checkpoints/
 
 
-def test_dotted_arguments_keep_their_place_after_config_files() -> None:
-    args = expand_short_flags(["--config", "a.yaml", "--model.net.init_args.width", "4", "--inner", "pgd"])
-    assert args[:4] == ["--config", "a.yaml", "--model.net.init_args.width", "4"]
-    assert args[4] == "--model.inner=qgtrain.attacks.PGD"
+def test_flags_apply_in_command_line_order_as_the_keys_they_set(capsys: pytest.CaptureFixture) -> None:
+    """A short flag does what its long key does at its place: a later key or config file wins, and
+    --inner resets only what no earlier flag set."""
+    inner = "model.inner.init_args"
+    late = resolved_config(capsys, "--steps", "7", f"--{inner}.steps=9")["model"]["inner"]["init_args"]
+    assert late["steps"] == 9
+    early = resolved_config(capsys, f"--{inner}.steps=9", "--steps", "7")["model"]["inner"]["init_args"]
+    assert early["steps"] == 7
+    kept = resolved_config(capsys, "--alpha", "0.05", "--b", "50", "--inner", "pqgd")["model"]["inner"]
+    assert kept["class_path"] == "qgtrain.attacks.PQGD" and kept["init_args"]["alpha"] == 0.05
+    assert kept["init_args"]["b"] == 50
+    fast = resolved_config(capsys, "--config", str(CONFIGS / "mnist_fast.yaml"), "--eps", "0.2")
+    assert fast["model"]["net"]["class_path"] == "qgtrain.models.TinyCNN"
+    assert fast["model"]["inner"]["init_args"]["eps"] == 0.2
 
 
 def test_main_job_with_a_tiny_run_limit(
@@ -357,7 +368,7 @@ def test_main_job_with_a_tiny_run_limit(
     monkeypatch.setenv("QGTRAIN_DATA", str(data_root))
     # One validation batch (val_size <= eval_batch_size). Note that jsonargparse reads
     # `--trainer.limit_train_batches 1` as 1.0, i.e. 100%: limits here are >= 2.
-    tiny = "--model tiny_cnn --epochs 1 --data.init_args.val_size 200 --eval-size 50 --eval-steps 2 --trainer.enable_progress_bar false".split()
+    tiny = "--net tiny_cnn --epochs 1 --data.init_args.val_size 200 --eval-size 50 --eval-steps 2 --trainer.enable_progress_bar false".split()
     assert main(["--inner", "pqgd", "--steps", "10", *tiny, "--trainer.limit_train_batches", "3"]) == 0
     run = tmp_path / "checkpoints" / "mnist-tiny_cnn-pqgd-k10-b100"
     assert sorted(p.name for p in run.iterdir()) == ["best.ckpt", "last.ckpt"]
@@ -368,7 +379,8 @@ def test_main_job_with_a_tiny_run_limit(
         "best_model_score"
     ]
     assert summary == [
-        f"run mnist-tiny_cnn-pqgd-k10-b100 finished: best robust/worst_acc = {float(score):.4f} at epoch 0",
+        f"run mnist-tiny_cnn-pqgd-k10-b100 finished: best robust/worst_acc = {float(score):.4f} at epoch 0 "
+        f"({EPOCH_NUMBERING})",
         "  best: checkpoints/mnist-tiny_cnn-pqgd-k10-b100/best.ckpt",
         "  last: checkpoints/mnist-tiny_cnn-pqgd-k10-b100/last.ckpt",
         "  TensorBoard: tensorboard --logdir logs/mnist-tiny_cnn-pqgd-k10-b100",
@@ -410,4 +422,29 @@ def test_arguments_for_a_null_inner_attack_are_refused(tmp_path: Path, capsys: p
             ]
         )
     assert info.value.code == 2
-    assert "no attack class" in capsys.readouterr().err
+    assert "--steps needs an inner attack, but model.inner is null" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("injected", [RuntimeError("injected"), ValueError("injected"), TypeError("injected")])
+def test_an_unexpected_exception_at_start_up_is_a_bug_with_its_traceback(
+    injected: Exception, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Only qgtrain's own refusals are one usage line; anything else keeps its traceback and says it
+    is a bug (exit 1). Control: a real bad flag, in the same setting, is still one line."""
+    from qgtrain.training import resume
+
+    def broken(*args, **kwargs):
+        raise injected
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(L.Trainer, "fit", no_training)
+    monkeypatch.setattr(resume, "start_point", broken)
+    assert call_main(main, [*REFUSED_RUN_ARGS, *output_roots(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" in err and f"{type(injected).__name__}: injected" in err, err
+    assert err.rstrip().splitlines()[-1].startswith("train.py: this is a bug in qgtrain"), err
+    assert "train.py: error:" not in err
+    assert call_main(main, [*REFUSED_RUN_ARGS, *output_roots(tmp_path), "--stpes", "3"]) == 2
+    assert error_lines(capsys.readouterr().err) == [
+        "train.py: error: unrecognized argument --stpes; did you mean --steps?"
+    ]

@@ -54,7 +54,7 @@ from qgtrain.training.module import looks_like_probabilities
 
 # Six batches of 50 per epoch, 2-step PGD, one validation batch, no robustness/visualization callbacks.
 TINY = [
-    "--model", "tiny_cnn", "--inner", "pgd", "--steps", "2", "--run-name", "r",
+    "--net", "tiny_cnn", "--inner", "pgd", "--steps", "2", "--run-name", "r",
     "--data.init_args.train_subset", "300", "--data.init_args.val_size", "100",
     "--data.init_args.batch_size", "50", "--data.init_args.eval_batch_size", "100",
     "--trainer.limit_val_batches", "1", "--trainer.enable_progress_bar", "false",
@@ -644,7 +644,7 @@ def test_resume_with_another_architecture_is_one_line(
     monkeypatch.setattr(L.Trainer, "fit", no_training)
     last = uninterrupted_root / "ckpt" / "r" / "last.ckpt"
     argv = [*TINY, *output_roots(uninterrupted_root), "--epochs", "3", "--resume", str(last)]
-    assert call_main(train_cli.main, [*argv, "--model", "madry_mnist"]) == 2
+    assert call_main(train_cli.main, [*argv, "--net", "madry_mnist"]) == 2
     stderr = capsys.readouterr().err
     assert error_lines(stderr) == [
         f"train.py: error: --resume: {last} holds a tiny_cnn(dataset=mnist, width=16) network, this run "

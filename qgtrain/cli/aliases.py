@@ -1,30 +1,36 @@
 """Short flags of ``train.py``: one row per flag, naming the LightningCLI keys it sets.
 
-Trace ``--eps 0.2``: its row in :data:`SHORT_FLAGS` lists ``model.inner.init_args.eps`` and
-``model.val_attack.init_args.eps``, so :func:`expand_short_flags` appends
-``--model.inner.init_args.eps=0.2 --model.val_attack.init_args.eps=0.2`` after the config files and
-long arguments. jsonargparse types the value and ``Attack.__init__`` (``attacks/base.py``) rejects a
-radius outside ``(0, 1]``; that message comes out as one line naming the flag (:func:`name_the_flag`,
-used by ``cli/train.py``). The robustness evaluation has ``eps: null`` and takes the module's
-``val_attack`` radius (``RobustnessEvaluation.resolve_eps``). The resolved config
-(``--print_config``, the saved ``config.yaml``) stays the single source of truth.
+Each row is an argument of the LightningCLI parser itself (:func:`add_short_flags`), so the command
+line is parsed once, by jsonargparse, in the order it was typed: ``--steps 10`` does exactly what
+``--model.inner.init_args.steps=10`` does at that place (:func:`set_key` hands the value to the
+parser's own action for the key), after the default config file (``configs/mnist.yaml``) and any
+``--config`` before it. jsonargparse types the value and the class that uses it checks it
+(``Attack.__init__`` rejects ``--eps 2``); ``cli/train.py`` reports that as one line naming the flag
+(:func:`name_the_flag`). ``--eps`` sets the inner and validation radii; the robustness evaluation
+has ``eps: null`` and takes the validation radius. The resolved config (``--print_config``, the
+saved ``config.yaml``) stays the single source of truth.
+
+``--inner NAME`` reads the inner attack's class that the config resolved to so far: when NAME is
+another class, the arguments whose meaning depends on the class (``b``, ``alpha``; ``steps`` and
+``random_start`` of single-step attacks) take the new class's defaults, unless a flag before it
+set them.
 """
 
 from __future__ import annotations
 
 import argparse
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from pydoc import locate
 from typing import Any
 
-import yaml
-
 from qgtrain.attacks import ATTACKS
 from qgtrain.cli import UsageError
 from qgtrain.data import DATAMODULES
 from qgtrain.models import MODELS
+from qgtrain.training.checkpoint_io import DEFAULT_CKPT_MINUTES
 
 INNER = "model.inner.init_args"
 VALIDATION = "model.val_attack.init_args"
@@ -46,9 +52,17 @@ class ShortFlag:
     minimum: int | None = None
 
 
+RUN_OPTIONS = (  # (key, type, default, help, short flag or ""): top-level keys beside LightningCLI's
+    ("run_name", str | None, None, "run name (null: <dataset>-<net>-<inner>-k<steps>-b<b>)", "--run-name"),
+    ("checkpoint_root", str, "checkpoints", "checkpoints go to ROOT/<run>/", ""),
+    ("log_root", str, "logs", "TensorBoard logs go to ROOT/<run>/version_N/", ""),
+    ("resume", str | None, None, "continue from a .ckpt, a run folder, or 'last' for this run name", "--resume"),
+    ("ckpt_every_steps", int, 0, "also write step.ckpt every N steps (0 = off)", "--ckpt-every-steps"),
+    ("ckpt_every_minutes", float, DEFAULT_CKPT_MINUTES, "write step.ckpt every T minutes (0 = off)", "--ckpt-every-minutes"),
+)  # fmt: skip
 EVAL, VIEWS = "robustness", "visualization"  # the robustness evaluation and its TensorBoard views
 SHORT_FLAGS: tuple[ShortFlag, ...] = (
-    ShortFlag("--dataset", ("data",), "dataset; loads configs/<name>.yaml", DATAMODULES),
+    ShortFlag("--dataset", ("config",), "dataset; loads configs/<name>.yaml (give it first)", DATAMODULES),
     ShortFlag(
         "--inner", ("model.inner",), "inner attack (none: standard training)", {"none": None, **ATTACKS}
     ),
@@ -56,7 +70,8 @@ SHORT_FLAGS: tuple[ShortFlag, ...] = (
     ShortFlag("--eps", (f"{INNER}.eps", f"{VALIDATION}.eps"), "L-inf radius in pixels (robustness follows)"),
     ShortFlag("--alpha", (f"{INNER}.alpha",), "inner attack step size"),
     ShortFlag("--b", (f"{INNER}.b",), "quantization level of the inner attack (1 = sign gradient)"),
-    ShortFlag("--model", ("model.net",), "network", MODELS),
+    ShortFlag("--replays", (f"{INNER}.replays",), "free AT: times each batch is replayed (m)", minimum=1),
+    ShortFlag("--net", ("model.net",), "network", MODELS),
     ShortFlag("--epochs", ("trainer.max_epochs",), "training epochs", minimum=1),
     ShortFlag("--batch-size", ("data.init_args.batch_size",), "training batch size"),
     ShortFlag("--lr", ("model.optimizer.init_args.lr",), "learning rate"),
@@ -66,10 +81,7 @@ SHORT_FLAGS: tuple[ShortFlag, ...] = (
     ShortFlag("--precision", ("trainer.precision",), "32-true, 16-mixed, bf16-mixed"),
     ShortFlag("--seed", ("seed_everything", "model.seed", "data.init_args.seed"), "seed of all", minimum=0),
     ShortFlag("--data-dir", ("data.init_args.data_dir",), "data root (null: $QGTRAIN_DATA, else ./data)"),
-    ShortFlag("--run-name", ("run_name",), "run name (null: <dataset>-<model>-<inner>-k<steps>-b<b>)"),
-    ShortFlag("--resume", ("resume",), "continue from a .ckpt, a run folder, or 'last' for this run name"),
-    ShortFlag("--ckpt-every-steps", ("ckpt_every_steps",), "also write step.ckpt every N steps (0 = off)"),
-    ShortFlag("--ckpt-every-minutes", ("ckpt_every_minutes",), "write step.ckpt every T minutes (0 = off)"),
+    *(ShortFlag(flag, (key,), text) for key, _, _, text, flag in RUN_OPTIONS if flag),
     ShortFlag(
         "--eval-every", (f"{EVAL}.every_n_epochs", f"{VIEWS}.every_n_epochs"), "every N epochs (0 = off)"
     ),
@@ -85,6 +97,11 @@ def configs_dir() -> Path:
     """``./configs`` when it exists, else the repository's ``configs/`` beside the package."""
     local = Path.cwd() / "configs"
     return local if local.is_dir() else Path(__file__).resolve().parents[2] / "configs"
+
+
+def default_config() -> Path:
+    """``configs/mnist.yaml``: the parser's default config file, under every ``--config``."""
+    return configs_dir() / "mnist.yaml"
 
 
 def class_path(cls: type) -> str:
@@ -103,90 +120,114 @@ def class_specific_defaults(cls: type) -> dict[str, str]:
     return reset
 
 
-def default_config() -> Path:
-    """``configs/mnist.yaml``: what ``train.py`` reads when no ``--config`` is given."""
-    return configs_dir() / "mnist.yaml"
+def set_key(parser: argparse.ArgumentParser, namespace: Any, key: str, text: str) -> None:
+    """Do what ``--key=text`` does at this point of the parse: the parser's own action for the key
+    (jsonargparse resolves dotted keys inside a class's ``init_args``) types and stores the value."""
+    found = parser._parse_optional(f"--{key}={text}")
+    found = found[0] if isinstance(found, list) else found  # Python >= 3.12 returns a list of tuples
+    action, option_string, explicit = found[0], found[1], found[-1]
+    action(parser, namespace, parser._get_values(action, [explicit]), option_string)
 
 
-def config_files(args: list[str]) -> list[str]:
-    """The ``--config`` files among ``args`` (``--config F``, ``-c F``, ``--config=F``), in order."""
-    files = []
-    for flag, value in zip(args, [*args[1:], ""][: len(args)], strict=True):
-        if flag in ("--config", "-c"):
-            files.append(value)
-        elif flag.startswith("--config="):
-            files.append(flag.split("=", 1)[1])
-    return files
+def expansion(row: ShortFlag, value: str, namespace: Any, given: Mapping[str, str]) -> list[tuple[str, str]]:
+    """The ``(key, text)`` pairs ``row.flag value`` sets, given the config resolved so far
+    (``namespace``) and the short flags already applied (``given``)."""
+    flag = row.flag
+    if row.minimum is not None and not (value.isdigit() and int(value) >= row.minimum):
+        raise UsageError(f"{flag} must be an integer >= {row.minimum}, got {value}")
+    if row.choices is not None and value not in row.choices:
+        raise UsageError(f"{flag} must be one of {', '.join(row.choices)}, got {value}")
+    inner = namespace.get("model.inner")
+    if flag == "--dataset":
+        if given:
+            raise UsageError(
+                f"--dataset {value} loads a config that would override {', '.join(given)}: give it first"
+            )
+        return [("config", str(configs_dir() / f"{value}.yaml"))]
+    if flag == "--inner":
+        cls = row.choices[value]
+        set_before = {key for earlier in given for key in FLAGS[earlier].keys}
+        if cls is None:
+            needing = [f for f in given if FLAGS[f].keys and all(k.startswith(INNER) for k in FLAGS[f].keys)]
+            if needing:
+                raise UsageError(f"{needing[0]} needs an inner attack, but --inner is none")
+            return [(row.keys[0], "null")]
+        pairs = [(row.keys[0], class_path(cls))]
+        if inner is None or locate(inner.class_path) is not cls:  # another class than the config's
+            resets = class_specific_defaults(cls).items()
+            pairs += [(f"{INNER}.{k}", v) for k, v in resets if f"{INNER}.{k}" not in set_before]
+        return pairs
+    if row.choices is not None:
+        return [(row.keys[0], class_path(row.choices[value]))]
+    keys = [key for key in row.keys if not (inner is None and key.startswith(INNER))]
+    if not keys:
+        raise UsageError(
+            f"{flag} needs an inner attack, but model.inner is null (--inner none or the config)"
+        )
+    return [(key, value) for key in keys]
 
 
-def configured_inner(args: list[str]) -> Any:
-    """The class the config files (else :func:`default_config`), then any ``--model.inner=``
-    argument among ``args``, give the inner attack, the last one winning; None when none names one."""
-    found = None
-    for file in config_files(args) or [str(default_config())]:
-        try:
-            inner = (yaml.safe_load(Path(file).read_text()) or {}).get("model", {}).get("inner")
-        except (OSError, yaml.YAMLError, AttributeError):
-            continue  # jsonargparse reports a bad file itself
-        if isinstance(inner, dict) and "class_path" in inner:
-            found = locate(inner["class_path"])
-    for arg in args:
-        if arg.startswith("--model.inner="):
-            found = locate(arg.split("=", 1)[1])
-    return found
+class ShortFlagAction(argparse.Action):
+    """Applies one :class:`ShortFlag` row where it stands in the command line; stores nothing of its
+    own, so the config holds only the keys the row set. The flags given so far are kept on the
+    parser (``parser.short_flags_given``) for the error lines that name them."""
+
+    def __init__(self, option_strings: list[str], dest: str, row: ShortFlag, **kwargs: Any) -> None:
+        metavar = "NAME" if row.choices is not None else "VALUE"
+        super().__init__(
+            option_strings, argparse.SUPPRESS, default=argparse.SUPPRESS, metavar=metavar, **kwargs
+        )
+        self.row = row
+
+    def __call__(self, parser: Any, namespace: Any, value: Any, option_string: str | None = None) -> None:
+        given: dict[str, str] = parser.short_flags_given
+        for key, text in expansion(self.row, str(value), namespace, given):
+            inner = namespace.get("model.inner")
+            if key.startswith(f"{INNER}.") and inner is not None:
+                cls, name = locate(inner.class_path), key.rsplit(".", 1)[-1]
+                if name not in cls.constructor_defaults():
+                    raise UsageError(
+                        f"{self.row.flag}: --{key} is not an argument of {cls.__name__}, the class chosen "
+                        "for model.inner"
+                    )
+            try:
+                set_key(parser, namespace, key, text)
+            except (argparse.ArgumentError, ValueError, TypeError) as exc:
+                if isinstance(exc, UsageError):
+                    raise
+                reason = " ".join(str(exc).split())
+                own = re.search(rf'Parser key "{key.rsplit(".", 1)[-1]}": (.*?)(?: - |$)', reason)
+                raise UsageError(f"{self.row.flag}: {own.group(1) if own else reason}") from None
+        given[self.row.flag] = str(value)
 
 
-def parse_short_flags(argv: list[str]) -> tuple[dict[str, str], list[str]]:
-    """``({flag: value}, the other arguments in their order)``.
+class HelpAfterParse(argparse.Action):
+    """``-h/--help`` that only marks the request (``parser.help_requested``): the CLI prints the help
+    once the parse has resolved the values the table shows."""
 
-    ``--model NAME`` is the short flag; ``--model.net ...`` and other dotted keys pass through, as
-    does LightningCLI's own ``--model <config>`` when the value is not a registered model.
-    """
-    parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False, exit_on_error=False)
+    def __init__(self, option_strings: list[str], dest: str, **kwargs: Any) -> None:
+        super().__init__(option_strings, argparse.SUPPRESS, default=argparse.SUPPRESS, nargs=0, **kwargs)
+
+    def __call__(self, parser: Any, namespace: Any, value: Any, option_string: str | None = None) -> None:
+        parser.help_requested = True
+
+
+def add_short_flags(parser: Any) -> None:
+    """Declare every row of :data:`SHORT_FLAGS` on the LightningCLI ``parser``."""
+    parser.short_flags_given = {}
+    group = parser.add_argument_group("Short flags (applied in order, as the long keys they set)")
     for row in SHORT_FLAGS:
-        parser.add_argument(row.flag)
-    try:
-        known, rest = parser.parse_known_args(argv)
-    except argparse.ArgumentError as exc:
-        raise UsageError(str(exc)) from None
-    given = {row.flag: getattr(known, row.flag[2:].replace("-", "_")) for row in SHORT_FLAGS}
-    given = {flag: value for flag, value in given.items() if value is not None}
-    if given.get("--model", "") not in MODELS and "." in given.get("--model", ""):
-        rest = ["--model", given.pop("--model"), *rest]
-    return given, rest
+        if row.keys[0] in {key for key, *_ in RUN_OPTIONS}:
+            continue  # a second spelling of the top-level option itself (add_run_options)
+        group.add_argument(
+            row.flag, action=ShortFlagAction, row=row, help=f"{row.help}; sets {', '.join(row.keys)}"
+        )
 
 
-def expand_short_flags(argv: list[str]) -> list[str]:
-    """Rewrite short flags into LightningCLI arguments, applied after ``--config`` files and long
-    arguments (raises :class:`UsageError` for an unknown name)."""
-    given, rest = parse_short_flags(argv)
-    head: list[str] = []
-    classes: list[str] = []
-    values: list[str] = []
-    no_inner = given.get("--inner") == "none"  # `--eps` then sets only the validation radius
-    for flag, value in given.items():
-        row = FLAGS[flag]
-        if row.minimum is not None and not (value.isdigit() and int(value) >= row.minimum):
-            raise UsageError(f"{flag} must be an integer >= {row.minimum}, got {value}")
-        keys = [k for k in row.keys if not (no_inner and k.startswith(INNER))]
-        if not keys:
-            raise UsageError(f"{flag} needs an inner attack, but --inner is none")
-        if row.choices is None:
-            values += [f"--{key}={value}" for key in keys]
-        elif value not in row.choices:
-            raise UsageError(f"{flag} must be one of {', '.join(row.choices)}, got {value}")
-        elif flag == "--dataset":
-            head += ["--config", str(configs_dir() / f"{value}.yaml")]
-        elif (cls := row.choices[value]) is None:
-            classes.append(f"--{keys[0]}=null")
-        else:
-            classes.append(f"--{keys[0]}={class_path(cls)}")
-            if flag == "--inner" and cls is not configured_inner(head + rest):
-                # init_args of the config's attack carry over to the new class (eps, steps...); those
-                # whose meaning depends on the class are reset to the new class's defaults.
-                defaults = class_specific_defaults(cls).items()
-                values[:0] = [f"--{INNER}.{key}={default}" for key, default in defaults]
-    return head + rest + classes + values
+def add_run_options(parser: Any) -> None:
+    """The top-level options of :data:`RUN_OPTIONS`, each also under its short flag."""
+    for key, kind, default, text, flag in RUN_OPTIONS:
+        parser.add_argument(f"--{key}", *([flag] if flag else []), type=kind, default=default, help=text)
 
 
 def name_the_flag(message: str, given: Mapping[str, str]) -> str:
@@ -206,6 +247,10 @@ def name_the_flag(message: str, given: Mapping[str, str]) -> str:
 
 def _shown(row: ShortFlag, config: Any) -> str:
     """The value the resolved ``config`` gives ``row`` (a registered name for class choices)."""
+    if row.flag == "--dataset":
+        value = config.get("data") if config is not None else None
+        path = getattr(value, "class_path", None)
+        return next((name for name, cls in row.choices.items() if cls and class_path(cls) == path), "?")
     value = config.get(row.keys[0]) if config is not None else None
     if row.choices is not None:
         if row.flag == "--inner" and config is not None and value is None:

@@ -23,15 +23,15 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from qgtrain.attacks import ATTACKS
 from qgtrain.callbacks import AttackVisualization, RobustnessEvaluation
+from qgtrain.callbacks.robustness import WORST_ACC
 from qgtrain.checkpoint_files import check_writable
-from qgtrain.cli import UsageError, exit_usage
+from qgtrain.cli import UsageError, exit_usage, report_bug
 from qgtrain.cli.aliases import (
-    SHORT_FLAGS,
-    config_files,
+    HelpAfterParse,
+    add_run_options,
+    add_short_flags,
     default_config,
-    expand_short_flags,
     name_the_flag,
-    parse_short_flags,
     short_flag_help,
 )
 from qgtrain.data import DATAMODULES, DataError, VisionDataModule
@@ -39,7 +39,7 @@ from qgtrain.models import MODELS
 from qgtrain.training import AdversarialTraining, NonFiniteLossError, resume
 from qgtrain.training.checkpoint_io import (
     BEST_CHECKPOINT,
-    DEFAULT_CKPT_MINUTES,
+    VAL_ADV_ACC,
     AtomicCheckpointIO,
     CheckpointError,
     LastCheckpoint,
@@ -52,14 +52,6 @@ log = logging.getLogger(__name__)
 PROG = "train.py"
 REGISTRIES = {"model.inner": ATTACKS, "model.val_attack": ATTACKS, "model.net": MODELS, "data": DATAMODULES}
 """The classes a subclass-typed key can take: their arguments are the candidates for a typo."""
-RUN_OPTIONS = (  # (name, type, default, help): top-level keys beside LightningCLI's
-    ("run_name", str | None, None, "Run name (default from the config)."),
-    ("checkpoint_root", str, "checkpoints", "Checkpoints go to ROOT/<run>/."),
-    ("log_root", str, "logs", "TensorBoard logs go to ROOT/<run>/version_N/."),
-    ("resume", str | None, None, "A .ckpt, a run folder, or 'last' (the newest of this run name)."),
-    ("ckpt_every_steps", int, 0, "Write step.ckpt every N training steps in an epoch (0 = off)."),
-    ("ckpt_every_minutes", float, DEFAULT_CKPT_MINUTES, "Write step.ckpt every T minutes (0 = off)."),
-)
 
 
 def default_run_name(config: Namespace) -> str:
@@ -84,37 +76,58 @@ class QGTrainCLI(LightningCLI):
     run_name: str = ""
     interrupt: InterruptCheckpoint
 
+    def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
+        """LightningCLI's parser with ``-h/--help`` that prints after the parse, so the short-flag
+        table shows the values the command line resolves to."""
+        parser = super().init_parser(**kwargs, add_help=False)
+        parser.add_argument("-h", "--help", action=HelpAfterParse, help="Show this help message and exit.")
+        return parser
+
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        for name, kind, default, text in RUN_OPTIONS:
-            parser.add_argument(f"--{name}", type=kind, default=default, help=text)
+        add_short_flags(parser)
+        add_run_options(parser)
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.set_defaults({f"checkpoint.{key}": value for key, value in BEST_CHECKPOINT.items()})
         parser.add_lightning_class_args(RobustnessEvaluation, "robustness")  # forced callbacks
         parser.add_lightning_class_args(AttackVisualization, "visualization")
 
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
-        """jsonargparse's parsing; ``--help`` starts with the short flags and their resolved
-        defaults, and an unknown flag is one line with the closest valid one."""
-        if any(a in ("-h", "--help") for a in args):
-            sys.stdout.write(short_flag_help(*_resolved_defaults(parser, args)) + "\n\n")
+        """jsonargparse's one parse; its refusals become one line (an unknown flag with the closest
+        valid one), and ``--help`` prints the short flags with their resolved values first."""
+        parser.short_flags_given.clear()
+        parser.help_requested = False
         try:
             super().parse_arguments(parser, args)
         except argparse.ArgumentError as exc:
-            unknown = re.match(r"unrecognized arguments: (.*)", str(exc))
-            if unknown is not None:
-                raise UsageError(_did_you_mean(unknown.group(1).split(), parser)) from None
-            nested = re.match(r"Parser key \"([\w.]+)\": Option '(\w+)' is not accepted", _one_line(exc))
-            if nested is None or nested.group(1) not in REGISTRIES:
-                raise
-            key, option = nested.groups()
-            names = {p for cls in REGISTRIES[key].values() for p in inspect.signature(cls).parameters}
-            close = difflib.get_close_matches(option, sorted(names - {option}), n=1, cutoff=0.6)
-            if option in names:  # an argument of other classes of the registry, not of this one
-                chosen = [a.split("=", 1)[1] for a in args if a.startswith(f"--{key}=")]
-                where = f"{chosen[-1].rsplit('.', 1)[-1]}, the class chosen for {key}" if chosen else key
-                raise UsageError(f"--{key}.init_args.{option} is not an argument of {where}") from None
-            hint = f"; did you mean --{key}.init_args.{close[0]}?" if close else ""
-            raise UsageError(f"--{key}.init_args.{option} is not an argument of {key}{hint}") from None
+            if parser.help_requested:
+                self._print_help(parser, None)
+            raise UsageError(self._refusal(exc, parser)) from None
+        if parser.help_requested:
+            self._print_help(parser, self.config)
+
+    @staticmethod
+    def _print_help(parser: LightningArgumentParser, config: Namespace | None) -> None:
+        files = [Path(str(f)).name for f in [default_config(), *((config or {}).get("config") or [])]]
+        sys.stdout.write(short_flag_help(config, ", ".join(files)) + "\n\n" + parser.format_help())
+        raise SystemExit(0)
+
+    @staticmethod
+    def _refusal(exc: argparse.ArgumentError, parser: LightningArgumentParser) -> str:
+        """One line for a parse error: did-you-mean for an unknown flag or a class's argument."""
+        given = parser.short_flags_given
+        unknown = re.match(r"unrecognized arguments: (.*)", str(exc))
+        if unknown is not None:
+            return _did_you_mean(unknown.group(1).split(), parser)
+        nested = re.match(r"Parser key \"([\w.]+)\": Option '(\w+)' is not accepted", _one_line(exc))
+        if nested is None or nested.group(1) not in REGISTRIES:
+            return _one_line(exc, given)
+        key, option = nested.groups()
+        names = {p for cls in REGISTRIES[key].values() for p in inspect.signature(cls).parameters}
+        close = difflib.get_close_matches(option, sorted(names - {option}), n=1, cutoff=0.6)
+        if option in names:  # an argument of other classes of the registry, not of the chosen one
+            return f"--{key}.init_args.{option} is not an argument of the class chosen for {key}"
+        hint = f"; did you mean --{key}.init_args.{close[0]}?" if close else ""
+        return f"--{key}.init_args.{option} is not an argument of {key}{hint}"
 
     def before_instantiate_classes(self) -> None:
         """Start-up steps on the parsed config, in order; nothing is written by any of them (a
@@ -147,8 +160,8 @@ class QGTrainCLI(LightningCLI):
 
     def _monitor_validation_without_evaluation(self) -> None:
         config = self.config
-        if config.checkpoint.monitor == "robust/worst_acc" and config.robustness.every_n_epochs == 0:
-            config.checkpoint.monitor = "val/adv_acc"  # robustness evaluation is off
+        if config.checkpoint.monitor == WORST_ACC and config.robustness.every_n_epochs == 0:
+            config.checkpoint.monitor = VAL_ADV_ACC  # robustness evaluation is off
 
     def _point_outputs_at_the_run(self) -> None:
         """Checkpoints in ``checkpoint_root/<run>/``, TensorBoard in ``log_root/<run>/version_N/``,
@@ -160,13 +173,27 @@ class QGTrainCLI(LightningCLI):
         if config.trainer.logger in (None, True):
             check_writable(Path(config.log_root), "log")
             # a resumed run continues its version's curves (version=, purge_step=)
-            same_curves = resume.log_continuation(Path(config.log_root) / self.run_name, self.resume_checkpoint)
+            same_curves = resume.log_continuation(
+                Path(config.log_root) / self.run_name, self.resume_checkpoint
+            )
             config.trainer.logger = Namespace(
                 class_path="lightning.pytorch.loggers.TensorBoardLogger",
                 init_args=Namespace(
                     save_dir=config.log_root, name=self.run_name, default_hp_metric=False, **same_curves
                 ),
             )
+
+    def instantiate_classes(self) -> None:
+        """LightningCLI's instantiation; a class refusing its arguments (``Attack.__init__``'s
+        "eps must be in (0, 1]") is one line naming the flag that set them."""
+        try:
+            self.config_init = self.parser.instantiate_classes(self.config)
+        except (ValueError, TypeError) as exc:
+            raise UsageError(_one_line(exc, self.parser.short_flags_given)) from None
+        self.datamodule = self._get(self.config_init, "data")
+        self.model = self._get(self.config_init, "model")
+        self._add_configure_optimizers_method_to_model(self.subcommand)
+        self.trainer = self.instantiate_trainer()
 
     def instantiate_trainer(self, **kwargs: Any):
         if not self.config.trainer.get("plugins"):
@@ -178,9 +205,13 @@ class QGTrainCLI(LightningCLI):
                 trainer.callbacks.append(LastCheckpoint(callback.dirpath))  # last.ckpt every epoch
         config = self.config
         if config.ckpt_every_steps or config.ckpt_every_minutes:  # step.ckpt inside an epoch
-            trainer.callbacks.append(
-                StepCheckpoint(config.checkpoint.dirpath, config.ckpt_every_steps, config.ckpt_every_minutes)
-            )
+            try:
+                step = StepCheckpoint(
+                    config.checkpoint.dirpath, config.ckpt_every_steps, config.ckpt_every_minutes
+                )
+            except ValueError as exc:  # its own check of the two values: name the flag as typed
+                raise UsageError(f"--{str(exc).replace('_', '-')}") from None
+            trainer.callbacks.append(step)
         trainer.callbacks.append(resume.RestoreLoaderState())  # the data loader's position on resume
         self.interrupt = InterruptCheckpoint(config.checkpoint.dirpath)
         trainer.callbacks.append(self.interrupt)  # Ctrl-C, SIGTERM, SIGUSR1 save interrupted.ckpt
@@ -196,7 +227,7 @@ class QGTrainCLI(LightningCLI):
             trainer = super().instantiate_trainer(**kwargs)
         except (MisconfigurationException, ValueError, TypeError) as exc:
             if not re.search(r"devices|accelerator|gpu|cuda", str(exc), re.IGNORECASE):
-                raise
+                raise UsageError(_one_line(exc, self.parser.short_flags_given)) from None
             raise UsageError(f"{where}: {_one_line(exc)}; 'auto' picks what this machine has") from None
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
         if isinstance(trainer.accelerator, CPUAccelerator) and trainer.num_devices > cores:
@@ -219,15 +250,14 @@ class QGTrainCLI(LightningCLI):
         checkpoint = self.resume_checkpoint
         if checkpoint is not None:
             resume.check_resume_compatible(checkpoint, self.resume_path, self.model, self.trainer.world_size)
-            epoch, step = checkpoint.get("epoch", 0), checkpoint.get("global_step", 0)
+            epoch, step = resume.resumes_at(checkpoint)
             log.info("resuming from %s: epoch %d, step %d", self.resume_path, epoch, step)
             self.resume_checkpoint = None  # Lightning reads the file again; do not hold two copies
 
 
 def build_cli(args: list[str]) -> QGTrainCLI:
-    """Parse ``args`` (already expanded) and instantiate model, data and trainer, without fitting."""
-    if not config_files(args):
-        args = ["--config", str(default_config()), *args]
+    """Parse ``args`` over the default config file and instantiate model, data and trainer, without
+    fitting."""
     return QGTrainCLI(
         AdversarialTraining,
         VisionDataModule,
@@ -236,30 +266,30 @@ def build_cli(args: list[str]) -> QGTrainCLI:
         args=args,
         auto_configure_optimizers=False,
         save_config_kwargs={"overwrite": True},
-        parser_kwargs={"prog": PROG, "exit_on_error": False},  # errors reach main: one line
+        parser_kwargs={"prog": PROG, "exit_on_error": False, "default_config_files": [str(default_config())]},
     )
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``train.py``; returns the exit status."""
+    """Entry point of ``train.py``; returns the exit status (2: usage, 1: data, files or a bug)."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     argv = list(sys.argv[1:] if argv is None else argv)
     warnings.filterwarnings("ignore", message=".*LightningCLI's args parameter is intended.*")
     # "Seed set to N" would come before a start-up error's one line; the seed is in config.yaml.
     logging.getLogger("lightning.fabric.utilities.seed").setLevel(logging.WARNING)
-    given: dict[str, str] = {}
     try:
-        given, _ = parse_short_flags(argv)
-        cli = build_cli(expand_short_flags(argv))
+        cli = build_cli(argv)
         cli.check_before_fit()
-    except DataError as exc:
+    except (DataError, CheckpointError) as exc:
         sys.stderr.write(f"{PROG}: error: {_one_line(exc)}\n")
         return 1
-    except (UsageError, ValueError, TypeError, MisconfigurationException, argparse.ArgumentError) as exc:
-        exit_usage(PROG, _one_line(exc, given))
+    except (UsageError, resume.ResumeError) as exc:
+        exit_usage(PROG, _one_line(exc))
     except KeyboardInterrupt:
         sys.stderr.write(f"{PROG}: interrupted before training started; nothing was saved\n")
         return 130
+    except Exception:  # not a refusal of ours: a bug, shown with its traceback
+        return report_bug(PROG)
     log.info("run %s: checkpoints in %s", cli.run_name, cli.config.checkpoint.dirpath)
     try:
         cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=cli.resume_path)
@@ -279,20 +309,10 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _resolved_defaults(parser: LightningArgumentParser, args: list[str]) -> tuple[Namespace | None, str]:
-    """The config ``args`` resolve to without ``--help`` (for the short-flag table), and its files."""
-    rest = [a for a in args if a not in ("-h", "--help") and not a.startswith("--print_config")]
-    files = [Path(v).name for k, v in zip(rest, rest[1:], strict=False) if k in ("--config", "-c")]
-    try:
-        return parser.parse_args(rest), ", ".join(files)
-    except (argparse.ArgumentError, ValueError, TypeError):
-        return None, ", ".join(files)
-
-
 def _did_you_mean(unknown: list[str], parser: LightningArgumentParser) -> str:
     """``unrecognized argument --stpes; did you mean --steps?`` for the first unknown flag."""
     flag = next((a.split("=", 1)[0] for a in unknown if a.startswith("-")), unknown[0])
-    valid = [row.flag for row in SHORT_FLAGS] + [o for o in parser._option_string_actions if o[:2] == "--"]
+    valid = [option for option in parser._option_string_actions if option[:2] == "--"]
     close = difflib.get_close_matches(flag, valid, n=1, cutoff=0.6)
     hint = f"did you mean {close[0]}?" if close else f"see python {PROG} --help"
     return f"unrecognized argument {flag}; {hint}"

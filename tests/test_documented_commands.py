@@ -1,0 +1,188 @@
+"""Every ``python train.py …`` and ``python evaluate.py …`` line that README.md and docs/*.md show
+parses and instantiates exactly as written (read from the files, so the docs cannot drift from the
+code); training and evaluation themselves are replaced by a recorder of what would run."""
+
+from __future__ import annotations
+
+import re
+import shlex
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import lightning as L
+import pytest
+import torch
+import yaml
+from conftest import call_main
+
+from qgtrain.cli import evaluate as evaluate_cli
+from qgtrain.cli import train as train_cli
+from qgtrain.models import build_model
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+SCRIPT = re.compile(r"(?:^|\s)(train|evaluate)\.py(?=\s|$)")
+
+
+def commands_in(words: list[str]) -> list[tuple[str, list[str], str | None]]:
+    """``(script, argv, stdout file)`` of each ``python train.py …``/``python evaluate.py …`` (also
+    behind ``srun``, and ``torchrun … train.py``) in one shell line's words, split at ``&&``."""
+    found, start = [], 0
+    for end in [i for i, word in enumerate(words) if word == "&&"] + [len(words)]:
+        command, start = words[start:end], end + 1
+        for i, word in enumerate(command):
+            before = command[i - 1] if i else ""
+            if word in ("train.py", "evaluate.py") and (
+                before in ("python", "python3") or command[0] == "torchrun"
+            ):
+                argv, stdout = command[i + 1 :], None
+                if ">" in argv:
+                    argv, stdout = argv[: argv.index(">")], argv[argv.index(">") + 1]
+                found.append((word[: -len(".py")], argv, stdout))
+                break
+    return found
+
+
+def documented_commands() -> list[tuple[str, str, list[str], str | None]]:
+    """``(where, script, argv, stdout file)`` for every command in the docs' code blocks (line
+    continuations joined, ``#`` comments dropped)."""
+    found = []
+    for doc in DOCS:
+        in_code, pending = False, ""
+        for number, raw in enumerate(doc.read_text().splitlines(), 1):
+            if raw.lstrip().startswith("```"):
+                in_code, pending = not in_code, ""
+                continue
+            line = pending + raw
+            if not in_code or line.rstrip().endswith("\\"):
+                pending = line.rstrip()[:-1] + " " if in_code else ""
+                continue
+            pending = ""
+            if SCRIPT.search(line) is not None:
+                found += [
+                    (f"{doc.name}:{number}", *command)
+                    for command in commands_in(shlex.split(line, comments=True))
+                ]
+    return found
+
+
+COMMANDS = documented_commands()
+MAIN_JOB = ["--inner", "pqgd", "--steps", "10"]
+GPU_ONLY = re.compile(r"^(--devices [2-9]|--num-nodes|--precision 16-mixed)")
+
+
+def test_the_docs_show_the_main_job_and_both_scripts() -> None:
+    """A control: the reader finds the commands (an empty list would make every test below pass)."""
+    scripts = {script for _, script, _, _ in COMMANDS}
+    assert scripts == {"train", "evaluate"} and len(COMMANDS) > 20
+    assert ("README.md", "train", tuple(MAIN_JOB)) in {
+        (w.split(":")[0], s, tuple(a)) for w, s, a, _ in COMMANDS
+    }
+
+
+class Recorded(BaseException):
+    """Raised by the recorders instead of training or evaluating (not an ``Exception``, so that
+    ``main`` does not take it for a bug)."""
+
+
+@pytest.fixture
+def recorder(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, data_root: Path) -> dict[str, Any]:
+    """Training and evaluation replaced by recorders; data and checkpoints that the docs name but
+    this machine lacks (CIFAR-10, ``best.ckpt``) stand in as tiny tensors and a fresh network."""
+    seen: dict[str, Any] = {}
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("QGTRAIN_DATA", str(data_root))
+
+    def fit(trainer: L.Trainer, model: L.LightningModule, **kwargs: Any) -> None:
+        seen["trainer"], seen["module"] = trainer, model
+        raise Recorded
+
+    def check_before_fit(cli: train_cli.QGTrainCLI) -> None:
+        seen["cli"] = cli
+        if cli.config.data.class_path.endswith("MNISTDataModule"):
+            cli.datamodule.prepare_data()  # the real data where this machine has it
+
+    def load(path: Path, model: str | None, dataset: str | None, kwargs: dict) -> tuple[Any, Any]:
+        info = SimpleNamespace(dataset=dataset or "mnist", model=model or "madry_mnist")
+        info.to_dict = lambda: vars(info).copy()
+        return build_model(model or "madry_mnist", **kwargs).eval(), info
+
+    def evaluate(args: Any, net: Any, batches: Any, settings: Any, device: Any, about: Any) -> int:
+        seen["settings"], seen["args"] = settings, args
+        raise Recorded
+
+    monkeypatch.setattr(L.Trainer, "fit", fit)
+    monkeypatch.setattr(train_cli.QGTrainCLI, "check_before_fit", check_before_fit)
+    monkeypatch.setattr(evaluate_cli, "load_model_from_checkpoint", load)
+    monkeypatch.setattr(
+        evaluate_cli, "test_split", lambda *a: (torch.rand(10_000, 1, 28, 28), torch.arange(10_000) % 10)
+    )
+    monkeypatch.setattr(evaluate_cli, "_evaluate", evaluate)
+    monkeypatch.setattr(evaluate_cli, "write_merged", lambda paths, out: seen.setdefault("merged", paths))
+    return seen
+
+
+@pytest.mark.parametrize(("where", "script", "argv", "stdout"), COMMANDS, ids=[c[0] for c in COMMANDS])
+def test_documented_command_runs_as_written(
+    where: str,
+    script: str,
+    argv: list[str],
+    stdout: str | None,
+    recorder: dict[str, Any],
+    capsys: pytest.CaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    if script == "train" and any(GPU_ONLY.match(" ".join(argv[i : i + 2])) for i in range(len(argv))):
+        monkeypatch.setattr(train_cli.QGTrainCLI, "instantiate_trainer", _record_trainer(recorder))
+    if "--config" in argv and not Path(argv[argv.index("--config") + 1]).exists():
+        pytest.skip(f"{where}: reads a config an earlier command writes")  # run by the chained test
+    main = train_cli.main if script == "train" else evaluate_cli.main
+    try:
+        status = call_main(main, argv)
+    except Recorded:
+        status = 0
+    out, err = capsys.readouterr()
+    assert status == 0 and "error:" not in err, f"{where}: {script}.py {' '.join(argv)}\n{err}"
+    if "--print_config" in argv:
+        assert yaml.safe_load(out)["model"]["inner"], f"{where}: no config printed"
+    else:
+        assert recorder, f"{where}: nothing ran"
+
+
+def _record_trainer(seen: dict[str, Any]) -> Any:
+    """For multi-GPU commands on this CPU machine: the trainer's resolved arguments, not a Trainer."""
+
+    def instantiate_trainer(cli: train_cli.QGTrainCLI, **kwargs: Any) -> Any:
+        seen["trainer_config"] = cli.config.trainer
+        raise Recorded
+
+    return instantiate_trainer
+
+
+def test_the_readme_main_job_resolves_to_pqgd_10(recorder: dict[str, Any]) -> None:
+    """The Quickstart's main job, exactly as written there: PQGD-10, b 100, alpha 0.075, MadryMNIST."""
+    quickstart = next(
+        argv for where, script, argv, _ in COMMANDS if where.startswith("README") and script == "train"
+    )
+    assert quickstart == MAIN_JOB
+    with pytest.raises(Recorded):
+        train_cli.main(quickstart)
+    inner, net = recorder["module"].inner, recorder["module"].net
+    assert type(inner).__name__ == "PQGD" and (inner.steps, inner.b) == (10, 100)
+    assert inner.alpha == pytest.approx(0.075) and type(net).__name__ == "MadryMNIST"
+
+
+def test_a_printed_config_trains_the_same_run(
+    recorder: dict[str, Any], capsys: pytest.CaptureFixture, tmp_path: Path
+) -> None:
+    """README's ``--print_config > my.yaml && python train.py --config my.yaml`` chain."""
+    chained = [(argv, out) for _, script, argv, out in COMMANDS if script == "train" and out]
+    assert chained
+    for argv, out in chained:
+        assert call_main(train_cli.main, argv) == 0
+        Path(out).write_text(capsys.readouterr().out)
+    follower = next(argv for _, script, argv, _ in COMMANDS if script == "train" and "--config" in argv)
+    with pytest.raises(Recorded):
+        train_cli.main(follower)
+    assert type(recorder["module"].inner).__name__ == "PQGD" and recorder["module"].inner.steps == 10
