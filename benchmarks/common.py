@@ -22,12 +22,13 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:  # `python benchmarks/x.py` from the repository root
     sys.path.insert(0, str(REPO_ROOT))
 
+from qgtrain.attacks.base import DEFAULT_EPS  # noqa: E402
 from qgtrain.data import DataError, MNISTDataModule  # noqa: E402
 from qgtrain.evaluation import TensorBatches  # noqa: E402
 from qgtrain.training.checkpoint_io import atomic_write  # noqa: E402
 
 DEFAULT_OUT = REPO_ROOT / "benchmarks" / "out"
-EPS = 0.3
+EPS = DEFAULT_EPS
 
 
 def add_common_args(parser: argparse.ArgumentParser) -> None:

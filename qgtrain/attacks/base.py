@@ -57,16 +57,14 @@ CPU backward; in a channels_last network only one-channel convolutions of 5x5 or
 def native_stem_backward(model: nn.Module, x: torch.Tensor) -> Iterator[None]:
     """On CPU, run the backward of a network's stem convolution without oneDNN where that is faster.
 
-    Measured on the 2-core EPYC, oneDNN 3.12, one thread (docs/RESULTS.md, section 6): oneDNN's
-    data-gradient kernel is slow for few input channels (MadryMNIST's 1->32 5x5 stem, batch 256:
-    55-77 ms vs ATen's 18-25 ms; 3->64 3x3, batch 64, contiguous: 18 vs 11 ms), while every other
-    convolution is faster with it. In a channels_last network it paid for the 5x5 one-channel stem
-    (a MadryMNIST input gradient: 0.87 -> 0.73 of the contiguous time), not for a 3x3 one (TinyCNN)
-    or a 3-channel one (15 vs 17 ms), which stay on oneDNN. oneDNN is switched off just before the
-    stem's backward node runs and back on just after it (graph-node hooks, so an in-place ReLU after
-    the convolution does not matter); only the kernel changes, not the arithmetic. Not used off
-    CPU, with oneDNN disabled, for a stem computed in bf16/fp16 (under autocast ATen's kernel made
-    a PGD step 1.8x slower), or on a compiled network (hooks would force recompiles).
+    oneDNN's data-gradient kernel is slow for convolutions with few input channels, while every
+    other convolution is faster with it (docs/RESULTS.md section 6 has the timings and which stems
+    it pays for: the 5x5 one-channel stem of MadryMNIST in a channels_last network; a 3x3 or a
+    3-channel stem stays on oneDNN). oneDNN is switched off just before the stem's backward node
+    runs and back on just after it (graph-node hooks, so an in-place ReLU after the convolution does
+    not matter); only the kernel changes, not the arithmetic. Not used off CPU, with oneDNN
+    disabled, for a stem computed in bf16/fp16 (slower there, RESULTS.md section 6), or on a
+    compiled network (hooks would force recompiles).
     """
     if (
         x.device.type != "cpu"
@@ -107,6 +105,10 @@ def native_stem_backward(model: nn.Module, x: torch.Tensor) -> Iterator[None]:
             handle.remove()
         torch.backends.mkldnn.enabled = True
 
+
+
+DEFAULT_EPS = 0.3
+"""The L-inf radius every attack defaults to: the paper's MNIST setting, in pixel units."""
 
 class LinfThreatModel:
     """The set ``{x' : |x' - x|_inf <= eps, lo <= x' <= hi}``: init, step and projection."""
@@ -259,7 +261,7 @@ class Attack:
 
     def __init__(
         self,
-        eps: float = 0.3,
+        eps: float = DEFAULT_EPS,
         alpha: float | None = 0.01,
         steps: int = 40,
         b: int = default_b,

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from qgtrain.attacks import Attack, attack_class, attack_for_budget
+from qgtrain.attacks.base import DEFAULT_EPS
 from qgtrain.evaluation.protocol import (
     AttackCost,
     SuiteOutcome,
@@ -36,7 +37,6 @@ from qgtrain.evaluation.protocol import (
 )
 
 SWEEPABLE = ("eps", "steps", "b")
-DEFAULT_EPS: float = Attack.constructor_defaults()["eps"]
 """The L-inf radius both protocols default to: the attacks' own default (``attacks/base.py``)."""
 PAPER_ATTACKS = ("pgd", "pqgd", "blob", "blob_qg")
 """The paper protocol's default attacks (Table 2)."""

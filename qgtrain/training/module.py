@@ -24,6 +24,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from qgtrain import __version__
 from qgtrain.attacks import PGD, Attack, kl_loss, started_at
+from qgtrain.attacks.base import DEFAULT_EPS
 from qgtrain.evaluation.protocol import attack_batch
 from qgtrain.models import DATASET_SPECS, Network, model_spec
 from qgtrain.training.atta import PerturbationBuffer, request_example_indices
@@ -75,7 +76,7 @@ def warn_if_probabilities(outputs: torch.Tensor) -> None:
 
 
 def default_val_attack() -> PGD:
-    return PGD(eps=0.3, alpha=0.01 * 4, steps=10)
+    return PGD(eps=DEFAULT_EPS, alpha=0.04, steps=10)
 
 
 TRADES_START_STD = 0.001
@@ -108,12 +109,10 @@ class AdversarialTraining(L.LightningModule):
     updated by the attack's forward passes). Validation reports clean accuracy and accuracy under
     ``val_attack`` (a cheap PGD by default), with a fixed seed so epochs are comparable.
 
-    Speed (issue 15, docs/RESULTS.md): ``channels_last`` stores the network's convolution weights
-    in that layout (the attacks follow the parameters' layout; with the attacks' CPU stem backward,
-    0.8 of the legacy time per PGD step of MadryMNIST on the 2-core CPU, 0.71 of torchattacks');
-    ``compile_net`` compiles the network's forward in place (``nn.Module.compile``: checkpoint keys
-    unchanged), opt-in, meant for a GPU (unmeasured): on this CPU it made an input gradient 1.7x
-    slower. ``train/clean_acc`` (madry objective) costs one extra forward pass per
+    Speed: ``channels_last`` stores the network's convolution weights in that layout (the attacks
+    follow the parameters' layout); ``compile_net`` compiles the network's forward in place
+    (``nn.Module.compile``: checkpoint keys unchanged), opt-in, meant for a GPU (docs/RESULTS.md
+    section 6 has what each costs on the CPU). ``train/clean_acc`` (madry objective) costs one extra forward pass per
     batch it is measured on, so it is measured on every ``clean_accuracy_every_n_batches``-th batch
     only (an unbiased sample of the epoch's batches; 1 measures every batch); the mixed objective
     computes the clean logits anyway and measures every batch.
@@ -121,7 +120,7 @@ class AdversarialTraining(L.LightningModule):
     Args:
         net: The network to train (a registered qgtrain model: inputs in [0, 1], logits out).
         inner: Inner maximiser that crafts the training inputs; null trains on clean inputs.
-        val_attack: Attack behind ``val/adv_acc`` (null: PGD-10, eps 0.3, step 0.04).
+        val_attack: Attack behind ``val/adv_acc`` (null: PGD-10 at the attacks' default radius, step 0.04).
         objective: ``madry`` trains on adversarial inputs only (Eq. 1); ``mixed`` also on clean ones;
             ``trades``: clean cross-entropy + beta * KL(clean || adversarial).
         clean_weight: Weight of the clean loss under ``objective: mixed``, in [0, 1].
