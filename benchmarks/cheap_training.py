@@ -91,12 +91,21 @@ ROBUST = (  # issue 25's grid: two seeds for every PGD-vs-PQGD pair
     Run("pqgd10_b100", "pqgd", 10, seeds=(0, 1)), Run("pgd5", "pgd", 5, 0.15, seeds=(0, 1)),
     Run("pqgd5_b100", "pqgd", 5, seeds=(0, 1)), Run("nfgsm", "nfgsm"),
 )
+TRADES = ("--model.objective", "trades", "--model.beta", "6.0")
+CHEAP = (  # issue 23's methods, each with the sign and with b = 100, one seed
+    Run("free4", "free", b=1, extra=("--replays", "4")), Run("free4_b100", "free", b=100, extra=("--replays", "4")),
+    Run("free8", "free", b=1, extra=("--replays", "8")), Run("free8_b100", "free", b=100, extra=("--replays", "8")),
+    Run("atta1", "pgd", 1, extra=("--model.atta", "true")), Run("atta1_b100", "pqgd", 1, extra=("--model.atta", "true")),
+    Run("atta2", "pgd", 2, extra=("--model.atta", "true")), Run("atta2_b100", "pqgd", 2, extra=("--model.atta", "true")),
+    Run("trades_pgd10", "pgd", 10, 0.12, extra=TRADES), Run("trades_pqgd10_b100", "pqgd", 10, extra=TRADES),
+)
+ROBUST += CHEAP  # after the PGD-vs-PQGD grid (its runs were started first)
 CPU = (  # docs/RESULTS.md section 3: the step sizes its sweep chose, its seeds
     Run("pgd40", "pgd", 40, 0.01, seeds=(0, 1)), Run("pgd10", "pgd", 10, 0.12), Run("pqgd10_b100", "pqgd", 10),
     Run("pgd5", "pgd", 5, 0.15, seeds=(0, 1)), Run("pqgd5_b100", "pqgd", 5, 0.06),
     Run("pgd2", "pgd", 2, 0.375, seeds=(0, 1)), Run("pqgd2_b100", "pqgd", 2, 0.15, seeds=(0, 1)),
     Run("fgsm_rs", "fgsm_rs"), Run("fgsm_rs_b100", "fgsm_rs", b=100), Run("nfgsm", "nfgsm"),
-    Run("nfgsm_b100", "nfgsm", b=100), Run("nfgsm_b100_small_alpha", "nfgsm", alpha=0.003, b=100),
+    Run("nfgsm_b100", "nfgsm", b=100), Run("nfgsm_b100_small_alpha", "nfgsm", alpha=0.003, b=100), *CHEAP,
 )
 SMOKE = (  # a tiny network on 400 images; step.ckpt every 2 steps
     "--model.net", "qgtrain.models.TinyCNN", "--data.init_args.train_subset", "400",
