@@ -313,6 +313,12 @@ def test_run_names_show_the_model(tmp_path: Path) -> None:
     assert full.run_name == "mnist-madry_mnist-pqgd-k10-b100"
     assert fast.run_name == "mnist-tiny_cnn-pqgd-k10-b100"
     assert built(tmp_path, "--net", "tiny_cnn", "--inner", "none").run_name == "mnist-tiny_cnn-standard"
+    # ATTA, TRADES and free AT's replays are other methods than the inner attack alone
+    atta = built(
+        tmp_path, "--inner", "pgd", "--steps", "1", "--model.atta", "true", "--model.objective", "trades"
+    )
+    assert atta.run_name == "mnist-madry_mnist-pgd-k1-b1-atta-trades"
+    assert built(tmp_path, "--inner", "free", "--replays", "8").run_name == "mnist-madry_mnist-free-k1-b1-m8"
 
 
 @pytest.mark.parametrize(
@@ -425,7 +431,9 @@ def test_arguments_for_a_null_inner_attack_are_refused(tmp_path: Path, capsys: p
     assert "--steps needs an inner attack, but model.inner is null" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("injected", [RuntimeError("injected"), ValueError("injected"), TypeError("injected")])
+@pytest.mark.parametrize(
+    "injected", [RuntimeError("injected"), ValueError("injected"), TypeError("injected")]
+)
 def test_an_unexpected_exception_at_start_up_is_a_bug_with_its_traceback(
     injected: Exception, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:

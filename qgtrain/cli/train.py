@@ -63,9 +63,13 @@ def default_run_name(config: Namespace) -> str:
     inner = config.model.inner
     if inner is None:
         return resume.run_name(dataset, model, None)
-    return resume.run_name(
+    name = resume.run_name(
         dataset, model, locate(inner.class_path).name, inner.init_args.steps, inner.init_args.b
     )
+    replays = inner.init_args.get("replays")  # free AT; ATTA and TRADES change the method too
+    extras = [f"m{replays}" if replays else "", "atta" if config.model.get("atta") else ""]
+    objective = config.model.get("objective", "madry")
+    return "-".join([name, *(e for e in extras if e), *([objective] if objective != "madry" else [])])
 
 
 class QGTrainCLI(LightningCLI):
