@@ -64,8 +64,13 @@ def read_checkpoint(path: str | os.PathLike) -> Any:
         ) from None
 
 
+class OutputFolderError(ValueError):
+    """An output folder cannot be written; the one-line message names it and the fix."""
+
+
 def check_writable(folder: Path, what: str) -> None:
-    """Fail at start, not after an epoch, when an output folder cannot be written (``ValueError``).
+    """Fail at start, not after an epoch, when an output folder cannot be written
+    (:class:`OutputFolderError`).
 
     Folders created for the probe are removed again, so a run that fails later at start-up (a bad
     config value) leaves nothing behind; Lightning creates them when it first writes.
@@ -82,7 +87,7 @@ def check_writable(folder: Path, what: str) -> None:
         finally:
             probe.unlink(missing_ok=True)
     except OSError as exc:
-        raise ValueError(
+        raise OutputFolderError(
             f"cannot write the {what} folder {folder}: {exc.strerror or exc}; choose another"
         ) from None
     finally:

@@ -24,7 +24,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from qgtrain.attacks import ATTACKS
 from qgtrain.callbacks import AttackVisualization, RobustnessEvaluation
 from qgtrain.callbacks.robustness import WORST_ACC
-from qgtrain.checkpoint_files import check_writable
+from qgtrain.checkpoint_files import OutputFolderError, check_writable
 from qgtrain.cli import UsageError, exit_usage, report_bug
 from qgtrain.cli.aliases import (
     HelpAfterParse,
@@ -135,7 +135,7 @@ class QGTrainCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         """Start-up steps on the parsed config, in order; nothing is written by any of them (a
-        ``ValueError`` from one, e.g. :class:`ResumeError`, becomes one line in :func:`main`)."""
+        refusal from one, e.g. :class:`ResumeError`, becomes one line in :func:`main`)."""
         self._refuse_classless_attacks()
         self._name_the_run()
         self._monitor_validation_without_evaluation()
@@ -287,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
     except (DataError, CheckpointError) as exc:
         sys.stderr.write(f"{PROG}: error: {_one_line(exc)}\n")
         return 1
-    except (UsageError, resume.ResumeError) as exc:
+    except (UsageError, resume.ResumeError, OutputFolderError) as exc:
         exit_usage(PROG, _one_line(exc))
     except KeyboardInterrupt:
         sys.stderr.write(f"{PROG}: interrupted before training started; nothing was saved\n")
