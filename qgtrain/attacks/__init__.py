@@ -33,7 +33,8 @@ from qgtrain.attacks.square import Square
 from qgtrain.attacks.warm_start import started_at
 
 ATTACKS: dict[str, type[Attack]] = {
-    cls.name: cls for cls in (FGSM, FGSMRS, Free, NFGSM, PGD, PQGD, BLOB, BLOBQG, APGDCE, APGDDLR, APGDT, FABT, Square)
+    cls.name: cls
+    for cls in (FGSM, FGSMRS, Free, NFGSM, PGD, PQGD, BLOB, BLOBQG, APGDCE, APGDDLR, APGDT, FABT, Square)
 }
 
 

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from qgtrain.attacks.base import Attack, FirstFooled, RunOutcome, StepObserver, as_model_input
+from qgtrain.attacks.base import DEFAULT_EPS, Attack, FirstFooled, RunOutcome, StepObserver, as_model_input
 from qgtrain.attacks.losses import targeted_dlr_loss
 
 
@@ -45,7 +45,7 @@ class APGD(Attack):
 
     def __init__(
         self,
-        eps: float = 0.3,
+        eps: float = DEFAULT_EPS,
         steps: int = 100,
         b: int = 1,
         restarts: int = 1,
@@ -221,7 +221,7 @@ class APGDT(APGD):
 
     def __init__(
         self,
-        eps: float = 0.3,
+        eps: float = DEFAULT_EPS,
         steps: int = 100,
         b: int = 1,
         restarts: int = 1,

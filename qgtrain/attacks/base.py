@@ -106,9 +106,9 @@ def native_stem_backward(model: nn.Module, x: torch.Tensor) -> Iterator[None]:
         torch.backends.mkldnn.enabled = True
 
 
-
 DEFAULT_EPS = 0.3
 """The L-inf radius every attack defaults to: the paper's MNIST setting, in pixel units."""
+
 
 class LinfThreatModel:
     """The set ``{x' : |x' - x|_inf <= eps, lo <= x' <= hi}``: init, step and projection."""

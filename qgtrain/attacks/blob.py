@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from qgtrain.attacks.base import Attack
+from qgtrain.attacks.base import DEFAULT_EPS, Attack
 from qgtrain.attacks.quantize import quantize_gradient
 
 _COINCIDENT_RTOL = 1e-5
@@ -80,7 +80,7 @@ class BLOB(Attack):
 
     def __init__(
         self,
-        eps: float = 0.3,
+        eps: float = DEFAULT_EPS,
         alpha: float | None = 0.01,
         steps: int = 40,
         b: int = 1,

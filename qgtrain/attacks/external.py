@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from qgtrain.attacks.base import Attack, RunOutcome, StepObserver
+from qgtrain.attacks.base import DEFAULT_EPS, Attack, RunOutcome, StepObserver
 
 PREFIX = "torchattacks."
 
@@ -49,7 +49,7 @@ class TorchattacksAttack(Attack):
     def __init__(
         self,
         attack: str = "PGD",
-        eps: float = 0.3,
+        eps: float = DEFAULT_EPS,
         attack_kwargs: dict[str, Any] | None = None,
         restarts: int = 1,
         clip: tuple[float, float] = (0.0, 1.0),

@@ -41,7 +41,7 @@ import torch
 from torch import nn
 
 from qgtrain.attacks.apgd import APGDT
-from qgtrain.attacks.base import Attack, FirstFooled, RunOutcome, StepObserver, as_model_input
+from qgtrain.attacks.base import DEFAULT_EPS, Attack, FirstFooled, RunOutcome, StepObserver, as_model_input
 
 
 def project_linf_hyperplane_box(
@@ -94,7 +94,7 @@ class FABT(Attack):
 
     def __init__(
         self,
-        eps: float = 0.3,
+        eps: float = DEFAULT_EPS,
         steps: int = 100,
         targets: int = 9,
         restarts: int = 1,

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from qgtrain.attacks.base import Attack, RunOutcome, StepObserver, model_memory_format
+from qgtrain.attacks.base import DEFAULT_EPS, Attack, RunOutcome, StepObserver, model_memory_format
 
 SCHEDULE = (
     (10, 1),
@@ -59,7 +59,7 @@ class Square(Attack):
 
     def __init__(
         self,
-        eps: float = 0.3,
+        eps: float = DEFAULT_EPS,
         queries: int = 5000,
         p_init: float = 0.8,
         restarts: int = 1,
