@@ -23,9 +23,7 @@ from common import EPS, add_common_args, dataset_tensors, environment, fail, mni
 from torch import nn
 
 from qgtrain.attacks import FABT, attack_for_budget
-from qgtrain.evaluation.checkpoints import CheckpointError, load_model_from_checkpoint
 from qgtrain.evaluation.protocol import attack_batch
-from qgtrain.training.checkpoint_io import atomic_torch_save
 
 
 class CountingNet(nn.Module):
@@ -46,22 +44,13 @@ class CountingNet(nn.Module):
 
 
 def load(args: argparse.Namespace, folder: Path) -> nn.Module:
-    """``--ckpt``, or ``--tiny``: evaluation_strength's TinyCNN (PGD-10, 3 epochs), trained once here."""
-    architecture: tuple[str | None, str | None, dict] = (None, None, {})
-    if args.tiny:
-        from evaluation_strength import train_tiny
+    """``--ckpt``, or ``--tiny``: evaluation_strength's network loader (its TinyCNN trained once), with
+    the parameters frozen."""
+    from evaluation_strength import load as load_network
 
-        path = folder / "tiny_cnn_pgd10.pt"
-        if not path.exists():
-            atomic_torch_save(train_tiny(args.data_dir, args.seed).state_dict(), path)
-        args.ckpt, architecture = str(path), ("tiny_cnn", "mnist", {"width": 16})
-    if args.ckpt is None:
-        fail("pass --ckpt PATH or --tiny")
-    try:
-        model, _ = load_model_from_checkpoint(Path(args.ckpt), *architecture)
-    except CheckpointError as exc:
-        fail(str(exc).splitlines()[0])
-    return model.eval().requires_grad_(False)  # the original backpropagates into parameters otherwise
+    return load_network(args, folder).requires_grad_(
+        False
+    )  # the original backpropagates into parameters otherwise
 
 
 def main() -> None:
