@@ -4,8 +4,9 @@ Each training run is a ``train.py`` command (``configs/mnist.yaml``, the run's i
 the budget's flags, ``--seed S --run-name <run>_s<S>``, ``--resume last`` when it has a resumable
 checkpoint); each judgement an ``evaluate.py`` command: APGD-CE -> APGD-T (``--suite apgd_ce,apgd_t
 --attacks none``) for every run, the whole suite for single-step runs (where gradient masking is the
-risk) and, once every run is judged, for the runs on the Pareto frontier. Cost = epochs x
-(``inner.gradients_per_example`` + 1 training pass), the attack rebuilt from the checkpoint's record.
+risk) and, once every run is judged, for the runs on the Pareto frontier. Cost per example = data
+passes x (``inner.gradients_per_example`` + the objective's ``TRAINING_PASSES``: 2 for TRADES), the
+attack and objective read from the checkpoint's record. Free-m runs ``--epochs`` = a multiple of m.
 Budgets: ``robust`` (the full 55,000-image split, 3 epochs), ``cpu`` (docs/RESULTS.md section 3: the
 first 20,000 images, 3 epochs, its monitor and the step sizes its sweep chose), ``smoke`` (the test's).
 
@@ -43,6 +44,7 @@ from qgtrain.attacks import Attack, attack_for_budget, build_attack
 from qgtrain.evaluation.plots import _pyplot
 from qgtrain.evaluation.report import markdown_table, text_table
 from qgtrain.evaluation.runner import StandardSettings, format_duration
+from qgtrain.training.module import TRAINING_PASSES
 
 FALLBACK_MS_PER_GRADIENT = 0.93
 """Training ms per example-gradient when no stored run has measured it (docs/RESULTS.md section 3)."""
@@ -61,11 +63,18 @@ class Run:
     alpha: float | None = None
     b: int | None = None
     seeds: tuple[int, ...] = (0,)
-    extra: tuple[str, ...] = ()  # further train.py arguments (e.g. the objective of issue 23's methods)
+    extra: tuple[str, ...] = ()  # further train.py arguments (issue 23's methods)
+    objective: str = "madry"
+    epochs: int | None = None  # data passes, when not the budget's (free-m: a multiple of m)
 
     def flags(self) -> list[str]:
         given = (("--steps", self.steps), ("--alpha", self.alpha), ("--b", self.b))
-        return ["--inner", self.inner, *(str(v) for p in given if p[1] is not None for v in p), *self.extra]
+        objective = ["--model.objective", self.objective] if self.objective != "madry" else []
+        return ["--inner", self.inner, *(str(v) for p in given if p[1] is not None for v in p), *objective, *self.extra]  # fmt: skip
+
+    def cost(self, budget: Budget) -> int:
+        """Gradient computations per training example (for the plan; the report reads the record's)."""
+        return cost(self.attack(), self.epochs or budget.epochs, self.objective)
 
     def attack(self) -> Attack:
         """The attack these flags train with (for the plan; the report rebuilds the recorded one)."""
@@ -91,13 +100,14 @@ ROBUST = (  # issue 25's grid: two seeds for every PGD-vs-PQGD pair
     Run("pqgd10_b100", "pqgd", 10, seeds=(0, 1)), Run("pgd5", "pgd", 5, 0.15, seeds=(0, 1)),
     Run("pqgd5_b100", "pqgd", 5, seeds=(0, 1)), Run("nfgsm", "nfgsm"),
 )
-TRADES = ("--model.objective", "trades", "--model.beta", "6.0")
+TRADES = {"objective": "trades", "extra": ("--model.beta", "6.0")}
+FREE = lambda m: {"extra": ("--replays", str(m)), "epochs": m}  # noqa: E731  # one epoch of m replays
 CHEAP = (  # issue 23's methods, each with the sign and with b = 100, one seed
-    Run("free4", "free", b=1, extra=("--replays", "4")), Run("free4_b100", "free", b=100, extra=("--replays", "4")),
-    Run("free8", "free", b=1, extra=("--replays", "8")), Run("free8_b100", "free", b=100, extra=("--replays", "8")),
+    Run("free4", "free", b=1, **FREE(4)), Run("free4_b100", "free", b=100, **FREE(4)),
+    Run("free8", "free", b=1, **FREE(8)), Run("free8_b100", "free", b=100, **FREE(8)),
     Run("atta1", "pgd", 1, extra=("--model.atta", "true")), Run("atta1_b100", "pqgd", 1, extra=("--model.atta", "true")),
     Run("atta2", "pgd", 2, extra=("--model.atta", "true")), Run("atta2_b100", "pqgd", 2, extra=("--model.atta", "true")),
-    Run("trades_pgd10", "pgd", 10, 0.12, extra=TRADES), Run("trades_pqgd10_b100", "pqgd", 10, extra=TRADES),
+    Run("trades_pgd10", "pgd", 10, 0.12, **TRADES), Run("trades_pqgd10_b100", "pqgd", 10, **TRADES),
 )
 ROBUST += CHEAP  # after the PGD-vs-PQGD grid (its runs were started first)
 CPU = (  # docs/RESULTS.md section 3: the step sizes its sweep chose, its seeds
@@ -168,13 +178,13 @@ class Study:
         name, checkpoints = f"{run.name}_s{seed}", self.folder / "checkpoints"
         command = [
             sys.executable, "train.py", *run.flags(), *self.budget.train_flags, *self.data,
-            "--epochs", str(self.budget.epochs), "--seed", str(seed), "--run-name", name,
+            "--epochs", str(run.epochs or self.budget.epochs), "--seed", str(seed), "--run-name", name,
             "--checkpoint_root", str(checkpoints), "--log_root", str(self.folder / "logs"),
         ]  # fmt: skip
         done = self.folder / f"{name}.done"
         if any((checkpoints / name / f).is_file() for f in ("step.ckpt", "last.ckpt", "interrupted.ckpt")):
             command += ["--resume", "last"]
-        gradients = self.budget.epochs * (run.attack().gradients_per_example + 1) * self.budget.train_images
+        gradients = run.cost(self.budget) * self.budget.train_images
         return Step(f"train {name}", command, self.folder / f"{name}.train.log", done, (), True, gradients)
 
     def judge(self, run: Run, seed: int, whole_suite: bool) -> Step:
@@ -289,7 +299,7 @@ def measured_ms_per_gradient(budget: Budget, folder: Path) -> float:
         for seed in run.seeds:
             speed = scalars(folder / "logs" / f"{run.name}_s{seed}").get("perf/images_per_sec", [])
             if speed and (folder / f"{run.name}_s{seed}.done").exists():
-                rates.append(1e3 / (mean(speed) * (run.attack().gradients_per_example + 1)))
+                rates.append(1e3 * (run.epochs or budget.epochs) / (mean(speed) * run.cost(budget)))
     return mean(rates) if rates else FALLBACK_MS_PER_GRADIENT
 
 
@@ -302,13 +312,19 @@ def judgement(path: Path) -> dict[str, Any] | None:
     return None if record["results"].get("partial") else record
 
 
-def cost_per_example(inner: dict[str, Any], epochs: int) -> dict[str, Any]:
-    """Cost = epochs x (``gradients_per_example`` + 1 training pass) of the inner attack a checkpoint
-    records, with its label and whether it is single-step."""
-    config = dict(inner)
+def cost(attack: Attack, data_passes: int, objective: str) -> int:
+    """Gradient computations per training example: data passes x (the inner attack's gradients +
+    the objective's training passes); free training's attack counts 0 (its gradient is the pass's)."""
+    return data_passes * (attack.gradients_per_example + TRAINING_PASSES[objective])
+
+
+def method_row(training: dict[str, Any], data_passes: int) -> dict[str, Any]:
+    """The cost, label and single-step trait of the training a checkpoint records (``objective``:
+    recorded since TRADES joined; earlier records are all madry)."""
+    config = dict(training["inner"])
     attack = build_attack(config.pop("name"), **config)
-    cost = epochs * (attack.gradients_per_example + 1)
-    return {"cost": cost, "label": attack.label, "single_step": attack.single_step, "seeds": []}
+    spent = cost(attack, data_passes, training.get("objective", "madry"))
+    return {"cost": spent, "label": attack.label, "single_step": attack.single_step, "seeds": []}
 
 
 def method_rows(budget: Budget, folder: Path) -> dict[str, dict[str, Any]]:
@@ -324,7 +340,7 @@ def method_rows(budget: Budget, folder: Path) -> dict[str, dict[str, Any]]:
                 continue
             first = records["pair"]
             if run.name not in rows:
-                rows[run.name] = cost_per_example(first["checkpoint"]["training"]["inner"], budget.epochs)
+                rows[run.name] = method_row(first["checkpoint"]["training"], run.epochs or budget.epochs)
             row, series = rows[run.name], scalars(folder / "logs" / name)
             row["seeds"].append(seed)
             row.setdefault("clean", []).append(100 * first["results"]["clean"]["accuracy"])

@@ -76,6 +76,47 @@ def test_each_example_starts_where_its_previous_epoch_ended(data_root: Path) -> 
     assert not torch.equal(torch.cat(control.inner.starts[4:]), ended[torch.cat(indices[4:])])
 
 
+class SharedStartSpy(PGD):
+    """StartSpy recording on the class: TRADES rebuilds the inner attack with the kl loss."""
+
+    seen: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+
+    def _run_once(self, model, x, y, start, target, observer, early_exit):
+        run = super()._run_once(model, x, y, start, target, observer, early_exit)
+        SharedStartSpy.seen.append((start - x, run.x_adv - x, y))
+        return run
+
+
+def test_atta_with_trades_starts_at_the_small_noise_once_then_at_the_stored_perturbation(
+    data_root: Path,
+) -> None:
+    """ATTA over the TRADES objective: an example's first visit starts at TRADES's x + 0.001 N(0, 1)
+    (not the attack's uniform start), its next at the perturbation it ended with; the attack is given
+    the clean softmax (the kl loss) both times."""
+    torch.manual_seed(0)
+    SharedStartSpy.seen = []
+    inner = SharedStartSpy(eps=EPS, alpha=0.1, steps=1)
+    module = AdversarialTraining(
+        TinyCNN(width=4), inner, atta=True, objective="trades", track_clean_accuracy=False
+    )
+    indices: list[torch.Tensor] = []
+    original = module.craft
+
+    def craft(x, y, index=None):
+        indices.append(index.clone())
+        return original(x, y, index)
+
+    module.craft = craft
+    quiet_trainer(max_epochs=2, limit_val_batches=0).fit(module, datamodule=small_mnist_datamodule(data_root))
+    starts, ends, labels = (torch.cat(t) for t in zip(*SharedStartSpy.seen, strict=True))
+    assert starts.shape[0] == 128 and labels.shape == (128, 10)  # soft labels: softmax(f(x))
+    assert float(starts[:64].abs().max()) < 0.01 and float(starts[:64].std()) > 5e-4  # 0.001 N(0, 1)
+    ended = torch.zeros(64, 1, 28, 28)
+    ended[torch.cat(indices[:4])] = ends[:64]
+    assert torch.equal(starts[64:], ended[torch.cat(indices[4:])])
+    assert float(starts[64:].abs().max()) > 0.05  # the control: a stored step, not the noise
+
+
 def _module() -> AdversarialTraining:
     torch.manual_seed(0)
     return AdversarialTraining(

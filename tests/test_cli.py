@@ -318,7 +318,7 @@ def test_run_names_show_the_model(tmp_path: Path) -> None:
         tmp_path, "--inner", "pgd", "--steps", "1", "--model.atta", "true", "--model.objective", "trades"
     )
     assert atta.run_name == "mnist-madry_mnist-pgd-k1-b1-atta-trades"
-    assert built(tmp_path, "--inner", "free", "--replays", "8").run_name == "mnist-madry_mnist-free-k1-b1-m8"
+    assert built(tmp_path, "--inner", "free", "--replays", "8", "--epochs", "8").run_name == "mnist-madry_mnist-free-k1-b1-m8"
 
 
 @pytest.mark.parametrize(

@@ -11,18 +11,26 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import (
+    REFUSED_RUN_ARGS,
+    call_main,
     ddp_fit,
+    error_lines,
     fit_killed_and_resumed,
     fit_uninterrupted,
     load_mnist_tensors,
+    no_training,
+    output_roots,
     quiet_trainer,
     same_weights,
 )
 from torch.utils.data import DataLoader, TensorDataset
 
 from qgtrain.attacks import Free, build_attack, quantize_gradient
+from qgtrain.cli import train as train_cli
 from qgtrain.models import TinyCNN
 from qgtrain.training import AdversarialTraining
+from qgtrain.training.module import free_training_epochs
+from qgtrain.training.resume import finished_message
 
 EPS = 0.3
 
@@ -106,6 +114,37 @@ def test_delta_carries_over_to_the_next_batch_and_a_reset_control_differs() -> N
     reset = _module()
     quiet_trainer(max_epochs=2, limit_val_batches=0, callbacks=[ResetDelta()]).fit(reset, _loader())
     assert not same_weights(carried.net, reset.net)
+
+
+def test_epochs_that_the_replays_do_not_divide_are_refused_before_training(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """``--epochs 10 --replays 4`` would be 2.5 epochs: refused in one line naming both flags (the
+    ceiling trained 12 data passes, the floor 8). Control: ``--epochs 8`` passes the check."""
+    assert free_training_epochs(8, 4) == 2
+    with pytest.raises(ValueError, match="use --epochs 8 or --epochs 12"):
+        free_training_epochs(10, 4)
+    monkeypatch.setattr(L.Trainer, "fit", no_training)
+    argv = [*REFUSED_RUN_ARGS, *output_roots(tmp_path), "--inner", "free", "--replays", "4"]
+    assert call_main(train_cli.main, [*argv, "--epochs", "10"]) == 2
+    assert error_lines(capsys.readouterr().err) == [
+        "train.py: error: free adversarial training replays each batch 4 times and runs epochs / 4 epochs, "
+        "so max_epochs (--epochs) must be a multiple of replays (--replays) 4, got 10; use --epochs 8 or --epochs 12"
+    ]
+    with pytest.raises(AssertionError, match="training started"):
+        call_main(train_cli.main, [*argv, "--epochs", "8"])
+
+
+def test_a_finished_free_run_is_told_in_data_passes() -> None:
+    """2 epochs of m = 4 replays are 8 data passes: finished for ``--epochs 8``, not for 12 (the
+    control); before, 2 epochs were compared with ``--epochs`` and a finished run resumed to train nothing."""
+    progress = {"loops": {"fit_loop": {"epoch_progress": {"current": {"processed": 2}}}}}
+    checkpoint = {**progress, "global_step": 32, "qgtrain": {"inner": {"name": "free", "replays": 4}}}
+    message = finished_message(checkpoint, Path("run/last.ckpt"), 8, -1)
+    assert message is not None and "(8 of 8 data passes in last.ckpt)" in message and "N > 8" in message
+    assert finished_message(checkpoint, Path("run/last.ckpt"), 12, -1) is None
+    madry = {**progress, "global_step": 32, "qgtrain": {"inner": {"name": "pgd", "steps": 2}}}
+    assert "(2 of 2 epochs" in finished_message(madry, Path("run/last.ckpt"), 2, -1)
 
 
 def test_cost_per_example_is_the_training_pass_only() -> None:

@@ -46,6 +46,7 @@ from qgtrain.training.checkpoint_io import (
     StepCheckpoint,
 )
 from qgtrain.training.interrupt import InterruptCheckpoint
+from qgtrain.training.module import free_training_epochs
 from qgtrain.training.trainer import run_summary
 
 log = logging.getLogger(__name__)
@@ -137,6 +138,7 @@ class QGTrainCLI(LightningCLI):
         """Start-up steps on the parsed config, in order; nothing is written by any of them (a
         refusal from one, e.g. :class:`ResumeError`, becomes one line in :func:`main`)."""
         self._refuse_classless_attacks()
+        self._refuse_partial_free_epochs()
         self._name_the_run()
         self._monitor_validation_without_evaluation()
         self._point_outputs_at_the_run()
@@ -161,6 +163,18 @@ class QGTrainCLI(LightningCLI):
         self.run_name, self.resume_path, self.resume_checkpoint = resume.start_point(
             config.run_name, config.resume, root, base, *limits
         )
+
+    def _refuse_partial_free_epochs(self) -> None:
+        """Free training runs ``--epochs`` / ``--replays`` epochs: a count they do not divide is
+        refused here, in one line, before anything is built (the module's own check, reused)."""
+        epochs, inner = self.config.trainer.max_epochs, self.config.model.inner
+        replays = inner.init_args.get("replays") if inner is not None else None
+        free = replays and getattr(locate(inner.class_path), "reuses_training_backward", False)
+        if free and epochs is not None and epochs > 0:
+            try:
+                free_training_epochs(epochs, replays)
+            except ValueError as exc:
+                raise UsageError(str(exc)) from None
 
     def _monitor_validation_without_evaluation(self) -> None:
         config = self.config

@@ -550,14 +550,18 @@ def run_standard(
             one = [batch]
             if progress is not None:
                 progress.set_postfix_str("suite")
-            suite_parts.append(evaluate_suite(model, attacks, one, device, settings.seed, first_batch_index=index))
+            suite_parts.append(
+                evaluate_suite(model, attacks, one, device, settings.seed, first_batch_index=index)
+            )
             if progress is not None:
                 progress.update(1)
             for k, (spec, attack) in enumerate(zip(specs, row_attacks, strict=True)):
                 if progress is not None:
                     progress.set_postfix_str(spec.label)
                 row_start = time.perf_counter()
-                row_parts[k].append(evaluate_suite(model, [attack], one, device, settings.seed, first_batch_index=index))
+                row_parts[k].append(
+                    evaluate_suite(model, [attack], one, device, settings.seed, first_batch_index=index)
+                )
                 row_seconds[k] += time.perf_counter() - row_start
                 if progress is not None:
                     progress.update(1)

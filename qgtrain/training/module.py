@@ -82,6 +82,25 @@ def default_val_attack() -> PGD:
 TRADES_START_STD = 0.001
 """TRADES's start ``x + 0.001 N(0, 1)`` (Zhang et al.'s reference code)."""
 
+TRAINING_PASSES = {"madry": 1, "mixed": 2, "trades": 2}
+"""Forward-backward passes through the network per training example and step, by objective: madry
+trains on ``f(x')``; mixed and TRADES on ``f(x)`` and ``f(x')`` (TRADES's attack also needs one
+forward pass for its target ``softmax(f(x))``, not counted here)."""
+
+
+def free_training_epochs(max_epochs: int, replays: int) -> int:
+    """Epochs of free adversarial training that make ``max_epochs`` data passes: each batch is
+    replayed ``replays`` (m) times, so the run has ``max_epochs / m`` epochs (Shafahi et al. 2019, Alg. 1)."""
+    if max_epochs % replays:
+        below = max_epochs // replays * replays
+        choices = " or ".join(f"--epochs {n}" for n in (below, below + replays) if n > 0)
+        raise ValueError(
+            f"free adversarial training replays each batch {replays} times and runs epochs / {replays} "
+            f"epochs, so max_epochs (--epochs) must be a multiple of replays (--replays) {replays}, "
+            f"got {max_epochs}; use {choices}"
+        )
+    return max_epochs // replays
+
 
 def with_kl_loss(attack: Attack) -> Attack:
     """``attack`` rebuilt (same class, same config) with the ``kl`` loss (TRADES's inner maximisation)."""
@@ -228,14 +247,9 @@ class AdversarialTraining(L.LightningModule):
         if replays > 1 and loop.max_epochs is not None and loop.max_epochs > 0:
             if getattr(self, "_epochs_divided_for", None) is not loop:  # once per fit
                 self._epochs_divided_for = loop
-                epochs = max(math.ceil(loop.max_epochs / replays), 1)
-                log.info(
-                    "free adversarial training: %d epochs / %d replays -> %d epochs (%d data passes)",
-                    loop.max_epochs,
-                    replays,
-                    epochs,
-                    epochs * replays,
-                )
+                epochs = free_training_epochs(loop.max_epochs, replays)
+                log.info("free adversarial training: %d data passes = %d epochs x %d replays",
+                         loop.max_epochs, epochs, replays)  # fmt: skip
                 loop.max_epochs = epochs
 
     @property
@@ -463,6 +477,7 @@ class AdversarialTraining(L.LightningModule):
             "net": net,
             "inner": self.inner.config() if self.inner is not None else None,
             "val_attack": self.val_attack.config(),
+            "objective": self.hparams.objective,  # with inner: the training cost (TRAINING_PASSES)
             # a mid-epoch checkpoint holds each process's data position: resume with as many
             "world_size": self.trainer.world_size if self._trainer is not None else 1,
         }

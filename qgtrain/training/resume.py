@@ -232,6 +232,9 @@ def finished_message(
 ) -> str | None:
     """Why resuming ``checkpoint`` would train nothing (and how to extend the run), else ``None``."""
     epochs, step = completed_epochs(checkpoint), int(checkpoint.get("global_step", 0))
+    # free training's epochs are data passes / replays; --epochs (max_epochs) counts data passes
+    replays = int(((checkpoint.get("qgtrain") or {}).get("inner") or {}).get("replays", 1))
+    epochs, unit = epochs * replays, "data passes" if replays > 1 else "epochs"
     if max_steps is not None and max_steps > 0 and step >= max_steps:
         return (
             f"the run in {path.parent} is finished ({step} of max_steps={max_steps} steps in {path.name}); "
@@ -239,7 +242,7 @@ def finished_message(
         )
     if max_epochs is not None and max_epochs > 0 and epochs >= max_epochs and (max_steps or -1) <= 0:
         return (
-            f"the run in {path.parent} is finished ({epochs} of {max_epochs} epochs in {path.name}); "
+            f"the run in {path.parent} is finished ({epochs} of {max_epochs} {unit} in {path.name}); "
             f"to train longer resume with --epochs N (N > {epochs})"
         )
     return None

@@ -1,0 +1,42 @@
+"""The cheap-training study's cost per training example (benchmarks/cheap_training.py): data passes x
+(the inner attack's gradients + the objective's training passes), the same rule in the plan and in
+the report, which reads the objective from the checkpoint's record."""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+from conftest import REPO
+
+
+@pytest.fixture()
+def study(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    return importlib.import_module("cheap_training")
+
+
+def test_each_method_costs_its_gradients_and_training_passes_per_data_pass(study) -> None:
+    """PGD-10: 3 x (10 + 1); TRADES over PGD-10 also trains on f(x): 3 x (10 + 2); free-4's one
+    epoch of 4 replays: 4 passes x (0 + 1); ATTA-1: 3 x (1 + 1). Control: the old rule (+1 for every
+    objective, the budget's epochs for every run) gave TRADES 33 and free-4 3."""
+    robust = study.BUDGETS["robust"]
+    costs = {run.name: run.cost(robust) for run in robust.grid}
+    assert costs["pgd10"] == 33 and costs["trades_pgd10"] == 36
+    assert costs["free4"] == 4 and costs["free8_b100"] == 8 and costs["atta1"] == 6
+    assert costs["trades_pgd10"] != robust.epochs * (10 + 1) and costs["free4"] != robust.epochs
+
+
+def test_the_report_reads_the_objective_the_checkpoint_records(study) -> None:
+    inner = {"name": "pgd", "eps": 0.3, "alpha": 0.12, "steps": 10}
+    assert study.method_row({"inner": inner, "objective": "trades"}, 3)["cost"] == 36
+    assert study.method_row({"inner": inner}, 3)["cost"] == 33  # a record from before TRADES: madry
+
+
+def test_free_runs_have_a_whole_number_of_epochs(study) -> None:
+    """train.py refuses --epochs that the replays do not divide; every free run of every grid passes."""
+    for budget in study.BUDGETS.values():
+        for run in budget.grid:
+            if run.inner == "free":
+                replays = int(run.extra[run.extra.index("--replays") + 1])
+                assert (run.epochs or budget.epochs) % replays == 0, (budget.name, run.name)
