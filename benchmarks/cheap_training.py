@@ -13,8 +13,8 @@ first 20,000 images, 3 epochs, its monitor and the step sizes its sweep chose), 
 ``OUT/cheap_training/<budget>/``: train.py's ``checkpoints/<run>_s<S>/`` and
 ``logs/<run>_s<S>/``; ``<run>_s<S>.train.log``; ``<run>_s<S>.done``, touched by the step's shell after
 exit 0 (also when the study was killed and its child ran on); evaluate.py's ``results/<name>/`` and
-``results/<name>.eval.log``. A step is done when its file exists; one that a live process runs (this
-study's or another runner's) is left to it.
+``results/<name>.eval.log``. The steps run through ``benchmarks/steps.py``: a step is done when its file
+exists; one that a live process runs (this study's or another runner's) is left to it.
 
     python benchmarks/cheap_training.py --dry-run                 # the plan and the commands
     python benchmarks/cheap_training.py                           # train and judge (2 processes)
@@ -24,20 +24,16 @@ study's or another runner's) is left to it.
 
 from __future__ import annotations
 
-import json
-import os
 import shlex
-import subprocess
 import sys
-import time
 from argparse import ArgumentParser, RawDescriptionHelpFormatter
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from statistics import mean
 from typing import Any
 
-from common import DEFAULT_OUT, EPS, REPO_ROOT, fail, write_json  # isort: skip
+from common import DEFAULT_OUT, EPS, fail, write_json  # isort: skip
+from steps import Step, judgement, log, run_steps  # isort: skip
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from qgtrain.attacks import Attack, attack_for_budget, build_attack
@@ -50,7 +46,6 @@ FALLBACK_MS_PER_GRADIENT = 0.93
 """Training ms per example-gradient when no stored run has measured it (docs/RESULTS.md section 3)."""
 PAIR = ("apgd_ce", "apgd_t")  # the judge of every run
 JUDGES = (("pair", ""), ("full", "_full"))  # results/<run>_s<S><suffix>/: APGD-CE -> APGD-T, whole suite
-OWNER = {"train.py": ("--run-name", "--checkpoint_root"), "evaluate.py": ("--name", "--out-dir")}
 
 
 @dataclass(frozen=True)
@@ -133,40 +128,6 @@ BUDGETS = {
 
 
 # ------------------------------------------------------------------------------------ steps
-@dataclass(frozen=True)
-class Step:
-    """One command; done when ``target`` exists (a judgement: a results.json not marked partial)."""
-
-    label: str
-    command: list[str]
-    log: Path
-    target: Path
-    needs: tuple[Path, ...] = ()
-    marker: bool = False  # the shell touches ``target`` after exit 0 (training runs)
-    gradients: int = 0  # example-gradients it spends at most (for the plan line)
-    forwards: int = 0
-
-    def done(self) -> bool:
-        return self.target.is_file() if self.marker else judgement(self.target) is not None
-
-    def running_elsewhere(self) -> bool:
-        """A live process runs this command already (this study's or another runner's):
-        the same script with the same name (``--run-name`` / ``--name``) in the same output root."""
-        script, (name_flag, root_flag) = self.command[1], OWNER[self.command[1]]
-        mine = dict(zip(self.command, self.command[1:], strict=False))
-        for proc in Path("/proc").glob("[0-9]*"):
-            try:
-                argv = (proc / "cmdline").read_bytes().decode(errors="replace").split("\0")
-                cwd = Path(os.readlink(proc / "cwd"))
-            except OSError:
-                continue
-            given = dict(zip(argv, argv[1:], strict=False))
-            if any(Path(a).name == script for a in argv[:3]) and given.get(name_flag) == mine[name_flag]:
-                if (cwd / given.get(root_flag, ".")).resolve() == Path(mine[root_flag]).resolve():
-                    return True
-        return False
-
-
 class Study:
     """The steps of one budget's folder, planned again after every finished step."""
 
@@ -236,49 +197,6 @@ class Study:
         )
 
 
-def run_steps(plan: Callable[[], list[Step]], jobs: int) -> list[str]:
-    """Launch ready steps (inputs there, not done, not running anywhere), at most ``jobs`` at a time,
-    one thread each, until none is left that can start; return the labels of failed steps."""
-    running: dict[str, subprocess.Popen] = {}
-    failed: list[str] = []
-    elsewhere: set[str] = set()  # left to the process that runs them, not retried here
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    shell = '"${@:3}" >> "$1" 2>&1 && if [ -n "$2" ]; then touch "$2"; fi'
-    changed = True
-    while True:
-        for label, process in list(running.items()):
-            if process.poll() is not None:
-                del running[label]
-                changed = True
-                failed += [label] if process.returncode else []
-                log(f"{label}: {f'FAILED (exit {process.returncode})' if process.returncode else 'done'}")
-        if changed:  # plan again only when a step ended: the frontier's steps appear when known
-            skip = {*running, *failed, *elsewhere}
-            ready = [
-                s for s in plan() if s.label not in skip and not s.done() and all(map(Path.exists, s.needs))
-            ]
-            changed = False
-        while ready and len(running) < jobs:
-            step = ready.pop(0)
-            if step.running_elsewhere():
-                log(f"{step.label}: another process runs it; left to it")
-                elsewhere.add(step.label)
-                continue
-            step.log.parent.mkdir(parents=True, exist_ok=True)
-            log(f"{step.label}: {shlex.join(step.command)} >> {step.log}")
-            marker = str(step.target) if step.marker else ""
-            running[step.label] = subprocess.Popen(
-                ["bash", "-c", shell, "step", str(step.log), marker, *step.command], cwd=REPO_ROOT, env=env
-            )
-        if not running:
-            return failed
-        time.sleep(1.0)
-
-
-def log(message: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
-
-
 # ------------------------------------------------------------------------------------ reading
 def scalars(folder: Path) -> dict[str, list[float]]:
     """Epoch-level TensorBoard scalars of a run, over its versions (a resumed run logs in a new
@@ -301,15 +219,6 @@ def measured_ms_per_gradient(budget: Budget, folder: Path) -> float:
             if speed and (folder / f"{run.name}_s{seed}.done").exists():
                 rates.append(1e3 * (run.epochs or budget.epochs) / (mean(speed) * run.cost(budget)))
     return mean(rates) if rates else FALLBACK_MS_PER_GRADIENT
-
-
-def judgement(path: Path) -> dict[str, Any] | None:
-    """evaluate.py's record at ``path``; None while it is absent, being written, or marked partial."""
-    try:
-        record = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return None if record["results"].get("partial") else record
 
 
 def cost(attack: Attack, data_passes: int, objective: str) -> int:

@@ -69,10 +69,10 @@ def suite_rows() -> dict[str, Callable[[], list[Attack]]]:
         attack_for_budget("pqgd", EPS, 100, alpha=0.01, restarts=5),
         attack_for_budget("blob_qg", EPS, 100, alpha=0.01, restarts=5),
     ]
-    for targets in (1, 3, 9):
-        rows[f"monitor_blobqg20_apgdt20x{targets}"] = lambda t=targets: [
+    for steps, targets in ((20, 1), (20, 2), (20, 3), (20, 9), (15, 3), (10, 3)):
+        rows[f"monitor_blobqg20_apgdt{steps}x{targets}"] = lambda k=steps, t=targets: [
             attack_for_budget("blob_qg", EPS, 20),
-            attack_for_budget("apgd_t", EPS, 20, targets=t),
+            attack_for_budget("apgd_t", EPS, k, targets=t),
         ]
     rows["monitor_blobqg20_apgdce20_apgdt20x3"] = lambda: [
         attack_for_budget("blob_qg", EPS, 20),

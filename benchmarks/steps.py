@@ -1,0 +1,107 @@
+"""A small step runner for benchmarks made of ``train.py`` and ``evaluate.py`` commands: a step is done
+when its file exists (a training run's marker, touched by the step's shell after exit 0; an
+evaluation's ``results.json`` not marked partial); ready steps run at most ``jobs`` at a time, one
+thread each; a step whose command a live process already runs (this runner's or another's) is left to it."""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from common import REPO_ROOT  # isort: skip
+
+OWNER = {"train.py": ("--run-name", "--checkpoint_root"), "evaluate.py": ("--name", "--out-dir")}
+"""The flags that name a command's output: the same script with the same values is the same step."""
+
+
+@dataclass(frozen=True)
+class Step:
+    """One command; done when ``target`` exists (a judgement: a results.json not marked partial)."""
+
+    label: str
+    command: list[str]
+    log: Path
+    target: Path
+    needs: tuple[Path, ...] = ()
+    marker: bool = False  # the shell touches ``target`` after exit 0 (training runs)
+    gradients: int = 0  # example-gradients it spends at most (for the plan line)
+    forwards: int = 0
+
+    def done(self) -> bool:
+        return self.target.is_file() if self.marker else judgement(self.target) is not None
+
+    def running_elsewhere(self) -> bool:
+        """A live process runs this command already (this study's or another runner's):
+        the same script with the same name (``--run-name`` / ``--name``) in the same output root."""
+        script, (name_flag, root_flag) = self.command[1], OWNER[self.command[1]]
+        mine = dict(zip(self.command, self.command[1:], strict=False))
+        for proc in Path("/proc").glob("[0-9]*"):
+            try:
+                argv = (proc / "cmdline").read_bytes().decode(errors="replace").split("\0")
+                cwd = Path(os.readlink(proc / "cwd"))
+            except OSError:
+                continue
+            given = dict(zip(argv, argv[1:], strict=False))
+            if any(Path(a).name == script for a in argv[:3]) and given.get(name_flag) == mine[name_flag]:
+                if (cwd / given.get(root_flag, ".")).resolve() == Path(mine[root_flag]).resolve():
+                    return True
+        return False
+
+
+def run_steps(plan: Callable[[], list[Step]], jobs: int) -> list[str]:
+    """Launch ready steps (inputs there, not done, not running anywhere), at most ``jobs`` at a time,
+    one thread each, until none is left that can start; return the labels of failed steps."""
+    running: dict[str, subprocess.Popen] = {}
+    failed: list[str] = []
+    elsewhere: set[str] = set()  # left to the process that runs them, not retried here
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    shell = '"${@:3}" >> "$1" 2>&1 && if [ -n "$2" ]; then touch "$2"; fi'
+    changed = True
+    while True:
+        for label, process in list(running.items()):
+            if process.poll() is not None:
+                del running[label]
+                changed = True
+                failed += [label] if process.returncode else []
+                log(f"{label}: {f'FAILED (exit {process.returncode})' if process.returncode else 'done'}")
+        if changed:  # plan again only when a step ended: the frontier's steps appear when known
+            skip = {*running, *failed, *elsewhere}
+            ready = [
+                s for s in plan() if s.label not in skip and not s.done() and all(map(Path.exists, s.needs))
+            ]
+            changed = False
+        while ready and len(running) < jobs:
+            step = ready.pop(0)
+            if step.running_elsewhere():
+                log(f"{step.label}: another process runs it; left to it")
+                elsewhere.add(step.label)
+                continue
+            step.log.parent.mkdir(parents=True, exist_ok=True)
+            log(f"{step.label}: {shlex.join(step.command)} >> {step.log}")
+            marker = str(step.target) if step.marker else ""
+            running[step.label] = subprocess.Popen(
+                ["bash", "-c", shell, "step", str(step.log), marker, *step.command], cwd=REPO_ROOT, env=env
+            )
+        if not running:
+            return failed
+        time.sleep(1.0)
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def judgement(path: Path) -> dict[str, Any] | None:
+    """evaluate.py's record at ``path``; None while it is absent, being written, or marked partial."""
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return None if record["results"].get("partial") else record
