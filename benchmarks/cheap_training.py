@@ -24,6 +24,7 @@ exists; one that a live process runs (this study's or another runner's) is left 
 
 from __future__ import annotations
 
+import logging
 import shlex
 import sys
 from argparse import ArgumentParser, RawDescriptionHelpFormatter
@@ -199,8 +200,10 @@ class Study:
 
 # ------------------------------------------------------------------------------------ reading
 def scalars(folder: Path) -> dict[str, list[float]]:
-    """Epoch-level TensorBoard scalars of a run, over its versions (a resumed run logs in a new
-    one; a later version wins at the same step), in step order."""
+    """Epoch-level TensorBoard scalars of a run, over its versions (a later version wins at the same
+    step), in step order. A resumed run continues its version from a purge marker, which TensorBoard
+    applies with an "out of order event" notice per marker: silenced, it is the expected case."""
+    logging.getLogger("tensorboard").setLevel(logging.ERROR)
     merged: dict[str, dict[int, float]] = {}
     for version in sorted(folder.glob("version_*"), key=lambda p: int(p.name.split("_")[1])):
         events = EventAccumulator(str(version), size_guidance={"scalars": 0})
