@@ -44,12 +44,8 @@ def _spy_module(atta: bool = True) -> AdversarialTraining:
     return AdversarialTraining(TinyCNN(width=4), spy, atta=atta, track_clean_accuracy=False)
 
 
-def test_each_example_starts_where_its_previous_epoch_ended(data_root: Path) -> None:
-    """64 examples, 4 batches/epoch, 2 epochs: in epoch 2 the start of example i is the perturbation
-    it ended epoch 1 with (looked up by its index; the order is reshuffled). Control: without atta the
-    starts are fresh random points."""
-    module = _spy_module()
-    datamodule = small_mnist_datamodule(data_root)
+def record_indices(module: AdversarialTraining) -> list[torch.Tensor]:
+    """Wrap ``module.craft`` so each batch's training-split indices are appended to the returned list."""
     indices: list[torch.Tensor] = []
     original = module.craft
 
@@ -58,6 +54,16 @@ def test_each_example_starts_where_its_previous_epoch_ended(data_root: Path) -> 
         return original(x, y, index)
 
     module.craft = craft
+    return indices
+
+
+def test_each_example_starts_where_its_previous_epoch_ended(data_root: Path) -> None:
+    """64 examples, 4 batches/epoch, 2 epochs: in epoch 2 the start of example i is the perturbation
+    it ended epoch 1 with (looked up by its index; the order is reshuffled). Control: without atta the
+    starts are fresh random points."""
+    module = _spy_module()
+    datamodule = small_mnist_datamodule(data_root)
+    indices = record_indices(module)
     quiet_trainer(max_epochs=2, limit_val_batches=0).fit(module, datamodule=datamodule)
     spy = module.inner
     assert len(indices) == 8 and all(i.shape == (16,) for i in indices)
@@ -99,14 +105,7 @@ def test_atta_with_trades_starts_at_the_small_noise_once_then_at_the_stored_pert
     module = AdversarialTraining(
         TinyCNN(width=4), inner, atta=True, objective="trades", track_clean_accuracy=False
     )
-    indices: list[torch.Tensor] = []
-    original = module.craft
-
-    def craft(x, y, index=None):
-        indices.append(index.clone())
-        return original(x, y, index)
-
-    module.craft = craft
+    indices = record_indices(module)
     quiet_trainer(max_epochs=2, limit_val_batches=0).fit(module, datamodule=small_mnist_datamodule(data_root))
     starts, ends, labels = (torch.cat(t) for t in zip(*SharedStartSpy.seen, strict=True))
     assert starts.shape[0] == 128 and labels.shape == (128, 10)  # soft labels: softmax(f(x))
