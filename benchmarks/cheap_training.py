@@ -3,7 +3,7 @@
 Each training run is a ``train.py`` command (``configs/mnist.yaml``, the run's inner-maximiser flags,
 the budget's flags, ``--seed S --run-name <run>_s<S>``, ``--resume last`` when it has a resumable
 checkpoint); each judgement an ``evaluate.py`` command: APGD-CE -> APGD-T (``--suite apgd_ce,apgd_t
---attacks none``) for every run, the whole suite for single-step runs (where gradient masking is the
+--attacks none``) for every run, the whole suite for one-gradient runs (where gradient masking is the
 risk) and, once every run is judged, for the runs on the Pareto frontier. Cost per example = data
 passes x (``inner.gradients_per_example`` + the objective's ``TRAINING_PASSES``: 2 for TRADES), the
 attack and objective read from the checkpoint's record. Free-m runs ``--epochs`` = a multiple of m.
@@ -105,7 +105,7 @@ CHEAP = (  # issue 23's methods, each with the sign and with b = 100, one seed
     Run("atta2", "pgd", 2, extra=("--model.atta", "true")), Run("atta2_b100", "pqgd", 2, extra=("--model.atta", "true")),
     Run("trades_pgd10", "pgd", 10, 0.12, **TRADES), Run("trades_pqgd10_b100", "pqgd", 10, **TRADES),
 )
-ROBUST += CHEAP  # after the PGD-vs-PQGD grid (its runs were started first)
+ROBUST += CHEAP
 CPU = (  # docs/RESULTS.md section 3: the step sizes its sweep chose, its seeds
     Run("pgd40", "pgd", 40, 0.01, seeds=(0, 1)), Run("pgd10", "pgd", 10, 0.12), Run("pqgd10_b100", "pqgd", 10),
     Run("pgd5", "pgd", 5, 0.15, seeds=(0, 1)), Run("pqgd5_b100", "pqgd", 5, 0.06),
@@ -168,11 +168,12 @@ class Study:
         return Step(f"judge {result}", command, log, target, needs, False, gradients, forwards)
 
     def steps(self, train: bool = True, judge: bool = True) -> list[Step]:
-        """Training, the APGD-CE -> APGD-T judgement of every run, the whole suite for single-step
-        runs, and (once every run is judged) for the runs on the frontier."""
+        """Training, the APGD-CE -> APGD-T judgement of every run, the whole suite for one-gradient
+        runs, and (once every run is judged) for the runs on the frontier. Cheapest training first, so
+        a study stopped at a session's end has finished whole rows (PGD-40 alone is hours)."""
         planned: list[Step] = []
-        for run in self.grid:
-            single = run.attack().single_step
+        for run in sorted(self.grid, key=lambda r: r.cost(self.budget)):
+            single = one_gradient(run.attack())
             for seed in run.seeds:
                 planned += [self.train(run, seed)] if train else []
                 planned += [self.judge(run, seed, False)] + ([self.judge(run, seed, True)] if single else [])
@@ -230,13 +231,19 @@ def cost(attack: Attack, data_passes: int, objective: str) -> int:
     return data_passes * (attack.gradients_per_example + TRAINING_PASSES[objective])
 
 
+def one_gradient(attack: Attack) -> bool:
+    """At most one input gradient per training step (FGSM-RS, N-FGSM, free, ATTA-1): the runs where
+    gradient masking is the risk, judged by the whole suite."""
+    return attack.gradients_per_example <= 1
+
+
 def method_row(training: dict[str, Any], data_passes: int) -> dict[str, Any]:
-    """The cost, label and single-step trait of the training a checkpoint records (``objective``:
+    """The cost, label and one-gradient rule of the training a checkpoint records (``objective``:
     recorded since TRADES joined; earlier records are all madry)."""
     config = dict(training["inner"])
     attack = build_attack(config.pop("name"), **config)
     spent = cost(attack, data_passes, training.get("objective", "madry"))
-    return {"cost": spent, "label": attack.label, "single_step": attack.single_step, "seeds": []}
+    return {"cost": spent, "label": attack.label, "one_gradient": one_gradient(attack), "seeds": []}
 
 
 def method_rows(budget: Budget, folder: Path) -> dict[str, dict[str, Any]]:
@@ -332,12 +339,12 @@ def plot(stored: dict[str, dict[str, dict[str, Any]]], fronts: dict[str, list[st
             values = row["pair"]
             y = mean(values)
             ax.errorbar(row["cost"], y, yerr=[[y - min(values)], [max(values) - y]], color=colour, capsize=3,
-                        marker="^" if row["single_step"] else ("o" if "b=" not in row["label"] else "s"))  # fmt: skip
+                        marker="^" if row["one_gradient"] else ("o" if "b=" not in row["label"] else "s"))  # fmt: skip
             ax.annotate(run, (row["cost"], y), textcoords="offset points", xytext=(5, 4), fontsize=7)
         front = sorted((rows[r]["cost"], mean(rows[r]["pair"])) for r in fronts[name])
         ax.step(*zip(*front, strict=True), where="post", color=colour, ls="--", label=f"{name}: frontier")
     ax.set(xscale="log", xlabel="training cost (gradient computations per training example)",
-           ylabel="robust accuracy (%), APGD-CE → APGD-T", title="o sign, s quantized, ^ single-step; bars: seeds")  # fmt: skip
+           ylabel="robust accuracy (%), APGD-CE → APGD-T", title="o sign, s quantized, ^ one gradient per step; bars: seeds")  # fmt: skip
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()

@@ -40,3 +40,25 @@ def test_free_runs_have_a_whole_number_of_epochs(study) -> None:
             if run.inner == "free":
                 replays = int(run.extra[run.extra.index("--replays") + 1])
                 assert (run.epochs or budget.epochs) % replays == 0, (budget.name, run.name)
+
+
+def test_cheapest_training_is_planned_first_and_one_gradient_runs_get_the_whole_suite(
+    study, tmp_path
+) -> None:
+    """Training steps in ascending cost (a study stopped at a session's end has whole rows, PGD-40
+    last); the whole suite goes to every run with at most one input gradient per step: N-FGSM and
+    free (class trait single_step) and ATTA-1 (PGD with one step) too. Control: ATTA-2 and PGD-5 get
+    only the APGD-CE -> APGD-T pair."""
+    robust = study.BUDGETS["robust"]
+    steps = study.Study(robust, tmp_path, None).steps()
+    trained = [step.label.removeprefix("train ") for step in steps if step.marker]
+    by_name = {f"{run.name}_s{seed}": run for run in robust.grid for seed in run.seeds}
+    costs = [by_name[name].cost(robust) for name in trained]
+    assert costs == sorted(costs) and trained[-1] == "pgd40_s0" and len(trained) == len(by_name)
+    whole = {
+        step.label.removeprefix("judge ").removesuffix("_full")
+        for step in steps
+        if step.label.endswith("_full")
+    }
+    assert {"nfgsm_s0", "free4_s0", "free8_b100_s0", "atta1_s0", "atta1_b100_s0"} <= whole
+    assert not whole & {"atta2_s0", "pgd5_s0", "pgd10_s0", "pgd40_s0"}
