@@ -97,12 +97,13 @@ ROBUST = (  # issue 25's grid: two seeds for every PGD-vs-PQGD pair
     Run("pqgd5_b100", "pqgd", 5, seeds=(0, 1)), Run("nfgsm", "nfgsm"),
 )
 TRADES = {"objective": "trades", "extra": ("--model.beta", "6.0")}
+ATTA = {"extra": ("--model.atta", "true")}  # alpha: eps / 2 (k = 1), eps / 3 (k = 2), Zheng et al.'s CIFAR ratios
 FREE = lambda m: {"extra": ("--replays", str(m)), "epochs": m}  # noqa: E731  # one epoch of m replays
 CHEAP = (  # issue 23's methods, each with the sign and with b = 100, one seed
     Run("free4", "free", b=1, **FREE(4)), Run("free4_b100", "free", b=100, **FREE(4)),
     Run("free8", "free", b=1, **FREE(8)), Run("free8_b100", "free", b=100, **FREE(8)),
-    Run("atta1", "pgd", 1, extra=("--model.atta", "true")), Run("atta1_b100", "pqgd", 1, extra=("--model.atta", "true")),
-    Run("atta2", "pgd", 2, extra=("--model.atta", "true")), Run("atta2_b100", "pqgd", 2, extra=("--model.atta", "true")),
+    Run("atta1", "pgd", 1, 0.15, **ATTA), Run("atta1_b100", "pqgd", 1, 0.15, **ATTA),
+    Run("atta2", "pgd", 2, 0.1, **ATTA), Run("atta2_b100", "pqgd", 2, 0.1, **ATTA),
     Run("trades_pgd10", "pgd", 10, 0.12, **TRADES), Run("trades_pqgd10_b100", "pqgd", 10, **TRADES),
 )
 ROBUST += CHEAP

@@ -145,7 +145,9 @@ class AdversarialTraining(L.LightningModule):
         clean_weight: Weight of the clean loss under ``objective: mixed``, in [0, 1].
         beta: Weight of the KL term under ``objective: trades`` (>= 0; 6 in the paper).
         atta: Keep each training example's perturbation across epochs and start the inner attack
-            there (ATTA, Zheng et al. 2020); the data module yields the examples' indices.
+            there (ATTA, Zheng et al. 2020); the data module yields the examples' indices. Give the
+            attack a small step (their code: eps / 2 for ATTA-1 on CIFAR-10, eps / 30 on MNIST over
+            60 epochs): at the class rule 2.5 eps / k a 1-step run lands on a corner every visit.
         attack_in_eval_mode: Run the inner attack with the network in eval mode (BatchNorm untouched).
         optimizer: Optimizer class and its arguments (``lr``...), built over the network's parameters (null: Adam).
         lr_schedule: Per-step learning rate: constant, piecewise (x0.1 at 50%, x0.01 at 75%) or onecycle.
