@@ -174,10 +174,10 @@ class Study:
         a study stopped at a session's end has finished whole rows (PGD-40 alone is hours)."""
         planned: list[Step] = []
         for run in sorted(self.grid, key=lambda r: r.cost(self.budget)):
-            single = one_gradient(run.attack())
+            whole_suite = one_gradient(run.attack())
             for seed in run.seeds:
                 planned += [self.train(run, seed)] if train else []
-                planned += [self.judge(run, seed, False)] + ([self.judge(run, seed, True)] if single else [])
+                planned += [self.judge(run, seed, False)] + ([self.judge(run, seed, True)] if whole_suite else [])
         pairs = [self.judge(r, s, False) for r in self.grid for s in r.seeds]
         if judge and all(step.done() for step in pairs):
             rows = method_rows(self.budget, self.folder)
