@@ -4,6 +4,7 @@ model, MNIST files in IDX format, and helpers for running ``train.py`` / ``evalu
 from __future__ import annotations
 
 import os
+import pickle
 import struct
 
 # Tiny CPU models run fastest on one thread, and multi-process tests (DDP, subprocesses) must not
@@ -65,6 +66,20 @@ def write_idx(path: Path, array: np.ndarray | torch.Tensor) -> None:
     array = np.asarray(array, dtype=np.uint8)
     header = struct.pack(">I", 0x0800 | array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
     path.write_bytes(header + array.tobytes())
+
+
+def write_cifar(root: Path, n_per_batch: int = 20) -> None:
+    """Random CIFAR-10 batch files (python pickles of uint8 rows) under ``root/cifar-10-batches-py``."""
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        batch = {
+            "data": rng.integers(0, 256, size=(n_per_batch, 3072), dtype=np.uint8),
+            "labels": list(rng.integers(0, 10, size=n_per_batch)),
+        }
+        with open(folder / name, "wb") as handle:
+            pickle.dump(batch, handle)
 
 
 def write_mnist(

@@ -14,12 +14,15 @@ from conftest import (
     quiet_trainer,
     same_weights,
     small_mnist_datamodule,
+    write_cifar,
 )
 
 from qgtrain.attacks import PGD, PQGD
 from qgtrain.data import CIFAR10DataModule
+from qgtrain.data.datamodules import ImageTensorDataset
 from qgtrain.models import TinyCNN
 from qgtrain.training import AdversarialTraining
+from qgtrain.training.atta import PerturbationBuffer
 
 EPS = 0.3
 
@@ -49,9 +52,9 @@ def record_indices(module: AdversarialTraining) -> list[torch.Tensor]:
     indices: list[torch.Tensor] = []
     original = module.craft
 
-    def craft(x, y, index=None):
+    def craft(x, y, index=None, view=None):
         indices.append(index.clone())
-        return original(x, y, index)
+        return original(x, y, index, view)
 
     module.craft = craft
     return indices
@@ -85,7 +88,7 @@ def test_each_example_starts_where_its_previous_epoch_ended(data_root: Path) -> 
 class SharedStartSpy(PGD):
     """StartSpy recording on the class: TRADES rebuilds the inner attack with the kl loss."""
 
-    seen: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+    seen: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     def _run_once(self, model, x, y, start, target, observer, early_exit):
         run = super()._run_once(model, x, y, start, target, observer, early_exit)
@@ -154,15 +157,118 @@ def test_kill_and_resume_inside_an_epoch_is_bit_exact_and_needs_the_buffer(
     assert not same_weights(control.net, whole.net)
 
 
-def test_atta_refuses_augmented_data_and_no_inner_attack_in_one_line(tmp_path: Path) -> None:
-    module = AdversarialTraining(TinyCNN(width=4), PGD(eps=EPS, steps=1), atta=True)
-    trainer = quiet_trainer(max_steps=1)
-    module.trainer = trainer
-    trainer.datamodule = CIFAR10DataModule(data_dir=str(tmp_path))  # augment_train: crops and flips
-    with pytest.raises(ValueError, match="random crops and flips"):
-        module.setup("fit")
+def test_atta_refuses_no_inner_attack_in_one_line() -> None:
     with pytest.raises(ValueError, match="atta warm-starts an inner attack"):
         AdversarialTraining(TinyCNN(width=4), None, atta=True)
+
+
+# ---------------------------------------------------------------- random crops and flips (CIFAR-10)
+def shown(canvas: torch.Tensor, view: tuple[int, int, int], size: int = 32) -> torch.Tensor:
+    """By hand: the ``size`` x ``size`` window of ``canvas`` (C, H, W) at ``view[:2]``, mirrored if ``view[2]``."""
+    top, left, flipped = view
+    window = canvas[:, top : top + size, left : left + size]
+    return window.flip(-1) if flipped else window
+
+
+def written(canvas: torch.Tensor, view: tuple[int, int, int], image: torch.Tensor) -> torch.Tensor:
+    """By hand (Zheng et al.'s ``inverse_atta_aug``): ``canvas`` with ``image`` unmirrored into its window."""
+    top, left, flipped = view
+    out = canvas.clone()
+    out[:, top : top + image.shape[-2], left : left + image.shape[-1]] = image.flip(-1) if flipped else image
+    return out
+
+
+def test_an_augmented_image_is_the_view_it_reports() -> None:
+    """Every crop-and-flip item equals the window of the zero-padded image its view names; over 64
+    draws the views vary and both flips occur. Control: the same view with the flip toggled differs."""
+    torch.manual_seed(0)
+    images = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
+    dataset = ImageTensorDataset(images, torch.arange(4), augment=True)
+    assert dataset.padding == 4
+    views = []
+    for i in range(64):
+        image, label, view = dataset.item(i % 4)
+        canvas = torch.nn.functional.pad(images[i % 4].float() / 255, (4, 4, 4, 4))
+        assert int(label) == i % 4 and torch.equal(image, shown(canvas, tuple(view.tolist())))
+        views.append(tuple(view.tolist()))
+    assert len(set(views)) > 32 and {v[2] for v in views} == {0, 1}
+    top, left, flipped = views[-1]
+    assert not torch.equal(image, shown(canvas, (top, left, 1 - flipped)))
+    image, label, view = ImageTensorDataset(images, torch.arange(4)).item(2)  # no augmentation
+    assert view.tolist() == [0, 0, 0] and torch.equal(image, images[2].float() / 255)
+
+
+class _NoProcesses:
+    _trainer = None  # PerturbationBuffer.store outside a Trainer: one process
+
+
+def test_the_stored_perturbation_follows_each_crop_and_flip() -> None:
+    """A buffer over 40 x 40 canvases: a write under one view lands where that view's pixels sit on the
+    canvas (unmirrored), and a later start under another view reads that view's window of it, as the
+    hand computation does. Control: reading with the identity view ((4, 4, unflipped)) differs."""
+    torch.manual_seed(0)
+    x = torch.rand(3, 3, 32, 32)
+    buffer = PerturbationBuffer()
+    buffer.allocate(5, x, padding=4)
+    assert buffer.delta.shape == (5, 3, 40, 40)
+    index = torch.tensor([4, 0, 2])
+    first = torch.tensor([[0, 8, 1], [3, 5, 0], [8, 0, 1]])
+    delta = 0.1 * torch.randn_like(x)
+    buffer.store(index, delta, _NoProcesses(), first)
+    canvas = torch.zeros(5, 3, 40, 40)
+    for row, i in enumerate(index.tolist()):
+        canvas[i] = written(canvas[i], tuple(first[row].tolist()), delta[row])
+    assert torch.equal(buffer.delta, canvas) and buffer.seen.tolist() == [True, False, True, False, True]
+
+    later = torch.tensor([[2, 2, 0], [6, 1, 1], [8, 0, 1]])
+    fallback = torch.full_like(x, -1.0)
+    start = buffer.start(index, x, fallback, later)
+    expected = torch.stack(
+        [x[r] + shown(canvas[i], tuple(later[r].tolist())) for r, i in enumerate(index.tolist())]
+    )
+    assert torch.equal(start, expected)
+    assert torch.equal(start[2], x[2] + delta[2])  # the same view as the write: what was stored
+    identity = torch.tensor([[4, 4, 0]] * 3)
+    assert not torch.equal(buffer.start(index, x, fallback, identity), expected)
+    assert torch.equal(buffer.start(torch.tensor([1]), x[:1], fallback[:1], identity[:1]), fallback[:1])
+    with pytest.raises(ValueError, match="needs each image's view"):
+        buffer.start(index, x, fallback)
+
+
+def test_atta_on_cifar10_crops_starts_each_epoch_at_its_crop_of_the_stored_perturbation(
+    tmp_path: Path,
+) -> None:
+    """CIFAR-10 (generated files), random crops and flips, 2 epochs: each example's epoch-2 start is the
+    window its epoch-2 view shows of the canvas its epoch-1 perturbation was written into (by hand);
+    the buffer holds 40 x 40 canvases. Control: that start is not the epoch-1 perturbation as the
+    image-aligned (MNIST) buffer would store it, since the crop moved."""
+    write_cifar(tmp_path, n_per_batch=8)  # 40 images: 32 training, 8 validation
+    datamodule = CIFAR10DataModule(
+        data_dir=str(tmp_path), val_size=8, batch_size=8, eval_batch_size=8, num_workers=0, download=False
+    )
+    torch.manual_seed(0)
+    spy = StartSpy(eps=8 / 255, alpha=4 / 255, steps=1)
+    spy.starts, spy.ends = [], []
+    module = AdversarialTraining(TinyCNN("cifar10", width=4), spy, atta=True, track_clean_accuracy=False)
+    seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+    original = module.craft
+
+    def craft(x, y, index=None, view=None):
+        seen.append((index.clone(), view.clone()))
+        return original(x, y, index, view)
+
+    module.craft = craft
+    quiet_trainer(max_epochs=2, limit_val_batches=0).fit(module, datamodule=datamodule)
+    assert len(seen) == 8 and module.perturbations.delta.shape == (32, 3, 40, 40)
+    canvas, ended = torch.zeros(32, 3, 40, 40), torch.zeros(32, 3, 32, 32)
+    for (index, view), end in zip(seen[:4], spy.ends[:4], strict=True):
+        ended[index] = end
+        for row, i in enumerate(index.tolist()):
+            canvas[i] = written(canvas[i], tuple(view[row].tolist()), end[row])
+    for (index, view), start in zip(seen[4:], spy.starts[4:], strict=True):
+        by_hand = [shown(canvas[i], tuple(view[row].tolist())) for row, i in enumerate(index.tolist())]
+        assert torch.allclose(start, torch.stack(by_hand), atol=1e-6)  # start - x: up to rounding
+        assert not torch.allclose(start, ended[index], atol=1e-3)
 
 
 def test_the_data_module_yields_indices_only_when_asked(data_root: Path) -> None:

@@ -9,7 +9,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import REFUSED_RUN_ARGS, call_main, error_lines, no_training, write_idx, write_mnist
+from conftest import (
+    REFUSED_RUN_ARGS,
+    call_main,
+    error_lines,
+    no_training,
+    write_cifar,
+    write_idx,
+    write_mnist,
+)
 
 from qgtrain.cli.train import main as train_main
 from qgtrain.data import (
@@ -201,21 +209,8 @@ def test_bad_data_stops_train_before_any_training_step(
     assert sorted(tmp_path.rglob("*")) == data_files  # no logs/, checkpoints/, data/ created
 
 
-def _write_cifar(root: Path, n_per_batch: int = 20) -> None:
-    folder = root / "cifar-10-batches-py"
-    folder.mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
-        batch = {
-            "data": rng.integers(0, 256, size=(n_per_batch, 3072), dtype=np.uint8),
-            "labels": list(rng.integers(0, 10, size=n_per_batch)),
-        }
-        with open(folder / name, "wb") as handle:
-            pickle.dump(batch, handle)
-
-
 def test_cifar10_on_generated_files(tmp_path: Path) -> None:
-    _write_cifar(tmp_path)
+    write_cifar(tmp_path)
     dm = CIFAR10DataModule(data_dir=str(tmp_path), val_size=10, batch_size=8, num_workers=0, download=False)
     dm.prepare_data()
     dm.setup("fit")
@@ -230,7 +225,7 @@ def test_cifar10_on_generated_files(tmp_path: Path) -> None:
 
 
 def test_cifar10_refuses_pickled_code(tmp_path: Path) -> None:
-    _write_cifar(tmp_path)
+    write_cifar(tmp_path)
     marker = tmp_path / "pwned"
 
     class Evil:

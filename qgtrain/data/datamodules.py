@@ -29,6 +29,10 @@ log = logging.getLogger(__name__)
 DATA_ENV = "QGTRAIN_DATA"
 
 
+CROP_PADDING = 4
+"""Pixels of zero padding around an image before its random crop (CIFAR-10's pad-4 crop)."""
+
+
 class DataError(RuntimeError):
     """A dataset is missing, corrupt or malformed; the message says which file and how to fix it."""
 
@@ -101,32 +105,49 @@ class ImageTensorDataset(Dataset):
         self.images = images
         self.labels = labels
         self.augment = augment
+        self.padding = CROP_PADDING if augment else 0  # of the canvas the crops are taken from
 
     def __len__(self) -> int:
         return self.labels.shape[0]
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        image, label, _ = self.item(index)
+        return image, label
+
+    def item(self, index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The image, its label and its view ``(top, left, flipped)``: the ``H x W`` window of the image
+        zero-padded by ``padding`` on each side, then mirrored if ``flipped`` ((0, 0, 0) without
+        augmentation)."""
         image = self.images[index].float().div_(255.0)
-        if self.augment:
-            _, h, w = image.shape
-            padded = torch.nn.functional.pad(image, (4, 4, 4, 4))
-            top, left = torch.randint(0, 9, (2,)).tolist()
-            image = padded[:, top : top + h, left : left + w]
-            if torch.rand(()) < 0.5:
-                image = image.flip(-1)
-        return image, self.labels[index]
+        if not self.augment:
+            return image, self.labels[index], torch.zeros(3, dtype=torch.long)
+        _, h, w = image.shape
+        pad = self.padding
+        padded = torch.nn.functional.pad(image, (pad, pad, pad, pad))
+        top, left = torch.randint(0, 2 * pad + 1, (2,)).tolist()
+        image = padded[:, top : top + h, left : left + w]
+        flipped = bool(torch.rand(()) < 0.5)
+        if flipped:
+            image = image.flip(-1)
+        return image, self.labels[index], torch.tensor([top, left, int(flipped)])
 
 
 class WithIndex(Dataset):
-    """``dataset``'s items followed by their index: ``(image, label, index)`` (ATTA's buffer key)."""
+    """``dataset``'s items followed by their index: ``(image, label, index)`` (ATTA's buffer key), and by
+    the view the image was cut from, ``(image, label, index, view)``, when ``dataset`` augments
+    (:meth:`ImageTensorDataset.item`), so the buffer can follow the crop and the flip."""
 
     def __init__(self, dataset: Dataset) -> None:
         self.dataset = dataset
+        self.padding: int = getattr(dataset, "padding", 0)
 
     def __len__(self) -> int:
         return len(self.dataset)  # type: ignore[arg-type]
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, ...]:
+        if self.padding:
+            image, label, view = self.dataset.item(index)  # type: ignore[attr-defined]
+            return image, label, index, view
         return (*self.dataset[index], index)
 
 

@@ -3,6 +3,9 @@ Transferable Adversarial Examples", Alg. 1): the perturbation an example ended i
 kept, indexed by the example's position in the training split, and the next epoch's inner attack (one
 or two PGD/PQGD steps) starts there instead of at a random point, so the steps accumulate across epochs.
 
+With random crops and flips (CIFAR-10) the perturbation is kept on the padded image the crops are cut
+from and follows each epoch's crop and flip (:class:`PerturbationBuffer`).
+
 An example's first visit starts where the attack itself would (its random start). Under DDP every
 process writes the whole step's perturbations (gathered from all processes), so each holds the same
 complete buffer and the checkpoint, written by rank 0, is complete; it resumes bit-exactly.
@@ -17,57 +20,93 @@ import torch
 
 
 def request_example_indices(datamodule: Any) -> None:
-    """Ask a qgtrain data module to yield ``(x, y, index)`` training batches; refuse augmentation.
-
-    ATTA stores one perturbation per stored image; with random crops and flips (CIFAR-10) the stored
-    perturbation would not line up with the next epoch's view of the image, and transforming it with
-    the crop is not implemented here.
-    """
+    """Ask a qgtrain data module to yield ``(x, y, index)`` training batches, with each image's view
+    ``(x, y, index, view)`` when it trains on random crops and flips (CIFAR-10)."""
     if datamodule is None or not hasattr(datamodule, "yield_indices"):
         return  # another loader: the first batch without indices gets a one-line error
-    if getattr(datamodule, "augment_train", False):
-        raise ValueError(
-            f"atta keeps one perturbation per stored image, but {getattr(datamodule, 'name', 'this dataset')} "
-            "trains on random crops and flips, which would misalign it (not implemented); use mnist or fashion_mnist"
-        )
     datamodule.yield_indices = True
 
 
 class PerturbationBuffer:
-    """``delta[i]``: example ``i``'s last perturbation ``x_adv - x``; ``seen[i]``: whether it has one."""
+    """``delta[i]``: example ``i``'s last perturbation ``x_adv - x``; ``seen[i]``: whether it has one.
+
+    The perturbation lives on the example's canvas: the stored image zero-padded by ``padding`` pixels
+    on each side (0 without augmentation, when the canvas is the image). A batch's ``view`` rows
+    ``(top, left, flipped)`` (:meth:`qgtrain.data.datamodules.ImageTensorDataset.item`) say which
+    window of the canvas each augmented image shows and whether it is mirrored; the attack starts from
+    that window, mirrored alike, and its result is written back there, unmirrored, as Zheng et al.'s
+    reference code does (``atta_aug`` / ``inverse_atta_aug``). Canvas pixels outside an epoch's window
+    keep what an earlier visit left (zero before any).
+    """
 
     def __init__(self) -> None:
         self.delta: torch.Tensor | None = None
         self.seen: torch.Tensor | None = None
+        self.padding = 0
 
-    def start(self, index: torch.Tensor, x: torch.Tensor, fallback: torch.Tensor) -> torch.Tensor:
-        """Where the inner attack starts: ``x + delta[index]`` for examples seen before, else ``fallback``."""
+    def start(
+        self, index: torch.Tensor, x: torch.Tensor, fallback: torch.Tensor, view: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Where the inner attack starts: ``x`` + the stored perturbation under its view, for examples
+        seen before, else ``fallback``."""
         if self.delta is None:
             raise RuntimeError("PerturbationBuffer.allocate must run before the first start")
-        stored = self.delta[index.to(self.delta.device)].to(x.device, x.dtype)
+        stored = self.delta[self._pixels(index, view, x)].to(x.device, x.dtype)
         seen = self.seen[index.to(self.seen.device)].to(x.device).view(-1, *([1] * (x.dim() - 1)))
         return torch.where(seen, x + stored, fallback)
 
-    def allocate(self, examples: int, like: torch.Tensor) -> None:
-        """Zeros for ``examples`` examples shaped like one row of ``like`` (kept when already allocated)."""
-        if (
-            self.delta is not None
-            and self.delta.shape[0] >= examples
-            and self.delta.shape[1:] == like.shape[1:]
-        ):
+    def allocate(self, examples: int, like: torch.Tensor, padding: int = 0) -> None:
+        """Zeros for ``examples`` canvases: one row of ``like``, its last two dimensions grown by
+        ``2 * padding`` (kept when already allocated, or restored, at that shape)."""
+        canvas = (*like.shape[1:-2], like.shape[-2] + 2 * padding, like.shape[-1] + 2 * padding)
+        self.padding = padding
+        if self.delta is not None and self.delta.shape[0] >= examples and self.delta.shape[1:] == canvas:
             self.delta, self.seen = self.delta.to(like.device), self.seen.to(like.device)
             return
-        self.delta = torch.zeros((examples, *like.shape[1:]), dtype=like.dtype, device=like.device)
+        self.delta = torch.zeros((examples, *canvas), dtype=like.dtype, device=like.device)
         self.seen = torch.zeros(examples, dtype=torch.bool, device=like.device)
 
-    def store(self, index: torch.Tensor, delta: torch.Tensor, module: L.LightningModule) -> None:
-        """Write back this step's perturbations (every process's, under DDP)."""
+    def store(
+        self,
+        index: torch.Tensor,
+        delta: torch.Tensor,
+        module: L.LightningModule,
+        view: torch.Tensor | None = None,
+    ) -> None:
+        """Write back this step's perturbations (every process's, under DDP) where their views show."""
         if module._trainer is not None and module.trainer.world_size > 1:
             index = module.all_gather(index).flatten(0, 1)
             delta = module.all_gather(delta).flatten(0, 1)
-        index = index.to(self.delta.device)
-        self.delta[index] = delta.detach().to(self.delta.dtype)
-        self.seen[index] = True
+            view = None if view is None else module.all_gather(view).flatten(0, 1)
+        self.delta[self._pixels(index, view, delta)] = delta.detach().to(self.delta.dtype)
+        self.seen[index.to(self.seen.device)] = True
+
+    def _pixels(
+        self, index: torch.Tensor, view: torch.Tensor | None, like: torch.Tensor
+    ) -> tuple[torch.Tensor, ...]:
+        """Indices into ``delta`` of the canvas pixels the rows of ``like`` (``(B, C, H, W)``) show: row
+        ``r``, column ``c`` of a view is canvas pixel ``(top + r, left + c)``, or ``left + W - 1 - c``
+        when flipped."""
+        device = self.delta.device
+        index = index.to(device)
+        if view is None:
+            if self.padding:
+                raise ValueError(
+                    "atta on augmented images needs each image's view: batches (x, y, index, view)"
+                )
+            return (index,)
+        b, channels, h, w = like.shape
+        top, left, flipped = view.to(device).unbind(1)
+        columns = torch.arange(w, device=device).expand(b, w)
+        columns = left[:, None] + torch.where(flipped[:, None].bool(), w - 1 - columns, columns)
+        rows = top[:, None] + torch.arange(h, device=device)
+        channel = torch.arange(channels, device=device)
+        return (
+            index.view(b, 1, 1, 1),
+            channel.view(1, -1, 1, 1),
+            rows.view(b, 1, h, 1),
+            columns.view(b, 1, 1, w),
+        )
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         if self.delta is None:

@@ -145,7 +145,8 @@ class AdversarialTraining(L.LightningModule):
         clean_weight: Weight of the clean loss under ``objective: mixed``, in [0, 1].
         beta: Weight of the KL term under ``objective: trades`` (>= 0; 6 in the paper).
         atta: Keep each training example's perturbation across epochs and start the inner attack
-            there (ATTA, Zheng et al. 2020); the data module yields the examples' indices. Give the
+            there (ATTA, Zheng et al. 2020); the data module yields the examples' indices (and, with crops
+            and flips, each image's view, which the stored perturbation follows). Give the
             attack a small step (their code: eps / 2 for ATTA-1 on CIFAR-10, eps / 30 on MNIST over
             60 epochs): at the class rule 2.5 eps / k a 1-step run lands on a corner every visit.
         attack_in_eval_mode: Run the inner attack with the network in eval mode (BatchNorm untouched).
@@ -275,10 +276,17 @@ class AdversarialTraining(L.LightningModule):
             return self.inner
         return self.inner.with_eps(self.inner.eps * progress)
 
-    def craft(self, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor | None = None) -> torch.Tensor:
+    def craft(
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        index: torch.Tensor | None = None,
+        view: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Adversarial examples for training (the network's mode is restored afterwards). TRADES
         attacks the KL term from ``x + 0.001 N(0, 1)``; ATTA starts at the examples' stored
-        perturbations (``index``: their positions in the training split) and stores the new ones."""
+        perturbations (``index``: their positions in the training split; ``view``: the crop and flip
+        each augmented image shows) and stores the new ones."""
         attack = self.current_inner()
         if attack is None:
             return x
@@ -297,22 +305,24 @@ class AdversarialTraining(L.LightningModule):
                     raise ValueError(
                         "atta needs the examples' indices: the data module must yield (x, y, index)"
                     )
-                self.perturbations.allocate(self._training_examples(), x)
-                start = self.perturbations.start(index, x, attack.starting_point(x))
+                examples, padding = self._training_split()
+                self.perturbations.allocate(examples, x, padding)
+                start = self.perturbations.start(index, x, attack.starting_point(x), view)
                 x_adv = started_at(attack, start)(self.net, x, labels)
-                self.perturbations.store(index, x_adv - x, self)
+                self.perturbations.store(index, x_adv - x, self, view)
                 return x_adv
             return attack(self.net, x, labels)
         finally:
             self.net.train(was_training)
 
-    def _training_examples(self) -> int:
-        """Examples in the training split (ATTA's buffer size): the training loader's dataset length."""
+    def _training_split(self) -> tuple[int, int]:
+        """Examples in the training split and the padding its random crops are cut from (ATTA's buffer
+        shape): the training loader's dataset length and ``padding`` (0 when it does not augment)."""
         loader = self.trainer.train_dataloader if self._trainer is not None else None
         dataset = getattr(loader, "dataset", None)
         if dataset is None:
             raise ValueError("atta needs a training DataLoader over a dataset with a length")
-        return len(dataset)
+        return len(dataset), getattr(dataset, "padding", 0)
 
     # ---------------------------------------------------------------- training
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
@@ -325,13 +335,13 @@ class AdversarialTraining(L.LightningModule):
         torch.manual_seed(hash(key) & 0x7FFF_FFFF_FFFF_FFFF)  # int-tuple hashes are not salted
 
     def training_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> torch.Tensor | None:
-        """One batch: ``(x, y)``, or ``(x, y, index)`` when the data module yields indices (ATTA)."""
+        """One batch: ``(x, y)``, or ``(x, y, index[, view])`` when the data module yields indices (ATTA)."""
         x, y = batch[0], batch[1]
         if not self.automatic_optimization:
             self._free_training_step(x, y, batch_idx)
             return None
         start = time.perf_counter()
-        x_adv = self.craft(x, y, batch[2] if len(batch) > 2 else None)
+        x_adv = self.craft(x, y, *batch[2:4])
         self._attack_seconds = time.perf_counter() - start
         logits_adv = self.net(x_adv)
         if not self._output_checked:
