@@ -28,7 +28,7 @@ import logging
 import shlex
 import sys
 from argparse import ArgumentParser, RawDescriptionHelpFormatter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from statistics import mean
 from typing import Any
@@ -240,11 +240,11 @@ def one_gradient(attack: Attack) -> bool:
 
 def method_row(training: dict[str, Any], data_passes: int) -> dict[str, Any]:
     """The cost, label and one-gradient rule of the training a checkpoint records (``objective``:
-    recorded since TRADES joined; earlier records are all madry)."""
-    config = dict(training["inner"])
+    recorded since TRADES joined, earlier records are all madry; ``atta``: since 2026-12-03)."""
+    config, objective = dict(training["inner"]), training.get("objective", "madry")
     attack = build_attack(config.pop("name"), **config)
-    spent = cost(attack, data_passes, training.get("objective", "madry"))
-    return {"cost": spent, "label": attack.label, "one_gradient": one_gradient(attack), "seeds": []}
+    label = attack.label + ("" if objective == "madry" else f", {objective}") + (", ATTA" if training.get("atta") else "")
+    return {"cost": cost(attack, data_passes, objective), "label": label, "one_gradient": one_gradient(attack), "seeds": []}
 
 
 def method_rows(budget: Budget, folder: Path) -> dict[str, dict[str, Any]]:
@@ -312,7 +312,6 @@ def report(out: Path, names: list[str]) -> None:
                  "the range over seeds (per seed); cost = gradient computations per training example")  # fmt: skip
         print(f"{title}\n{text_table(header, table)}\n")
         markdown += [f"### {title}", "", markdown_table(header, table), ""]
-    missing = [n for n in names if n not in stored]
     if len(stored) > 1:
         header = ["run", "cost", *(f"{n} %" for n in stored), *(f"{n} rank" for n in stored)]
         ranks = {n: sorted(rows, key=lambda r: -mean(rows[r]["pair"])) for n, rows in stored.items()}
@@ -322,7 +321,7 @@ def report(out: Path, names: list[str]) -> None:
                   *(str(ranks[n].index(run) + 1) if run in ranks[n] else "—" for n in stored)] for run in runs]  # fmt: skip
         print(f"budgets side by side\n{text_table(header, table)}\n")
         markdown += ["### budgets side by side", "", markdown_table(header, table), ""]
-    for name in missing:
+    for name in (n for n in names if n not in stored):
         print(f"budget {name}: nothing judged in {out / 'cheap_training' / name} (cpu: RESULTS.md §3)")
     tag = "_".join(stored)
     (out / f"cheap_training_{tag}.md").write_text("\n".join(markdown))
@@ -354,6 +353,14 @@ def plot(stored: dict[str, dict[str, dict[str, Any]]], fronts: dict[str, list[st
 
 
 # ------------------------------------------------------------------------------------ main
+def with_runs(budget: Budget, names: list[str] | None) -> Budget:
+    """``budget`` with only the named runs of its grid (all when ``names`` is None)."""
+    known = [run.name for run in budget.grid]
+    if unknown := [name for name in names or () if name not in known]:
+        fail(f"--runs: no run {', '.join(unknown)} in budget {budget.name}; its runs: {' '.join(known)}")
+    return replace(budget, grid=tuple(run for run in budget.grid if names is None or run.name in names))
+
+
 def main() -> None:
     parser = ArgumentParser(description=__doc__, formatter_class=RawDescriptionHelpFormatter)
     add = parser.add_argument
@@ -366,8 +373,9 @@ def main() -> None:
     mode.add_argument("--report", action="store_true", help="tables, JSON and Pareto plot of what is stored")
     add("--out", type=Path, default=DEFAULT_OUT, help="study folders: OUT/cheap_training/<budget>")
     add("--data-dir", help="passed to train.py and evaluate.py (default: $QGTRAIN_DATA)")
+    add("--runs", nargs="+", metavar="RUN", help="only these runs of the budget's grid (the frontier: theirs)")
     args = parser.parse_args()
-    budget = BUDGETS[args.budget]
+    budget = with_runs(BUDGETS[args.budget], args.runs)
     if not 1 <= args.jobs <= 2:
         fail(f"--jobs must be 1 or 2 (this study shares 2 cores), got {args.jobs}")
     if args.report:

@@ -139,6 +139,7 @@ def test_kill_and_resume_inside_an_epoch_is_bit_exact_and_needs_the_buffer(
     assert torch.equal(resumed.perturbations.delta, whole.perturbations.delta)
 
     def drop_buffer(checkpoint: dict) -> None:
+        assert checkpoint["qgtrain"]["atta"] is True  # the record says how it was trained
         atta = checkpoint["qgtrain_state"]["atta"]
         assert (
             checkpoint["global_step"] == 6 and atta["delta"].shape == (64, 1, 28, 28) and atta["seen"].all()

@@ -1,6 +1,6 @@
 """The cheap-training study's cost per training example (benchmarks/cheap_training.py): data passes x
 (the inner attack's gradients + the objective's training passes), the same rule in the plan and in
-the report, which reads the objective from the checkpoint's record."""
+the report, which reads the objective from the checkpoint's record; and the plan built from it (cheapest first, `--runs`)."""
 
 from __future__ import annotations
 
@@ -27,10 +27,15 @@ def test_each_method_costs_its_gradients_and_training_passes_per_data_pass(study
     assert costs["trades_pgd10"] != robust.epochs * (10 + 1) and costs["free4"] != robust.epochs
 
 
-def test_the_report_reads_the_objective_the_checkpoint_records(study) -> None:
+def test_the_report_reads_the_objective_and_atta_the_checkpoint_records(study) -> None:
     inner = {"name": "pgd", "eps": 0.3, "alpha": 0.12, "steps": 10}
     assert study.method_row({"inner": inner, "objective": "trades"}, 3)["cost"] == 36
     assert study.method_row({"inner": inner}, 3)["cost"] == 33  # a record from before TRADES: madry
+    assert (
+        study.method_row({"inner": inner, "objective": "trades", "atta": True}, 3)["label"]
+        == "pgd, trades, ATTA"
+    )
+    assert study.method_row({"inner": inner, "atta": False}, 3)["label"] == "pgd"
 
 
 def test_free_runs_have_a_whole_number_of_epochs(study) -> None:
@@ -62,3 +67,27 @@ def test_cheapest_training_is_planned_first_and_one_gradient_runs_get_the_whole_
     }
     assert {"nfgsm_s0", "free4_s0", "free8_b100_s0", "atta1_s0", "atta1_b100_s0"} <= whole
     assert not whole & {"atta2_s0", "pgd5_s0", "pgd10_s0", "pgd40_s0"}
+
+
+def test_runs_plans_only_the_named_runs_and_refuses_an_unknown_one_naming_the_grid(
+    study, tmp_path, capsys
+) -> None:
+    """``--runs atta1 atta1_b100`` on the cpu budget plans their training and judgements only (both
+    one-gradient runs: the pair and the whole suite). Control: without ``--runs``, the whole grid."""
+    cpu = study.BUDGETS["cpu"]
+    labels = [
+        step.label
+        for step in study.Study(study.with_runs(cpu, ["atta1", "atta1_b100"]), tmp_path, None).steps()
+    ]
+    assert labels == [
+        f"{kind} atta1{b}_s0{end}"
+        for b in ("", "_b100")
+        for kind, end in (("train", ""), ("judge", ""), ("judge", "_full"))
+    ]
+    everything = study.Study(study.with_runs(cpu, None), tmp_path, None).steps()
+    assert len([step for step in everything if step.marker]) == sum(len(run.seeds) for run in cpu.grid)
+    with pytest.raises(SystemExit) as refused:
+        study.with_runs(cpu, ["atta1", "atta3"])
+    message = capsys.readouterr().err
+    assert refused.value.code == 2 and message.count("\n") == 1
+    assert "no run atta3 in budget cpu" in message and "atta2_b100" in message

@@ -490,6 +490,7 @@ class AdversarialTraining(L.LightningModule):
             "inner": self.inner.config() if self.inner is not None else None,
             "val_attack": self.val_attack.config(),
             "objective": self.hparams.objective,  # with inner: the training cost (TRAINING_PASSES)
+            "atta": bool(self.hparams.atta),
             # a mid-epoch checkpoint holds each process's data position: resume with as many
             "world_size": self.trainer.world_size if self._trainer is not None else 1,
         }
