@@ -40,11 +40,13 @@ class StartSpy(PGD):
         return run
 
 
-def _spy_module(atta: bool = True) -> AdversarialTraining:
+def _spy_module(atta: bool = True, reset_epochs: int = 0) -> AdversarialTraining:
     torch.manual_seed(0)
     spy = StartSpy(eps=EPS, alpha=0.1, steps=1)
     spy.starts, spy.ends = [], []
-    return AdversarialTraining(TinyCNN(width=4), spy, atta=atta, track_clean_accuracy=False)
+    return AdversarialTraining(
+        TinyCNN(width=4), spy, atta=atta, atta_reset_epochs=reset_epochs, track_clean_accuracy=False
+    )
 
 
 def record_indices(module: AdversarialTraining) -> list[torch.Tensor]:
@@ -76,7 +78,7 @@ def test_each_example_starts_where_its_previous_epoch_ended(data_root: Path) -> 
     ended[first] = torch.cat(spy.ends[:4])
     assert torch.equal(torch.cat(spy.starts[4:]), ended[torch.cat(indices[4:])])
     assert torch.equal(module.perturbations.delta[torch.cat(indices[4:])], torch.cat(spy.ends[4:]))
-    assert bool(module.perturbations.seen.all())
+    assert module.perturbations.visited.tolist() == [1] * 64  # each visited last in epoch 1
 
     control = _spy_module(atta=False)
     quiet_trainer(max_epochs=2, limit_val_batches=0).fit(
@@ -119,10 +121,14 @@ def test_atta_with_trades_starts_at_the_small_noise_once_then_at_the_stored_pert
     assert float(starts[64:].abs().max()) > 0.05  # the control: a stored step, not the noise
 
 
-def _module() -> AdversarialTraining:
+def _module(reset_epochs: int = 0) -> AdversarialTraining:
     torch.manual_seed(0)
     return AdversarialTraining(
-        TinyCNN(width=4), PQGD(eps=EPS, steps=2), atta=True, track_clean_accuracy=False
+        TinyCNN(width=4),
+        PQGD(eps=EPS, steps=2),
+        atta=True,
+        atta_reset_epochs=reset_epochs,
+        track_clean_accuracy=False,
     )
 
 
@@ -142,7 +148,9 @@ def test_kill_and_resume_inside_an_epoch_is_bit_exact_and_needs_the_buffer(
         assert checkpoint["qgtrain"]["atta"] is True  # the record says how it was trained
         atta = checkpoint["qgtrain_state"]["atta"]
         assert (
-            checkpoint["global_step"] == 6 and atta["delta"].shape == (64, 1, 28, 28) and atta["seen"].all()
+            checkpoint["global_step"] == 6
+            and atta["delta"].shape == (64, 1, 28, 28)
+            and (atta["visited"] >= 0).all()
         )
         del checkpoint["qgtrain_state"]
 
@@ -158,9 +166,78 @@ def test_kill_and_resume_inside_an_epoch_is_bit_exact_and_needs_the_buffer(
     assert not same_weights(control.net, whole.net)
 
 
-def test_atta_refuses_no_inner_attack_in_one_line() -> None:
+def test_every_reset_period_starts_each_example_afresh(data_root: Path) -> None:
+    """``atta_reset_epochs=2``, 3 epochs: epoch 1 starts where epoch 0 ended; epoch 2 (a new period)
+    starts at the attack's own random start, not at what epoch 1 left. Control: without the reset,
+    epoch 2 starts where epoch 1 ended."""
+
+    def starts_and_ends(
+        reset_epochs: int,
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor], AdversarialTraining]:
+        module = _spy_module(reset_epochs=reset_epochs)
+        indices = record_indices(module)
+        quiet_trainer(max_epochs=3, limit_val_batches=0).fit(
+            module, datamodule=small_mnist_datamodule(data_root)
+        )
+        per_epoch = [torch.cat(indices[4 * e : 4 * e + 4]) for e in range(3)]
+        starts = [torch.cat(module.inner.starts[4 * e : 4 * e + 4]) for e in range(3)]
+        ends = [torch.zeros(64, 1, 28, 28) for _ in range(3)]
+        for e in range(3):
+            ends[e][per_epoch[e]] = torch.cat(module.inner.ends[4 * e : 4 * e + 4])
+        return [s[per_epoch[e].argsort()] for e, s in enumerate(starts)], ends, module
+
+    starts, ends, module = starts_and_ends(reset_epochs=2)
+    assert torch.equal(starts[1], ends[0])  # the same period: kept
+    assert not torch.isclose(starts[2], ends[1]).all(dim=(1, 2, 3)).any()  # a new one: every example afresh
+    assert float(starts[2].abs().max()) <= EPS + 1e-6 and float(starts[2].std()) > 0.1  # uniform in the ball
+    assert module.perturbations.visited.tolist() == [2] * 64
+    control, control_ends, _ = starts_and_ends(reset_epochs=0)
+    assert torch.equal(control[2], control_ends[1])
+
+
+def _module_resetting() -> AdversarialTraining:
+    return _module(reset_epochs=2)
+
+
+def test_kill_and_resume_inside_a_reset_period_is_bit_exact(data_root: Path, tmp_path: Path) -> None:
+    """Reset every 2 epochs, 4 epochs of 4 batches; killed after 11 batches, resumed from step 10 (epoch
+    2, the new period, half visited): weights and buffer as uninterrupted. Control: that checkpoint with
+    every example marked as visited in epoch 2, so the unvisited half would keep epoch 1's perturbations."""
+    whole = fit_uninterrupted(_module_resetting, data_root, max_epochs=4)
+    resumed = fit_killed_and_resumed(
+        _module_resetting, data_root, tmp_path / "a", 4, kill_after_batches=11, every_n_steps=10
+    )
+    assert same_weights(resumed.net, whole.net)
+    assert torch.equal(resumed.perturbations.delta, whole.perturbations.delta)
+
+    def all_visited(checkpoint: dict) -> None:
+        visited = checkpoint["qgtrain_state"]["atta"]["visited"]
+        assert checkpoint["global_step"] == 10 and sorted(visited.tolist()) == [1] * 32 + [2] * 32
+        visited.fill_(2)
+
+    control = fit_killed_and_resumed(
+        _module_resetting, data_root, tmp_path / "b", 4, kill_after_batches=11, every_n_steps=10,
+        edit_checkpoint=all_visited,
+    )  # fmt: skip
+    assert not same_weights(control.net, whole.net)
+
+
+def test_a_buffer_saved_before_visit_epochs_were_kept_loads_as_visited_in_epoch_0() -> None:
+    buffer = PerturbationBuffer()
+    buffer.load_state_dict({"delta": torch.ones(3, 1, 2, 2), "seen": torch.tensor([True, False, True])})
+    assert buffer.visited.tolist() == [0, -1, 0]
+
+
+def test_atta_refuses_no_inner_attack_and_a_reset_without_atta_in_one_line() -> None:
     with pytest.raises(ValueError, match="atta warm-starts an inner attack"):
         AdversarialTraining(TinyCNN(width=4), None, atta=True)
+    with pytest.raises(ValueError, match=r"atta_reset_epochs resets .*: add --model.atta true"):
+        AdversarialTraining(TinyCNN(width=4), PGD(eps=EPS, steps=1), atta_reset_epochs=10)
+    with pytest.raises(ValueError, match="atta_reset_epochs must be an integer >= 0, got -1"):
+        AdversarialTraining(TinyCNN(width=4), PGD(eps=EPS, steps=1), atta=True, atta_reset_epochs=-1)
+    AdversarialTraining(
+        TinyCNN(width=4), PGD(eps=EPS, steps=1), atta=True, atta_reset_epochs=10
+    )  # the control
 
 
 # ---------------------------------------------------------------- random crops and flips (CIFAR-10)
@@ -215,25 +292,25 @@ def test_the_stored_perturbation_follows_each_crop_and_flip() -> None:
     index = torch.tensor([4, 0, 2])
     first = torch.tensor([[0, 8, 1], [3, 5, 0], [8, 0, 1]])
     delta = 0.1 * torch.randn_like(x)
-    buffer.store(index, delta, _NoProcesses(), first)
+    buffer.store(index, delta, _NoProcesses(), 0, first)
     canvas = torch.zeros(5, 3, 40, 40)
     for row, i in enumerate(index.tolist()):
         canvas[i] = written(canvas[i], tuple(first[row].tolist()), delta[row])
-    assert torch.equal(buffer.delta, canvas) and buffer.seen.tolist() == [True, False, True, False, True]
+    assert torch.equal(buffer.delta, canvas) and buffer.visited.tolist() == [0, -1, 0, -1, 0]
 
     later = torch.tensor([[2, 2, 0], [6, 1, 1], [8, 0, 1]])
     fallback = torch.full_like(x, -1.0)
-    start = buffer.start(index, x, fallback, later)
+    start = buffer.start(index, x, fallback, 0, later)
     expected = torch.stack(
         [x[r] + shown(canvas[i], tuple(later[r].tolist())) for r, i in enumerate(index.tolist())]
     )
     assert torch.equal(start, expected)
     assert torch.equal(start[2], x[2] + delta[2])  # the same view as the write: what was stored
     identity = torch.tensor([[4, 4, 0]] * 3)
-    assert not torch.equal(buffer.start(index, x, fallback, identity), expected)
-    assert torch.equal(buffer.start(torch.tensor([1]), x[:1], fallback[:1], identity[:1]), fallback[:1])
+    assert not torch.equal(buffer.start(index, x, fallback, 0, identity), expected)
+    assert torch.equal(buffer.start(torch.tensor([1]), x[:1], fallback[:1], 0, identity[:1]), fallback[:1])
     with pytest.raises(ValueError, match="needs each image's view"):
-        buffer.start(index, x, fallback)
+        buffer.start(index, x, fallback, 0)
 
 
 def test_atta_on_cifar10_crops_starts_each_epoch_at_its_crop_of_the_stored_perturbation(
@@ -289,7 +366,8 @@ def test_ddp_processes_share_one_complete_buffer(data_root: Path, tmp_path: Path
     identically, and so does rank 0's checkpoint."""
     checkpoint, states = ddp_fit("atta", data_root, tmp_path, epochs=1)
     saved = checkpoint["qgtrain_state"]["atta"]
-    assert int(saved["seen"].sum()) == 64 and checkpoint["global_step"] == 2
+    assert saved["visited"].tolist() == [0] * 64 and checkpoint["global_step"] == 2
     assert all(
-        torch.equal(s["delta"], saved["delta"]) and torch.equal(s["seen"], saved["seen"]) for s in states
+        torch.equal(s["delta"], saved["delta"]) and torch.equal(s["visited"], saved["visited"])
+        for s in states
     )

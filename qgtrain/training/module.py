@@ -149,6 +149,10 @@ class AdversarialTraining(L.LightningModule):
             and flips, each image's view, which the stored perturbation follows). Give the
             attack a small step (their code: eps / 2 for ATTA-1 on CIFAR-10, eps / 30 on MNIST over
             60 epochs): at the class rule 2.5 eps / k a 1-step run lands on a corner every visit.
+        atta_reset_epochs: Under ``atta``, start every example afresh each N epochs (0: never): the
+            perturbations of epochs 0..N-1 accumulate, epoch N starts again (Zheng et al.'s
+            ``--epochs-reset``, 10 in their CIFAR-10 code, whose epochs count from 1: their first
+            period is N - 1 epochs).
         attack_in_eval_mode: Run the inner attack with the network in eval mode (BatchNorm untouched).
         optimizer: Optimizer class and its arguments (``lr``...), built over the network's parameters (null: Adam).
         lr_schedule: Per-step learning rate: constant, piecewise (x0.1 at 50%, x0.01 at 75%) or onecycle.
@@ -169,6 +173,7 @@ class AdversarialTraining(L.LightningModule):
         clean_weight: float = 0.5,
         beta: float = 6.0,
         atta: bool = False,
+        atta_reset_epochs: int = 0,
         attack_in_eval_mode: bool = True,
         optimizer: OptimizerFactory | None = None,
         lr_schedule: Literal["constant", "piecewise", "onecycle"] = "constant",
@@ -197,6 +202,14 @@ class AdversarialTraining(L.LightningModule):
             raise ValueError(
                 "atta warm-starts an inner attack (pgd or pqgd, 1 or 2 steps); --inner is none or free"
             )
+        if (
+            isinstance(atta_reset_epochs, bool)
+            or not isinstance(atta_reset_epochs, int)
+            or atta_reset_epochs < 0
+        ):
+            raise ValueError(f"atta_reset_epochs must be an integer >= 0, got {atta_reset_epochs!r}")
+        if atta_reset_epochs and not atta:
+            raise ValueError("atta_reset_epochs resets ATTA's stored perturbations: add --model.atta true")
         if eps_warmup_epochs < 0:
             raise ValueError(f"eps_warmup_epochs must be >= 0, got {eps_warmup_epochs}")
         if (
@@ -216,7 +229,7 @@ class AdversarialTraining(L.LightningModule):
         self.automatic_optimization = not free  # free: one optimizer step per replay
         self.free_delta: torch.Tensor | None = None  # this process's free-training perturbation
         self.free_deltas: torch.Tensor | None = None  # every process's (the checkpoint's copy)
-        self.perturbations = PerturbationBuffer() if atta else None
+        self.perturbations = PerturbationBuffer(atta_reset_epochs) if atta else None
         num_classes = self._num_classes()
         self.train_loss = MeanMetric()
         self.train_adv_acc = MulticlassAccuracy(num_classes, average="micro")
@@ -307,9 +320,9 @@ class AdversarialTraining(L.LightningModule):
                     )
                 examples, padding = self._training_split()
                 self.perturbations.allocate(examples, x, padding)
-                start = self.perturbations.start(index, x, attack.starting_point(x), view)
+                start = self.perturbations.start(index, x, attack.starting_point(x), self.current_epoch, view)
                 x_adv = started_at(attack, start)(self.net, x, labels)
-                self.perturbations.store(index, x_adv - x, self, view)
+                self.perturbations.store(index, x_adv - x, self, self.current_epoch, view)
                 return x_adv
             return attack(self.net, x, labels)
         finally:
