@@ -3,6 +3,7 @@ training split, kept across epochs and across a kill/resume (bit-exact); the inn
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -132,38 +133,50 @@ def _module(reset_epochs: int = 0) -> AdversarialTraining:
     )
 
 
+def resumes_exactly_unless_edited(
+    build: Callable[[], AdversarialTraining],
+    root: Path,
+    folder: Path,
+    epochs: int,
+    kill_after: int,
+    every: int,
+    edit: Callable[[dict], None],
+) -> None:
+    """Killed after ``kill_after`` batches and resumed from the step checkpoint (every ``every`` steps),
+    ``build()`` ends with the weights and buffer of an uninterrupted run; resumed from that checkpoint
+    edited by ``edit`` (the control), its weights differ."""
+    whole = fit_uninterrupted(build, root, max_epochs=epochs)
+    resumed = fit_killed_and_resumed(
+        build, root, folder / "a", epochs, kill_after_batches=kill_after, every_n_steps=every
+    )
+    assert same_weights(resumed.net, whole.net)
+    assert torch.equal(resumed.perturbations.delta, whole.perturbations.delta)
+    control = fit_killed_and_resumed(
+        build,
+        root,
+        folder / "b",
+        epochs,
+        kill_after_batches=kill_after,
+        every_n_steps=every,
+        edit_checkpoint=edit,
+    )
+    assert not same_weights(control.net, whole.net)
+
+
 def test_kill_and_resume_inside_an_epoch_is_bit_exact_and_needs_the_buffer(
     data_root: Path, tmp_path: Path
 ) -> None:
     """ATTA-2 with PQGD (b = 100), 3 epochs of 4 batches; killed after 7 batches, resumed from the step
     checkpoint of step 6 (mid-epoch 2). Control: that checkpoint without the buffer."""
-    whole = fit_uninterrupted(_module, data_root, max_epochs=3)
-    resumed = fit_killed_and_resumed(
-        _module, data_root, tmp_path / "a", 3, kill_after_batches=7, every_n_steps=6
-    )
-    assert same_weights(resumed.net, whole.net)
-    assert torch.equal(resumed.perturbations.delta, whole.perturbations.delta)
 
     def drop_buffer(checkpoint: dict) -> None:
         assert checkpoint["qgtrain"]["atta"] is True  # the record says how it was trained
         atta = checkpoint["qgtrain_state"]["atta"]
-        assert (
-            checkpoint["global_step"] == 6
-            and atta["delta"].shape == (64, 1, 28, 28)
-            and (atta["visited"] >= 0).all()
-        )
+        assert checkpoint["global_step"] == 6 and atta["delta"].shape == (64, 1, 28, 28)
+        assert (atta["visited"] >= 0).all()
         del checkpoint["qgtrain_state"]
 
-    control = fit_killed_and_resumed(
-        _module,
-        data_root,
-        tmp_path / "b",
-        3,
-        kill_after_batches=7,
-        every_n_steps=6,
-        edit_checkpoint=drop_buffer,
-    )
-    assert not same_weights(control.net, whole.net)
+    resumes_exactly_unless_edited(_module, data_root, tmp_path, 3, kill_after=7, every=6, edit=drop_buffer)
 
 
 def test_every_reset_period_starts_each_example_afresh(data_root: Path) -> None:
@@ -195,31 +208,18 @@ def test_every_reset_period_starts_each_example_afresh(data_root: Path) -> None:
     assert torch.equal(control[2], control_ends[1])
 
 
-def _module_resetting() -> AdversarialTraining:
-    return _module(reset_epochs=2)
-
-
 def test_kill_and_resume_inside_a_reset_period_is_bit_exact(data_root: Path, tmp_path: Path) -> None:
     """Reset every 2 epochs, 4 epochs of 4 batches; killed after 11 batches, resumed from step 10 (epoch
-    2, the new period, half visited): weights and buffer as uninterrupted. Control: that checkpoint with
-    every example marked as visited in epoch 2, so the unvisited half would keep epoch 1's perturbations."""
-    whole = fit_uninterrupted(_module_resetting, data_root, max_epochs=4)
-    resumed = fit_killed_and_resumed(
-        _module_resetting, data_root, tmp_path / "a", 4, kill_after_batches=11, every_n_steps=10
-    )
-    assert same_weights(resumed.net, whole.net)
-    assert torch.equal(resumed.perturbations.delta, whole.perturbations.delta)
+    2, the new period, half visited). Control: that checkpoint with every example marked as visited in
+    epoch 2, so the unvisited half would keep epoch 1's perturbations."""
 
     def all_visited(checkpoint: dict) -> None:
         visited = checkpoint["qgtrain_state"]["atta"]["visited"]
         assert checkpoint["global_step"] == 10 and sorted(visited.tolist()) == [1] * 32 + [2] * 32
         visited.fill_(2)
 
-    control = fit_killed_and_resumed(
-        _module_resetting, data_root, tmp_path / "b", 4, kill_after_batches=11, every_n_steps=10,
-        edit_checkpoint=all_visited,
-    )  # fmt: skip
-    assert not same_weights(control.net, whole.net)
+    build = lambda: _module(reset_epochs=2)  # noqa: E731
+    resumes_exactly_unless_edited(build, data_root, tmp_path, 4, kill_after=11, every=10, edit=all_visited)
 
 
 def test_a_buffer_saved_before_visit_epochs_were_kept_loads_as_visited_in_epoch_0() -> None:

@@ -6,7 +6,8 @@ or two PGD/PQGD steps) starts there instead of at a random point, so the steps a
 With random crops and flips (CIFAR-10) the perturbation is kept on the padded image the crops are cut
 from and follows each epoch's crop and flip (:class:`PerturbationBuffer`).
 
-An example's first visit starts where the attack itself would (its random start). Under DDP every
+An example's first visit (of a reset period) starts where the attack itself would: its random start,
+or x + 0.001 N(0, 1) under TRADES (Zheng et al.'s code starts there for both objectives). Under DDP every
 process writes the whole step's perturbations (gathered from all processes), so each holds the same
 complete buffer and the checkpoint, written by rank 0, is complete; it resumes bit-exactly.
 """
