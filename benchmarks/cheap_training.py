@@ -10,16 +10,17 @@ attack and objective read from the checkpoint's record. Free-m runs ``--epochs``
 Budgets: ``robust`` (the full 55,000-image split, 3 epochs), ``cpu`` (docs/RESULTS.md section 3: the
 first 20,000 images, 3 epochs, its monitor and the step sizes its sweep chose), ``smoke`` (the test's).
 
-``OUT/cheap_training/<budget>/``: train.py's ``checkpoints/<run>_s<S>/`` and
-``logs/<run>_s<S>/``; ``<run>_s<S>.train.log``; ``<run>_s<S>.done``, touched by the step's shell after
-exit 0 (also when the study was killed and its child ran on); evaluate.py's ``results/<name>/`` and
-``results/<name>.eval.log``. The steps run through ``benchmarks/steps.py``: a step is done when its file
-exists; one that a live process runs (this study's or another runner's) is left to it.
+``OUT/cheap_training/<budget>/``: train.py's ``checkpoints/<run>_s<S>/``, ``logs/<run>_s<S>/``;
+``<run>_s<S>.train.log``; ``<run>_s<S>.done``, touched by the step's shell after exit 0 (also when the
+study was killed and its child ran on); evaluate.py's ``results/<name>/`` and ``.eval.log``. The steps
+run through ``benchmarks/steps.py``: a step is done when its file exists; one that a live process runs
+is left to it. ``--report`` merges this machine's judgements into ``benchmarks/study_record.py``'s
+committed record (every machine's rows; a seed judged here replaces its recorded one), reports that.
 
     python benchmarks/cheap_training.py --dry-run                 # the plan and the commands
     python benchmarks/cheap_training.py                           # train and judge (2 processes)
     python benchmarks/cheap_training.py --judge-only              # judge what has finished training
-    python benchmarks/cheap_training.py --report                  # tables, JSON, Pareto plot
+    python benchmarks/cheap_training.py --report                  # tables, JSON, Pareto plot, record
 """
 
 from __future__ import annotations
@@ -35,10 +36,11 @@ from typing import Any
 
 from common import DEFAULT_OUT, EPS, fail, write_json  # isort: skip
 from steps import Step, judgement, log, run_steps  # isort: skip
+from study_record import RECORD, merged, per_seed, read_record, write_record  # isort: skip
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from qgtrain.attacks import Attack, attack_for_budget, build_attack
-from qgtrain.evaluation.plots import _pyplot
+from qgtrain.evaluation.plots import _pyplot, _save
 from qgtrain.evaluation.report import markdown_table, text_table
 from qgtrain.evaluation.runner import StandardSettings, format_duration
 from qgtrain.training.module import TRAINING_PASSES
@@ -133,8 +135,8 @@ BUDGETS = {
 class Study:
     """The steps of one budget's folder, planned again after every finished step."""
 
-    def __init__(self, budget: Budget, folder: Path, data_dir: str | None) -> None:
-        self.budget, self.folder, self.grid = budget, folder, budget.grid
+    def __init__(self, budget: Budget, folder: Path, data_dir: str | None, record: Path | None = None) -> None:
+        self.budget, self.folder, self.grid, self.record = budget, folder, budget.grid, record
         self.data = ["--data-dir", data_dir] if data_dir else []
 
     def train(self, run: Run, seed: int) -> Step:
@@ -170,19 +172,24 @@ class Study:
 
     def steps(self, train: bool = True, judge: bool = True) -> list[Step]:
         """Training, the APGD-CE -> APGD-T judgement of every run, the whole suite for one-gradient
-        runs, and (once every run is judged) for the runs on the frontier. Cheapest training first, so
-        a study stopped at a session's end has finished whole rows (PGD-40 alone is hours)."""
-        planned: list[Step] = []
+        runs, and for this grid's runs on the frontier once every seed of the budget's whole grid is
+        judged (here or in the record; ``--runs`` plans a part, not its own frontier). A seed the
+        record holds and this machine never started is not planned. Cheapest training first, so a
+        study stopped at a session's end has finished whole rows."""
+        whole = BUDGETS[self.budget.name]
+        recorded = read_record(self.record).get(whole.name, {})
+        rows, planned = merged(recorded, method_rows(whole, self.folder)), []
         for run in sorted(self.grid, key=lambda r: r.cost(self.budget)):
             whole_suite = one_gradient(run.attack())
             for seed in run.seeds:
+                if str(seed) in recorded.get(run.name, {}).get("seeds", {}) and not self.train(run, seed).log.exists():
+                    continue  # judged on another machine
                 planned += [self.train(run, seed)] if train else []
                 planned += [self.judge(run, seed, False)] + ([self.judge(run, seed, True)] if whole_suite else [])
-        pairs = [self.judge(r, s, False) for r in self.grid for s in r.seeds]
-        if judge and all(step.done() for step in pairs):
-            rows = method_rows(self.budget, self.folder)
-            front = pareto_front({name: (row["cost"], mean(row["pair"])) for name, row in rows.items()})
-            planned += [self.judge(r, s, True) for r in self.grid if r.name in front for s in r.seeds]
+        if judge and all(str(s) in rows.get(r.name, {}).get("seeds", {}) for r in whole.grid for s in r.seeds):
+            front = frontier(rows)
+            here = [(r, s) for r in self.grid if r.name in front for s in r.seeds if self.judge(r, s, False).done()]
+            planned += [self.judge(r, s, True) for r, s in here]  # a seed judged elsewhere: no checkpoint here
         unique = {step.label: step for step in planned}.values()
         return [step for step in unique if judge or step.marker]
 
@@ -244,12 +251,12 @@ def method_row(training: dict[str, Any], data_passes: int) -> dict[str, Any]:
     config, objective = dict(training["inner"]), training.get("objective", "madry")
     attack = build_attack(config.pop("name"), **config)
     label = attack.label + ("" if objective == "madry" else f", {objective}") + (", ATTA" if training.get("atta") else "")
-    return {"cost": cost(attack, data_passes, objective), "label": label, "one_gradient": one_gradient(attack), "seeds": []}
+    return {"cost": cost(attack, data_passes, objective), "label": label, "one_gradient": one_gradient(attack), "seeds": {}}
 
 
 def method_rows(budget: Budget, folder: Path) -> dict[str, dict[str, Any]]:
-    """Per run of the grid with a judgement: cost, label, and per seed clean / pair / whole-suite
-    robust accuracy (%), the monitor's worst case and train/adv_acc per epoch."""
+    """Per run of the grid with a judgement: cost, label, and per seed (``"S"``) when it was judged,
+    clean / pair / whole-suite robust accuracy (%), the monitor's worst case and train/adv_acc per epoch."""
     rows: dict[str, dict[str, Any]] = {}
     for run in budget.grid:
         for seed in run.seeds:
@@ -258,21 +265,19 @@ def method_rows(budget: Budget, folder: Path) -> dict[str, dict[str, Any]]:
             records = {kind: r for kind, path in paths.items() if (r := judgement(path)) is not None}
             if "pair" not in records:
                 continue
-            first = records["pair"]
-            if run.name not in rows:
-                rows[run.name] = method_row(first["checkpoint"]["training"], run.epochs or budget.epochs)
-            row, series = rows[run.name], scalars(folder / "logs" / name)
-            row["seeds"].append(seed)
-            row.setdefault("clean", []).append(100 * first["results"]["clean"]["accuracy"])
-            for kind, record in records.items():
-                row.setdefault(kind, []).append(100 * record["results"]["suite"]["accuracy"])
-            row.setdefault("monitor", []).append(series.get("robust/worst_acc", []))
-            row.setdefault("train_adv", []).append(series.get("train/adv_acc", []))
+            first, series = records["pair"], scalars(folder / "logs" / name)
+            row = rows.setdefault(run.name, method_row(first["checkpoint"]["training"], run.epochs or budget.epochs))
+            row["seeds"][str(seed)] = {
+                "judged": first.get("created"), "clean": 100 * first["results"]["clean"]["accuracy"],
+                **{kind: 100 * record["results"]["suite"]["accuracy"] for kind, record in records.items()},
+                "monitor": series.get("robust/worst_acc", []), "train_adv": series.get("train/adv_acc", []),
+            }  # fmt: skip
     return rows
 
 
-def pareto_front(points: dict[str, tuple[float, float]]) -> list[str]:
-    """Names whose (cost, robust) no other point matches or beats in both with one strictly better."""
+def frontier(rows: dict[str, dict[str, Any]]) -> list[str]:
+    """Runs whose (cost, mean pair robust %) no other run matches or beats in both, one strictly."""
+    points = {run: (row["cost"], mean(per_seed(row, "pair"))) for run, row in rows.items()}
     beats = lambda q, p: q[0] <= p[0] and q[1] >= p[1] and q != p  # noqa: E731
     return [name for name, p in points.items() if not any(beats(q, p) for q in points.values())]
 
@@ -286,25 +291,30 @@ def summary(values: list[float]) -> str:
 
 
 def budget_table(name: str, rows: dict[str, dict[str, Any]]) -> tuple[list[str], list[list[str]], list[str]]:
-    front = pareto_front({run: (row["cost"], mean(row["pair"])) for run, row in rows.items()})
+    front = frontier(rows)
     header = ["run", "inner", "cost", "seeds", "clean %", "APGD-CE→APGD-T %", "whole suite %", "frontier",
               "monitor worst % per epoch (first seed)", "train adv. % per epoch"]  # fmt: skip
     per_epoch = lambda values: " ".join(f"{100 * v:.1f}" for v in values)  # noqa: E731
     table = [
-        [run, row["label"], str(row["cost"]), " ".join(f"s{s}" for s in row["seeds"]), summary(row["clean"]),
-         summary(row["pair"]), summary(row.get("full", [])), "*" if run in front else "",
-         per_epoch(row["monitor"][0]), per_epoch(row["train_adv"][0])]
+        [run, row["label"], str(row["cost"]), " ".join(f"s{s}" for s in sorted(row["seeds"], key=int)),
+         summary(per_seed(row, "clean")), summary(per_seed(row, "pair")), summary(per_seed(row, "full")),
+         "*" if run in front else "", *(per_epoch(next(iter(per_seed(row, key)), [])) for key in ("monitor", "train_adv"))]
         for run, row in rows.items()
     ]  # fmt: skip
     return header, table, front
 
 
-def report(out: Path, names: list[str]) -> None:
-    stored = {name: method_rows(BUDGETS[name], out / "cheap_training" / name) for name in names}
+def report(out: Path, names: list[str], record: Path | None) -> None:
+    """Tables, JSON and plot of this machine's judgements merged into ``record`` (written back)."""
+    recorded = read_record(record)
+    stored = {name: merged(recorded.get(name, {}), method_rows(BUDGETS[name], out / "cheap_training" / name)) for name in names}  # fmt: skip
     stored = {name: rows for name, rows in stored.items() if rows}
     if not stored:
-        print(f"nothing judged yet under {out / 'cheap_training'} ({', '.join(names)})")
+        print(f"nothing judged yet under {out / 'cheap_training'} ({', '.join(names)}) or in {record}")
         return
+    if record:
+        write_record(record, stored)
+        print(f"wrote {record}")
     markdown, fronts = [], {}
     for name, rows in stored.items():
         header, table, fronts[name] = budget_table(name, rows)
@@ -314,16 +324,17 @@ def report(out: Path, names: list[str]) -> None:
         markdown += [f"### {title}", "", markdown_table(header, table), ""]
     if len(stored) > 1:
         header = ["run", "cost", *(f"{n} %" for n in stored), *(f"{n} rank" for n in stored)]
-        ranks = {n: sorted(rows, key=lambda r: -mean(rows[r]["pair"])) for n, rows in stored.items()}
+        ranks = {n: sorted(rows, key=lambda r: -mean(per_seed(rows[r], "pair"))) for n, rows in stored.items()}
         runs = list(dict.fromkeys(r for rows in stored.values() for r in rows))
         table = [[run, str(next(rows[run]["cost"] for rows in stored.values() if run in rows)),
-                  *(summary(rows[run]["pair"]) if run in rows else "—" for rows in stored.values()),
+                  *(summary(per_seed(rows[run], "pair")) if run in rows else "—" for rows in stored.values()),
                   *(str(ranks[n].index(run) + 1) if run in ranks[n] else "—" for n in stored)] for run in runs]  # fmt: skip
         print(f"budgets side by side\n{text_table(header, table)}\n")
         markdown += ["### budgets side by side", "", markdown_table(header, table), ""]
     for name in (n for n in names if n not in stored):
-        print(f"budget {name}: nothing judged in {out / 'cheap_training' / name} (cpu: RESULTS.md §3)")
+        print(f"budget {name}: nothing judged in {out / 'cheap_training' / name} or in {record} (cpu: RESULTS.md §3)")
     tag = "_".join(stored)
+    out.mkdir(parents=True, exist_ok=True)
     (out / f"cheap_training_{tag}.md").write_text("\n".join(markdown))
     write_json(out / f"cheap_training_{tag}.json", {"budgets": stored, "pareto_front": fronts})
     plot(stored, fronts, out / f"cheap_training_{tag}.png")
@@ -336,20 +347,18 @@ def plot(stored: dict[str, dict[str, dict[str, Any]]], fronts: dict[str, list[st
     fig, ax = plt.subplots(figsize=(8, 5))
     for (name, rows), colour in zip(stored.items(), ("tab:blue", "tab:orange", "tab:green"), strict=False):
         for run, row in rows.items():
-            values = row["pair"]
+            values = per_seed(row, "pair")
             y = mean(values)
             ax.errorbar(row["cost"], y, yerr=[[y - min(values)], [max(values) - y]], color=colour, capsize=3,
                         marker="^" if row["one_gradient"] else ("o" if "b=" not in row["label"] else "s"))  # fmt: skip
             ax.annotate(run, (row["cost"], y), textcoords="offset points", xytext=(5, 4), fontsize=7)
-        front = sorted((rows[r]["cost"], mean(rows[r]["pair"])) for r in fronts[name])
+        front = sorted((rows[r]["cost"], mean(per_seed(rows[r], "pair"))) for r in fronts[name])
         ax.step(*zip(*front, strict=True), where="post", color=colour, ls="--", label=f"{name}: frontier")
     ax.set(xscale="log", xlabel="training cost (gradient computations per training example)",
            ylabel="robust accuracy (%), APGD-CE → APGD-T", title="o sign, s quantized, ^ one gradient per step; bars: seeds")  # fmt: skip
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(fig, plt, path)
 
 
 # ------------------------------------------------------------------------------------ main
@@ -374,14 +383,16 @@ def main() -> None:
     add("--out", type=Path, default=DEFAULT_OUT, help="study folders: OUT/cheap_training/<budget>")
     add("--data-dir", help="passed to train.py and evaluate.py (default: $QGTRAIN_DATA)")
     add("--runs", nargs="+", metavar="RUN", help="only these runs of the budget's grid (the frontier: theirs)")
+    add("--record", type=Path, help="the record --report merges into and the frontier counts (default: benchmarks/records/cheap_training.json; smoke: none)")
     args = parser.parse_args()
     budget = with_runs(BUDGETS[args.budget], args.runs)
     if not 1 <= args.jobs <= 2:
         fail(f"--jobs must be 1 or 2 (this study shares 2 cores), got {args.jobs}")
+    record = args.record or (None if budget.name == "smoke" else RECORD)
     if args.report:
-        report(args.out, [budget.name] if budget.name == "smoke" else ["robust", "cpu"])
+        report(args.out, ["smoke"] if budget.name == "smoke" else ["robust", "cpu"], record)
         return
-    study = Study(budget, args.out / "cheap_training" / budget.name, args.data_dir)
+    study = Study(budget, args.out / "cheap_training" / budget.name, args.data_dir, record)
     plan = lambda: study.steps(train=not args.judge_only, judge=not args.train_only)  # noqa: E731
     steps = plan()
     log(study.plan_line(steps, args.jobs))
