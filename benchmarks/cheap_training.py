@@ -348,14 +348,16 @@ def plot(stored: dict[str, dict[str, dict[str, Any]]], fronts: dict[str, list[st
     for (name, rows), colour in zip(stored.items(), ("tab:blue", "tab:orange", "tab:green"), strict=False):
         for run, row in rows.items():
             values = per_seed(row, "pair")
-            y = mean(values)
+            y, below = mean(values), "b=" in row["label"]  # a quantized run's name under its point
             ax.errorbar(row["cost"], y, yerr=[[y - min(values)], [max(values) - y]], color=colour, capsize=3,
-                        marker="^" if row["one_gradient"] else ("o" if "b=" not in row["label"] else "s"))  # fmt: skip
-            ax.annotate(run, (row["cost"], y), textcoords="offset points", xytext=(5, 4), fontsize=7)
+                        marker="^" if row["one_gradient"] else ("s" if below else "o"))  # fmt: skip
+            ax.annotate(run, (row["cost"], y), textcoords="offset points", xytext=(5, -9 if below else 4), fontsize=7)
         front = sorted((rows[r]["cost"], mean(per_seed(rows[r], "pair"))) for r in fronts[name])
         ax.step(*zip(*front, strict=True), where="post", color=colour, ls="--", label=f"{name}: frontier")
     ax.set(xscale="log", xlabel="training cost (gradient computations per training example)",
            ylabel="robust accuracy (%), APGD-CE → APGD-T", title="o sign, s quantized, ^ one gradient per step; bars: seeds")  # fmt: skip
+    costs = sorted({row["cost"] for rows in stored.values() for row in rows.values()})
+    ax.set_xticks(costs, [str(c) for c in costs], minor=False), ax.minorticks_off()  # each cost, not 10^k
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     _save(fig, plt, path)
