@@ -9,9 +9,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import load_mnist_tensors, quiet_trainer, same_weights
+from lightning.pytorch.loggers import TensorBoardLogger
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch.utils.data import DataLoader, TensorDataset
 
 from qgtrain.attacks import PGD, attack_for_budget, build_attack, kl_loss
+from qgtrain.callbacks import AttackVisualization
 from qgtrain.models import TinyCNN
 from qgtrain.training import AdversarialTraining
 
@@ -103,3 +106,27 @@ def test_trades_attacks_from_x_plus_small_gaussian_noise_with_the_clean_softmax_
     assert abs(float(offset.std()) - 0.001) < 5e-5 and abs(float(offset.mean())) < 5e-5  # x + 0.001 N(0, 1)
     with torch.no_grad():
         assert torch.allclose(labels, F.softmax(net(x), dim=1))
+
+
+def test_the_epoch_end_views_show_the_trades_attack_as_it_trains(tmp_path) -> None:
+    """TRADES with the visualization callback on (train.py's default): at the epoch's end the inner
+    (kl) attack is shown with the clean softmax as its labels, as in training, and its views are
+    written. Control: the same call with integer labels, as the callback made it before, is refused
+    (training stopped there at the end of the first epoch: found by the cpu-budget study)."""
+    torch.manual_seed(0)
+    StartSpy.seen = []
+    module = AdversarialTraining(TinyCNN(width=4), StartSpy(eps=0.3, alpha=0.1, steps=1), objective="trades")
+    logger = TensorBoardLogger(str(tmp_path), name="trades", default_hp_metric=False)
+    trainer = quiet_trainer(
+        max_epochs=1, limit_val_batches=1, logger=logger, callbacks=[AttackVisualization(num_images=4, batch_size=8)]
+    )
+    trainer.fit(module, _loader(), _loader())
+    shown_labels = StartSpy.seen[-1][1]
+    assert len(StartSpy.seen) == 3 + 1 and shown_labels.shape == (8, 10)  # 3 training batches, 1 view
+    assert torch.allclose(shown_labels.sum(dim=1), torch.ones(8))
+    events = EventAccumulator(logger.log_dir, size_guidance={"images": 0})
+    events.Reload()
+    assert "images/adversarial_grid" in events.Tags()["images"]
+    x, y = next(iter(_loader()))
+    with pytest.raises(ValueError, match="reference distribution"):
+        module.inner.perturb(module.net, x[:8], y[:8], need_fooled=False)

@@ -147,7 +147,10 @@ class AttackVisualization(Callback):
         with eval_mode(model):
             with torch.random.fork_rng(devices=devices):
                 torch.manual_seed(self.seed)
-                x_adv = attack.perturb(model, x, y, observer=recorder, need_fooled=False).x_adv
+                shown, labels = attack, y
+                if attack is getattr(pl_module, "inner", None) and hasattr(pl_module, "objective_inputs"):
+                    shown, labels = pl_module.objective_inputs(attack, x, y)  # TRADES: softmax(f(x)) labels
+                x_adv = shown.perturb(model, x, labels, observer=recorder, need_fooled=False).x_adv
             if reference is not None:
                 with torch.random.fork_rng(devices=devices):
                     torch.manual_seed(self.seed)  # the same random start as the inner attack
@@ -158,7 +161,7 @@ class AttackVisualization(Callback):
                 pred_clean = model(x).argmax(dim=1)
                 logits_adv = model(x_adv)
                 pred_adv = logits_adv.argmax(dim=1)
-                recorder.mean_loss.append(float(attack.loss_fn(logits_adv, y).float().mean()))
+                recorder.mean_loss.append(float(shown.loss_fn(logits_adv, labels).float().mean()))
                 if reference is not None:
                     reference_recorder.mean_loss.append(
                         float(reference.loss_fn(model(x_ref), y).float().mean())

@@ -307,12 +307,7 @@ class AdversarialTraining(L.LightningModule):
         if self.hparams.attack_in_eval_mode:
             self.net.eval()
         try:
-            labels = y
-            if self.hparams.objective == "trades":
-                with torch.no_grad():
-                    labels = F.softmax(self.net(x).float(), dim=1)
-                start = x + TRADES_START_STD * torch.randn_like(x)
-                attack = started_at(attack, start)
+            attack, labels = self.objective_inputs(attack, x, y)
             if self.perturbations is not None:
                 if index is None:
                     raise ValueError(
@@ -327,6 +322,18 @@ class AdversarialTraining(L.LightningModule):
             return attack(self.net, x, labels)
         finally:
             self.net.train(was_training)
+
+    def objective_inputs(
+        self, attack: Attack, x: torch.Tensor, y: torch.Tensor
+    ) -> tuple[Attack, torch.Tensor]:
+        """The training attack and the labels it is given for ``(x, y)`` under this objective: TRADES
+        maximises KL(f(x) || f(x')) (Zhang et al. 2019, Eq. 5), so its attack takes softmax(f(x)) (in
+        the network's current mode) and starts at x + 0.001 N(0, 1); other objectives: unchanged, y."""
+        if self.hparams.objective != "trades":
+            return attack, y
+        with torch.no_grad():
+            labels = F.softmax(self.net(x).float(), dim=1)
+        return started_at(attack, x + TRADES_START_STD * torch.randn_like(x)), labels
 
     def _training_split(self) -> tuple[int, int]:
         """Examples in the training split and the padding its random crops are cut from (ATTA's buffer
