@@ -25,7 +25,6 @@ committed record (every machine's rows; a seed judged here replaces its recorded
 
 from __future__ import annotations
 
-import logging
 import shlex
 import sys
 from argparse import ArgumentParser, RawDescriptionHelpFormatter
@@ -35,9 +34,8 @@ from statistics import mean
 from typing import Any
 
 from common import DEFAULT_OUT, EPS, fail, write_json  # isort: skip
-from steps import Step, judgement, log, run_steps  # isort: skip
+from steps import Step, judgement, log, run_steps, scalars  # isort: skip
 from study_record import RECORD, merged, per_seed, read_record, write_record  # isort: skip
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from qgtrain.attacks import Attack, attack_for_budget, build_attack
 from qgtrain.evaluation.plots import _pyplot, _save
@@ -208,20 +206,6 @@ class Study:
 
 
 # ------------------------------------------------------------------------------------ reading
-def scalars(folder: Path) -> dict[str, list[float]]:
-    """Epoch-level TensorBoard scalars of a run, over its versions (a later version wins at the same
-    step), in step order. A resumed run continues its version from a purge marker, which TensorBoard
-    applies with an "out of order event" notice per marker: silenced, it is the expected case."""
-    logging.getLogger("tensorboard").setLevel(logging.ERROR)
-    merged: dict[str, dict[int, float]] = {}
-    for version in sorted(folder.glob("version_*"), key=lambda p: int(p.name.split("_")[1])):
-        events = EventAccumulator(str(version), size_guidance={"scalars": 0})
-        events.Reload()
-        for tag in events.Tags()["scalars"]:
-            merged.setdefault(tag, {}).update({e.step: e.value for e in events.Scalars(tag)})
-    return {tag: [v for _, v in sorted(values.items())] for tag, values in merged.items()}
-
-
 def measured_ms_per_gradient(budget: Budget, folder: Path) -> float:
     """Training ms per example-gradient of the finished runs (``perf/images_per_sec``), else the fallback."""
     rates = []

@@ -1,11 +1,13 @@
 """A small step runner for benchmarks made of ``train.py`` and ``evaluate.py`` commands: a step is done
 when its file exists (a training run's marker, touched by the step's shell after exit 0; an
 evaluation's ``results.json`` not marked partial); ready steps run at most ``jobs`` at a time, one
-thread each; a step whose command a live process already runs (this runner's or another's) is left to it."""
+thread each; a step whose command a live process already runs (this runner's or another's) is left to it.
+Reading a step's outputs: `judgement` (evaluate.py's results.json), `scalars` (train.py's event files)."""
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shlex
 import subprocess
@@ -16,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from common import REPO_ROOT  # isort: skip
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 OWNER = {"train.py": ("--run-name", "--checkpoint_root"), "evaluate.py": ("--name", "--out-dir")}
 """The flags that name a command's output: the same script with the same values is the same step."""
@@ -105,3 +108,17 @@ def judgement(path: Path) -> dict[str, Any] | None:
     except (OSError, ValueError):
         return None
     return None if record["results"].get("partial") else record
+
+
+def scalars(folder: Path) -> dict[str, list[float]]:
+    """Epoch-level TensorBoard scalars of a run, over its versions (a later version wins at the same
+    step), in step order. A resumed run continues its version from a purge marker, which TensorBoard
+    applies with an "out of order event" notice per marker: silenced, it is the expected case."""
+    logging.getLogger("tensorboard").setLevel(logging.ERROR)
+    merged: dict[str, dict[int, float]] = {}
+    for version in sorted(folder.glob("version_*"), key=lambda p: int(p.name.split("_")[1])):
+        events = EventAccumulator(str(version), size_guidance={"scalars": 0})
+        events.Reload()
+        for tag in events.Tags()["scalars"]:
+            merged.setdefault(tag, {}).update({e.step: e.value for e in events.Scalars(tag)})
+    return {tag: [v for _, v in sorted(values.items())] for tag, values in merged.items()}
