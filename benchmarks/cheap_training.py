@@ -341,7 +341,9 @@ def plot(stored: dict[str, dict[str, dict[str, Any]]], fronts: dict[str, list[st
     ax.set(xscale="log", xlabel="training cost (gradient computations per training example)",
            ylabel="robust accuracy (%), APGD-CE → APGD-T", title="o sign, s quantized, ^ one gradient per step; bars: seeds")  # fmt: skip
     costs = sorted({row["cost"] for rows in stored.values() for row in rows.values()})
-    ax.set_xticks(costs, [str(c) for c in costs], minor=False), ax.minorticks_off()  # each cost, not 10^k
+    near = [i > 0 and c < 1.2 * costs[i - 1] for i, c in enumerate(costs)]  # close to the last: a line lower
+    ax.set_xticks(costs, [("\n" if n else "") + str(c) for c, n in zip(costs, near, strict=True)], minor=False)
+    ax.minorticks_off()  # a tick at each cost, not 10^k
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     _save(fig, plt, path)
