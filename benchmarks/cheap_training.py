@@ -133,8 +133,9 @@ BUDGETS = {
 class Study:
     """The steps of one budget's folder, planned again after every finished step."""
 
-    def __init__(self, budget: Budget, folder: Path, data_dir: str | None, record: Path | None = None) -> None:
-        self.budget, self.folder, self.grid, self.record = budget, folder, budget.grid, record
+    def __init__(self, budget: Budget, folder: Path, data_dir: str | None, record: Path | None = None,
+                 again: bool = False) -> None:  # fmt: skip
+        self.budget, self.folder, self.grid, self.record, self.again = budget, folder, budget.grid, record, again
         self.data = ["--data-dir", data_dir] if data_dir else []
 
     def train(self, run: Run, seed: int) -> Step:
@@ -171,16 +172,17 @@ class Study:
     def steps(self, train: bool = True, judge: bool = True) -> list[Step]:
         """Training, the APGD-CE -> APGD-T judgement of every run, the whole suite for one-gradient
         runs, and for this grid's runs on the frontier once every seed of the budget's whole grid is
-        judged (here or in the record; ``--runs`` plans a part, not its own frontier). A seed the
-        record holds and this machine never started is not planned. Cheapest training first, so a
-        study stopped at a session's end has finished whole rows."""
+        judged (here or in the record; ``--runs`` plans a part, not its own frontier). A seed the record
+        holds and this machine never started is planned only ``again`` (for a frontier run's whole suite).
+        Cheapest training first, so a study stopped at a session's end has finished whole rows."""
         whole = BUDGETS[self.budget.name]
         recorded = read_record(self.record).get(whole.name, {})
         rows, planned = merged(recorded, method_rows(whole, self.folder)), []
         for run in sorted(self.grid, key=lambda r: r.cost(self.budget)):
             whole_suite = one_gradient(run.attack())
             for seed in run.seeds:
-                if str(seed) in recorded.get(run.name, {}).get("seeds", {}) and not self.train(run, seed).log.exists():
+                held = str(seed) in recorded.get(run.name, {}).get("seeds", {})
+                if held and not self.again and not self.train(run, seed).log.exists():
                     continue  # judged on another machine
                 planned += [self.train(run, seed)] if train else []
                 planned += [self.judge(run, seed, False)] + ([self.judge(run, seed, True)] if whole_suite else [])
@@ -268,10 +270,8 @@ def frontier(rows: dict[str, dict[str, Any]]) -> list[str]:
 
 # ------------------------------------------------------------------------------------ report
 def summary(values: list[float]) -> str:
-    if not values:
-        return "—"
-    each = f" ± {(max(values) - min(values)) / 2:.1f} ({', '.join(f'{v:.1f}' for v in values)})"
-    return f"{mean(values):.1f}{each if len(values) > 1 else ''}"
+    each = f" ± {(max(values) - min(values)) / 2:.1f} ({', '.join(f'{v:.1f}' for v in values)})" if len(values) > 1 else ""
+    return f"{mean(values):.1f}{each}" if values else "—"
 
 
 def budget_table(name: str, rows: dict[str, dict[str, Any]]) -> tuple[list[str], list[list[str]], list[str]]:
@@ -371,6 +371,7 @@ def main() -> None:
     add("--out", type=Path, default=DEFAULT_OUT, help="study folders: OUT/cheap_training/<budget>")
     add("--data-dir", help="passed to train.py and evaluate.py (default: $QGTRAIN_DATA)")
     add("--runs", nargs="+", metavar="RUN", help="only these runs of the budget's grid (the frontier: theirs)")
+    add("--again", action="store_true", help="train and judge again the runs' seeds the record holds")
     add("--record", type=Path, help="the record --report merges into and the frontier counts (default: benchmarks/records/cheap_training.json; smoke: none)")
     args = parser.parse_args()
     budget = with_runs(BUDGETS[args.budget], args.runs)
@@ -380,7 +381,7 @@ def main() -> None:
     if args.report:
         report(args.out, ["smoke"] if budget.name == "smoke" else ["robust", "cpu"], record)
         return
-    study = Study(budget, args.out / "cheap_training" / budget.name, args.data_dir, record)
+    study = Study(budget, args.out / "cheap_training" / budget.name, args.data_dir, record, args.again)
     plan = lambda: study.steps(train=not args.judge_only, judge=not args.train_only)  # noqa: E731
     steps = plan()
     log(study.plan_line(steps, args.jobs))

@@ -102,14 +102,16 @@ def test_the_frontiers_whole_suite_waits_for_every_seed_of_the_whole_grid(study,
 
 
 def test_a_seed_the_record_holds_is_not_trained_again_unless_this_machine_started_it(study, tmp_path) -> None:
-    """pgd2 seed 0 judged on another machine: planned neither for training nor for judging here.
+    """pgd2 seed 0 judged on another machine: planned neither for training nor for judging here,
+    unless asked ``again`` (``--again``: how a frontier run judged elsewhere gets its whole suite).
     Controls: without the record it is planned; once this machine has its training log, it is too."""
     folder = tmp_path / "cheap_training" / "smoke"
     record = tmp_path / "record.json"
     record.write_text(json.dumps({"budgets": {"smoke": {"pgd2": row(9, **{"0": seed(12.3)})}}}))
-    planned = lambda path: {s.label for s in study.Study(study.BUDGETS["smoke"], folder, None, path).steps()}  # noqa: E731
+    planned = lambda path, again=False: {s.label for s in study.Study(study.BUDGETS["smoke"], folder, None, path, again).steps()}  # noqa: E731
     assert planned(record) == {"train pqgd2_b100_s0", "judge pqgd2_b100_s0"}
     assert planned(None) == planned(record) | {"train pgd2_s0", "judge pgd2_s0"}
+    assert planned(record, again=True) == planned(None)
     folder.mkdir(parents=True)
     (folder / "pgd2_s0.train.log").write_text("started here\n")
     assert planned(record) == planned(None)
