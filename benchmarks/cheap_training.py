@@ -270,8 +270,10 @@ def frontier(rows: dict[str, dict[str, Any]]) -> list[str]:
 
 # ------------------------------------------------------------------------------------ report
 def summary(values: list[float]) -> str:
-    each = f" ± {(max(values) - min(values)) / 2:.1f} ({', '.join(f'{v:.1f}' for v in values)})" if len(values) > 1 else ""
-    return f"{mean(values):.1f}{each}" if values else "—"
+    if not values:
+        return "—"
+    each = f" ± {(max(values) - min(values)) / 2:.1f} ({', '.join(f'{v:.1f}' for v in values)})"
+    return f"{mean(values):.1f}{each if len(values) > 1 else ''}"
 
 
 def budget_table(name: str, rows: dict[str, dict[str, Any]]) -> tuple[list[str], list[list[str]], list[str]]:
