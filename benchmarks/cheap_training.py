@@ -38,13 +38,12 @@ from steps import Step, judgement, log, run_steps, scalars  # isort: skip
 from study_record import RECORD, merged, per_seed, read_record, write_record  # isort: skip
 
 from qgtrain.attacks import Attack, attack_for_budget, build_attack
-from qgtrain.evaluation.plots import _pyplot, _save
+from qgtrain.evaluation.plots import _pyplot, _save, label_points
 from qgtrain.evaluation.report import markdown_table, text_table
 from qgtrain.evaluation.runner import StandardSettings, format_duration
 from qgtrain.training.module import TRAINING_PASSES
 
-FALLBACK_MS_PER_GRADIENT = 0.93
-"""Training ms per example-gradient when no stored run has measured it (docs/RESULTS.md section 3)."""
+FALLBACK_MS_PER_GRADIENT = 0.93  # training ms per example-gradient before a run here measures it (RESULTS §3)
 PAIR = ("apgd_ce", "apgd_t")  # the judge of every run
 JUDGES = (("pair", ""), ("full", "_full"))  # results/<run>_s<S><suffix>/: APGD-CE -> APGD-T, whole suite
 
@@ -328,26 +327,28 @@ def report(out: Path, names: list[str], record: Path | None) -> None:
 
 
 def plot(stored: dict[str, dict[str, dict[str, Any]]], fronts: dict[str, list[str]], path: Path) -> None:
-    """Robust accuracy against cost per example, one colour per budget, seed range as error bars."""
+    """Robust accuracy against cost per example, one panel per budget, seed range as error bars."""
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(8, 5))
-    for (name, rows), colour in zip(stored.items(), ("tab:blue", "tab:orange", "tab:green"), strict=False):
-        for run, row in rows.items():
+    fig, panels = plt.subplots(1, len(stored), figsize=(6.5 * len(stored), 5), sharey=True, squeeze=False)
+    for ax, (name, rows) in zip(panels[0], stored.items(), strict=True):
+        for row in rows.values():
             values = per_seed(row, "pair")
-            y, below = mean(values), "b=" in row["label"]  # a quantized run's name under its point
-            ax.errorbar(row["cost"], y, yerr=[[y - min(values)], [max(values) - y]], color=colour, capsize=3,
-                        marker="^" if row["one_gradient"] else ("s" if below else "o"))  # fmt: skip
-            ax.annotate(run, (row["cost"], y), textcoords="offset points", xytext=(5, -9 if below else 4), fontsize=7)
+            y = mean(values)
+            ax.errorbar(row["cost"], y, yerr=[[y - min(values)], [max(values) - y]], color="tab:blue", capsize=3,
+                        marker="^" if row["one_gradient"] else ("s" if "b=" in row["label"] else "o"))  # fmt: skip
         front = sorted((rows[r]["cost"], mean(per_seed(rows[r], "pair"))) for r in fronts[name])
-        ax.step(*zip(*front, strict=True), where="post", color=colour, ls="--", label=f"{name}: frontier")
-    ax.set(xscale="log", xlabel="training cost (gradient computations per training example)",
-           ylabel="robust accuracy (%), APGD-CE → APGD-T", title="o sign, s quantized, ^ one gradient per step; bars: seeds")  # fmt: skip
-    costs = sorted({row["cost"] for rows in stored.values() for row in rows.values()})
-    near = [i > 0 and c < 1.2 * costs[i - 1] for i, c in enumerate(costs)]  # close to the last: a line lower
-    ax.set_xticks(costs, [("\n" if n else "") + str(c) for c, n in zip(costs, near, strict=True)], minor=False)
-    ax.minorticks_off()  # a tick at each cost, not 10^k
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+        ax.step(*zip(*front, strict=True), where="post", color="tab:blue", ls="--", label="frontier")
+        ax.set(xscale="log", title=f"budget {name}", xlabel="training cost (gradient computations per training example)")
+        costs = sorted({row["cost"] for row in rows.values()})
+        near = [i > 0 and c < 1.2 * costs[i - 1] for i, c in enumerate(costs)]  # close to the last: a line lower
+        ax.set_xticks(costs, [("\n" if n else "") + str(c) for c, n in zip(costs, near, strict=True)], minor=False)
+        ax.minorticks_off()  # a tick at each cost, not 10^k
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, loc="upper left")
+    panels[0][0].set_ylabel("robust accuracy (%), APGD-CE → APGD-T")
+    fig.suptitle("o sign, s quantized, ^ one gradient per step; bars: seeds", fontsize=10)
+    for ax, rows in zip(panels[0], stored.values(), strict=True):  # once every panel's limits are final
+        label_points(ax, [(row["cost"], mean(per_seed(row, "pair")), run) for run, row in rows.items()])
     _save(fig, plt, path)
 
 
@@ -364,7 +365,7 @@ def main() -> None:
     parser = ArgumentParser(description=__doc__, formatter_class=RawDescriptionHelpFormatter)
     add = parser.add_argument
     add("--budget", choices=sorted(BUDGETS), default="robust")
-    add("--jobs", type=int, default=2, help="processes at a time, one thread each (at most 2)")
+    add("--jobs", type=int, choices=(1, 2), default=2, help="processes at a time, one thread each (2 cores)")
     add("--dry-run", action="store_true", help="print the plan line and the commands, run nothing")
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--judge-only", action="store_true", help="judge finished runs; start no training")
@@ -377,8 +378,6 @@ def main() -> None:
     add("--record", type=Path, help="the record --report merges into and the frontier counts (default: benchmarks/records/cheap_training.json; smoke: none)")
     args = parser.parse_args()
     budget = with_runs(BUDGETS[args.budget], args.runs)
-    if not 1 <= args.jobs <= 2:
-        fail(f"--jobs must be 1 or 2 (this study shares 2 cores), got {args.jobs}")
     record = args.record or (None if budget.name == "smoke" else RECORD)
     if args.report:
         report(args.out, ["smoke"] if budget.name == "smoke" else ["robust", "cpu"], record)
@@ -394,8 +393,7 @@ def main() -> None:
     failed = run_steps(plan, args.jobs)
     left = [s.label for s in plan() if not s.done()]
     log(f"finished; failed: {', '.join(failed) or 'none'}; not done: {', '.join(left) or 'none'}")
-    if failed:
-        raise SystemExit(1)
+    raise SystemExit(1 if failed else 0)
 
 
 if __name__ == "__main__":

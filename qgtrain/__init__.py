@@ -4,4 +4,4 @@ Layers, bottom to top: ``attacks`` (pure PyTorch) -> ``models``, ``data`` -> ``t
 ``evaluation``, ``callbacks`` -> ``cli``.
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

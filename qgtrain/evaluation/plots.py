@@ -58,6 +58,46 @@ def plot_sweep(sweep: dict[str, Any], path: str | os.PathLike, title: str = "") 
     return path
 
 
+LABEL_OFFSETS = tuple((side, dy) for dy in (4, -9, 13, -18, 22, -27) for side in (5, -5))
+"""Where `label_points` tries a name, in points from its point: right then left of it (a negative x
+ends the text there), just above, just below, then further out."""
+
+
+def label_points(ax: Any, points: Sequence[tuple[float, float, str]], fontsize: float = 7) -> list[Any]:
+    """Name each point (x, y, name), the highest first, at the first of ``LABEL_OFFSETS`` with the
+    fewest clashes: names placed before it overlapped, other points covered, leaving the axes. Call it
+    once the axes' limits and scales are final: the check is in display coordinates."""
+    fig = ax.figure
+    fig.tight_layout()  # the layout the figure is saved with (``_save`` applies it again)
+    ax.autoscale_view()
+    renderer = fig.canvas.get_renderer()
+    frame = ax.get_window_extent(renderer)
+    points = sorted(points, key=lambda point: -point[1])
+    marks = [ax.transData.transform((x, y)) for x, y, _ in points]
+    placed: list[Any] = []
+    for i, (x, y, name) in enumerate(points):
+        others = [mark for j, mark in enumerate(marks) if j != i]
+        best, fewest = None, 0
+        for dx, dy in LABEL_OFFSETS:
+            note = ax.annotate(name, (x, y), textcoords="offset points", xytext=(dx, dy), fontsize=fontsize,
+                               ha="right" if dx < 0 else "left")  # fmt: skip
+            text = note.get_window_extent(renderer)
+            box = text.padded(3)
+            inside = frame.x0 <= text.x0 and text.x1 <= frame.x1 and frame.y0 <= text.y0 and text.y1 <= frame.y1
+            clashes = sum(box.overlaps(other.get_window_extent(renderer)) for other in placed)
+            clashes += sum(box.contains(*mark) for mark in others) + (0 if inside else 1)
+            if best is None or clashes < fewest:  # the first of the fewest
+                if best is not None:
+                    best.remove()
+                best, fewest = note, clashes
+            else:
+                note.remove()
+            if fewest == 0:
+                break
+        placed.append(best)
+    return placed
+
+
 def _save(fig: Any, plt: Any, path: str | os.PathLike, dpi: int = 120) -> Path:
     fig.tight_layout()
     path = Path(path)
