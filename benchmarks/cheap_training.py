@@ -90,10 +90,10 @@ class Budget:
 
 
 # fmt: off
-ROBUST = (  # issue 25's grid: two seeds for every PGD-vs-PQGD pair
+ROBUST = (  # issue 25's grid: two seeds for every PGD-vs-PQGD pair; small_alpha: the cpu sweep's, one seed
     Run("pgd40", "pgd", 40, 0.01), Run("pgd10", "pgd", 10, 0.12, seeds=(0, 1)),
     Run("pqgd10_b100", "pqgd", 10, seeds=(0, 1)), Run("pgd5", "pgd", 5, 0.15, seeds=(0, 1)),
-    Run("pqgd5_b100", "pqgd", 5, seeds=(0, 1)), Run("nfgsm", "nfgsm"),
+    Run("pqgd5_b100", "pqgd", 5, seeds=(0, 1)), Run("pqgd5_b100_small_alpha", "pqgd", 5, 0.06), Run("nfgsm", "nfgsm"),
 )
 TRADES = {"objective": "trades", "extra": ("--model.beta", "6.0")}
 ATTA = {"extra": ("--model.atta", "true")}  # alpha: eps / 2 (k = 1), eps / 3 (k = 2), Zheng et al.'s CIFAR ratios
