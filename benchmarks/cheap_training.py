@@ -98,16 +98,16 @@ CHEAP = (  # issue 23's methods, each with the sign and with b = 100, one seed
     Run("free8", "free", b=1, **FREE(8)), Run("free8_b100", "free", b=100, **FREE(8)),
     Run("atta1", "pgd", 1, 0.15, **ATTA), Run("atta1_b100", "pqgd", 1, 0.15, **ATTA),
     Run("atta2", "pgd", 2, 0.1, **ATTA), Run("atta2_b100", "pqgd", 2, 0.1, **ATTA),
-    Run("trades_pgd10", "pgd", 10, 0.12, **TRADES), Run("trades_pqgd10_b100", "pqgd", 10, **TRADES),
+    Run("trades_pgd10", "pgd", 10, 0.12, **TRADES), Run("trades_pqgd10_b100", "pqgd", 10, 0.075, **TRADES),
 )
-ROBUST = (  # issue 25's grid, two seeds per PGD-vs-PQGD pair; small_alpha: 0.4 x 2.5eps/k, as the cpu sweep chose
+ROBUST = (  # issue 25's grid, two seeds per PGD-vs-PQGD pair; small_alpha: eps/k (PQGD's rule since 2026-12-04)
     Run("pgd40", "pgd", 40, 0.01), Run("pgd10", "pgd", 10, 0.12, seeds=(0, 1)),
-    Run("pqgd10_b100", "pqgd", 10, seeds=(0, 1)), Run("pqgd10_b100_small_alpha", "pqgd", 10, 0.03),
-    Run("pgd5", "pgd", 5, 0.15, seeds=(0, 1)), Run("pqgd5_b100", "pqgd", 5, seeds=(0, 1)),
+    Run("pqgd10_b100", "pqgd", 10, 0.075, seeds=(0, 1)), Run("pqgd10_b100_small_alpha", "pqgd", 10, 0.03),
+    Run("pgd5", "pgd", 5, 0.15, seeds=(0, 1)), Run("pqgd5_b100", "pqgd", 5, 0.15, seeds=(0, 1)),
     Run("pqgd5_b100_small_alpha", "pqgd", 5, 0.06), Run("nfgsm", "nfgsm"), *CHEAP,
 )
 CPU = (  # docs/RESULTS.md section 3: the step sizes its sweep chose, its seeds
-    Run("pgd40", "pgd", 40, 0.01, seeds=(0, 1)), Run("pgd10", "pgd", 10, 0.12), Run("pqgd10_b100", "pqgd", 10),
+    Run("pgd40", "pgd", 40, 0.01, seeds=(0, 1)), Run("pgd10", "pgd", 10, 0.12), Run("pqgd10_b100", "pqgd", 10, 0.075),
     Run("pgd5", "pgd", 5, 0.15, seeds=(0, 1)), Run("pqgd5_b100", "pqgd", 5, 0.06),
     Run("pgd2", "pgd", 2, 0.375, seeds=(0, 1)), Run("pqgd2_b100", "pqgd", 2, 0.15, seeds=(0, 1)),
     Run("fgsm_rs", "fgsm_rs"), Run("fgsm_rs_b100", "fgsm_rs", b=100), Run("nfgsm", "nfgsm"),

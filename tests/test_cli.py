@@ -154,7 +154,7 @@ def test_inner_resets_alpha_and_b_only_when_it_changes_the_configs_class(
     capsys: pytest.CaptureFixture, tmp_path: Path
 ) -> None:
     """The config's alpha and b were chosen for its own class: a class other than the config's takes
-    its own b and step-size rule (2.5 eps / steps for PQGD: the study's 0.075 at 10 steps); naming
+    its own b and step-size rule (eps / steps for PQGD: 0.03 at 10 steps, the robust study's); naming
     the config's own class keeps the config's values, and a given --alpha wins over both."""
     config = yaml.safe_load((CONFIGS / "mnist.yaml").read_text())["model"]["inner"]
     assert config["class_path"] == "qgtrain.attacks.PGD" and config["init_args"]["alpha"] == 0.12
@@ -163,7 +163,7 @@ def test_inner_resets_alpha_and_b_only_when_it_changes_the_configs_class(
         return resolved_config(capsys, *argv)["model"]["inner"]["init_args"]
 
     assert inner("--inner", "pqgd", "--steps", "10").items() >= {"alpha": None, "b": 100, "steps": 10}.items()
-    assert built(tmp_path, "--inner", "pqgd", "--steps", "10").model.inner.alpha == pytest.approx(0.075)
+    assert built(tmp_path, "--inner", "pqgd", "--steps", "10").model.inner.alpha == pytest.approx(0.03)
     assert inner("--inner", "pgd", "--steps", "10")["alpha"] == 0.12  # the config's class: kept
     assert inner("--inner", "pqgd", "--alpha", "0.05")["alpha"] == 0.05
     fast = ("--config", str(CONFIGS / "mnist_fast.yaml"))  # a PQGD config: --inner pqgd keeps its values

@@ -161,7 +161,7 @@ def _record_trainer(seen: dict[str, Any]) -> Any:
 
 
 def test_the_readme_main_job_resolves_to_pqgd_10(recorder: dict[str, Any]) -> None:
-    """The Quickstart's main job, exactly as written there: PQGD-10, b 100, alpha 0.075, MadryMNIST."""
+    """The Quickstart's main job, exactly as written there: PQGD-10, b 100, alpha 0.03, MadryMNIST."""
     quickstart = next(
         argv for where, script, argv, _ in COMMANDS if where.startswith("README") and script == "train"
     )
@@ -170,7 +170,7 @@ def test_the_readme_main_job_resolves_to_pqgd_10(recorder: dict[str, Any]) -> No
         train_cli.main(quickstart)
     inner, net = recorder["module"].inner, recorder["module"].net
     assert type(inner).__name__ == "PQGD" and (inner.steps, inner.b) == (10, 100)
-    assert inner.alpha == pytest.approx(0.075) and type(net).__name__ == "MadryMNIST"
+    assert inner.alpha == pytest.approx(0.03) and type(net).__name__ == "MadryMNIST"
 
 
 def test_a_printed_config_trains_the_same_run(

@@ -19,12 +19,21 @@ class PGD(Attack):
 class PQGD(PGD):
     """Projected quantized gradient descent, Eq. 7: ``x <- Pi(x + alpha * zeta(b * g / M))``.
 
-    Identical to :class:`PGD` except for its default ``b`` (100; the paper finds 100-1000 best).
-    With ``b=1`` it is bit-identical to PGD under the same seed.
+    Identical to :class:`PGD` except for its default ``b`` (100; the paper finds 100-1000 best) and
+    step-size rule. With ``b=1`` and the same ``alpha`` it is bit-identical to PGD under the same seed.
     """
 
     name = "pqgd"
     default_b = 100
+
+    @classmethod
+    def default_alpha(cls, eps: float, steps: int) -> float:
+        """Step size ``eps / steps``, 0.4 x PGD's ``2.5 * eps / steps``: a quantized step moves the
+        largest-gradient pixels by up to ``alpha * b``, to the ball's edge at once; the sign-valued rest
+        needs only eps of travel. The robust-budget study (docs/RESULTS.md section 3) trained more robust
+        models with it (one seed each): PQGD-10 84.0 % at 0.03 vs 83.6 % at 0.075, PQGD-5 82.1 % at
+        0.06 vs 74.5 % at 0.15, level with PGD-10's 84.2 % and PGD-5's 82.6 %."""
+        return eps / steps
 
     def __init__(self, b: int = default_b, **kwargs: Any) -> None:
         """Args:

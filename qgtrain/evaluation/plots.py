@@ -83,7 +83,7 @@ def label_points(ax: Any, points: Sequence[tuple[float, float, str]], fontsize: 
                                ha="right" if dx < 0 else "left")  # fmt: skip
             text = note.get_window_extent(renderer)
             box = text.padded(3)
-            inside = frame.x0 <= text.x0 and text.x1 <= frame.x1 and frame.y0 <= text.y0 and text.y1 <= frame.y1
+            inside = frame.contains(text.x0, text.y0) and frame.contains(text.x1, text.y1)
             clashes = sum(box.overlaps(other.get_window_extent(renderer)) for other in placed)
             clashes += sum(box.contains(*mark) for mark in others) + (0 if inside else 1)
             if best is None or clashes < fewest:  # the first of the fewest
