@@ -42,7 +42,6 @@ def test_close_points_get_names_that_neither_overlap_nor_cover_another_point(axe
     frame = axes.get_window_extent(axes.figure.canvas.get_renderer())
     for note, extent in zip(notes, extents, strict=True):
         x, y = next((px, py) for px, py, name in POINTS if name == note.get_text())
-        px, py = axes.transData.transform((x, y))
         others = [axes.transData.transform((qx, qy)) for qx, qy, name in POINTS if name != note.get_text()]
         assert not any(extent.contains(*mark) for mark in others), note.get_text()
         assert frame.x0 <= extent.x0 and extent.x1 <= frame.x1 and frame.y0 <= extent.y0 and extent.y1 <= frame.y1
