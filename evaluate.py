@@ -2,7 +2,11 @@
 
 import sys
 
-from qgtrain.cli.evaluate import main
+try:
+    from qgtrain.cli.evaluate import main
+except KeyboardInterrupt:  # Ctrl-C while the libraries load: nothing has started
+    sys.stderr.write("evaluate.py: interrupted while starting; nothing was run\n")
+    sys.exit(130)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,9 +1,11 @@
-"""Attack strength on a robust MNIST model: PGD vs PQGD, DAA-BLOB vs BLOB_QG (paper Fig. 4, Table 2).
+"""Attack strength on a robust MNIST model: PGD vs PQGD vs RGD, DAA-BLOB vs BLOB_QG (paper Fig. 4, Table 2).
 
 Accuracy (%, lower = sharper attack) of one adversarially trained model under
 
 * PGD and PQGD with b in {100, 200, 500, 1000} at steps in {10, 20, 40, 100}, all with the
   paper's alpha (0.01 at eps 0.3), plus PGD with the usual tuned step alpha = 2.5 eps / steps;
+* RGD (raw gradient steps on an unclipped hidden perturbation, Yang et al. 2023) from the clean input,
+  with the authors' step per example (``RGD.default_alpha``) or ``--rgd-alpha``;
 * DAA-BLOB and BLOB_QG (b = 100) at the same steps (batch size recorded: BLOB couples a batch);
 * PGD-100 with several random restarts, the usual strong baseline.
 
@@ -26,7 +28,7 @@ import torch
 
 from common import DEFAULT_OUT, EPS, add_common_args, batches, dataset_tensors, environment, fail, format_table, mnist_datamodule, setup_threads, write_json  # isort: skip  # fmt: skip
 
-from qgtrain.attacks import Attack, attack_for_budget
+from qgtrain.attacks import RGD, Attack, attack_for_budget
 from qgtrain.evaluation import adversarial_correct, clean_correct
 from qgtrain.evaluation.checkpoints import CheckpointError, load_model_from_checkpoint
 
@@ -60,6 +62,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--tuned-only", action="store_true", help="only the alpha = 2.5 eps / steps rows (a supplement)"
     )
+    parser.add_argument(
+        "--rgd-alpha", type=float, default=None, help="RGD's step (default: the class's, the authors' step)"
+    )
     parser.add_argument("--tag", default="attack_strength", help="output file stem under --out")
     parser.add_argument("--skip-blob", action="store_true", help="only the PGD/PQGD comparison")
     parser.add_argument("--full", action="store_true", help="GPU budget: all 10000 test images, 10 restarts")
@@ -77,6 +82,8 @@ def main() -> None:
         fail("--eval-size, --batch-size and --steps-list values must be >= 1, --restarts >= 0")
     if any(b < 1 for b in args.b_list):
         fail("--b-list values must be >= 1")
+    if args.rgd_alpha is not None and not args.rgd_alpha > 0:
+        fail(f"--rgd-alpha must be > 0, got {args.rgd_alpha}")
     try:
         model, info = load_model_from_checkpoint(args.ckpt, model=args.model)
     except CheckpointError as exc:
@@ -100,6 +107,8 @@ def main() -> None:
     if not args.tuned_only:
         configs.insert(0, ("PGD", "pgd", {"alpha": args.alpha}))
         configs += [(f"PQGD b={b}", "pqgd", {"alpha": args.alpha, "b": b}) for b in args.b_list]
+        rgd_alpha = RGD.default_alpha(EPS, 1) if args.rgd_alpha is None else args.rgd_alpha  # any steps
+        configs.append((f"RGD a={rgd_alpha:.4g}", "rgd", {"alpha": rgd_alpha}))
     if args.tuned or args.tuned_only:
         configs += [(f"PQGD b={b} a=2.5eps/k", "pqgd", {"b": b}) for b in args.b_list]
     if not args.skip_blob:

@@ -7,7 +7,8 @@ checkpoint); each judgement an ``evaluate.py`` command: APGD-CE -> APGD-T (``--s
 risk) and, once every run is judged, for the runs on the Pareto frontier. Cost per example = data
 passes x (``inner.gradients_per_example`` + the objective's ``TRAINING_PASSES``: 2 for TRADES), the
 attack and objective read from the checkpoint's record. Free-m runs ``--epochs`` = a multiple of m.
-Budgets: ``robust`` (the full 55,000-image split, 3 epochs), ``cpu`` (docs/RESULTS.md section 3: the
+Budgets: ``main`` (the README's main job as it runs: configs/mnist.yaml, the full split, 10 epochs),
+``robust`` (the full 55,000-image split, 3 epochs), ``cpu`` (docs/RESULTS.md section 3: the
 first 20,000 images, 3 epochs, its monitor and the step sizes its sweep chose), ``smoke`` (the test's).
 
 ``OUT/cheap_training/<budget>/``: train.py's ``checkpoints/<run>_s<S>/``, ``logs/<run>_s<S>/``;
@@ -38,10 +39,10 @@ from steps import Step, judgement, log, run_steps, scalars  # isort: skip
 from study_record import RECORD, merged, per_seed, read_record, write_record  # isort: skip
 
 from qgtrain.attacks import Attack, attack_for_budget, build_attack
-from qgtrain.evaluation.plots import _pyplot, _save, label_points
+from qgtrain.evaluation.plots import headless_pyplot, label_points, save_figure
 from qgtrain.evaluation.report import markdown_table, text_table
 from qgtrain.evaluation.runner import StandardSettings, format_duration
-from qgtrain.training.module import TRAINING_PASSES
+from qgtrain.training.module import TRAINING_PASSES, awp_data_passes
 
 FALLBACK_MS_PER_GRADIENT = 0.93  # training ms per example-gradient before a run here measures it (RESULTS §3)
 PAIR = ("apgd_ce", "apgd_t")  # the judge of every run
@@ -113,12 +114,22 @@ CPU = (  # docs/RESULTS.md section 3: the step sizes its sweep chose, its seeds
     Run("fgsm_rs", "fgsm_rs"), Run("fgsm_rs_b100", "fgsm_rs", b=100), Run("nfgsm", "nfgsm"),
     Run("nfgsm_b100", "nfgsm", b=100), Run("nfgsm_b100_small_alpha", "nfgsm", alpha=0.003, b=100), *CHEAP,
 )
+EMA, AWP, AWP_TRADES = ("--ema",), ("--awp", "0.01"), ("--awp", "0.005")  # gamma: csdongxian/AWP's PGD-AT / TRADES
+MAIN = (  # the README's main job as it runs (configs/mnist.yaml, 10 epochs, the full split) and the recipes around it
+    Run("main", "pqgd", 10, seeds=(0, 1)), Run("pgd10", "pgd", 10, 0.12),
+    Run("main_ema", "pqgd", 10, extra=EMA), Run("main_awp", "pqgd", 10, extra=AWP),
+    Run("main_awp_ema", "pqgd", 10, extra=AWP + EMA), Run("pgd10_ema", "pgd", 10, 0.12, extra=EMA),
+    Run("pgd10_awp", "pgd", 10, 0.12, extra=AWP), Run("pgd10_awp_ema", "pgd", 10, 0.12, extra=AWP + EMA),
+    Run("trades_pgd10_awp_ema", "pgd", 10, 0.12, objective="trades", extra=("--model.beta", "6.0", *AWP_TRADES, *EMA)),
+    Run("mart_pgd10", "pgd", 10, 0.12, objective="mart"), Run("rgd10", "rgd", 10),
+)
 SMOKE = (  # a tiny network on 400 images; step.ckpt every 2 steps
     "--model.net", "qgtrain.models.TinyCNN", "--data.init_args.train_subset", "400",
     "--data.init_args.val_size", "200", "--batch-size", "20", "--eval-size", "50", "--eval-steps", "2",
     "--trainer.limit_val_batches", "1", "--visualization.every_n_epochs", "0", "--ckpt-every-steps", "2",
 )
 BUDGETS = {
+    "main": Budget("main", MAIN, epochs=10),
     "robust": Budget("robust", ROBUST),
     "cpu": Budget("cpu", CPU, train_flags=("--data.init_args.train_subset", "20000", "--eval-size", "500",
                                            "--eval-steps", "10"), train_images=20_000),
@@ -218,10 +229,12 @@ def measured_ms_per_gradient(budget: Budget, folder: Path) -> float:
     return mean(rates) if rates else FALLBACK_MS_PER_GRADIENT
 
 
-def cost(attack: Attack, data_passes: int, objective: str) -> int:
+def cost(attack: Attack, data_passes: int, objective: str, awp_passes: int = 0) -> int:
     """Gradient computations per training example: data passes x (the inner attack's gradients +
-    the objective's training passes); free training's attack counts 0 (its gradient is the pass's)."""
-    return data_passes * (attack.gradients_per_example + TRAINING_PASSES[objective])
+    the objective's training passes), + the objective's passes again on the ``awp_passes`` data passes
+    AWP perturbs; free training's attack counts 0 (its gradient is the pass's)."""
+    passes = TRAINING_PASSES[objective]
+    return data_passes * (attack.gradients_per_example + passes) + awp_passes * passes
 
 
 def one_gradient(attack: Attack) -> bool:
@@ -235,8 +248,11 @@ def method_row(training: dict[str, Any], data_passes: int) -> dict[str, Any]:
     recorded since TRADES joined, earlier records are all madry; ``atta``: since 2026-12-03)."""
     config, objective = dict(training["inner"]), training.get("objective", "madry")
     attack = build_attack(config.pop("name"), **config)
+    gamma = training.get("awp_gamma", 0.0)  # recorded since AWP joined
+    awp = awp_data_passes(data_passes, gamma, training.get("awp_warmup_epochs", 0), getattr(attack, "replays", 1))
     label = attack.label + ("" if objective == "madry" else f", {objective}") + (", ATTA" if training.get("atta") else "")
-    return {"cost": cost(attack, data_passes, objective), "label": label, "one_gradient": one_gradient(attack), "seeds": {}}
+    label += f", AWP {gamma:g}" if gamma else ""
+    return {"cost": cost(attack, data_passes, objective, awp), "label": label, "one_gradient": one_gradient(attack), "seeds": {}}
 
 
 def method_rows(budget: Budget, folder: Path) -> dict[str, dict[str, Any]]:
@@ -328,7 +344,7 @@ def report(out: Path, names: list[str], record: Path | None) -> None:
 
 def plot(stored: dict[str, dict[str, dict[str, Any]]], fronts: dict[str, list[str]], path: Path) -> None:
     """Robust accuracy against cost per example, one panel per budget, seed range as error bars."""
-    plt = _pyplot()
+    plt = headless_pyplot()
     fig, panels = plt.subplots(1, len(stored), figsize=(6.5 * len(stored), 5), sharey=True, squeeze=False)
     for ax, (name, rows) in zip(panels[0], stored.items(), strict=True):
         for row in rows.values():
@@ -349,7 +365,7 @@ def plot(stored: dict[str, dict[str, dict[str, Any]]], fronts: dict[str, list[st
     fig.suptitle("o sign, s quantized, ^ one gradient per step; bars: seeds", fontsize=10)
     for ax, rows in zip(panels[0], stored.values(), strict=True):  # once every panel's limits are final
         label_points(ax, [(row["cost"], mean(per_seed(row, "pair")), run) for run, row in rows.items()])
-    _save(fig, plt, path)
+    save_figure(fig, plt, path)
 
 
 # ------------------------------------------------------------------------------------ main
@@ -380,7 +396,7 @@ def main() -> None:
     budget = with_runs(BUDGETS[args.budget], args.runs)
     record = args.record or (None if budget.name == "smoke" else RECORD)
     if args.report:
-        report(args.out, ["smoke"] if budget.name == "smoke" else ["robust", "cpu"], record)
+        report(args.out, ["smoke"] if budget.name == "smoke" else ["main", "robust", "cpu"], record)
         return
     study = Study(budget, args.out / "cheap_training" / budget.name, args.data_dir, record, args.again)
     plan = lambda: study.steps(train=not args.judge_only, judge=not args.train_only)  # noqa: E731

@@ -17,7 +17,6 @@ from qgtrain.attacks import (
     attack_class,
     attack_for_budget,
     available_attacks,
-    quantize_gradient,
 )
 from qgtrain.models import MadryMNIST, TinyCNN
 from qgtrain.training import AdversarialTraining
@@ -64,11 +63,12 @@ def test_attack_under_autocast_keeps_every_invariant(device: str, precision: str
     assert module_modes(model) == modes
     assert all(p.grad is None for p in model.parameters())
     assert bool(steps) == attack.uses_gradients, "a gradient attack's observer sees every step"
-    for grad, direction in steps:  # quantization in float32: integer levels in [-b, b]
+    for grad, direction in steps:  # the direction in float32
         assert grad.dtype == torch.float32 and direction.dtype == torch.float32
-        assert torch.equal(direction, direction.round()) and direction.abs().max() <= attack.b
-        if not name.startswith("blob"):  # the direction is the quantized gradient itself
-            assert torch.equal(direction, quantize_gradient(grad, attack.b))
+        if attack.batch_coupled:  # BLOB's mix of quantized gradients: integer levels in [-b, b]
+            assert torch.equal(direction, direction.round()) and direction.abs().max() <= attack.b
+        else:  # the class's direction of the float32 gradient (the quantized gradient; RGD's raw one)
+            assert torch.equal(direction, attack.direction(grad, x))
 
 
 @pytest.mark.parametrize("device", DEVICES)

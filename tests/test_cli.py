@@ -10,12 +10,14 @@ import pytest
 import torch
 import yaml
 from conftest import REFUSED_RUN_ARGS, call_main, error_lines, no_training, output_roots
+from lightning.pytorch.callbacks import WeightAveraging
 
 from qgtrain.attacks import attack_class
 from qgtrain.callbacks import RobustnessEvaluation
 from qgtrain.cli.aliases import SHORT_FLAGS
 from qgtrain.cli.train import QGTrainCLI, build_cli, main
 from qgtrain.training.trainer import EPOCH_NUMBERING
+from qgtrain.training.weight_averaging import ExponentialMovingAverage
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -71,7 +73,7 @@ def test_switching_inner_attack_resets_class_specific_arguments(
     assert pgd["class_path"] == "qgtrain.attacks.PGD" and pgd["init_args"]["b"] == 1
     assert pgd["init_args"]["steps"] == 40
     fgsm = resolved_config(capsys, "--inner", "fgsm_rs")["model"]["inner"]["init_args"]
-    assert fgsm["steps"] == 1 and fgsm["alpha"] is None
+    assert fgsm["steps"] == 1 and fgsm["alpha"] == attack_class("fgsm_rs").default_alpha(0.3)  # its rule, resolved
     none = resolved_config(capsys, "--inner", "none")["model"]["inner"]
     assert none is None
     # Standard training stays standard when a radius is given (for validation and evaluation).
@@ -162,13 +164,48 @@ def test_inner_resets_alpha_and_b_only_when_it_changes_the_configs_class(
     def inner(*argv: str) -> dict:
         return resolved_config(capsys, *argv)["model"]["inner"]["init_args"]
 
-    assert inner("--inner", "pqgd", "--steps", "10").items() >= {"alpha": None, "b": 100, "steps": 10}.items()
+    assert inner("--inner", "pqgd", "--steps", "10").items() >= {"alpha": 0.03, "b": 100, "steps": 10}.items()
     assert built(tmp_path, "--inner", "pqgd", "--steps", "10").model.inner.alpha == pytest.approx(0.03)
     assert inner("--inner", "pgd", "--steps", "10")["alpha"] == 0.12  # the config's class: kept
     assert inner("--inner", "pqgd", "--alpha", "0.05")["alpha"] == 0.05
     fast = ("--config", str(CONFIGS / "mnist_fast.yaml"))  # a PQGD config: --inner pqgd keeps its values
     assert inner(*fast, "--inner", "pqgd", "--b", "200").items() >= {"alpha": 0.075, "b": 200}.items()
-    assert inner(*fast, "--inner", "pgd")["alpha"] is None and inner(*fast, "--inner", "pgd")["b"] == 1
+    assert inner(*fast, "--inner", "pgd")["alpha"] == 0.075 and inner(*fast, "--inner", "pgd")["b"] == 1  # PGD's rule
+
+
+def test_print_config_shows_the_step_size_the_rule_gives_after_every_flag(
+    capsys: pytest.CaptureFixture, tmp_path: Path
+) -> None:
+    """``alpha: null`` is printed (and saved) as the number the class's rule gives once every flag is
+    applied: PQGD's eps / steps with the --steps and --eps given after --inner, the number the built
+    attack uses. Controls: a given --alpha and the config's own PGD alpha are kept, not the rule's."""
+
+    def alpha(*argv: str) -> float:
+        return resolved_config(capsys, *argv)["model"]["inner"]["init_args"]["alpha"]
+
+    assert alpha("--inner", "pqgd", "--steps", "10") == 0.03
+    assert alpha("--inner", "pqgd", "--steps", "20", "--eps", "0.2") == pytest.approx(0.01)  # after --inner
+    assert alpha("--steps", "20", "--inner", "pqgd") == pytest.approx(0.015)
+    assert built(tmp_path, "--inner", "pqgd", "--steps", "20").model.inner.alpha == pytest.approx(0.015)
+    assert alpha("--inner", "pqgd", "--alpha", "0.05") == 0.05  # control: given, kept
+    assert alpha("--inner", "pgd", "--steps", "20") == 0.12  # control: the config's own value, kept
+    val_attack = resolved_config(capsys, "--model.val_attack.init_args.alpha", "null")["model"]["val_attack"]
+    assert val_attack["init_args"]["alpha"] == pytest.approx(2.5 * 0.3 / 10)  # PGD's rule, the same way
+
+
+def test_inner_switch_takes_the_new_classs_start(capsys: pytest.CaptureFixture) -> None:
+    """configs/mnist.yaml starts PGD in the ball (random_start: true); --inner rgd takes RGD's own
+    start at x. Controls: --inner pgd (the config's class) keeps the config's start, and a
+    random_start given after the switch wins."""
+    config = yaml.safe_load((CONFIGS / "mnist.yaml").read_text())["model"]["inner"]["init_args"]
+    assert config["random_start"] is True
+
+    def start(*argv: str) -> bool:
+        return resolved_config(capsys, *argv)["model"]["inner"]["init_args"]["random_start"]
+
+    assert start("--inner", "rgd") is False
+    assert start("--inner", "pgd") is True
+    assert start("--inner", "rgd", "--model.inner.init_args.random_start", "true") is True
 
 
 BAD_TRAIN_ARGS = [
@@ -190,6 +227,10 @@ BAD_TRAIN_ARGS = [
     (["--batch-size", "0"], ("--batch-size must be >= 1",)),  # the data module's check
     (["--num-nodes", "0"], ("--num-nodes must be a positive integer",)),  # Lightning's check
     (["--ckpt-every-steps", "-1"], ("--ckpt-every-steps must be an integer >= 0",)),  # StepCheckpoint's
+    (["--ema", "--ema-decay", "1.5"], ("--ema-decay must be a number in [0, 1), got 1.5",)),  # the EMA's
+    (["--ema", "--ema-start-step", "-1"], ("--ema-start-step must be an integer >= 0",)),
+    (["--ema-decay", "0.99"], ("--ema-decay", "add --ema")),  # it would shape an average nobody keeps
+    (["--awp", "-0.1"], ("--awp must be a number >= 0",)),  # AdversarialTraining's check
     # values from YAML / dotted keys reach the classes' own checks: one line, the class's message
     (["--model.inner.init_args.eps=-1"], ("eps", "(0, 1]")),
     (["--model.inner.init_args.steps=0"], ("steps", ">= 1")),
@@ -306,6 +347,35 @@ def test_help_starts_with_the_short_flags_and_their_resolved_defaults(
     assert undocumented == [], undocumented
 
 
+def test_ema_and_awp_flags_set_their_keys_show_in_help_and_name_the_run(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """``--ema`` installs the averaging callback first, ``--awp G`` sets model.awp_gamma; both are in
+    --print_config, the --help table and the run name. Control: without them, none of it."""
+    argv = ["--inner", "pqgd", "--steps", "10"]
+    cli = built(tmp_path, *argv, "--ema", "--awp", "0.005", "--model.objective", "mart")
+    assert cli.run_name == "mnist-madry_mnist-pqgd-k10-b100-mart-awp0.005-ema"
+    ema = cli.trainer.callbacks[0]
+    assert isinstance(ema, ExponentialMovingAverage) and (ema.decay, ema.start_step) == (0.999, 0)
+    assert cli.model.hparams.awp_gamma == 0.005
+    plain = built(tmp_path, *argv)
+    assert plain.run_name == "mnist-madry_mnist-pqgd-k10-b100"  # the main job's name is unchanged
+    assert not any(isinstance(c, WeightAveraging) for c in plain.trainer.callbacks)
+    assert plain.model.hparams.awp_gamma == 0
+
+    cfg = resolved_config(capsys, "--ema", "--ema-decay", "0.99", "--ema-start-step", "500", "--awp", "0.01")
+    shown = cfg["ema"], cfg["ema_decay"], cfg["ema_start_step"], cfg["model"]["awp_gamma"]
+    assert shown == (True, 0.99, 500, 0.01)
+    default = resolved_config(capsys)
+    assert (default["ema"], default["ema_decay"], default["ema_start_step"]) == (False, 0.999, 0)
+    assert resolved_config(capsys, "--ema", "--no_ema")["ema"] is False
+    with pytest.raises(SystemExit):
+        main(["--ema", "--awp", "0.005", "--help"])
+    table = capsys.readouterr().out.split("\n\n", 1)[0]
+    rows = ("--ema true ", "--ema-decay 0.999 ", "--ema-start-step 0 ", "--awp 0.005 ", "model.awp_gamma")
+    assert all(row in table for row in rows), table
+
+
 def test_run_names_show_the_model(tmp_path: Path) -> None:
     """The TinyCNN quick config and the full MadryMNIST run are told apart by name."""
     full = built(tmp_path, "--inner", "pqgd", "--steps", "10")
@@ -372,14 +442,15 @@ def test_main_job_with_a_tiny_run_limit(
     logs and the resolved config under the run name that encodes dataset, attack, steps and b."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("QGTRAIN_DATA", str(data_root))
-    # One validation batch (val_size <= eval_batch_size). Note that jsonargparse reads
-    # `--trainer.limit_train_batches 1` as 1.0, i.e. 100%: limits here are >= 2.
+    # One validation batch (val_size <= eval_batch_size); a whole-number limit counts batches
+    # (train.py's BATCH_LIMITS, test_reliability.py::test_whole_number_trainer_limits_mean_batches).
     tiny = "--net tiny_cnn --epochs 1 --data.init_args.val_size 200 --eval-size 50 --eval-steps 2 --trainer.enable_progress_bar false".split()
     assert main(["--inner", "pqgd", "--steps", "10", *tiny, "--trainer.limit_train_batches", "3"]) == 0
     run = tmp_path / "checkpoints" / "mnist-tiny_cnn-pqgd-k10-b100"
     assert sorted(p.name for p in run.iterdir()) == ["best.ckpt", "last.ckpt"]
     # A finished run ends with a summary: best robust accuracy, both checkpoints, what to run next.
-    summary = capsys.readouterr().out.splitlines()[-5:]
+    summary = capsys.readouterr().out.splitlines()[-6:]
+    summary, next_lines = summary[:4], summary[4:]
     best = torch.load(run / "best.ckpt", weights_only=True)
     score = best["callbacks"][next(k for k in best["callbacks"] if k.startswith("ModelCheckpoint"))][
         "best_model_score"
@@ -390,8 +461,13 @@ def test_main_job_with_a_tiny_run_limit(
         "  best: checkpoints/mnist-tiny_cnn-pqgd-k10-b100/best.ckpt",
         "  last: checkpoints/mnist-tiny_cnn-pqgd-k10-b100/last.ckpt",
         "  TensorBoard: tensorboard --logdir logs/mnist-tiny_cnn-pqgd-k10-b100",
-        "  next: python evaluate.py --ckpt checkpoints/mnist-tiny_cnn-pqgd-k10-b100/best.ckpt",
     ]
+    # What to run next is sized to this CPU: the quick check with its estimate, the full one beside it.
+    best_path = "checkpoints/mnist-tiny_cnn-pqgd-k10-b100/best.ckpt"
+    assert next_lines[0].startswith(
+        f"  next: python evaluate.py --ckpt {best_path} --n 1000 --suite apgd_ce,apgd_t --attacks none   # at most "
+    ), next_lines
+    assert next_lines[1].startswith(f"  full evaluation (a GPU job): python evaluate.py --ckpt {best_path}   # at most ")
     log_dir = tmp_path / "logs" / "mnist-tiny_cnn-pqgd-k10-b100" / "version_0"
     saved = yaml.safe_load((log_dir / "config.yaml").read_text())
     assert saved["model"]["inner"]["init_args"]["steps"] == 10

@@ -243,3 +243,25 @@ def test_cifar10_refuses_pickled_code(tmp_path: Path) -> None:
 def test_build_datamodule_unknown_name() -> None:
     with pytest.raises(ValueError, match="mnist, fashion_mnist, cifar10"):
         build_datamodule("svhn")
+
+
+def test_a_failed_download_names_its_cause_on_the_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """torchvision puts the cause of a failed download on the lines after ``Error downloading <file>:``;
+    the one-line error keeps it. Control: the first line alone, as the message used to read, has none."""
+    torchvision_message = (
+        "Error downloading train-images-idx3-ubyte.gz:\n"
+        "Tried https://ossci-datasets.s3.amazonaws.com/mnist/, got:\n"
+        "<urlopen error [Errno -3] Temporary failure in name resolution>\n"
+    )
+
+    def offline(self: MNISTDataModule, train: bool, download: bool) -> None:
+        raise RuntimeError(torchvision_message)
+
+    monkeypatch.setattr(MNISTDataModule, "_torchvision_dataset", offline)
+    dm = MNISTDataModule(data_dir=str(tmp_path), val_size=10, download=True)
+    with pytest.raises(DataError) as info:
+        dm.prepare_data()
+    message = str(info.value)
+    assert "\n" not in message
+    assert "Temporary failure in name resolution" in message, message
+    assert "Temporary failure" not in torchvision_message.splitlines()[0]  # the control

@@ -1,11 +1,19 @@
 """Every ``python train.py …`` and ``python evaluate.py …`` line that README.md and docs/*.md show
 parses and instantiates exactly as written (read from the files, so the docs cannot drift from the
-code); training and evaluation themselves are replaced by a recorder of what would run."""
+code); training and evaluation themselves are replaced by a recorder of what would run. The
+Quickstart's offline note and the CPU-only install recipe's reachability check are read the same way."""
 
 from __future__ import annotations
 
+import os
 import re
 import shlex
+import socket
+import subprocess
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -92,6 +100,7 @@ def recorder(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, data_root: Path) -
     this machine lacks (CIFAR-10, ``best.ckpt``) stand in as tiny tensors and a fresh network."""
     seen: dict[str, Any] = {}
     monkeypatch.chdir(tmp_path)
+    (tmp_path / "configs").symlink_to(ROOT / "configs")  # `--config configs/...` as from the repository root
     monkeypatch.setenv("QGTRAIN_DATA", str(data_root))
 
     def fit(trainer: L.Trainer, model: L.LightningModule, **kwargs: Any) -> None:
@@ -103,7 +112,7 @@ def recorder(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, data_root: Path) -
         if cli.config.data.class_path.endswith("MNISTDataModule"):
             cli.datamodule.prepare_data()  # the real data where this machine has it
 
-    def load(path: Path, model: str | None, dataset: str | None, kwargs: dict) -> tuple[Any, Any]:
+    def load(path: Path, model: str | None, dataset: str | None, kwargs: dict, weights: str) -> tuple[Any, Any]:
         info = SimpleNamespace(dataset=dataset or "mnist", model=model or "madry_mnist")
         info.to_dict = lambda: vars(info).copy()
         return build_model(model or "madry_mnist", **kwargs).eval(), info
@@ -176,13 +185,98 @@ def test_the_readme_main_job_resolves_to_pqgd_10(recorder: dict[str, Any]) -> No
 def test_a_printed_config_trains_the_same_run(
     recorder: dict[str, Any], capsys: pytest.CaptureFixture, tmp_path: Path
 ) -> None:
-    """README's ``--print_config > my.yaml && python train.py --config my.yaml`` chain."""
+    """The docs' ``--print_config > my.yaml && python train.py --config my.yaml`` chain."""
     chained = [(argv, out) for _, script, argv, out in COMMANDS if script == "train" and out]
     assert chained
     for argv, out in chained:
         assert call_main(train_cli.main, argv) == 0
         Path(out).write_text(capsys.readouterr().out)
-    follower = next(argv for _, script, argv, _ in COMMANDS if script == "train" and "--config" in argv)
+    written = {out for _, out in chained}
+    follower = next(
+        argv
+        for _, script, argv, _ in COMMANDS
+        if script == "train" and "--config" in argv and argv[argv.index("--config") + 1] in written
+    )
     with pytest.raises(Recorded):
         train_cli.main(follower)
     assert type(recorder["module"].inner).__name__ == "PQGD" and recorder["module"].inner.steps == 10
+
+
+CPU_INDEX = "https://download.pytorch.org/whl/cpu"
+
+
+def quickstart_note(readme: str) -> str:
+    """The first paragraph after the Quickstart's command blocks."""
+    quickstart = readme.split("\n## Quickstart\n", 1)[1].split("\n## ", 1)[0]
+    after_commands = quickstart.rsplit("```\n", 1)[1]
+    return after_commands.strip().split("\n\n", 1)[0]
+
+
+def test_the_offline_note_comes_right_after_the_quickstart_commands() -> None:
+    """Offline users meet where to put MNIST before their first failure, not below the install notes."""
+    readme = (ROOT / "README.md").read_text()
+    note = quickstart_note(readme)
+    assert all(
+        word in note for word in ("QGTRAIN_DATA", "--data-dir", "MNIST/raw/", "t10k-labels-idx1-ubyte")
+    )
+    # control: the note one paragraph further down (below the install note, as before) is not found
+    second = quickstart_note(readme.replace(note + "\n\n", "", 1))
+    moved = readme.replace(f"{note}\n\n{second}", f"{second}\n\n{note}", 1)
+    assert moved != readme and "QGTRAIN_DATA" not in quickstart_note(moved)
+
+
+def cpu_install_check() -> str:
+    """The CPU-only recipe's step before its first ``pip``: it must be the index's reachability check."""
+    recipe = next(
+        line
+        for line in (ROOT / "docs" / "TRAINING.md").read_text().splitlines()
+        if line.startswith("python3 -m venv") and f"--index-url {CPU_INDEX} " in line
+    )
+    steps = recipe.split(" && ")
+    first_pip = next(i for i, step in enumerate(steps) if step.startswith("pip "))
+    assert steps[: first_pip - 1] == ["python3 -m venv .venv", ". .venv/bin/activate"], recipe
+    return steps[first_pip - 1]
+
+
+def run_check(check: str, env: dict[str, str]) -> tuple[subprocess.CompletedProcess, float]:
+    """``check`` run by bash with this interpreter's ``python`` first on PATH, and its seconds."""
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    start = time.monotonic()
+    done = subprocess.run(
+        ["bash", "-c", check], env={**env, "PATH": path}, capture_output=True, text=True, timeout=60
+    )
+    return done, time.monotonic() - start
+
+
+def test_the_cpu_install_recipe_stops_at_once_with_one_line_when_the_index_is_unreachable() -> None:
+    """Offline, the recipe must not fall through to pip (which retries, then takes a mismatched
+    torchvision from other indexes): one ``error:`` line naming the index, non-zero, within seconds."""
+    check = cpu_install_check()
+    with socket.socket() as probe:  # a loopback port nothing listens on: the proxy refuses at once
+        probe.bind(("127.0.0.1", 0))
+        closed = f"http://127.0.0.1:{probe.getsockname()[1]}"
+    env = {k: v for k, v in os.environ.items() if k.lower() not in ("no_proxy", "https_proxy", "all_proxy")}
+    done, seconds = run_check(check, {**env, "https_proxy": closed, "HTTPS_PROXY": closed})
+    lines = done.stderr.splitlines()
+    assert done.returncode != 0 and done.stdout == "" and seconds < 10, (done, seconds)
+    assert len(lines) == 1 and lines[0].startswith("error:") and CPU_INDEX in lines[0], done.stderr
+
+    # control: the same check against an index that answers passes silently
+    class Index(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Index)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        local = check.replace(f"{CPU_INDEX}/torch/", f"http://127.0.0.1:{server.server_port}/whl/cpu/torch/")
+        assert local != check
+        done, _ = run_check(local, {**env, "no_proxy": "127.0.0.1"})
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert done.returncode == 0 and done.stdout == done.stderr == "", done

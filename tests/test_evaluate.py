@@ -300,8 +300,8 @@ def test_plain_state_dict_needs_model(trained_tiny_model: TinyCNN, tmp_path: Pat
     x = torch.rand(4, 1, 28, 28)
     with torch.no_grad():
         assert torch.equal(net(x), trained_tiny_model(x))
-    # The wrong width is a one-line mismatch error, not a traceback.
-    assert main(["--ckpt", str(path), "--model", "tiny_cnn", *FAST]) == 1
+    # The wrong width is a one-line mismatch error, not a traceback (the file does not fit the flags: 2).
+    assert main(["--ckpt", str(path), "--model", "tiny_cnn", *FAST]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and err.startswith("evaluate.py: error:") and "shape mismatch" in err
     # A dataset that disagrees with the recorded one is refused.
@@ -359,9 +359,10 @@ CRAFTED = {"pickled": lambda handle: torch.load(handle, weights_only=False), "ra
 def test_bad_checkpoint_gives_one_line_error(
     kind: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
 ) -> None:
-    """evaluate.py: status 1 and one line naming the file and the reason. A crafted file (pickled code)
-    is refused by train.py --resume too (status 2), and no code runs; an unsafe load of the same file
-    does run it (the control)."""
+    """evaluate.py: status 2 (a file the command names that is missing or unusable) and one line
+    naming the flag, the file and the reason. A crafted file (pickled code) is refused by train.py
+    --resume too (status 2, the same rule), and no code runs; an unsafe load of the same file does
+    run it (the control)."""
     path, reason = bad_checkpoints(tmp_path, TinyCNN(width=4))[kind]
     marker = tmp_path / "marker"
     if kind in CRAFTED:
@@ -371,8 +372,10 @@ def test_bad_checkpoint_gives_one_line_error(
         marker.unlink()
     status = main(["--ckpt", str(path), *FAST, "--out-dir", str(tmp_path / "out")])
     err = capsys.readouterr().err.strip()
-    assert status == 1
-    assert err.startswith("evaluate.py: error:") and "\n" not in err and "Traceback" not in err
+    assert status == 2
+    assert (
+        err.startswith("evaluate.py: error: argument --ckpt:") and "\n" not in err and "Traceback" not in err
+    )
     assert reason in err and str(path) in err
     assert not marker.exists()  # the pickled payload never ran
     assert not (tmp_path / "out").exists()
@@ -581,11 +584,11 @@ def test_results_are_versioned_not_overwritten_and_merge_per_example(
     merged = np.load(tmp_path / "both" / "correctness.npz")
     a, b = (np.load(f)["robust"] for f in files)
     assert np.array_equal(merged["robust"], a & b)
-    assert "per-example worst case" in capsys.readouterr().out
+    assert "Per-example worst case over 2 evaluation(s)" in capsys.readouterr().out
     other = tmp_path / "other.npz"
     np.savez(other, clean=np.ones(3, bool), robust=np.ones(3, bool))
-    assert main(["--merge", files[0], str(other), "--out-dir", str(tmp_path)]) == 1
-    assert "merge evaluations of the same examples" in capsys.readouterr().err
+    assert main(["--merge", files[0], str(other), "--out-dir", str(tmp_path)]) == 2
+    assert "not a result folder of evaluate.py" in capsys.readouterr().err
 
 
 def test_ctrl_c_writes_the_finished_batches_marked_partial(
@@ -608,12 +611,14 @@ def test_ctrl_c_writes_the_finished_batches_marked_partial(
     status = run_standard_cli(tiny_ckpt, data_dir, tmp_path, "--name", "cut", "--quiet")
     err = capsys.readouterr().err
     assert status == 130
-    assert "interrupted; wrote what was finished, marked partial" in err and "Traceback" not in err
-    results = json.loads((tmp_path / "cut" / "results.json").read_text())["results"]
+    assert "interrupted (Ctrl-C); the suite finished 1 of 2 batches" in err and "Traceback" not in err
+    assert "marked partial" in err
+    folder = tmp_path / "cut-partial"  # the plain name stays free for the full run
+    results = json.loads((folder / "results.json").read_text())["results"]
     assert results["partial"] and results["n"] == 50 and results["n_planned"] == 100
-    per_example = np.load(tmp_path / "cut" / "correctness.npz")
+    per_example = np.load(folder / "correctness.npz")
     assert [per_example[k].shape for k in ("suite", "row0_run0", "row1_run0")] == [(50,)] * 3  # same batches
-    assert "PARTIAL" in (tmp_path / "cut" / "results.md").read_text()
+    assert "PARTIAL" in (folder / "results.md").read_text() and not (tmp_path / "cut").exists()
 
 
 @pytest.mark.parametrize(
@@ -633,10 +638,12 @@ def test_a_torchattacks_class_reaches_the_adapter_and_a_bad_one_is_one_line(
     tiny_ckpt: Path, data_dir: Path, tmp_path: Path, capsys
 ) -> None:
     """``--attacks torchattacks.<Class>`` is parsed (not refused as unknown); the adapter builds every
-    attack before any batch, so a missing package or class is one line, status 1, nothing written."""
-    assert run_standard_cli(tiny_ckpt, data_dir, tmp_path, "--attacks", "torchattacks.NoSuch") == 1
+    attack before any batch, so a missing package or class is one line naming --attacks, status 2
+    (a bad value), nothing written."""
+    assert run_standard_cli(tiny_ckpt, data_dir, tmp_path, "--attacks", "torchattacks.NoSuch") == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "torchattacks" in err and "unknown attack" not in err, err
+    assert err.startswith("evaluate.py: error: argument --attacks: "), err
     assert list(tmp_path.iterdir()) == []
 
 
@@ -658,11 +665,17 @@ def test_suite_option_runs_exactly_those_attacks_and_none_drops_the_rows(
     assert set(np.load(tmp_path / "pair" / "correctness.npz")) >= {"clean", "robust", "suite", "fooled_by"}
     plan = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("plan:"))
     assert "suite 100% (apgd_ce " in plan and "apgd_t " in plan and "no paper rows" in plan, plan
+    # No paper rows: no second table (it would repeat Clean and the suite's worst case)
+    out = capsys.readouterr().out
+    assert "Robust after" in out and "Worst case (per example" not in out
+    assert "## Accuracy (%) per run" not in (tmp_path / "pair" / "results.md").read_text()
     caplog.clear()
-    assert run_standard_cli(tiny_ckpt, data_dir, tmp_path, "--name", "all", "--quiet") == 0
+    assert run_standard_cli(tiny_ckpt, data_dir, tmp_path, "--name", "all") == 0
     default = json.loads((tmp_path / "all" / "results.json").read_text())["results"]
     assert [a["label"] for a in default["suite"]["attacks"]] == ["apgd_ce", "apgd_t", "fab_t", "square"]
     assert len(default["rows"]) == 2
+    assert "Worst case (per example" in capsys.readouterr().out  # control: with rows, the table is there
+    assert "## Accuracy (%) per run" in (tmp_path / "all" / "results.md").read_text()
 
 
 @pytest.mark.parametrize(
@@ -786,3 +799,25 @@ def test_plots_and_the_time_estimate_beside_the_real_time(
     )
     assert status == 0 and "accuracy.png" in paper["figures"] and "](accuracy.png)" in markdown
     assert (tmp_path / "paper" / "run" / "accuracy.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize(
+    ("flag", "hint"), [("--stpes", "did you mean --steps?"), ("--zzzzzz", "see python evaluate.py --help")]
+)
+def test_a_misspelt_flag_names_the_closest_one(flag: str, hint: str, tmp_path: Path, capsys) -> None:
+    """One line, status 2, nothing written; the control: a flag close to none points to --help."""
+    assert call_main(main, ["--ckpt", "x.ckpt", flag, "10", "--out-dir", str(tmp_path / "o")]) == 2
+    assert capsys.readouterr().err.strip() == f"evaluate.py: error: unrecognized argument {flag}; {hint}"
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_both_scripts_state_one_exit_status_rule_in_help(capsys) -> None:
+    """The rule is in both --help texts; and evaluate.py follows it: a missing --ckpt is a wrong
+    command (2), like train.py's missing --resume; a bad value too."""
+    from qgtrain.cli import EXIT_STATUSES
+
+    for script in (main, train_main):
+        assert call_main(script, ["--help"]) == 0
+        assert " ".join(EXIT_STATUSES.split()) in " ".join(capsys.readouterr().out.split())
+    assert call_main(main, ["--ckpt", "nowhere.ckpt"]) == 2
+    assert call_main(main, ["--ckpt", "x.ckpt", "--eps", "2"]) == 2

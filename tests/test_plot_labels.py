@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from qgtrain.evaluation.plots import LABEL_OFFSETS, _pyplot, label_points
+from qgtrain.evaluation.plots import LABEL_OFFSETS, headless_pyplot, label_points
 
 # A crowded corner like the study's: two pairs of runs at nearly the same cost and accuracy.
 POINTS = [(33, 84.35, "pgd10"), (33, 83.15, "pqgd10_b100"), (36, 84.6, "trades_pgd10"),
@@ -16,7 +16,7 @@ POINTS = [(33, 84.35, "pgd10"), (33, 83.15, "pqgd10_b100"), (36, 84.6, "trades_p
 
 @pytest.fixture
 def axes() -> Any:
-    plt = _pyplot()
+    plt = headless_pyplot()
     fig, ax = plt.subplots(figsize=(8, 5))
     for x, y, _ in POINTS:
         ax.plot([x], [y], marker="o")

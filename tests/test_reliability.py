@@ -875,3 +875,149 @@ def test_unwritable_output_is_an_error_at_start(
     assert f"cannot write the checkpoint folder {out / 'ckpt' / 'r'}" in lines[0] and expected in lines[0]
     assert listing in (None, [])  # nothing left behind on the full/read-only filesystem
     assert not (tmp_path / "logs").exists()
+
+
+# ======================================================================= 5. the environment, sizes, limits (issue 35)
+ONE_STEP = [
+    "--net", "tiny_cnn", "--inner", "pgd", "--steps", "1", "--run-name", "r",
+    "--data.init_args.train_subset", "100", "--data.init_args.val_size", "100",
+    "--trainer.limit_train_batches", "1", "--trainer.limit_val_batches", "1",
+    "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
+    "--robustness.every_n_epochs", "0", "--visualization.every_n_epochs", "0",
+]  # fmt: skip
+
+
+def test_a_full_disk_while_writing_last_ckpt_is_one_line_and_keeps_the_earlier_checkpoint(
+    data_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """ENOSPC (simulated: the atomic writer's fsync fails for last.ckpt) in the second epoch: one
+    line naming the file, the cause and the last good checkpoint, status 1, no traceback; the
+    first epoch's last.ckpt is intact. The control: the same run without the fault exits 0."""
+    monkeypatch.setenv("QGTRAIN_DATA", str(data_root))
+    argv = [*ONE_STEP, *output_roots(tmp_path)]
+    assert call_main(train_cli.main, [*argv, "--epochs", "1"]) == 0  # the control
+    last = tmp_path / "ckpt" / "r" / "last.ckpt"
+    fsync = os.fsync
+
+    def full_disk(fd: int) -> None:
+        if Path(f"/proc/self/fd/{fd}").resolve().name.startswith(".last.ckpt"):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", full_disk)
+    capsys.readouterr()
+    assert call_main(train_cli.main, [*argv, "--epochs", "2", "--resume", "last"]) == 1
+    stderr = capsys.readouterr().err
+    assert error_lines(stderr) == [
+        f"train.py: error: {last}: No space left on device; free space on that disk or write elsewhere; "
+        f"the last good checkpoint is {last}"
+    ]
+    assert "Traceback" not in stderr
+    assert torch.load(last, weights_only=True)["global_step"] == 1
+
+
+def test_an_unreadable_data_file_is_the_users_to_fix_not_a_bug(
+    data_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """Tests run as root, where ``chmod 000`` denies nothing: reading the training images raises
+    PermissionError as it would for another user. One line naming the file and the cause, status 1,
+    no bug report, not "corrupt". The control: a content fault in the same place is still reported
+    as a corrupt file."""
+    monkeypatch.setenv("QGTRAIN_DATA", str(data_root))
+    monkeypatch.setattr(L.Trainer, "fit", no_training)
+    read_bytes = Path.read_bytes
+    fault: list[BaseException] = [PermissionError(errno.EACCES, "Permission denied")]
+
+    def denied(self: Path) -> bytes:
+        if self.name == "train-images-idx3-ubyte":
+            exc = fault[0]
+            if isinstance(exc, OSError):
+                raise type(exc)(exc.errno, exc.strerror, str(self))
+            raise exc
+        return read_bytes(self)
+
+    monkeypatch.setattr(Path, "read_bytes", denied)
+    argv = [*ONE_STEP, *output_roots(tmp_path), "--epochs", "1"]
+    assert call_main(train_cli.main, argv) == 1
+    stderr = capsys.readouterr().err
+    lines = error_lines(stderr)
+    assert len(lines) == 1 and "train-images-idx3-ubyte: Permission denied; check its permissions" in lines[0]
+    assert "Traceback" not in stderr and "bug" not in stderr and "corrupt" not in stderr
+    fault[0] = IndexError("garbage")  # the control: the file's content, not the machine
+    assert call_main(train_cli.main, argv) == 1
+    assert "the files are truncated or corrupt" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("content", "reason"),
+    [("trainer: [max_epochs: 1\n", "not valid YAML (line 2)"), ("", "the file is empty"),
+     ("- a\n- b\n", "the file is a list, not a mapping")],
+    ids=["malformed", "empty", "a list"],
+)  # fmt: skip
+def test_a_bad_config_file_is_one_line_naming_it(
+    content: str, reason: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    monkeypatch.setattr(L.Trainer, "fit", no_training)
+    config = tmp_path / "my.yaml"
+    config.write_text(content)
+    argv = [*ONE_STEP, *output_roots(tmp_path), "--config", str(config)]
+    assert call_main(train_cli.main, argv) == 2
+    lines = error_lines(capsys.readouterr().err)
+    assert len(lines) == 1 and lines[0].startswith(f"train.py: error: --config {config}: {reason}"), lines
+    config.write_text("trainer:\n  max_epochs: 1\n")  # the control: a good file is read
+    with pytest.raises(AssertionError, match="training started"):
+        train_cli.main(argv)
+
+
+CLASSES = ["--data", "qgtrain.data.MNISTDataModule", "--model.net", "qgtrain.models.TinyCNN"]
+
+
+@pytest.mark.parametrize("key", train_cli.BATCH_LIMITS)
+def test_whole_number_trainer_limits_mean_batches(key: str) -> None:
+    """As Lightning documents: ``1`` is one batch (an int), ``1.0`` the whole set (a float; the
+    control: the check tells the two apart by type). jsonargparse's own reading of Lightning's
+    ``int | float`` depends on which order ``typing`` cached first (``1.0`` in train.py)."""
+    from lightning.pytorch import Trainer
+    from lightning.pytorch.cli import LightningArgumentParser
+
+    parser = LightningArgumentParser(exit_on_error=False)
+    train_cli.QGTrainCLI.add_core_arguments_to_parser(
+        type("CLI", (), {"trainer_class": Trainer, "trainer_defaults": {}, "_model_class": AdversarialTraining,
+                         "subclass_mode_model": False, "_datamodule_class": VisionDataModule,
+                         "subclass_mode_data": True})(),
+        parser,
+    )  # fmt: skip
+    for typed, expected in (("1", 1), ("3", 3), ("1.0", 1.0), ("0.25", 0.25)):
+        value = parser.parse_args([f"--trainer.{key}", typed, *CLASSES])
+        assert repr(value.trainer[key]) == repr(expected), (key, typed)
+
+
+def test_attack_sizes_have_bounds_with_an_override(monkeypatch: pytest.MonkeyPatch) -> None:
+    from qgtrain.attacks import PGD
+
+    with pytest.raises(ValueError, match=r"steps must be <= 100000 \(set QGTRAIN_MAX_STEPS to allow more\)"):
+        PGD(steps=1_000_000_000)
+    with pytest.raises(ValueError, match=r"restarts must be <= 1000 \(set QGTRAIN_MAX_RESTARTS"):
+        PGD(restarts=10**6)
+    assert PGD(steps=100_000).steps == 100_000  # the control: at the bound
+    monkeypatch.setenv("QGTRAIN_MAX_STEPS", str(10**9))
+    assert PGD(steps=10**9).steps == 10**9
+
+
+def test_a_stop_request_interrupts_an_attack_between_iterations() -> None:
+    """A signal's stop request (after its grace period) ends an attack at its next iteration, so a
+    huge step count cannot hold a run past a SIGTERM; without one (the control) it runs to the end."""
+    from qgtrain.attacks import PGD
+    from qgtrain.attacks.base import AttackInterrupted, clear_stop, request_stop
+
+    x, y = load_mnist_tensors(4)
+    net, attack = TinyCNN(width=4), PGD(eps=0.1, steps=50_000)
+    request_stop(0.2)
+    start = time.monotonic()
+    try:
+        with pytest.raises(AttackInterrupted):
+            attack(net, x, y)
+    finally:
+        clear_stop()
+    assert time.monotonic() - start < 10
+    assert PGD(eps=0.1, steps=3)(net, x, y).shape == x.shape  # the control: no request, no stop

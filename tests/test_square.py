@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
+from conftest import load_mnist_tensors
 from torch import nn
 
 from qgtrain.attacks import Square, attack_for_budget
+from qgtrain.attacks.limits import AttackInterrupted, clear_stop, request_stop
 from qgtrain.attacks.square import square_fraction
 from qgtrain.models import TinyCNN
 
@@ -144,3 +148,26 @@ def test_same_seed_same_result_per_example_as_the_legacy_loop(
     assert (new.x_adv - x).abs().max() <= kwargs[
         "eps"
     ] + 1e-6 and 0 <= new.x_adv.min() <= new.x_adv.max() <= 1
+
+class Constant(nn.Module):
+    """Logits that ignore the input: class 0 wins by a margin no perturbation changes."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.tensor([4.0, *[0.0] * 9]).expand(x.shape[0], 10) + 0 * x.flatten(1)[:, :1]
+
+
+def test_a_stop_request_interrupts_square_between_queries() -> None:
+    """Square takes no gradients, so it never passes the base loop's check: it checks between
+    queries. A stop request ends 100,000 queries that never fool the model within seconds; without
+    one (the control) the same search runs its queries to the end."""
+    x, _ = load_mnist_tensors(4)
+    y = torch.zeros(4, dtype=torch.long)
+    request_stop(0.2)
+    start = time.monotonic()
+    try:
+        with pytest.raises(AttackInterrupted):
+            Square(eps=0.1, queries=100_000)(Constant(), x, y)
+    finally:
+        clear_stop()
+    assert time.monotonic() - start < 10
+    assert Square(eps=0.1, queries=20)(Constant(), x, y).shape == x.shape

@@ -1,5 +1,5 @@
-"""Attacks (pure PyTorch): quantized gradients, FGSM, FGSM-RS, free AT's step, N-FGSM, PGD, PQGD, DAA-BLOB, BLOB_QG,
-APGD (CE, DLR, targeted), FAB-T, Square, and an adapter for any ``torchattacks`` attack.
+"""Attacks (pure PyTorch): quantized gradients, FGSM, FGSM-RS, free AT's step, N-FGSM, PGD, PQGD, RGD, DAA-BLOB,
+BLOB_QG, APGD (CE, DLR, targeted), FAB-T, Square, and an adapter for any ``torchattacks`` attack.
 
 ``build_attack("pqgd", eps=0.3, steps=10)`` resolves a registry name to a configured attack;
 ``build_attack("torchattacks.FAB", eps=0.3)`` wraps a torchattacks class.
@@ -29,12 +29,13 @@ from qgtrain.attacks.losses import (
 from qgtrain.attacks.nfgsm import NFGSM
 from qgtrain.attacks.pgd import PGD, PQGD
 from qgtrain.attacks.quantize import check_quantization_level, quantize_gradient
+from qgtrain.attacks.rgd import RGD
 from qgtrain.attacks.square import Square
 from qgtrain.attacks.warm_start import started_at
 
 ATTACKS: dict[str, type[Attack]] = {
     cls.name: cls
-    for cls in (FGSM, FGSMRS, Free, NFGSM, PGD, PQGD, BLOB, BLOBQG, APGDCE, APGDDLR, APGDT, FABT, Square)
+    for cls in (FGSM, FGSMRS, Free, NFGSM, PGD, PQGD, RGD, BLOB, BLOBQG, APGDCE, APGDDLR, APGDT, FABT, Square)
 }
 
 
@@ -90,6 +91,7 @@ __all__ = [
     "NFGSM",
     "PGD",
     "PQGD",
+    "RGD",
     "Square",
     "StepObserver",
     "TorchattacksAttack",

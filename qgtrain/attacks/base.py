@@ -12,98 +12,30 @@ from __future__ import annotations
 import contextlib
 import copy
 import inspect
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar, NamedTuple
 
 import torch
 from torch import nn
 
+from qgtrain.attacks.cpu_kernels import as_model_input, model_memory_format, native_stem_backward  # noqa: F401
+from qgtrain.attacks.limits import (  # noqa: F401
+    DEFAULT_MAX_RESTARTS,
+    DEFAULT_MAX_STEPS,
+    MAX_RESTARTS_ENV,
+    MAX_STEPS_ENV,
+    AttackInterrupted,
+    check_stop,
+    clear_stop,
+    request_stop,
+    upper_bound,
+)
 from qgtrain.attacks.losses import class_labels, get_attack_loss
 from qgtrain.attacks.quantize import check_quantization_level, quantize_gradient
 
 StepObserver = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], None]
 """Called as ``observer(step, per_example_loss, grad, direction)`` at every inner step."""
-
-
-def model_memory_format(model: nn.Module) -> torch.memory_format:
-    """``torch.channels_last`` when the model's 4-D parameters are stored so, else contiguous.
-
-    Decided by the first convolution weight whose two layouts differ (a weight with one input
-    channel, such as an MNIST stem's, is both); ``net.to(memory_format=torch.channels_last)`` sets it.
-    """
-    for p in model.parameters():
-        if p.dim() == 4:
-            channels_last = p.is_contiguous(memory_format=torch.channels_last)
-            if channels_last != p.is_contiguous():
-                return torch.channels_last if channels_last else torch.contiguous_format
-    return torch.contiguous_format
-
-
-def as_model_input(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """``x`` in the memory format of ``model``'s convolutions (a no-op when it already is, e.g. one
-    channel); inside the graph, so a gradient w.r.t. ``x`` keeps ``x``'s own layout."""
-    if x.dim() != 4:
-        return x
-    return x.contiguous(memory_format=model_memory_format(model))
-
-
-STEM_MAX_IN_CHANNELS = 4
-"""A contiguous network's convolutions with at most this many input channels (its stem) get ATen's
-CPU backward; in a channels_last network only one-channel convolutions of 5x5 or larger do."""
-
-
-@contextlib.contextmanager
-def native_stem_backward(model: nn.Module, x: torch.Tensor) -> Iterator[None]:
-    """On CPU, run the backward of a network's stem convolution without oneDNN where that is faster.
-
-    oneDNN's data-gradient kernel is slow for convolutions with few input channels, while every
-    other convolution is faster with it (docs/RESULTS.md section 6 has the timings and which stems
-    it pays for: the 5x5 one-channel stem of MadryMNIST in a channels_last network; a 3x3 or a
-    3-channel stem stays on oneDNN). oneDNN is switched off just before the stem's backward node
-    runs and back on just after it (graph-node hooks, so an in-place ReLU after the convolution does
-    not matter); only the kernel changes, not the arithmetic. Not used off CPU, with oneDNN
-    disabled, for a stem computed in bf16/fp16 (slower there, RESULTS.md section 6), or on a
-    compiled network (hooks would force recompiles).
-    """
-    if (
-        x.device.type != "cpu"
-        or not torch.backends.mkldnn.enabled
-        or getattr(model, "_compiled_call_impl", None) is not None
-    ):
-        yield
-        return
-
-    def disable(*_: Any) -> None:
-        torch.backends.mkldnn.enabled = False
-
-    def enable(*_: Any) -> None:
-        torch.backends.mkldnn.enabled = True
-
-    def attach(module: nn.Module, inputs: Any, output: torch.Tensor) -> None:
-        node = output.grad_fn
-        if node is not None and output.dtype == torch.float32:  # ATen's bf16 kernel is the slow one
-            node.register_prehook(disable)
-            node.register_hook(enable)
-
-    contiguous = model_memory_format(model) == torch.contiguous_format
-    stems = [
-        m
-        for m in model.modules()
-        if isinstance(m, nn.Conv2d)
-        and (
-            m.in_channels <= STEM_MAX_IN_CHANNELS
-            if contiguous
-            else m.in_channels == 1 and m.kernel_size[0] * m.kernel_size[1] >= 25
-        )
-    ]
-    handles = [m.register_forward_hook(attach) for m in stems]
-    try:
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
-        torch.backends.mkldnn.enabled = True
 
 
 DEFAULT_EPS = 0.3
@@ -226,7 +158,8 @@ class Attack:
 
     Traits of an attack class (read them, never test names): ``batch_coupled``, ``single_step``,
     ``default_b`` (> 1: a quantized attack, whose evaluation rows repeat per ``b``),
-    ``uses_gradients``, ``stays_in_ball``, and :meth:`default_alpha`; :meth:`for_budget` builds one from a budget.
+    ``uses_gradients``, ``stays_in_ball``, ``steps_from_unprojected``, and :meth:`default_alpha`;
+    :meth:`for_budget` builds one from a budget.
 
     Args:
         eps: L-inf radius in pixel units, in (0, high - low] of ``clip``.
@@ -256,6 +189,9 @@ class Attack:
     """The loss when it is part of the algorithm (APGD-T: targeted DLR; Square: margin): no ``loss`` argument."""
     stays_in_ball: ClassVar[bool] = True
     """False for training-only attacks whose output leaves the eps-ball (N-FGSM): not for evaluation."""
+    steps_from_unprojected: ClassVar[bool] = False
+    """True when the loop steps from the unprojected point and the model sees its projection (RGD's
+    hidden perturbation); False: each step starts from the projected iterate."""
     native_stem_backward: bool = True
     """Kernel choice only (see :func:`native_stem_backward`); False: the legacy path, for benchmarks."""
 
@@ -281,6 +217,15 @@ class Attack:
             raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
         if isinstance(restarts, bool) or int(restarts) != restarts or restarts < 1:
             raise ValueError(f"restarts must be an integer >= 1, got {restarts!r}")
+        for key, value, env, default in (
+            ("steps", steps, MAX_STEPS_ENV, DEFAULT_MAX_STEPS),
+            ("restarts", restarts, MAX_RESTARTS_ENV, DEFAULT_MAX_RESTARTS),
+        ):
+            bound = upper_bound(env, default)
+            if value > bound:
+                raise ValueError(
+                    f"{key} must be <= {bound} (set {env} to allow more), got {value!r}"
+                )
         self.eps = float(eps)
         self.steps = int(steps)
         self.alpha = self.default_alpha(float(eps), self.steps) if alpha is None else float(alpha)
@@ -480,9 +425,11 @@ class Attack:
         observer: StepObserver | None,
         early_exit: bool,
     ) -> RunOutcome:
-        """``steps`` iterations of ``x <- Pi(x + alpha * direction(grad))`` from ``start``."""
+        """``steps`` iterations of ``x <- Pi(x + alpha * direction(grad))`` from ``start``; with
+        ``steps_from_unprojected``, ``z <- z + alpha * direction(grad at Pi(z))`` and ``x = Pi(z)``."""
         geometry = self.threat_model
         x_adv = start
+        iterate = start  # the point the next step starts from
         lower, upper = geometry.bounds(x)
         tracker = FirstFooled(start, drop=not self.batch_coupled) if early_exit else None
         gradients = 0
@@ -492,14 +439,17 @@ class Attack:
             if tracker is not None:
                 keep = tracker.update(x_adv, logits, y)
                 if keep is not None:
-                    x_adv, grad, x, y, lower, upper = (t[keep] for t in (x_adv, grad, x, y, lower, upper))
+                    kept = (t[keep] for t in (x_adv, iterate, grad, x, y, lower, upper))
+                    x_adv, iterate, grad, x, y, lower, upper = kept
                     target = None if target is None else target[keep]
                     if x_adv.shape[0] == 0:
                         break
             direction = self.direction(grad, x_adv)
             if observer is not None:
                 observer(step, per_example_loss, grad, direction)
-            x_adv = geometry.project(geometry.step(x_adv, direction, self.alpha), x, (lower, upper))
+            moved = geometry.step(iterate, direction, self.alpha)
+            x_adv = geometry.project(moved, x, (lower, upper))
+            iterate = moved if self.steps_from_unprojected else x_adv
         x_adv = x_adv.detach()
         if tracker is None:
             return RunOutcome(x_adv, None, gradients, 0)
@@ -514,6 +464,7 @@ class Attack:
         The input is fed in the network's memory format (:func:`as_model_input`) and, on CPU, the
         stem's backward avoids oneDNN (:func:`native_stem_backward`): issue 15's speed-ups.
         """
+        check_stop()  # every gradient-based loop passes here once per iteration
         stem = native_stem_backward(model, x_adv) if self.native_stem_backward else contextlib.nullcontext()
         with torch.enable_grad(), stem:
             x_adv = x_adv.detach().requires_grad_(True)

@@ -30,9 +30,7 @@ class PQGD(PGD):
     def default_alpha(cls, eps: float, steps: int) -> float:
         """Step size ``eps / steps``, 0.4 x PGD's ``2.5 * eps / steps``: a quantized step moves the
         largest-gradient pixels by up to ``alpha * b``, to the ball's edge at once; the sign-valued rest
-        needs only eps of travel. The robust-budget study (docs/RESULTS.md section 3) trained more robust
-        models with it (one seed each): PQGD-10 84.0 % at 0.03 vs 83.6 % at 0.075, PQGD-5 82.1 % at
-        0.06 vs 74.5 % at 0.15, level with PGD-10's 84.2 % and PGD-5's 82.6 %."""
+        needs only eps of travel (the measurements behind the rule: docs/RESULTS.md section 3)."""
         return eps / steps
 
     def __init__(self, b: int = default_b, **kwargs: Any) -> None:

@@ -16,7 +16,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from qgtrain.attacks.base import DEFAULT_EPS, Attack, RunOutcome, StepObserver, model_memory_format
+from qgtrain.attacks.base import (
+    DEFAULT_EPS,
+    Attack,
+    RunOutcome,
+    StepObserver,
+    check_stop,
+    model_memory_format,
+)
 
 SCHEDULE = (
     (10, 1),
@@ -145,6 +152,7 @@ class Square(Attack):
             for query in range(self.queries):
                 if live.numel() == 0:
                     break
+                check_stop()  # a signal's stop request ends the search between queries, as in Attack's loop
                 fraction = square_fraction(query, self.queries, self.p_init)
                 side = min(max(int(round(math.sqrt(fraction * height * width))), 1), height, width)
                 top = int(torch.randint(0, height - side + 1, ()))

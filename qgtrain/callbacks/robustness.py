@@ -6,17 +6,20 @@ robustness with a stronger attack than the one trained on: by default BLOB_QG (L
 10-11), then APGD-T over 2 targets on the examples BLOB_QG left robust; an example counts as robust
 only when it survives every attack run (per-example worst case, :data:`WORST_ACC`). Epochs are
 Lightning's, numbered from 0 as in the progress bar. Tags are documented in docs/MONITORING.md.
+With weight averaging (``train.py --ema``) the averaged weights are evaluated, as validation does.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, WeightAveraging
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch import nn
 from torchmetrics import SumMetric
@@ -202,11 +205,22 @@ class RobustnessEvaluation(Callback):
                 return attack.eps
         raise ValueError("robustness.eps is not set and the module has no val_attack/inner to take it from")
 
-    def is_due(self, trainer: L.Trainer) -> bool:
-        """First epoch, every N-th epoch, the last epoch, or when training is about to stop."""
-        epoch = trainer.current_epoch
+    def is_due(self, trainer: L.Trainer, epoch: int | None = None) -> bool:
+        """First epoch, every N-th epoch, the last epoch, or when training is about to stop (``epoch``:
+        the current one, else a later one of the plan)."""
+        stopping = trainer.should_stop and epoch in (None, trainer.current_epoch)
+        epoch = trainer.current_epoch if epoch is None else epoch
         last = trainer.max_epochs is not None and trainer.max_epochs > 0 and epoch + 1 >= trainer.max_epochs
-        return epoch == 0 or (epoch + 1) % self.every_n_epochs == 0 or last or trainer.should_stop
+        return epoch == 0 or (epoch + 1) % self.every_n_epochs == 0 or last or stopping
+
+    def planned_gradients(self, trainer: L.Trainer, epochs: range) -> int:
+        """Input gradients the evaluations after ``epochs`` spend at most (each attack on every example
+        of the subset, no early exit): the monitor's share of the run's estimate (``RunEstimate``)."""
+        if not self.enabled or not self.attacks:
+            return 0
+        examples = min(self.subset_size, limited_validation_size(trainer, len(validation_dataset(trainer))))
+        per_evaluation = examples * sum(attack.gradients_per_example for attack in self.attacks.values())
+        return per_evaluation * sum(self.is_due(trainer, epoch) for epoch in epochs)
 
     # ---------------------------------------------------------------- hooks
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -279,9 +293,10 @@ class RobustnessEvaluation(Callback):
         batches = list(zip(x.split(self.batch_size), y.split(self.batch_size), strict=True)) if len(y) else []
         device = pl_module.device
 
-        outcome = evaluate_suite(
-            model, list(self.attacks.values()), batches, device, self.seed, self.early_exit, first
-        )
+        with averaged_weights(trainer, pl_module) as averaged:
+            outcome = evaluate_suite(
+                model, list(self.attacks.values()), batches, device, self.seed, self.early_exit, first
+            )
         correct = {"clean": outcome.clean, **dict(zip(self.attacks, outcome.after, strict=True))}
         correct["worst"] = outcome.robust
 
@@ -314,8 +329,9 @@ class RobustnessEvaluation(Callback):
         self.last_results = results
         if trainer.is_global_zero:
             log.info(
-                "epoch %d robustness on %d validation examples: %s (%.1f s)",
+                "epoch %d robustness%s on %d validation examples: %s (%.1f s)",
                 trainer.current_epoch,
+                " of the averaged weights" if averaged else "",
                 int(total),
                 ", ".join(f"{key}={100 * value / total:.1f}%" for key, value in totals.items()),
                 seconds,
@@ -379,6 +395,23 @@ class RobustnessEvaluation(Callback):
                 logger.log_hyperparams(params, metrics)
 
 
+@contextmanager
+def averaged_weights(trainer: L.Trainer, pl_module: L.LightningModule) -> Iterator[bool]:
+    """The weights validation sees, in ``pl_module`` for the block; yields whether they are averaged.
+
+    Lightning's ``WeightAveraging`` callbacks (EMA, SWA) swap their averaged weights into the module
+    in ``on_validation_epoch_start`` and the trained ones back in ``on_validation_epoch_end``. The
+    monitor runs at the training epoch's end, outside that window, so it calls the same two hooks."""
+    averaging = [callback for callback in trainer.callbacks if isinstance(callback, WeightAveraging)]
+    for callback in averaging:
+        callback.on_validation_epoch_start(trainer, pl_module)
+    try:
+        yield bool(averaging)
+    finally:
+        for callback in reversed(averaging):
+            callback.on_validation_epoch_end(trainer, pl_module)
+
+
 def _scalar(value: Any) -> Any:
     return value if isinstance(value, bool | int | float | str) else str(value)
 
@@ -409,7 +442,8 @@ def run_hyperparameters(
     main = next(iter(robustness.attacks.values()), None)
     params["robust/attacks"] = ",".join(robustness.attack_names)
     if main is not None:
-        params.update({f"robust/{k}": _scalar(main.config()[k]) for k in ("eps", "steps", "alpha", "b")})
+        config = main.config()  # an attack without b (RGD, FAB-T, Square) logs none
+        params.update({f"robust/{k}": _scalar(config[k]) for k in ("eps", "steps", "alpha", "b") if k in config})
     params["robust/subset_size"] = robustness.subset_size
     return params
 

@@ -2,9 +2,24 @@
 
 from __future__ import annotations
 
+import difflib
+import errno
+import os
+import pickle
 import sys
 import traceback
+import zipfile
+from collections.abc import Iterable
 from typing import NoReturn
+
+EXIT_STATUSES = (
+    "exit status: 0 done; 2 the command is wrong (an unknown or misspelt flag, a bad value, options "
+    "that conflict, a file it names that is missing or unusable, an output folder that cannot be "
+    "written at start); 1 a valid command failed while running (data not found or not downloadable, "
+    "a full disk or a permission fault on the way, a non-finite loss, a bug); 129 SIGHUP, 130 Ctrl-C, "
+    "143 SIGTERM (what was finished is saved)"
+)
+"""The exit-status rule of both scripts, stated in their ``--help``."""
 
 
 class UsageError(ValueError):
@@ -26,3 +41,43 @@ def report_bug(prog: str) -> int:
         "and the traceback above, on the qgtrain issue tracker\n"
     )
     return 1
+
+
+FIXES = {
+    errno.ENOSPC: "free space on that disk or write elsewhere",
+    errno.EDQUOT: "free space within your quota or write elsewhere",
+    errno.EACCES: "check its permissions",
+    errno.EPERM: "check its permissions",
+    errno.EROFS: "the file system is read-only; write elsewhere",
+    errno.ENOENT: "check the path",
+    errno.ENOTDIR: "a file stands where a folder is needed",
+    errno.EISDIR: "a folder stands where a file is needed",
+}
+"""What the user can do about an ``OSError``, by its ``errno``."""
+
+
+def environment_fault(exc: BaseException) -> str | None:
+    """One line for a fault of the machine or of a file the user gave (decided by the exception's
+    type, never its text): an ``OSError`` (full disk, permission, missing or read-only path) names
+    the path, the cause and the fix; a malformed YAML, ``.npz`` or pickle file is named as such.
+    ``None`` for anything else (a bug)."""
+    import yaml
+
+    if isinstance(exc, OSError) and exc.errno is not None:
+        path = os.fsdecode(exc.filename) if exc.filename is not None else "a file"
+        fix = FIXES.get(exc.errno)
+        return f"{path}: {exc.strerror or exc}" + (f"; {fix}" if fix else "")
+    if isinstance(exc, yaml.YAMLError):
+        return f"a YAML file is malformed: {' '.join(str(exc).split())}"
+    if isinstance(exc, zipfile.BadZipFile | EOFError | pickle.UnpicklingError):
+        return f"a file is truncated or not of the expected format ({type(exc).__name__}: {exc})"
+    return None
+
+
+def unknown_flag(unknown: list[str], valid: Iterable[str], prog: str) -> str:
+    """``unrecognized argument --stpes; did you mean --steps?`` for the first unknown flag (or, when
+    nothing is close, where to look)."""
+    flag = next((a.split("=", 1)[0] for a in unknown if a.startswith("-")), unknown[0])
+    close = difflib.get_close_matches(flag, sorted(v for v in valid if v.startswith("--")), n=1, cutoff=0.6)
+    hint = f"did you mean {close[0]}?" if close else f"see python {prog} --help"
+    return f"unrecognized argument {flag}; {hint}"

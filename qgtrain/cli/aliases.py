@@ -11,9 +11,11 @@ has ``eps: null`` and takes the validation radius. The resolved config (``--prin
 saved ``config.yaml``) stays the single source of truth.
 
 ``--inner NAME`` reads the inner attack's class that the config resolved to so far: when NAME is
-another class, the arguments whose meaning depends on the class (``b``, ``alpha``; ``steps`` and
-``random_start`` of single-step attacks) take the new class's defaults, unless a flag before it
-set them.
+another class, the arguments whose meaning depends on the class (``b``, ``alpha``, ``random_start``;
+``steps`` of single-step attacks) take the new class's defaults, unless a flag before it set them.
+Once every flag is applied, an attack's ``alpha: null`` is replaced by the number its class's rule
+gives (:class:`ResolveStepSize`), so ``--print_config`` and the saved ``config.yaml`` show the step
+size that is used.
 """
 
 from __future__ import annotations
@@ -26,11 +28,14 @@ from pathlib import Path
 from pydoc import locate
 from typing import Any
 
+from jsonargparse import ActionYesNo
+
 from qgtrain.attacks import ATTACKS
 from qgtrain.cli import UsageError
 from qgtrain.data import DATAMODULES
 from qgtrain.models import MODELS
 from qgtrain.training.checkpoint_io import DEFAULT_CKPT_MINUTES
+from qgtrain.training.weight_averaging import DEFAULT_EMA_DECAY
 
 INNER = "model.inner.init_args"
 VALIDATION = "model.val_attack.init_args"
@@ -57,8 +62,13 @@ RUN_OPTIONS = (  # (key, type, default, help, short flag or ""): top-level keys 
     ("checkpoint_root", str, "checkpoints", "checkpoints go to ROOT/<run>/", ""),
     ("log_root", str, "logs", "TensorBoard logs go to ROOT/<run>/version_N/", ""),
     ("resume", str | None, None, "continue from a .ckpt, a run folder, or 'last' for this run name", "--resume"),
+    ("resume_override", bool, False, "with --resume: continue a checkpoint whose dataset, net, objective, inner attack, eps or optimizer differ (recorded in the new checkpoints)", "--resume-override"),
     ("ckpt_every_steps", int, 0, "also write step.ckpt every N steps (0 = off)", "--ckpt-every-steps"),
     ("ckpt_every_minutes", float, DEFAULT_CKPT_MINUTES, "write step.ckpt every T minutes (0 = off)", "--ckpt-every-minutes"),
+    ("ema", bool, False, "exponential moving average of the weights: validated, monitored, checkpointed, evaluated", "--ema"),
+    ("ema_decay", float, DEFAULT_EMA_DECAY, "its decay per optimizer step (with --ema)", "--ema-decay"),
+    ("ema_start_step", int, 0, "the optimizer step it starts at; the current weights until then (with --ema)", "--ema-start-step"),
+    ("verbose", bool, False, "also show other libraries' start-up lines (Lightning's, deprecations)", "--verbose"),
 )  # fmt: skip
 EVAL, VIEWS = "robustness", "visualization"  # the robustness evaluation and its TensorBoard views
 SHORT_FLAGS: tuple[ShortFlag, ...] = (
@@ -75,6 +85,7 @@ SHORT_FLAGS: tuple[ShortFlag, ...] = (
     ShortFlag("--epochs", ("trainer.max_epochs",), "training epochs", minimum=1),
     ShortFlag("--batch-size", ("data.init_args.batch_size",), "training batch size"),
     ShortFlag("--lr", ("model.optimizer.init_args.lr",), "learning rate"),
+    ShortFlag("--awp", ("model.awp_gamma",), "AWP: relative size gamma of the weight perturbation (0 = off)"),
     ShortFlag("--devices", ("trainer.devices",), "devices per node (a count, GPU indices or auto)"),
     ShortFlag("--num-nodes", ("trainer.num_nodes",), "number of nodes"),
     ShortFlag("--strategy", ("trainer.strategy",), "auto, ddp, ddp_spawn, ..."),
@@ -110,14 +121,52 @@ def class_path(cls: type) -> str:
 
 
 def class_specific_defaults(cls: type) -> dict[str, str]:
-    """Arguments reset when ``--inner`` switches to ``cls`` from another class: ``b`` (where the class
-    takes one) and ``alpha`` (null: the class's step-size rule of eps and steps), whose meaning
-    depends on the class; single-step attacks also ``steps`` and ``random_start``."""
+    """Arguments reset when ``--inner`` switches to ``cls`` from another class, whose meaning depends
+    on the class: ``b`` (where the class takes one), ``alpha`` (null: the class's step-size rule of
+    eps and steps) and ``random_start`` (RGD starts at ``x``, PGD in the ball); single-step attacks
+    also ``steps``."""
     accepted = cls.constructor_defaults()
-    reset = {key: value for key, value in (("b", str(cls.default_b)), ("alpha", "null")) if key in accepted}
+    start = str(accepted.get("random_start")).lower()
+    pairs = (("b", str(cls.default_b)), ("alpha", "null"), ("random_start", start))
+    reset = {key: value for key, value in pairs if key in accepted}
     if cls.single_step:
-        reset.update(steps="1", random_start=str(accepted["random_start"]).lower())
+        reset.update(steps="1")
     return reset
+
+
+ATTACK_KEYS = ("model.inner", "model.val_attack")
+"""The config's attacks whose ``alpha: null`` :class:`ResolveStepSize` replaces by its number."""
+RESOLVE_STEP_SIZE = "--resolve_step_size"
+"""The hidden flag ``cli/train.py`` appends to the command line: applied last, after every flag."""
+
+
+def resolved_step_size(attack: Any) -> float | None:
+    """The step size the class of ``attack`` (a config's ``class_path``/``init_args``) will use when
+    its ``alpha`` is null: :meth:`~qgtrain.attacks.base.Attack.default_alpha` of its eps and steps
+    (PQGD: eps / steps); None when alpha is given or the class takes none."""
+    cls = locate(attack.class_path)
+    defaults = cls.constructor_defaults()
+    args = attack.get("init_args") or {}
+    if "alpha" not in defaults or args.get("alpha", defaults["alpha"]) is not None:
+        return None
+    return cls.default_alpha(float(args.get("eps", defaults["eps"])), int(args.get("steps", defaults["steps"])))
+
+
+class ResolveStepSize(argparse.Action):
+    """Writes each attack's resolved step size over its ``alpha: null`` (:func:`resolved_step_size`),
+    through the parser's own action for the key. Its flag is appended after the user's command line,
+    so it runs once every flag is applied (``--inner`` switching classes resets alpha to null first,
+    ``--steps`` after it still counts) and before jsonargparse prints ``--print_config``."""
+
+    def __init__(self, option_strings: list[str], dest: str, **kwargs: Any) -> None:
+        super().__init__(option_strings, argparse.SUPPRESS, default=argparse.SUPPRESS, nargs=0, **kwargs)
+
+    def __call__(self, parser: Any, namespace: Any, value: Any, option_string: str | None = None) -> None:
+        for key in ATTACK_KEYS:
+            attack = namespace.get(key)
+            alpha = resolved_step_size(attack) if attack is not None else None
+            if alpha is not None:
+                set_key(parser, namespace, f"{key}.init_args.alpha", repr(alpha))
 
 
 def set_key(parser: argparse.ArgumentParser, namespace: Any, key: str, text: str) -> None:
@@ -213,8 +262,10 @@ class HelpAfterParse(argparse.Action):
 
 
 def add_short_flags(parser: Any) -> None:
-    """Declare every row of :data:`SHORT_FLAGS` on the LightningCLI ``parser``."""
+    """Declare every row of :data:`SHORT_FLAGS` on the LightningCLI ``parser``, and the hidden
+    :data:`RESOLVE_STEP_SIZE`."""
     parser.short_flags_given = {}
+    parser.add_argument(RESOLVE_STEP_SIZE, action=ResolveStepSize, help=argparse.SUPPRESS)
     group = parser.add_argument_group("Short flags (applied in order, as the long keys they set)")
     for row in SHORT_FLAGS:
         if row.keys[0] in {key for key, *_ in RUN_OPTIONS}:
@@ -225,9 +276,14 @@ def add_short_flags(parser: Any) -> None:
 
 
 def add_run_options(parser: Any) -> None:
-    """The top-level options of :data:`RUN_OPTIONS`, each also under its short flag."""
+    """The top-level options of :data:`RUN_OPTIONS`, each also under its short flag; a ``bool`` one is
+    ``--key`` (on), ``--key false`` or ``--no_key``."""
     for key, kind, default, text, flag in RUN_OPTIONS:
-        parser.add_argument(f"--{key}", *([flag] if flag else []), type=kind, default=default, help=text)
+        names = [f"--{key}", *([flag] if flag and flag != f"--{key}" else [])]
+        if kind is bool:
+            parser.add_argument(*names, action=ActionYesNo, nargs="?", default=default, help=text)
+        else:
+            parser.add_argument(*names, type=kind, default=default, help=text)
 
 
 def name_the_flag(message: str, given: Mapping[str, str]) -> str:
@@ -257,6 +313,8 @@ def _shown(row: ShortFlag, config: Any) -> str:
             return "none"
         path = getattr(value, "class_path", None)
         return next((name for name, cls in row.choices.items() if cls and class_path(cls) == path), "?")
+    if isinstance(value, bool):
+        return str(value).lower()  # as YAML and the command line spell it
     return "null" if value is None else str(value)
 
 

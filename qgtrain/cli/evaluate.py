@@ -10,10 +10,12 @@ See docs/EVALUATION.md.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
+import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from fractions import Fraction
 from pathlib import Path
 from typing import Any, NoReturn
@@ -22,12 +24,17 @@ import torch
 from torch import nn
 
 from qgtrain.attacks import ATTACK_LOSSES, attack_class, available_attacks
-from qgtrain.cli import UsageError, exit_usage
+from qgtrain.checkpoint_files import OutputFolderError, check_writable
+from qgtrain.cli import EXIT_STATUSES, UsageError, environment_fault, exit_usage, unknown_flag
 from qgtrain.data import DATAMODULES, DataError, resolve_data_dir, test_split
 from qgtrain.evaluation.checkpoints import CheckpointError, load_model_from_checkpoint
 from qgtrain.evaluation.protocol import check_evaluation_attack
 from qgtrain.evaluation.report import (
     default_result_name,
+    finished_result,
+    first_difference,
+    nothing_finished,
+    partial_summary,
     progress_bar,
     render_summary,
     resolve_device,
@@ -45,6 +52,7 @@ from qgtrain.evaluation.runner import (
     format_duration,
 )
 from qgtrain.models import DATASET_SPECS, available_models
+from qgtrain.training.resume import check_run_name
 
 PROG = "evaluate.py"
 Settings = ProtocolSettings | StandardSettings
@@ -52,7 +60,26 @@ log = logging.getLogger(__name__)
 
 
 class OneLineParser(argparse.ArgumentParser):
-    """argparse that reports a bad argument on one line (``evaluate.py: error: ...``), exit status 2."""
+    """argparse that reports a bad argument on one line (``evaluate.py: error: ...``), exit status 2,
+    and names the closest flag for an unknown one."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.flags: list[str] = []
+        super().__init__(*args, **kwargs)
+
+    def add_argument(self, *args: Any, **kwargs: Any) -> argparse.Action:
+        return self.known(super().add_argument(*args, **kwargs))
+
+    def known(self, action: argparse.Action) -> argparse.Action:
+        """Record ``action``'s flags (also of a group's arguments) for "did you mean"."""
+        self.flags += action.option_strings
+        return action
+
+    def parse_args(self, args: Sequence[str] | None = None, namespace: Any = None) -> argparse.Namespace:  # type: ignore[override]
+        parsed, unknown = self.parse_known_args(args, namespace)
+        if unknown:
+            self.error(unknown_flag(unknown, self.flags, self.prog))
+        return parsed
 
     def error(self, message: str) -> NoReturn:
         exit_usage(self.prog, message)
@@ -83,6 +110,15 @@ def number(text: str) -> float:
 RADIUS = checked(number, lambda v: 0 < v <= 1, "a number in (0, 1] (inputs are in [0, 1])")
 STEP_SIZE = checked(number, lambda v: v > 0, "a number > 0")
 COUNT = checked(int, lambda v: v >= 1, "an integer >= 1")
+
+
+def index_range(text: str) -> tuple[int, int]:
+    """``START:STOP`` -> ``(START, STOP)``."""
+    start, stop = text.split(":")
+    return int(start), int(stop)
+
+
+RANGE = checked(index_range, lambda r: 0 <= r[0] < r[1], "START:STOP with 0 <= START < STOP (test indices)")
 B_LIST = checked(
     lambda t: [int(v) for v in t.split(",") if v.strip()],
     lambda values: bool(values) and min(values) >= 1,
@@ -149,15 +185,26 @@ def build_parser() -> OneLineParser:
         "with PQGD and BLOB_QG rows beside it; --protocol paper runs the paper's protocol (independent "
         "runs, restarts merged per example, Worst/Avg, sweeps). Writes results.json, results.md, "
         "correctness.npz and PNG plots to OUT_DIR/NAME (docs/EVALUATION.md).",
+        epilog=EXIT_STATUSES,
         argument_default=argparse.SUPPRESS,
     )
     add = p.add_argument
     source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument(
-        "--ckpt", default=None, help="a train.py checkpoint (.ckpt) or a plain state dict (.pt)"
+    p.known(
+        source.add_argument(
+            "--ckpt", default=None, help="a train.py checkpoint (.ckpt) or a plain state dict (.pt)"
+        )
     )
-    source.add_argument(
-        "--merge", nargs="+", default=None, metavar="NPZ", help="merge earlier correctness.npz per example"
+    p.known(
+        source.add_argument(
+            "--merge",
+            nargs="+",
+            default=None,
+            metavar="RESULT",
+            help="merge earlier results (folders, or the correctness.npz in them) per example, by test "
+            "index: chunks of one evaluation (--range) into the whole set, other evaluations of the "
+            "same checkpoint as the per-example worst case",
+        )
     )
     add(
         "--protocol",
@@ -168,6 +215,12 @@ def build_parser() -> OneLineParser:
     )
     add("--model", default=None, choices=available_models(), help="architecture of a plain state dict")
     add("--model-kwargs", type=JSON_OBJECT, default={}, help="constructor arguments of --model as JSON")
+    add(
+        "--weights",
+        choices=["averaged", "raw"],
+        default="averaged",
+        help="of a checkpoint trained with --ema: the averaged weights (default) or the trained ones",
+    )
     add(
         "--dataset",
         default=None,
@@ -221,7 +274,29 @@ def build_parser() -> OneLineParser:
         type=COUNT,
         help=f"standard: APGD's quantization level, 1 is the sign (default: {STANDARD.b})",
     )
-    add("--n", type=COUNT, default=None, help="first n test examples (default: the whole test split)")
+    examples = p.add_mutually_exclusive_group()
+    p.known(
+        examples.add_argument(
+            "--n", type=COUNT, default=None, help="first n test examples (default: the whole test split)"
+        )
+    )
+    p.known(
+        examples.add_argument(
+            "--range",
+            type=RANGE,
+            default=None,
+            metavar="START:STOP",
+            help="the test examples START..STOP-1, a chunk of a longer evaluation: NAME gets _START-STOP, "
+            "correctness.npz the true indices; START a multiple of --batch-size (--merge joins the chunks)",
+        )
+    )
+    add(
+        "--skip-done",
+        action="store_true",
+        default=False,
+        help="exit at once (status 0) when OUT_DIR/NAME already holds this finished evaluation (its "
+        "results.json): a loop over chunks resumes where it stopped",
+    )
     add(
         "--batch-size",
         type=COUNT,
@@ -250,7 +325,8 @@ def build_parser() -> OneLineParser:
     add(
         "--name",
         default=None,
-        help="results folder (default: from the checkpoint path); a taken one gets -v1, -v2, ...",
+        help="results folder (default: from the checkpoint path); a taken one gets -v1, -v2, ...; an "
+        "interrupted run writes what it finished to NAME-partial",
     )
     add(
         "--overwrite",
@@ -296,42 +372,119 @@ def build_settings(args: argparse.Namespace, num_classes: int) -> Settings:
             settings.suite()
         except ValueError as exc:
             raise UsageError(f"argument --suite: {exc}") from None
-    settings.check()  # a one-line error now (e.g. torchattacks.<Class> without torchattacks)
+    try:
+        settings.check()  # a one-line error now (e.g. torchattacks.<Class> without torchattacks)
+    except ValueError as exc:
+        raise UsageError(f"argument --attacks: {str(exc).splitlines()[0]}") from None
     return settings
 
 
 # ------------------------------------------------------------------------------------ entry point
+class Interrupt:
+    """Which signal stopped the evaluation: Ctrl-C (SIGINT), or SIGTERM turned into the same
+    ``KeyboardInterrupt`` by :func:`sigterm_as_ctrl_c`; the exit status is 128 + its number."""
+
+    signum: int = signal.SIGINT
+
+    @property
+    def name(self) -> str:
+        return "SIGTERM" if self.signum == signal.SIGTERM else "Ctrl-C"
+
+    @property
+    def exit_status(self) -> int:
+        return 128 + int(self.signum)
+
+
+@contextlib.contextmanager
+def sigterm_as_ctrl_c() -> Iterator[Interrupt]:
+    """While inside, SIGTERM (a scheduler's or ``kill``'s stop) raises ``KeyboardInterrupt`` as Ctrl-C
+    does, so an evaluation stopped either way writes what it finished; the handler is restored after."""
+    interrupt = Interrupt()
+
+    def stop(signum: int, frame: Any) -> None:
+        interrupt.signum = signum
+        raise KeyboardInterrupt
+
+    try:
+        previous = signal.signal(signal.SIGTERM, stop)
+    except ValueError:  # not the main thread: signals stay as they are
+        yield interrupt
+        return
+    try:
+        yield interrupt
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def selection(args: argparse.Namespace, dataset: str, split_size: int) -> tuple[int, int]:
+    """The test indices ``START, STOP`` to evaluate: ``--range``, ``--n`` (``0:N``), else the split."""
+    if args.range is None and args.n is None:
+        return 0, split_size
+    flag, (start, stop) = ("--range", args.range) if args.range is not None else ("--n", (0, args.n))
+    if stop > split_size:
+        raise UsageError(
+            f"argument {flag}: {stop} exceeds the {split_size} examples of the {dataset} test split"
+        )
+    if start % args.batch_size:
+        raise UsageError(
+            f"argument --range: START {start} is not a multiple of --batch-size {args.batch_size}; a chunk "
+            "starts at a batch of the whole set, so that it draws that batch's random stream"
+        )
+    return start, stop
+
+
+def result_name(args: argparse.Namespace, start: int, stop: int) -> str:
+    """``--name`` (default: from the checkpoint path), with ``_START-STOP`` for a ``--range`` chunk."""
+    name = args.name or default_result_name(Path(args.ckpt))
+    return f"{name}_{start}-{stop}" if args.range is not None else name
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``evaluate.py``; returns the exit status (0 ok, 1 bad file or data, 2 bad usage,
-    130 interrupted: what was finished is written, marked partial)."""
+    """Entry point of ``evaluate.py``; returns the exit status (:data:`~qgtrain.cli.EXIT_STATUSES`:
+    0 done, 2 a wrong command, 1 a failure while running, 130/143 interrupted)."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     args = build_parser().parse_args(argv)
+    try:
+        check_output_arguments(args)
+    except ValueError as exc:
+        sys.stderr.write(f"{PROG}: error: {exc}\n")
+        return 2
     if args.merge:
         try:
             out_dir = result_folder(Path(args.out_dir), args.name or "merged", args.overwrite)
+            check_writable(out_dir, "results")
             print(write_merged(args.merge, out_dir))  # noqa: T201
-        except ValueError as exc:
+        except OutputFolderError as exc:
             sys.stderr.write(f"{PROG}: error: {exc}\n")
-            return 1
+            return 2
+        except ValueError as exc:
+            sys.stderr.write(f"{PROG}: error: argument --merge: {exc}\n")
+            return 2
+        except OSError as exc:
+            return environment_error(exc)
         return 0
     try:
         try:
             device = resolve_device(args.device)
         except ValueError as exc:
             raise UsageError(f"argument --device: {exc}") from None
-        net, info = load_model_from_checkpoint(Path(args.ckpt), args.model, args.dataset, args.model_kwargs)
-        images, labels = test_split(info.dataset, args.data_dir)
-        if args.n is not None and args.n > len(labels):
-            raise UsageError(
-                f"argument --n: {args.n} exceeds the {len(labels)} examples of the {info.dataset} test split"
+        try:
+            net, info = load_model_from_checkpoint(
+                Path(args.ckpt), args.model, args.dataset, args.model_kwargs, args.weights
             )
+        except CheckpointError as exc:
+            raise UsageError(f"argument --ckpt: {str(exc).splitlines()[0]}") from None
+        images, labels = test_split(info.dataset, args.data_dir)
+        start, stop = selection(args, info.dataset, len(labels))
         settings = build_settings(args, DATASET_SPECS[info.dataset].num_classes)
     except UsageError as exc:
         sys.stderr.write(f"{PROG}: error: {exc}\n")
         return 2
-    except (CheckpointError, DataError, ValueError) as exc:
+    except DataError as exc:
         sys.stderr.write(f"{PROG}: error: {str(exc).splitlines()[0]}\n")
         return 1
+    except OSError as exc:  # a data or checkpoint file the user cannot read
+        return environment_error(exc)
     about = {
         "command": [PROG, *(sys.argv[1:] if argv is None else argv)],
         "config": {**vars(args), "sweep": [{"parameter": p, "values": v} for p, v in sweeps(args)]},
@@ -340,7 +493,8 @@ def main(argv: list[str] | None = None) -> int:
             dataset=info.dataset,
             split="test",
             split_size=len(labels),
-            n=len(labels[: args.n]),
+            n=stop - start,
+            range=[start, stop],
             batch_size=args.batch_size,
             data_dir=str(resolve_data_dir(args.data_dir)),
         ),
@@ -349,13 +503,34 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     try:
-        batches = TensorBatches(images[: args.n], labels[: args.n], args.batch_size)
+        batches = TensorBatches(images[start:stop], labels[start:stop], args.batch_size, start)
         return _evaluate(args, net.to(device), batches, settings, device, about)
     except KeyboardInterrupt:
-        sys.stderr.write(f"{PROG}: interrupted; nothing was written\n")
-        return 130
+        sys.stderr.write(f"{PROG}: interrupted before any attack ran; nothing was written\n")
+        return Interrupt().exit_status
+    except (UsageError, OutputFolderError) as exc:
+        sys.stderr.write(f"{PROG}: error: {exc}\n")
+        return 2
     finally:
         torch.set_num_threads(threads)
+
+
+def check_output_arguments(args: argparse.Namespace) -> None:
+    """``--name`` is one folder name and ``--out-dir`` is not a file; else a one-line ``ValueError``."""
+    if args.name is not None:
+        check_run_name(args.name, "argument --name")
+    if Path(args.out_dir).exists() and not Path(args.out_dir).is_dir():
+        raise UsageError(f"argument --out-dir: {args.out_dir} is a file; name a folder (made when missing)")
+
+
+def environment_error(exc: OSError) -> int:
+    """A fault of the machine or of a path the user gave (a permission, a missing file): one line
+    naming the path and the cause, exit status 1; an ``OSError`` without an errno is re-raised."""
+    fault = environment_fault(exc)
+    if fault is None:
+        raise exc
+    sys.stderr.write(f"{PROG}: error: {fault}\n")
+    return 1
 
 
 def sweeps(args: argparse.Namespace) -> list[tuple[str, list[float | int]]]:
@@ -371,6 +546,30 @@ def log_estimate(seconds: float, examples: int) -> None:
     )
 
 
+def already_done(folder: Path, settings: Settings, about: dict[str, Any]) -> bool:
+    """``--skip-done``: whether ``folder`` holds this finished evaluation (same settings, checkpoint
+    and examples); a finished one of something else is a UsageError (a script would skip it wrongly)."""
+    record = finished_result(folder)
+    if record is None:
+        return False
+    this = {
+        "settings": json.loads(json.dumps(settings.to_dict())),
+        "checkpoint": about["checkpoint"].get("sha256"),
+        "examples": about["data"]["range"],
+    }
+    there = {
+        "settings": record["results"]["settings"],
+        "checkpoint": (record.get("checkpoint") or {}).get("sha256"),
+        "examples": (record.get("data") or {}).get("range"),
+    }
+    if this != there:
+        raise UsageError(
+            f"argument --skip-done: {folder} holds a finished evaluation of something else "
+            f"({first_difference(there, this)}); pass another --name or --out-dir"
+        )
+    return True
+
+
 def _evaluate(
     args: argparse.Namespace,
     net: nn.Module,
@@ -379,10 +578,16 @@ def _evaluate(
     device: torch.device,
     about: dict[str, Any],
 ) -> int:
-    """Attack, then write ``about`` (the command, config, checkpoint and data) with the results."""
-    out_dir = result_folder(
-        Path(args.out_dir), args.name or default_result_name(Path(args.ckpt)), args.overwrite
-    )
+    """Attack, then write ``about`` (the command, config, checkpoint and data) with the results.
+    Interrupted, what was finished goes to ``NAME-partial`` (replacing an earlier partial result), so a
+    later run takes NAME; when nothing was finished, nothing is written."""
+    start, stop = about["data"]["range"]
+    name = result_name(args, start, stop)
+    if args.skip_done and already_done(Path(args.out_dir) / name, settings, about):
+        print(f"{PROG}: {Path(args.out_dir) / name} already holds this evaluation; skipped (--skip-done)")  # noqa: T201
+        return 0
+    out_dir = result_folder(Path(args.out_dir), name, args.overwrite)
+    check_writable(out_dir, "results")  # now, not after the attacks
     checkpoint = about["checkpoint"]
     log.info(
         "evaluating %s (%s on %s, %d test examples) on %s -> %s",
@@ -392,11 +597,20 @@ def _evaluate(
         log.info(describe_plan(settings, net, batches, device, sweeps(args)))
     levels = settings.b_values if isinstance(settings, ProtocolSettings) else [settings.paper_b]
     histogram_b, masking = levels if args.histogram else None, not args.no_masking_checks
-    with progress_bar(not args.quiet) as progress:
+    with sigterm_as_ctrl_c() as interrupt, progress_bar(not args.quiet) as progress:
         record = run_evaluation(
             *(net, batches, settings, device, sweeps(args), histogram_b, masking, progress),
             on_estimate=None if args.quiet else log_estimate,
         )
+    results = record["results"]
+    if results["partial"]:
+        if nothing_finished(results):
+            sys.stderr.write(
+                f"{PROG}: interrupted ({interrupt.name}) after {record['wall_seconds']:.0f} s, before any "
+                "attack finished a batch; nothing was finished, nothing written\n"
+            )
+            return interrupt.exit_status
+        out_dir = out_dir.with_name(f"{out_dir.name}-partial")
     record.update(about, name=out_dir.name)
     try:
         paths = write_outputs(record, out_dir)
@@ -404,9 +618,12 @@ def _evaluate(
         sys.stderr.write(f"{PROG}: error: cannot write results to {out_dir}: {exc.strerror or exc}\n")
         return 1
     written = ", ".join(str(path) for path in paths.values())
-    if record["results"]["partial"]:
-        sys.stderr.write(f"{PROG}: interrupted; wrote what was finished, marked partial: {written}\n")
-        return 130
+    if results["partial"]:
+        sys.stderr.write(
+            f"{PROG}: {partial_summary(results).replace('interrupted', f'interrupted ({interrupt.name})', 1)}; "
+            f"wrote it, marked partial: {written}\n"
+        )
+        return interrupt.exit_status
     if not args.quiet:
         print(render_summary(record))  # noqa: T201
     print(f"wrote {written}")  # noqa: T201

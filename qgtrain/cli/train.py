@@ -15,18 +15,21 @@ from pathlib import Path
 from pydoc import locate
 from typing import Any
 
+import yaml
 from jsonargparse import Namespace
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.accelerators import CPUAccelerator
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint, WeightAveraging
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from qgtrain.attacks import ATTACKS
 from qgtrain.callbacks import AttackVisualization, RobustnessEvaluation
 from qgtrain.callbacks.robustness import WORST_ACC
+from qgtrain.callbacks.run_eta import RunEstimate
 from qgtrain.checkpoint_files import OutputFolderError, check_writable
-from qgtrain.cli import UsageError, exit_usage, report_bug
+from qgtrain.cli import EXIT_STATUSES, UsageError, console, environment_fault, exit_usage, report_bug
 from qgtrain.cli.aliases import (
+    RESOLVE_STEP_SIZE,
     HelpAfterParse,
     add_run_options,
     add_short_flags,
@@ -48,9 +51,28 @@ from qgtrain.training.checkpoint_io import (
 from qgtrain.training.interrupt import InterruptCheckpoint
 from qgtrain.training.module import free_training_epochs
 from qgtrain.training.trainer import run_summary
+from qgtrain.training.weight_averaging import DEFAULT_EMA_DECAY, ExponentialMovingAverage
 
 log = logging.getLogger(__name__)
 PROG = "train.py"
+BATCH_LIMITS = (
+    "limit_train_batches", "limit_val_batches", "limit_test_batches", "limit_predict_batches",
+    "val_check_interval", "overfit_batches",
+)  # fmt: skip
+"""Lightning's ``int | float`` Trainer arguments: a whole number counts batches, a float is a fraction."""
+
+
+def batches_or_fraction(value: Any) -> int | float | None:
+    """A ``Trainer`` limit as typed: ``1`` is one batch (an int), ``1.0`` the whole epoch (a float),
+    as Lightning documents. jsonargparse would read ``1`` as ``1.0``: its union ``int | float`` is
+    ``typing``'s cached ``Union[float, int]``, which it tries in that order."""
+    if isinstance(value, str):
+        value = yaml.safe_load(value)
+    if value is None or (isinstance(value, int | float) and not isinstance(value, bool)):
+        return value
+    raise ValueError(f"expected a batch count (int) or a fraction (float), got {value!r}")
+
+
 REGISTRIES = {"model.inner": ATTACKS, "model.val_attack": ATTACKS, "model.net": MODELS, "data": DATAMODULES}
 """The classes a subclass-typed key can take: their arguments are the candidates for a typo."""
 
@@ -61,16 +83,19 @@ def default_run_name(config: Namespace) -> str:
     model = next((name for name, cls in MODELS.items() if cls is net_cls), net_cls.__name__.lower())
     data_cls = locate(config.data.class_path)
     dataset = getattr(data_cls, "name", data_cls.__name__.lower())
-    inner = config.model.inner
+    inner, method = config.model.inner, config.model
+    weights = {"awp_gamma": method.get("awp_gamma") or 0.0, "ema": bool(config.get("ema"))}
     if inner is None:
-        return resume.run_name(dataset, model, None)
-    name = resume.run_name(
-        dataset, model, locate(inner.class_path).name, inner.init_args.steps, inner.init_args.b
+        return resume.run_name(dataset, model, None, **weights)
+    args, inner_cls = inner.init_args, locate(inner.class_path)
+    b = args.get("b", 1) if "b" in inner_cls.constructor_defaults() else None  # RGD, FAB-T, Square: none
+    return resume.run_name(
+        *(dataset, model, inner_cls.name, args.steps, b),
+        replays=args.get("replays"),
+        atta=bool(method.get("atta")),
+        objective=method.get("objective", "madry"),
+        **weights,
     )
-    replays = inner.init_args.get("replays")  # free AT; ATTA and TRADES change the method too
-    extras = [f"m{replays}" if replays else "", "atta" if config.model.get("atta") else ""]
-    objective = config.model.get("objective", "madry")
-    return "-".join([name, *(e for e in extras if e), *([objective] if objective != "madry" else [])])
 
 
 class QGTrainCLI(LightningCLI):
@@ -88,6 +113,23 @@ class QGTrainCLI(LightningCLI):
         parser.add_argument("-h", "--help", action=HelpAfterParse, help="Show this help message and exit.")
         return parser
 
+    def add_core_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        """LightningCLI's trainer, model and data arguments, with :data:`BATCH_LIMITS` typed by
+        :func:`batches_or_fraction` (an int stays an int)."""
+        parser.add_class_arguments(
+            self.trainer_class, "trainer", fail_untyped=False, instantiate=False, sub_configs=True,
+            skip=set(BATCH_LIMITS),
+        )  # fmt: skip
+        defaults = inspect.signature(self.trainer_class.__init__).parameters
+        for key in BATCH_LIMITS:
+            parser.add_argument(
+                f"--trainer.{key}", type=batches_or_fraction, default=defaults[key].default,
+                help="an int counts batches, a float is a fraction of them (Lightning's Trainer)",
+            )  # fmt: skip
+        parser.set_defaults({f"trainer.{k}": v for k, v in self.trainer_defaults.items() if k != "callbacks"})
+        parser.add_lightning_class_args(self._model_class, "model", subclass_mode=self.subclass_mode_model)
+        parser.add_lightning_class_args(self._datamodule_class, "data", subclass_mode=self.subclass_mode_data)
+
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         add_short_flags(parser)
         add_run_options(parser)
@@ -101,6 +143,9 @@ class QGTrainCLI(LightningCLI):
         valid one), and ``--help`` prints the short flags with their resolved values first."""
         parser.short_flags_given.clear()
         parser.help_requested = False
+        check_config_files(args)
+        if isinstance(args, list):  # each alpha: null becomes its class's number once every flag is applied
+            args = [*args, RESOLVE_STEP_SIZE]
         try:
             super().parse_arguments(parser, args)
         except argparse.ArgumentError as exc:
@@ -137,8 +182,10 @@ class QGTrainCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         """Start-up steps on the parsed config, in order; nothing is written by any of them (a
         refusal from one, e.g. :class:`ResumeError`, becomes one line in :func:`main`)."""
+        console.quiet_other_libraries(verbose=self.config.verbose)  # before the Trainer's start-up lines
         self._refuse_classless_attacks()
         self._refuse_partial_free_epochs()
+        self._refuse_average_settings_without_ema()
         self._name_the_run()
         self._monitor_validation_without_evaluation()
         self._point_outputs_at_the_run()
@@ -156,6 +203,13 @@ class QGTrainCLI(LightningCLI):
         """``run_name``, else the default from the config (``-vN`` when taken); ``--resume`` reads
         its checkpoint here, so a crafted file is refused before anything is built."""
         config = self.config
+        if config.run_name is not None:
+            try:
+                resume.check_run_name(config.run_name)
+            except ValueError as exc:
+                raise UsageError(str(exc)) from None
+        if config.resume_override and not config.resume:
+            raise UsageError("--resume-override changes what --resume continues; add --resume")
         root, base = Path(config.checkpoint_root), config.run_name or default_run_name(config)
         if not config.resume and resume.slurm_requeued() and resume.latest_checkpoint(root, base):
             config.resume = "last"  # a requeued SLURM job continues where it was stopped
@@ -175,6 +229,11 @@ class QGTrainCLI(LightningCLI):
                 free_training_epochs(epochs, replays)
             except ValueError as exc:
                 raise UsageError(str(exc)) from None
+
+    def _refuse_average_settings_without_ema(self) -> None:
+        config = self.config
+        if not config.ema and (config.ema_decay != DEFAULT_EMA_DECAY or config.ema_start_step != 0):
+            raise UsageError("--ema-decay and --ema-start-step shape the average --ema turns on; add --ema")
 
     def _monitor_validation_without_evaluation(self) -> None:
         config = self.config
@@ -217,11 +276,17 @@ class QGTrainCLI(LightningCLI):
         if not self.config.trainer.get("plugins"):
             kwargs.setdefault("plugins", [AtomicCheckpointIO()])
         trainer = self._lightning_trainer(**kwargs)
+        config = self.config
+        if config.ema:  # first: each step's update precedes step.ckpt, its swap-back interrupted.ckpt
+            try:
+                ema = ExponentialMovingAverage(config.ema_decay, config.ema_start_step)
+            except ValueError as exc:  # its own check of the two values: name the flag as typed
+                raise UsageError(f"--{str(exc).replace('_', '-')}") from None
+            trainer.callbacks.insert(0, ema)
         for callback in trainer.checkpoint_callbacks:
             if callback.save_last is True and not isinstance(callback, LastCheckpoint):
                 callback.save_last = False  # stale after epochs without improvement (Lightning 2.6)
                 trainer.callbacks.append(LastCheckpoint(callback.dirpath))  # last.ckpt every epoch
-        config = self.config
         if config.ckpt_every_steps or config.ckpt_every_minutes:  # step.ckpt inside an epoch
             try:
                 step = StepCheckpoint(
@@ -231,8 +296,11 @@ class QGTrainCLI(LightningCLI):
                 raise UsageError(f"--{str(exc).replace('_', '-')}") from None
             trainer.callbacks.append(step)
         trainer.callbacks.append(resume.RestoreLoaderState())  # the data loader's position on resume
+        self.weights_origin = resume.WeightsOrigin()  # what --resume-override continued
+        trainer.callbacks.append(self.weights_origin)
         self.interrupt = InterruptCheckpoint(config.checkpoint.dirpath)
         trainer.callbacks.append(self.interrupt)  # Ctrl-C, SIGTERM, SIGUSR1 save interrupted.ckpt
+        trainer.callbacks.append(RunEstimate())  # the whole run's time, once measured and after each epoch
         return trainer
 
     def _lightning_trainer(self, **kwargs: Any):
@@ -262,15 +330,52 @@ class QGTrainCLI(LightningCLI):
         self.datamodule.prepare_data()
         self.datamodule.setup("fit")
         try:
-            self.model.optimizer_factory(self.model.parameters())
+            optimizer = self.model.optimizer_factory(self.model.parameters())
         except (ValueError, TypeError) as exc:
             raise UsageError(f"model.optimizer (--lr): {_one_line(exc)}") from None
         checkpoint = self.resume_checkpoint
         if checkpoint is not None:
-            resume.check_resume_compatible(checkpoint, self.resume_path, self.model, self.trainer.world_size)
+            averaging = any(isinstance(callback, WeightAveraging) for callback in self.trainer.callbacks)
+            resume.check_resume_compatible(
+                checkpoint, self.resume_path, self.model, self.trainer.world_size, averaging
+            )
+            this_run = resume.run_record(self.model, getattr(self.datamodule, "name", None), optimizer)
+            changed = resume.check_run_record(
+                checkpoint, self.resume_path, this_run, optimizer, self.config.resume_override
+            )
+            if changed:
+                log.warning(
+                    "--resume-override: continuing %s with %s", self.resume_path,
+                    ", ".join(f"{key} {new} (recorded: {old})" for key, old, new in changed),
+                )  # fmt: skip
+                self.weights_origin.continue_changed(self.resume_path, changed)
             epoch, step = resume.resumes_at(checkpoint)
             log.info("resuming from %s: epoch %d, step %d", self.resume_path, epoch, step)
             self.resume_checkpoint = None  # Lightning reads the file again; do not hold two copies
+
+
+def check_config_files(args: Any) -> None:
+    """Each ``--config FILE`` must be a readable YAML mapping: a malformed or empty file is one line
+    naming it (jsonargparse's message names neither the file nor the line)."""
+    argv = [str(a) for a in args] if isinstance(args, list | tuple) else []
+    files = [argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--config"]
+    files += [a.split("=", 1)[1] for a in argv if a.startswith("--config=")]
+    for name in files:
+        path = Path(name)
+        if not path.is_file():
+            continue  # jsonargparse's own refusal names it
+        try:
+            content = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f" (line {mark.line + 1})" if mark is not None else ""
+            problem = getattr(exc, "problem", None) or type(exc).__name__
+            raise UsageError(f"--config {path}: not valid YAML{where}: {problem}") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise UsageError(f"--config {path}: cannot read it: {getattr(exc, 'strerror', None) or exc}") from None
+        if not isinstance(content, dict):
+            kind = "empty" if content is None else f"a {type(content).__name__}, not a mapping of keys"
+            raise UsageError(f"--config {path}: the file is {kind}; a config sets keys, e.g. 'trainer: ...'")
 
 
 def build_cli(args: list[str]) -> QGTrainCLI:
@@ -284,13 +389,13 @@ def build_cli(args: list[str]) -> QGTrainCLI:
         args=args,
         auto_configure_optimizers=False,
         save_config_kwargs={"overwrite": True},
-        parser_kwargs={"prog": PROG, "exit_on_error": False, "default_config_files": [str(default_config())]},
+        parser_kwargs={"prog": PROG, "exit_on_error": False, "default_config_files": [str(default_config())], "epilog": EXIT_STATUSES},
     )
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``train.py``; returns the exit status (2: usage, 1: data, files or a bug)."""
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    console.configure_logging()  # our lines each on their own line, under the progress bar too
     argv = list(sys.argv[1:] if argv is None else argv)
     warnings.filterwarnings("ignore", message=".*LightningCLI's args parameter is intended.*")
     # "Seed set to N" would come before a start-up error's one line; the seed is in config.yaml.
@@ -306,13 +411,25 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         sys.stderr.write(f"{PROG}: interrupted before training started; nothing was saved\n")
         return 130
-    except Exception:  # not a refusal of ours: a bug, shown with its traceback
-        return report_bug(PROG)
+    except Exception as exc:  # an environment fault is the user's to fix; anything else is a bug
+        fault = environment_fault(exc)
+        if fault is None:
+            return report_bug(PROG)
+        sys.stderr.write(f"{PROG}: error: {fault}\n")
+        return 1
     log.info("run %s: checkpoints in %s", cli.run_name, cli.config.checkpoint.dirpath)
+    if cli.resume_path is not None:
+        console.expect_existing_checkpoints(cli.config.checkpoint.dirpath)
+    lock = resume.RunLock(Path(cli.config.checkpoint.dirpath))
     try:
+        if cli.trainer.global_rank == 0:  # DDP: the other ranks write nothing of their own here
+            lock.acquire()
         cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=cli.resume_path)
-    except (DataError, NonFiniteLossError, CheckpointError) as exc:
-        sys.stderr.write(f"{PROG}: error: {_one_line(exc)}\n")
+    except (DataError, NonFiniteLossError, CheckpointError, resume.RunFolderBusyError) as exc:
+        console.write_after_fit(cli.trainer, f"{PROG}: error: {_one_line(exc)}")
+        return 1
+    except OSError as exc:  # a full disk, a permission: the path and the cause, no traceback
+        console.write_after_fit(cli.trainer, f"{PROG}: error: {environment_fault(exc)}; {_last_good(cli)}")
         return 1
     except SystemExit:  # Lightning's exit after Ctrl-C, or its SIGTERMException
         interrupt = cli.interrupt
@@ -320,11 +437,18 @@ def main(argv: list[str] | None = None) -> int:
             raise
         script = sys.argv[0] if Path(sys.argv[0]).name == PROG else PROG
         command = resume.resume_command(script, argv, interrupt.saved_path or "last")
-        sys.stderr.write(f"{PROG}: {interrupt.message(command)}\n")
+        console.write_after_fit(cli.trainer, f"{PROG}: {interrupt.message(command)}")
         return interrupt.exit_status
+    finally:
+        lock.release()
     if cli.trainer.is_global_zero and not cli.trainer.interrupted:
         sys.stdout.write(run_summary(cli.trainer, cli.run_name, Path(cli.config.checkpoint.dirpath)) + "\n")
     return 0
+
+
+def _last_good(cli: QGTrainCLI) -> str:
+    found = resume.furthest_resumable(Path(cli.config.checkpoint.dirpath))
+    return f"the last good checkpoint is {found}" if found is not None else "no checkpoint was written yet"
 
 
 def _did_you_mean(unknown: list[str], parser: LightningArgumentParser) -> str:

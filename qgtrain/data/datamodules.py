@@ -37,6 +37,15 @@ class DataError(RuntimeError):
     """A dataset is missing, corrupt or malformed; the message says which file and how to fix it."""
 
 
+def exception_summary(exc: BaseException, limit: int = 200) -> str:
+    """``Type: message`` on one line: the message's lines joined (torchvision's download error puts
+    its cause on the lines after ``Error downloading <file>:``), cut at ``limit`` characters."""
+    text = " ".join(" ".join(line.split()) for line in str(exc).splitlines() if line.strip())
+    if len(text) > limit:
+        text = text[: limit - 1] + "…"
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
 def resolve_data_dir(data_dir: str | os.PathLike | None = None) -> Path:
     """``data_dir`` if given, else ``$QGTRAIN_DATA``, else ``./data``."""
     if data_dir:
@@ -229,7 +238,7 @@ class VisionDataModule(L.LightningDataModule):
                 for train in (True, False):
                     self._torchvision_dataset(train=train, download=True)
             except Exception as exc:  # no network, mirror down, disk full...
-                reason = f"download failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+                reason = f"download failed: {exception_summary(exc)}"
         missing = self.missing_files()
         if missing:
             for folder in created:  # a failed download leaves no empty folders behind
@@ -251,12 +260,12 @@ class VisionDataModule(L.LightningDataModule):
             )
         try:
             images, labels = self._read_split(train)
-        except DataError:
+        except (DataError, OSError):  # OSError: a permission or the disk, not the file's content
             raise
         except Exception as exc:
             raise DataError(
                 f"cannot read the {self.name} {split} split from {self.raw_dir} "
-                f"({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else 'corrupt file'}); "
+                f"({exception_summary(exc) if str(exc) else type(exc).__name__ + ': corrupt file'}); "
                 "the files are truncated or corrupt: delete them and download again"
             ) from None
         self._validate(images, labels, split)

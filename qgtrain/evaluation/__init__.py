@@ -23,6 +23,8 @@ from qgtrain.evaluation.runner import (
     RowResult,
     SweepResult,
     TensorBatches,
+    describe_suggestions,
+    suggested_evaluations,
 )
 
 __all__ = [
@@ -39,8 +41,10 @@ __all__ = [
     "TensorBatches",
     "adversarial_correct",
     "clean_correct",
+    "describe_suggestions",
     "eval_mode",
     "iterate_batches",
     "load_model_from_checkpoint",
+    "suggested_evaluations",
     "worst_case_correct",
 ]

@@ -3,15 +3,18 @@
 Files are read with ``torch.load(..., weights_only=True)``: only tensors and plain containers are
 unpickled, so a crafted file cannot execute code. Every failure (missing, truncated, foreign file,
 unknown architecture, mismatched weights) raises :class:`CheckpointError` with a one-line message.
+A checkpoint of a run with weight averaging (``train.py --ema``) holds the averaged weights as its
+``state_dict``, which are loaded by default; ``weights="raw"`` loads the trained ones beside them.
 """
 
 from __future__ import annotations
 
 import inspect
+import logging
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -27,8 +30,13 @@ __all__ = [
     "read_checkpoint",
 ]
 
+log = logging.getLogger(__name__)
+
 NET_PREFIX = "net."
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DistributedDataParallel, torch.compile
+TRAINED_WEIGHTS = "current_model_state"
+"""Where Lightning's ``WeightAveraging`` callbacks (``train.py --ema``) put the trained weights of a
+checkpoint whose ``state_dict`` they replace with the averaged ones (``on_save_checkpoint``)."""
 
 
 @dataclass
@@ -45,6 +53,7 @@ class CheckpointInfo:
     epoch: int | None = None
     global_step: int | None = None
     training: dict[str, Any] = field(default_factory=dict)  # checkpoint["qgtrain"]: inner attack, version
+    weights: str = "raw"  # "averaged" (train.py --ema) or "raw" (the trained weights)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -86,6 +95,7 @@ def load_model_from_checkpoint(
     model: str | None = None,
     dataset: str | None = None,
     model_kwargs: dict[str, Any] | None = None,
+    weights: Literal["averaged", "raw"] = "averaged",
 ) -> tuple[nn.Module, CheckpointInfo]:
     """Rebuild the network stored at ``path``; return it (CPU, eval mode) and what was loaded.
 
@@ -93,7 +103,11 @@ def load_model_from_checkpoint(
     (``{"name", "kwargs"}``, see ``AdversarialTraining.on_save_checkpoint``); ``model`` and
     ``dataset`` may be given but must agree with it. A plain state dict needs ``model`` (and
     ``dataset``, default: the model's own default); ``model_kwargs`` adds constructor arguments (e.g. ``width``).
+    ``weights``: a checkpoint with averaged weights gives those (``averaged``) or the trained ones
+    (``raw``); other files hold only the trained ones, which either value loads.
     """
+    if weights not in ("averaged", "raw"):
+        raise ValueError(f"weights must be 'averaged' or 'raw', got {weights!r}")
     path = Path(path)
     loaded = read_checkpoint(path)
     if not isinstance(loaded, dict):
@@ -102,7 +116,10 @@ def load_model_from_checkpoint(
             "model.state_dict() or use a checkpoint written by train.py"
         )
     lightning = isinstance(loaded.get("state_dict"), dict)
+    averaged = lightning and isinstance(loaded.get(TRAINED_WEIGHTS), dict)
     state = loaded["state_dict"] if lightning else loaded
+    if averaged and weights == "raw":
+        state, averaged = loaded[TRAINED_WEIGHTS], False
     meta = loaded.get("qgtrain") if isinstance(loaded.get("qgtrain"), dict) else {}
     spec = meta.get("net") if isinstance(meta.get("net"), dict) else None
     tensors = _network_state(state, lightning, path)
@@ -173,5 +190,10 @@ def load_model_from_checkpoint(
         epoch=loaded.get("epoch") if isinstance(loaded.get("epoch"), int) else None,
         global_step=loaded.get("global_step") if isinstance(loaded.get("global_step"), int) else None,
         training={k: v for k, v in meta.items() if k != "net"},
+        weights="averaged" if averaged else "raw",
     )
+    if averaged:
+        log.info(
+            "%s: evaluating its averaged weights (train.py --ema; --weights raw: the trained ones)", path
+        )
     return net, info

@@ -14,7 +14,8 @@ from qgtrain.attacks.quantize import quantize_gradient
 SWEEP_AXIS = {"eps": "perturbation bound ε", "steps": "number of steps", "b": "quantization level b"}
 
 
-def _pyplot() -> Any:
+def headless_pyplot() -> Any:
+    """``matplotlib.pyplot`` on the Agg backend (no display needed), imported only when a plot is drawn."""
     import matplotlib
 
     matplotlib.use("Agg", force=True)
@@ -25,7 +26,7 @@ def _pyplot() -> Any:
 
 def plot_sweep(sweep: dict[str, Any], path: str | os.PathLike, title: str = "") -> Path:
     """Robust accuracy (Avg over runs, bars from Worst to best run) per attack variant vs the swept value."""
-    plt = _pyplot()
+    plt = headless_pyplot()
     parameter, values = sweep["parameter"], sweep["values"]
     fig, ax = plt.subplots(figsize=(6.0, 4.2))
     markers = "osD^v<>ph*"
@@ -68,7 +69,7 @@ def label_points(ax: Any, points: Sequence[tuple[float, float, str]], fontsize: 
     fewest clashes: names placed before it overlapped, other points covered, leaving the axes. Call it
     once the axes' limits and scales are final: the check is in display coordinates."""
     fig = ax.figure
-    fig.tight_layout()  # the layout the figure is saved with (``_save`` applies it again)
+    fig.tight_layout()  # the layout the figure is saved with (``save_figure`` applies it again)
     ax.autoscale_view()
     renderer = fig.canvas.get_renderer()
     frame = ax.get_window_extent(renderer)
@@ -98,7 +99,8 @@ def label_points(ax: Any, points: Sequence[tuple[float, float, str]], fontsize: 
     return placed
 
 
-def _save(fig: Any, plt: Any, path: str | os.PathLike, dpi: int = 120) -> Path:
+def save_figure(fig: Any, plt: Any, path: str | os.PathLike, dpi: int = 120) -> Path:
+    """Lay ``fig`` out, write it to ``path`` and close it."""
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=dpi)
@@ -110,7 +112,7 @@ def plot_suite(results: dict[str, Any], path: str | os.PathLike, title: str = ""
     """The standard protocol (``results.json``'s ``results``): robust accuracy left after each attack
     of the suite in order (clean first; the paper rows as horizontal lines), and what each attack
     spent against the naive count (example-gradients; Square, gradient-free: forward queries)."""
-    plt = _pyplot()
+    plt = headless_pyplot()
     fig, (left, right) = plt.subplots(1, 2, figsize=(10.0, 4.0))
     attacks = results["suite"]["attacks"]
     labels = ["clean", *(a["label"] for a in attacks)]
@@ -147,13 +149,13 @@ def plot_suite(results: dict[str, Any], path: str | os.PathLike, title: str = ""
     right.legend(fontsize=8)
     if title:
         fig.suptitle(title, fontsize=10)
-    return _save(fig, plt, path)
+    return save_figure(fig, plt, path)
 
 
 def plot_rows(results: dict[str, Any], path: str | os.PathLike, title: str = "") -> Path:
     """The paper protocol (Table 2 as bars): per attack variant the Avg over runs with a bar from
     its Worst to its best run, beside the clean accuracy and the per-example worst case."""
-    plt = _pyplot()
+    plt = headless_pyplot()
     rows = results["rows"]
     fig, ax = plt.subplots(figsize=(max(4.0, 1.1 * len(rows) + 2), 4.0))
     avg = [100 * r["avg"] for r in rows]
@@ -174,7 +176,7 @@ def plot_rows(results: dict[str, Any], path: str | os.PathLike, title: str = "")
     ax.grid(True, axis="y", alpha=0.3)
     ax.legend(fontsize=8)
     ax.set_title(title or "robust accuracy per attack")
-    return _save(fig, plt, path)
+    return save_figure(fig, plt, path)
 
 
 def gradient_histograms(grad: torch.Tensor, b_values: Sequence[int]) -> dict[str, Any]:
@@ -208,7 +210,7 @@ def gradient_histograms(grad: torch.Tensor, b_values: Sequence[int]) -> dict[str
 
 def plot_histograms(histograms: dict[str, Any], path: str | os.PathLike, title: str = "") -> Path:
     """One panel per gradient representation (log-scaled counts except the sign's), as the paper's Figure 2."""
-    plt = _pyplot()
+    plt = headless_pyplot()
     panels = histograms["panels"]
     fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.0), squeeze=False)
     for ax, (name, values) in zip(axes[0], panels.items(), strict=True):

@@ -13,8 +13,11 @@ import os
 import platform
 import sys
 import time
+import zipfile
+import zlib
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -148,14 +151,15 @@ def run_masking_checks(
     return checks
 
 
-def per_example_arrays(result: ProtocolResult | StandardResult) -> dict[str, np.ndarray]:
-    """Per-example correctness for ``correctness.npz``: ``clean``, ``robust`` (the worst case over
-    everything evaluated), ``row<i>_run<r>`` per row and run, and for the suite ``suite`` and
-    ``fooled_by`` (index of the first suite attack that fooled each example, -1 none)."""
+def per_example_arrays(result: ProtocolResult | StandardResult, start: int = 0) -> dict[str, np.ndarray]:
+    """Per-example correctness for ``correctness.npz``: ``index`` (each example's index in the test
+    split, from ``start``), ``clean``, ``robust`` (the worst case over everything evaluated),
+    ``row<i>_run<r>`` per row and run, and for the suite ``suite`` and ``fooled_by`` (index of the
+    first suite attack that fooled each example, -1 none)."""
     arrays: dict[str, np.ndarray] = {
         "clean": result.clean.numpy(),
         "robust": result.ensemble_correct.numpy(),
-        "index": np.arange(result.clean.numel()),
+        "index": start + np.arange(result.clean.numel()),
     }
     if isinstance(result, StandardResult):
         arrays["suite"] = result.suite.robust.numpy()
@@ -179,7 +183,8 @@ def run_evaluation(
 ) -> dict[str, Any]:
     """Run the protocol (``standard`` or ``paper``), the sweeps (paper), the masking checks and the
     histograms; return the record. Ctrl-C during the protocol returns what is finished, marked
-    ``partial`` (then no sweep, check or histogram runs).
+    ``partial`` (then no sweep, check or histogram runs; :func:`nothing_finished` tells whether
+    anything did).
 
     The caller may add ``name``, ``checkpoint``, ``data``, ``config`` and ``command`` before writing.
     ``progress.total`` (when the bar has one) is set to the number of attacked batches to run;
@@ -202,7 +207,7 @@ def run_evaluation(
             main = runner.evaluate(settings)
             sweep_results = [runner.sweep(settings, p, values) for p, values in sweeps]
         except KeyboardInterrupt:
-            main = ProtocolResult(settings, runner.clean(), runner.finished_rows(settings), partial=True)
+            main = runner.partial_result(settings)
             sweep_results = []
 
     record: dict[str, Any] = {
@@ -211,14 +216,15 @@ def run_evaluation(
         "environment": environment_info(device),
         "results": main.to_dict(),
         "sweeps": [s.to_dict() for s in sweep_results],
-        "_per_example": per_example_arrays(main),
+        "_per_example": per_example_arrays(main, batches.start),
     }
     checks: list[MaskingCheck] = []
     masking_start = time.perf_counter()
     partial = record["results"]["partial"]
+    skipped = "--no-masking-checks" if not masking else "interrupted" if partial else None
     record["histogram"] = None
     try:
-        if masking and not partial:
+        if skipped is None:
             checks = run_masking_checks(model, batches, main, device, loss, settings.seed)
             for sweep in sweep_results:
                 checks.extend(check_sweep(sweep.parameter, sweep.values, sweep.series(), main.clean.numel()))
@@ -228,12 +234,13 @@ def run_evaluation(
             record["histogram"] = gradient_histograms(grad, histogram_b)
     except KeyboardInterrupt:  # the protocol's numbers are kept; the checks are marked unfinished
         record["results"]["partial"] = True
-        masking = False
+        skipped = skipped or "interrupted"
     warnings = [c.warning for c in checks if c.warning]
     for warning in warnings:
         log.warning("gradient masking? %s", warning)
     record["masking"] = {
-        "enabled": masking and not partial,
+        "enabled": skipped is None,
+        "skipped": skipped,
         "checks": [c.to_dict() for c in checks],
         "warnings": warnings,
         "masking_seconds": time.perf_counter() - masking_start,
@@ -379,8 +386,10 @@ def describe_setup(record: dict[str, Any]) -> list[str]:
             f"epoch {ckpt['epoch']}, sha256 {ckpt['sha256'][:12]})"
         )
     if data:
+        start, stop = data.get("range") or (0, data["n"])
+        which = f"first {data['n']}" if start == 0 else f"examples {start}:{stop} ({data['n']})"
         lines.append(
-            f"Data: {data['dataset']} test split, first {data['n']} of {data['split_size']} examples, "
+            f"Data: {data['dataset']} test split, {which} of {data['split_size']} examples, "
             f"batch size {data['batch_size']}"
         )
     else:
@@ -412,10 +421,7 @@ def describe_setup(record: dict[str, Any]) -> list[str]:
             f"(example x step); forward queries {count(cost['forwards'])}"
         )
     if results.get("partial"):
-        lines.append(
-            f"PARTIAL: interrupted; {results['n']} of {results.get('n_planned', results['n'])} examples "
-            "and the finished rows only"
-        )
+        lines.append(f"PARTIAL: {partial_summary(results)}")
     timing = results.get("time") or {}
     if timing.get("estimated_seconds") is not None:
         lines.append(
@@ -429,13 +435,52 @@ def describe_setup(record: dict[str, Any]) -> list[str]:
     return lines
 
 
+def partial_summary(results: dict[str, Any]) -> str:
+    """What an interrupted evaluation finished, in one line (per part: the suite's batches, the
+    paper rows)."""
+    unfinished = results.get("unfinished") or []
+    left_out = f"; not finished, left out: {', '.join(unfinished)}" if unfinished else ""
+    if nothing_finished(results):
+        return "interrupted before any attack finished a batch; nothing was finished"
+    if results.get("protocol") == "standard":
+        batches = results["batches"]
+        done = (
+            f"the suite finished {batches['finished']} of {batches['planned']} batches "
+            f"({results['n']} of {results['n_planned']} examples)"
+        )
+        rows = [row["label"] for row in results["rows"]]
+        done += f", and on them {', '.join(rows)}" if rows else ""
+        if batches["finished"] == batches["planned"] and not unfinished:
+            done = "every attack finished; the gradient-masking checks did not"
+        return f"interrupted; {done}{left_out}"
+    rows = [row["label"] for row in results["rows"]]
+    if not unfinished:
+        return "interrupted; every attack finished; the sweeps or gradient-masking checks did not"
+    return f"interrupted; finished (every run, all {results['n']} examples): {', '.join(rows)}{left_out}"
+
+
+def nothing_finished(results: dict[str, Any]) -> bool:
+    """An interrupted evaluation that finished no attack on any batch (nothing worth writing)."""
+    return bool(results.get("partial")) and (
+        results["n"] == 0 or not (results.get("suite") or results["rows"])
+    )
+
+
+def shows_rows(results: dict[str, Any]) -> bool:
+    """The per-run table is shown for the paper protocol, and for standard when it has paper rows
+    (with ``--attacks none`` it would repeat Clean and the suite's worst case)."""
+    return results.get("protocol") != "standard" or bool(results["rows"])
+
+
 def render_markdown(record: dict[str, Any]) -> str:
     """results.md: the setup, masking warnings, the Table 2-style table, sweep tables and figures."""
     out = [f"# Robustness evaluation: {record['name']}", ""]
     out += [f"- {line}" for line in describe_setup(record)]
     out += ["", "## Gradient-masking checks", ""]
     masking = record["masking"]
-    if not masking["enabled"]:
+    if masking.get("skipped") == "interrupted":
+        out.append("Not run: the evaluation was interrupted.")
+    elif not masking["enabled"]:
         out.append("Checks disabled (--no-masking-checks).")
     elif masking["warnings"]:
         out += [f"- **Warning:** {w}" for w in masking["warnings"]]
@@ -447,8 +492,9 @@ def render_markdown(record: dict[str, Any]) -> str:
         out.append(markdown_table(*suite_table(record["results"])))
         if "suite.png" in record.get("figures", []):
             out += ["", "![robust accuracy after each attack, and the gradients spent](suite.png)"]
-    out += ["", "## Accuracy (%) per run, Worst and Avg over runs", ""]
-    out.append(markdown_table(*protocol_table(record["results"])))
+    if shows_rows(record["results"]):
+        out += ["", "## Accuracy (%) per run, Worst and Avg over runs", ""]
+        out.append(markdown_table(*protocol_table(record["results"])))
     if "accuracy.png" in record.get("figures", []):
         out += ["", "![robust accuracy per attack](accuracy.png)"]
     for sweep in record["sweeps"]:
@@ -481,7 +527,8 @@ def render_summary(record: dict[str, Any]) -> str:
     out = describe_setup(record)
     if record["results"].get("suite"):
         out += ["", text_table(*suite_table(record["results"]))]
-    out += ["", text_table(*protocol_table(record["results"]))]
+    if shows_rows(record["results"]):
+        out += ["", text_table(*protocol_table(record["results"]))]
     for sweep in record["sweeps"]:
         out += ["", f"sweep over {sweep['parameter']} (Avg (Worst) %):", text_table(*sweep_table(sweep))]
     out += [f"WARNING: {w}" for w in record["masking"]["warnings"]]
@@ -518,34 +565,348 @@ def write_outputs(record: dict[str, Any], out_dir: str | os.PathLike) -> dict[st
         np.savez_compressed(paths["correctness.npz"], **arrays)
         record["per_example"] = {"file": "correctness.npz", "keys": sorted(arrays)}
     record.setdefault("created", _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
-    paths["results.json"] = out_dir / "results.json"
-    paths["results.json"].write_text(json.dumps(record, indent=2, sort_keys=False, default=str) + "\n")
     paths["results.md"] = out_dir / "results.md"
     paths["results.md"].write_text(render_markdown(record))
+    paths["results.json"] = out_dir / "results.json"
+    write_json_last(record, paths["results.json"])
     return paths
 
 
-def merge_correctness(paths: Sequence[str | os.PathLike]) -> dict[str, np.ndarray]:
-    """Merge evaluations of the same examples per example: ``clean`` and ``robust`` are the ANDs of
-    the files' vectors (robust to everything any file ran). One-line error when they disagree in size."""
-    if not paths:
-        raise ValueError("merge needs at least one correctness.npz")
-    merged: dict[str, np.ndarray] = {}
-    for path in paths:
-        try:
-            with np.load(path) as data:
-                clean, robust = data["clean"].astype(bool), data["robust"].astype(bool)
-        except (OSError, KeyError, ValueError) as exc:
-            raise ValueError(f"{path}: not a correctness.npz written by evaluate.py ({exc})") from None
-        if merged and clean.shape != merged["clean"].shape:
-            raise ValueError(
-                f"{path}: {clean.size} examples but the first file has {merged['clean'].size}; "
-                "merge evaluations of the same examples (--n, dataset)"
+def write_json_last(record: dict[str, Any], path: Path) -> None:
+    """``results.json``, written last and atomically (a temporary file renamed): a folder holding it
+    holds a whole result, which is how a finished chunk is recognised (:func:`finished_result`)."""
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_text(json.dumps(record, indent=2, sort_keys=False, default=str) + "\n")
+    os.replace(temporary, path)
+
+
+def finished_result(folder: Path) -> dict[str, Any] | None:
+    """The record in ``folder/results.json`` when it holds a finished (not partial) evaluation."""
+    try:
+        record = json.loads((folder / "results.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return None if record.get("results", {}).get("partial", True) else record
+
+
+# ----------------------------------------------------------------------------------------------- merge
+@dataclass
+class Part:
+    """One result folder of ``evaluate.py``: its record and per-example arrays."""
+
+    folder: Path
+    record: dict[str, Any]
+    arrays: dict[str, np.ndarray]
+
+    @property
+    def results(self) -> dict[str, Any]:
+        return self.record["results"]
+
+    @property
+    def index(self) -> np.ndarray:
+        return self.arrays["index"]
+
+    def span(self) -> str:
+        return spans(self.index)
+
+
+def spans(index: np.ndarray) -> str:
+    """``0:1000`` for consecutive indices, else ``0:500,700:900``."""
+    if index.size == 0:
+        return "none"
+    index = np.sort(index)
+    breaks = np.flatnonzero(np.diff(index) != 1)
+    starts, ends = np.r_[index[0], index[breaks + 1]], np.r_[index[breaks], index[-1]] + 1
+    return ",".join(f"{a}:{b}" for a, b in zip(starts, ends, strict=True))
+
+
+RESULT_FILES = ("results.json", "correctness.npz")
+"""The files of a result folder that ``--merge`` reads (either may name the folder)."""
+
+
+def load_part(path: str | os.PathLike) -> Part:
+    """A result folder (or the ``correctness.npz`` in it); ValueError naming the path and the fix."""
+    path = Path(path)
+    folder = path if path.is_dir() else path.parent
+    if not path.exists():
+        raise ValueError(f"{path}: no such file or folder; pass a result folder of evaluate.py")
+    if path.is_file() and path.name not in RESULT_FILES:
+        raise ValueError(f"{path}: not a result folder of evaluate.py; pass the folder or its correctness.npz")
+    try:
+        record = json.loads((folder / "results.json").read_text())
+        with np.load(folder / "correctness.npz") as data:
+            arrays = {key: data[key] for key in data.files}
+        record["results"]["settings"], arrays["clean"], arrays["robust"]  # noqa: B018
+    except (OSError, KeyError, ValueError, TypeError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
+        raise ValueError(
+            f"{path}: not a result folder of evaluate.py (results.json and correctness.npz: {exc})"
+        ) from None
+    if record["results"].get("partial"):
+        raise ValueError(
+            f"{folder}: an interrupted (partial) evaluation; leave it out and merge the chunk's finished "
+            "folder (rerun the chunk with --skip-done)"
+        )
+    arrays.setdefault("index", np.arange(arrays["clean"].size))
+    return Part(folder, record, arrays)
+
+
+def evaluation_key(part: Part) -> str:
+    """What makes parts chunks of one evaluation: the protocol, its settings and the batch size."""
+    results = part.results
+    return json.dumps([results.get("protocol"), results["settings"], part.record.get("batch_size")])
+
+
+def first_difference(a: Any, b: Any, where: str = "") -> str:
+    """The first setting that differs between two nested records, as ``key a vs b``."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        for key in [*a, *(k for k in b if k not in a)]:
+            if a.get(key) != b.get(key):
+                return first_difference(a.get(key), b.get(key), f"{where}.{key}" if where else key)
+    return f"{where or 'value'} {a} vs {b}"
+
+
+def check_same_model(parts: Sequence[Part]) -> None:
+    """All parts evaluate one checkpoint on one dataset at one radius; else a one-line ValueError."""
+    first = parts[0]
+    for part in parts[1:]:
+        for what, read in (
+            ("checkpoint sha256", lambda p: (p.record.get("checkpoint") or {}).get("sha256")),
+            ("dataset", lambda p: (p.record.get("data") or {}).get("dataset")),
+            ("eps", lambda p: p.results["settings"].get("eps")),
+        ):
+            if read(part) != read(first):
+                raise ValueError(
+                    f"{part.folder}: {what} {read(part)} differs from {first.folder}'s {read(first)}; "
+                    "merge evaluations of one checkpoint, dataset and eps"
+                )
+
+
+def join_chunks(parts: Sequence[Part]) -> dict[str, np.ndarray]:
+    """The per-example arrays of one evaluation's chunks, sorted by index. An example in two chunks
+    must have the same outcome in both (one is kept); else a one-line ValueError."""
+    keys = set(parts[0].arrays)
+    for part in parts[1:]:
+        if set(part.arrays) != keys:
+            raise ValueError(f"{part.folder}: other per-example keys than {parts[0].folder}")
+    index = np.concatenate([part.index for part in parts])
+    joined = {key: np.concatenate([part.arrays[key] for part in parts]) for key in keys}
+    order = np.argsort(index, kind="stable")
+    for key in keys:
+        joined[key] = joined[key][order]
+    index = index[order]
+    repeated = np.flatnonzero(np.diff(index) == 0) + 1  # the second of each pair of equal indices
+    if repeated.size:
+        for key in keys:
+            differs = joined[key][repeated] != joined[key][repeated - 1]
+            if differs.any():
+                examples = index[repeated][differs]
+                owners = [p.folder for p in parts if np.isin(examples, p.index).any()]
+                raise ValueError(
+                    f"{owners[0]} and {owners[-1]} both evaluate examples {spans(examples)} with the same "
+                    f"settings but disagree on them ({key}); merge only one of them"
+                )
+        keep = np.ones(index.size, dtype=bool)
+        keep[repeated] = False
+        joined = {key: value[keep] for key, value in joined.items()}
+    return joined
+
+
+def evaluation_summary(parts: Sequence[Part], arrays: dict[str, np.ndarray]) -> dict[str, Any]:
+    """One evaluation over all its chunks: accuracies per example, the suite's breakdown and the
+    paper rows recomputed from the joined arrays, and each part's cost."""
+    first = parts[0].results
+    n = int(arrays["clean"].size)
+    clean, robust = arrays["clean"].astype(bool), arrays["robust"].astype(bool)
+
+    def share(vector: np.ndarray) -> dict[str, Any]:
+        return {"accuracy": float(vector.mean()) if n else 0.0, "correct": int(vector.sum())}
+
+    summary: dict[str, Any] = {
+        "protocol": first.get("protocol", "paper"),
+        "settings": first["settings"],
+        "n": n,
+        "examples": spans(arrays["index"]),
+        "clean": share(clean),
+        "robust": share(robust & clean),
+    }
+    if first.get("suite"):
+        fooled_by = arrays["fooled_by"]
+        attacks = []
+        for k, attack in enumerate(first["suite"]["attacks"]):
+            survived = clean & ((fooled_by < 0) | (fooled_by > k))
+            attacks.append(
+                {"label": attack["label"], "fooled": int((fooled_by == k).sum()), **share(survived)}
             )
-        merged["clean"] = clean if not merged else merged["clean"] & clean
-        merged["robust"] = robust if "robust" not in merged else merged["robust"] & robust
+        summary["suite"] = {"attacks": attacks, **share(arrays["suite"].astype(bool))}
+    rows = []
+    for i, row in enumerate(first["rows"]):
+        runs = [share(arrays[f"row{i}_run{r}"].astype(bool))["accuracy"] for r in range(len(row["seeds"]))]
+        rows.append(
+            {"label": row["label"], "run_accuracies": runs, "worst": min(runs), "avg": sum(runs) / len(runs)}
+        )
+    summary["rows"] = rows
+    summary["parts"] = [
+        {
+            "folder": str(part.folder),
+            "examples": part.span(),
+            "n": part.results["n"],
+            "clean": part.results["clean"]["accuracy"],
+            "robust": part.results["ensemble"]["accuracy"],
+            "cost": part.results.get("cost") or {},
+            "attack_seconds": (part.results.get("time") or {}).get("seconds"),
+            "wall_seconds": part.record.get("wall_seconds"),
+            "device": (part.record.get("environment") or {}).get("device_name"),
+        }
+        for part in sorted(parts, key=lambda p: int(p.index.min()) if p.index.size else 0)
+    ]
+    total: dict[str, Any] = {}
+    for key in ("gradients", "naive_gradients", "forwards"):
+        values = [p["cost"].get(key) for p in summary["parts"]]
+        total[key] = None if None in values else sum(values)
+    total["wall_seconds"] = sum(p["wall_seconds"] or 0.0 for p in summary["parts"])
+    summary["cost"] = total
+    return summary
+
+
+def merge_results(paths: Sequence[str | os.PathLike]) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """Merge ``evaluate.py`` result folders per example, by test-split index.
+
+    Folders of the same settings (protocol, every setting, batch size) are chunks of one evaluation:
+    they are joined by index (an example evaluated twice must agree). Different evaluations of the
+    same checkpoint, dataset and eps (other attacks, seeds) are combined per example, as the worst
+    case (AND), over the examples every one of them covers. Returns the merged record and the
+    per-example arrays (one evaluation: its own keys; several: each one's prefixed ``e<j>_``).
+    ValueError (one line) for a folder that is not a finished result, or parts that do not fit.
+    """
+    if not paths:
+        raise ValueError("merge needs at least one result folder or correctness.npz")
+    parts = [load_part(path) for path in paths]
+    check_same_model(parts)
+    groups: dict[str, list[Part]] = {}
+    for part in parts:
+        groups.setdefault(evaluation_key(part), []).append(part)
+    joined = [join_chunks(group) for group in groups.values()]
+    common = joined[0]["index"]
+    for arrays in joined[1:]:
+        common = np.intersect1d(common, arrays["index"])
+    if common.size == 0:
+        a, b = (group[0] for group in list(groups.values())[:2])
+        raise ValueError(
+            f"{a.folder} and {b.folder} share no example and differ in settings "
+            f"({first_difference(a.results['settings'], b.results['settings'])}); chunks of one evaluation "
+            "need the same settings"
+        )
+    evaluations = [
+        evaluation_summary(group, arrays) for group, arrays in zip(groups.values(), joined, strict=True)
+    ]
+    merged: dict[str, np.ndarray] = {"index": common}
+    for j, arrays in enumerate(joined):
+        at = np.searchsorted(arrays["index"], common)
+        clean = arrays["clean"][at].astype(bool)
+        robust = arrays["robust"][at].astype(bool) & clean
+        merged["clean"] = clean if j == 0 else merged["clean"] & clean
+        merged["robust"] = robust if j == 0 else merged["robust"] & robust
+        if len(joined) == 1:
+            merged |= {key: value for key, value in arrays.items() if key not in merged}
+        else:
+            merged |= {f"e{j}_{key}": value[at] for key, value in arrays.items() if key != "index"}
     merged["robust"] &= merged["clean"]
-    return merged
+    first = parts[0].record
+    n = int(common.size)
+    record = {
+        "merged": True,
+        "checkpoint": first.get("checkpoint"),
+        "dataset": (first.get("data") or {}).get("dataset"),
+        "n": n,
+        "examples": spans(common),
+        "clean": {"accuracy": float(merged["clean"].mean()), "correct": int(merged["clean"].sum())},
+        "robust": {"accuracy": float(merged["robust"].mean()), "correct": int(merged["robust"].sum())},
+        "evaluations": evaluations,
+        "parts": len(parts),
+    }
+    return record, merged
+
+
+def merged_report(record: dict[str, Any], markdown: bool) -> str:
+    """The merged record as ``results.md`` (``markdown``) or the terminal summary."""
+    table = markdown_table if markdown else text_table
+    heading = (lambda t: ["", f"## {t}", ""]) if markdown else (lambda t: ["", t])
+    ckpt = record.get("checkpoint") or {}
+    lines = [
+        f"Checkpoint: `{ckpt.get('path')}` (sha256 {str(ckpt.get('sha256'))[:12]})",
+        f"Examples: {record['n']} of the {record['dataset']} test split ({record['examples']}), "
+        f"from {record['parts']} result folders",
+        f"Per-example worst case over {len(record['evaluations'])} evaluation(s): clean {pct(record['clean']['accuracy'])} %, "
+        f"robust {pct(record['robust']['accuracy'])} %",
+    ]
+    out = [f"# Merged evaluation: {record['name']}", ""] if markdown else []
+    out += [f"- {line}" for line in lines] if markdown else lines
+    for j, evaluation in enumerate(record["evaluations"], 1):
+        s = evaluation["settings"]
+        what = (
+            f"suite {' -> '.join(s['suite_attacks'])}, rows {', '.join(s['paper_rows']) or 'none'}"
+            if evaluation["protocol"] == "standard"
+            else f"attacks {', '.join(s['attacks'])}, {s['runs']} run(s), {s['restarts']} restart(s)"
+        )
+        out += heading(
+            f"Evaluation {j}: {evaluation['protocol']}, eps {s['eps']:g}, {what}, seed {s['seed']}; "
+            f"{evaluation['n']} examples ({evaluation['examples']}): clean {pct(evaluation['clean']['accuracy'])} %, "
+            f"robust {pct(evaluation['robust']['accuracy'])} %"
+        )
+        if evaluation.get("suite"):
+            rows = [
+                [a["label"], str(a["fooled"]), pct(a["accuracy"])] for a in evaluation["suite"]["attacks"]
+            ]
+            out.append(table(["Attack", "Fooled", "Robust after (%)"], rows))
+        if evaluation["rows"]:
+            runs = max(len(r["run_accuracies"]) for r in evaluation["rows"])
+            rows = [
+                [r["label"], *[pct(a) for a in r["run_accuracies"]], *[""] * (runs - len(r["run_accuracies"])),
+                 pct(r["worst"]), pct(r["avg"])]
+                for r in evaluation["rows"]
+            ]  # fmt: skip
+            out += ["", table(["Row", *[f"Run {i + 1}" for i in range(runs)], "Worst", "Avg"], rows)]
+        header = [
+            "Part",
+            "Examples",
+            "Clean (%)",
+            "Robust (%)",
+            "Gradients",
+            "Naive",
+            "Attacks (s)",
+            "Wall (s)",
+            "Device",
+        ]
+        rows = [
+            [p["folder"], p["examples"], pct(p["clean"]), pct(p["robust"]), count(p["cost"].get("gradients")),
+             count(p["cost"].get("naive_gradients")), seconds(p["attack_seconds"]), seconds(p["wall_seconds"]),
+             str(p["device"] or "")]
+            for p in evaluation["parts"]
+        ]  # fmt: skip
+        total = evaluation["cost"]
+        rows.append(
+            ["Total", evaluation["examples"], pct(evaluation["clean"]["accuracy"]), pct(evaluation["robust"]["accuracy"]),
+             count(total["gradients"]), count(total["naive_gradients"]), "", seconds(total["wall_seconds"]), ""]
+        )  # fmt: skip
+        out += ["", table(header, rows)]
+    return "\n".join(out) + "\n"
+
+
+def seconds(value: float | None) -> str:
+    return "" if value is None else f"{value:.0f}"
+
+
+def write_merged(paths: Sequence[str | os.PathLike], out_dir: Path) -> str:
+    """:func:`merge_results` of ``paths`` written to ``out_dir`` (``correctness.npz``, ``results.md``,
+    ``results.json``); returns the terminal summary and the files written."""
+    record, merged = merge_results(paths)
+    record["name"] = out_dir.name
+    out_dir.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(out_dir / "correctness.npz", **merged)
+    (out_dir / "results.md").write_text(merged_report(record, markdown=True))
+    write_json_last(record, out_dir / "results.json")
+    written = ", ".join(str(out_dir / name) for name in ("results.json", "results.md", "correctness.npz"))
+    return merged_report(record, markdown=False) + f"wrote {written}"
 
 
 def default_result_name(ckpt: Path) -> str:
@@ -564,18 +925,6 @@ def result_folder(out_dir: Path, name: str, overwrite: bool = False) -> Path:
         version += 1
         folder = out_dir / f"{name}-v{version}"
     return folder
-
-
-def write_merged(paths: Sequence[str | os.PathLike], out_dir: Path) -> str:
-    """:func:`merge_correctness` of ``paths`` written to ``out_dir/correctness.npz``; a summary line."""
-    merged = merge_correctness(paths)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    n = merged["clean"].size
-    np.savez_compressed(out_dir / "correctness.npz", **merged, index=np.arange(n))
-    return (
-        f"merged {len(paths)} evaluations of {n} examples: clean {100 * merged['clean'].mean():.2f}%, "
-        f"robust (per-example worst case) {100 * merged['robust'].mean():.2f}%; wrote {out_dir / 'correctness.npz'}"
-    )
 
 
 def strip_timing(value: Any) -> Any:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -35,6 +36,7 @@ from qgtrain.evaluation.protocol import (
     evaluate_suite,
     worst_case_correct,
 )
+from qgtrain.models import DATASET_SPECS
 
 SWEEPABLE = ("eps", "steps", "b")
 """The L-inf radius both protocols default to: the attacks' own default (``attacks/base.py``)."""
@@ -65,16 +67,30 @@ def is_quantized(name: str) -> bool:
 
 
 class TensorBatches:
-    """Re-iterable fixed batches ``(x in [0, 1], y)`` over in-memory images (uint8 or float)."""
+    """Re-iterable fixed batches ``(x in [0, 1], y)`` over in-memory images (uint8 or float).
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int) -> None:
+    ``start`` is the index of the first image in its split (a chunk ``--range START:STOP``): batch
+    ``i`` is batch ``start // batch_size + i`` of the whole split, and draws that batch's random
+    stream, so chunks whose ``start`` is a multiple of ``batch_size`` give what one run over the
+    whole split gives for their examples.
+    """
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, start: int = 0) -> None:
         if images.shape[0] != labels.shape[0]:
             raise ValueError(f"{images.shape[0]} images but {labels.shape[0]} labels")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if start < 0:
+            raise ValueError(f"start must be >= 0, got {start}")
         self.images = images
         self.labels = labels
         self.batch_size = int(batch_size)
+        self.start = int(start)
+
+    @property
+    def first_batch_index(self) -> int:
+        """The number of this chunk's first batch in the whole split (its random stream)."""
+        return self.start // self.batch_size
 
     def __len__(self) -> int:
         return math.ceil(self.labels.shape[0] / self.batch_size)
@@ -92,7 +108,7 @@ class TensorBatches:
     def head(self, num_batches: int) -> TensorBatches:
         """The first ``num_batches`` whole batches (the same batches, so the same RNG streams)."""
         end = min(num_batches * self.batch_size, self.num_examples)
-        return TensorBatches(self.images[:end], self.labels[:end], self.batch_size)
+        return TensorBatches(self.images[:end], self.labels[:end], self.batch_size, self.start)
 
 
 @dataclass(frozen=True)
@@ -236,6 +252,8 @@ class ProtocolResult:
     clean: torch.Tensor
     rows: list[RowResult]
     partial: bool = False
+    unfinished: list[str] = field(default_factory=list)
+    """Labels of the rows an interrupt left unfinished (left out of ``rows``)."""
 
     @property
     def num_examples(self) -> int:
@@ -261,6 +279,7 @@ class ProtocolResult:
         return {
             "protocol": "paper",
             "partial": self.partial,
+            "unfinished": list(self.unfinished),
             "settings": self.settings.to_dict(),
             "n": self.num_examples,
             "clean": {"accuracy": self.clean_accuracy, "correct": int(self.clean.sum())},
@@ -352,6 +371,7 @@ class ProtocolRunner:
                     self.batches,
                     self.device,
                     seed=seed,
+                    first_batch_index=self.batches.first_batch_index,
                     on_batch=self._advance if self.progress is not None else None,
                 )
                 correct.append(outcome.robust)
@@ -365,6 +385,15 @@ class ProtocolRunner:
         return [
             self._rows[k] for k in ((s, tuple(settings.seeds)) for s in settings.specs()) if k in self._rows
         ]
+
+    def partial_result(self, settings: ProtocolSettings) -> ProtocolResult:
+        """What an interrupt leaves: the finished rows (every run over every example), the others
+        named as unfinished; clean accuracy only when a row finished (alone it is no evaluation)."""
+        rows = self.finished_rows(settings)
+        done = {row.spec for row in rows}
+        unfinished = [spec.label for spec in settings.specs() if spec not in done]
+        clean = self.clean() if rows else torch.zeros(0, dtype=torch.bool)
+        return ProtocolResult(settings, clean, rows, partial=True, unfinished=unfinished)
 
     def _advance(self, batch_index: int) -> None:
         assert self.progress is not None
@@ -464,6 +493,10 @@ class StandardResult:
     """Wall time of the attacks (suite and rows)."""
     estimated_seconds: float | None = None
     """What the attacks were estimated to take, from the first batch (None: no batch finished)."""
+    unfinished: list[str] = field(default_factory=list)
+    """Labels of the paper rows an interrupt left short of the suite's batches (left out of ``rows``)."""
+    batches_planned: int = 0
+    batches_finished: int = 0
 
     @property
     def clean(self) -> torch.Tensor:
@@ -501,6 +534,8 @@ class StandardResult:
         return {
             "protocol": "standard",
             "partial": self.partial,
+            "unfinished": list(self.unfinished),
+            "batches": {"finished": self.batches_finished, "planned": self.batches_planned},
             "settings": self.settings.to_dict(),
             "n": n,
             "n_planned": self.num_examples_planned,
@@ -536,7 +571,9 @@ def run_standard(
 
     After the first batch the attacks' total time is estimated from it, in proportion to the
     examples, and passed to ``on_estimate(seconds, examples measured)``. Ctrl-C keeps the batches
-    every part finished, marked partial.
+    the suite finished, marked partial, with the paper rows that finished each of them (a row cut
+    short on the last one is named in ``unfinished``). Batch ``i`` is batch
+    ``batches.first_batch_index + i`` of the split, and draws its stream.
     """
     attacks = settings.suite()
     specs = settings.row_specs()
@@ -545,8 +582,9 @@ def run_standard(
     row_parts: list[list[SuiteOutcome]] = [[] for _ in specs]
     row_seconds = [0.0 for _ in specs]
     estimate, partial, start = None, False, time.perf_counter()
+    first = batches.first_batch_index
     try:
-        for index, batch in enumerate(batches):
+        for index, batch in enumerate(batches, start=first):
             one = [batch]
             if progress is not None:
                 progress.set_postfix_str("suite")
@@ -565,22 +603,29 @@ def run_standard(
                 row_seconds[k] += time.perf_counter() - row_start
                 if progress is not None:
                     progress.update(1)
-            if index == 0:
+            if index == first:
                 measured = len(batch[1])
                 estimate = (time.perf_counter() - start) * batches.num_examples / measured
                 if on_estimate is not None:
                     on_estimate(estimate, measured)
     except KeyboardInterrupt:
         partial = True
-    done = min([len(suite_parts), *(len(parts) for parts in row_parts)])  # batches every part finished
-    suite = SuiteOutcome.concatenate(suite_parts[:done], [a.label for a in attacks])
-    rows = []
+    done = len(suite_parts)  # the batches the suite finished: the report covers them
+    suite = SuiteOutcome.concatenate(suite_parts, [a.label for a in attacks])
+    rows, unfinished = [], []
     for spec, parts, seconds in zip(specs, row_parts, row_seconds, strict=True):
-        outcome = SuiteOutcome.concatenate(parts[:done], [spec.label])
+        if len(parts) < done:
+            unfinished.append(spec.label)
+            continue
+        outcome = SuiteOutcome.concatenate(parts, [spec.label])
         rows.append(RowResult(spec, [settings.seed], [outcome.robust], [seconds], outcome.costs))
     configs = [a.config() for a in attacks]
     seconds = time.perf_counter() - start
-    return StandardResult(settings, suite, configs, rows, batches.num_examples, partial, seconds, estimate)
+    return StandardResult(
+        *(settings, suite, configs, rows, batches.num_examples, partial, seconds, estimate, unfinished),
+        batches_planned=len(batches),
+        batches_finished=done,
+    )
 
 
 # ---------------------------------------------------------------------------------------------- planning
@@ -648,6 +693,58 @@ def format_duration(seconds: float) -> str:
     if seconds < 172800:
         return f"{seconds / 3600:.1f} h"
     return f"{seconds / 86400:.1f} days"
+
+
+QUICK_EXAMPLES = 1000
+QUICK_SUITE = ("apgd_ce", "apgd_t")
+"""The evaluation suggested where the full one does not fit the machine: the first 1,000 test images
+under APGD-CE -> APGD-T alone (the part of AutoAttack that fools almost everything it fools)."""
+
+
+def suggested_evaluations(
+    ckpt: str | os.PathLike,
+    model: nn.Module,
+    dataset: str,
+    device: torch.device | str | None = None,
+    split_size: int = 10_000,
+    fits_seconds: float = 3600.0,
+) -> list[tuple[str, float]]:
+    """The ``evaluate.py`` commands to run next on ``ckpt``, each with the time it takes at most
+    here (its naive budget, :func:`planned_cost`, at the speed of one gradient and forward pass timed
+    on random inputs of ``dataset``'s shape): the full standard evaluation of the test split
+    (``split_size``: 10,000 for MNIST, Fashion-MNIST and CIFAR-10), and,
+    first, when that takes longer than ``fits_seconds`` here (a CPU), the quick one
+    (:data:`QUICK_EXAMPLES`, :data:`QUICK_SUITE`, no paper rows)."""
+    spec = DATASET_SPECS[dataset]
+    x = torch.rand(200, spec.channels, spec.size, spec.size)
+    probe = TensorBatches(x, torch.zeros(200, dtype=torch.long), 200)
+    per_gradient, per_forward = probe_seconds(model, probe, device)
+
+    def seconds(settings: StandardSettings, n: int) -> float:
+        gradients, forwards = planned_cost(settings, n)
+        return gradients * per_gradient + forwards * per_forward
+
+    base = f"python evaluate.py --ckpt {ckpt}"
+    full = (base, seconds(StandardSettings(num_classes=spec.num_classes), split_size))
+    if full[1] <= fits_seconds:
+        return [full]
+    quick = StandardSettings(suite_attacks=list(QUICK_SUITE), paper_rows=[], num_classes=spec.num_classes)
+    command = f"{base} --n {QUICK_EXAMPLES} --suite {','.join(QUICK_SUITE)} --attacks none"
+    return [(command, seconds(quick, QUICK_EXAMPLES)), full]
+
+
+def describe_suggestions(suggestions: Sequence[tuple[str, float]], device: torch.device | str | None) -> str:
+    """Lines for the end-of-run summary: each command with its time at most here; where there are
+    two, the first fits this machine and the second (the full evaluation) is a GPU job."""
+    where = torch.device(device or "cpu").type
+    if len(suggestions) == 1:
+        command, seconds = suggestions[0]
+        return f"  next: {command}   # at most {format_duration(seconds)} here ({where})"
+    (quick, quick_seconds), (full, full_seconds) = suggestions
+    return (
+        f"  next: {quick}   # at most {format_duration(quick_seconds)} here ({where})\n"
+        f"  full evaluation (a GPU job): {full}   # at most {format_duration(full_seconds)} here"
+    )
 
 
 def describe_plan(

@@ -69,7 +69,8 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
 
 def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], Any]) -> None:
     """``write(handle)`` into a temporary file in the same folder, fsync, then rename over ``path``:
-    ``path`` is complete or as it was, never half written (the one atomic write; benchmarks use it)."""
+    ``path`` is complete or as it was, never half written (the one atomic write; benchmarks use it).
+    An ``OSError`` (a full disk: ``ENOSPC``) is raised again naming ``path``, of the same kind."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -79,6 +80,8 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], Any]) -> N
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
+    except OSError as exc:  # a write or fsync error carries no file name: name the target
+        raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from None
     finally:
         if tmp.exists():
             tmp.unlink()

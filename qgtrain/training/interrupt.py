@@ -1,4 +1,4 @@
-"""Ctrl-C, SIGTERM and SIGUSR1 during training: save ``interrupted.ckpt`` (atomically), stop cleanly.
+"""Ctrl-C, SIGTERM, SIGHUP and SIGUSR1 during training: save ``interrupted.ckpt`` (atomically), stop cleanly.
 
 Lightning's ``_SignalConnector`` turns SIGTERM into a flag that its loops check after every training
 batch; they then raise ``SIGTERMException`` (under DDP after broadcasting the flag from rank 0, so
@@ -9,9 +9,14 @@ handler is replaced: it saves ``hpc_ckpt_N.ckpt`` in the middle of whatever the 
 batch boundary, and under SLURM with auto-requeue on (Lightning's ``SLURMEnvironment`` default) the
 job is then requeued with ``scontrol requeue`` as Lightning does. The first signal is reported in
 one line naming it (``SIGUSR1: stopping at the end of this batch``); Lightning's notice, which calls
-every signal ``SIGTERM`` (``[rank: 0] Received SIGTERM: 2`` for Ctrl-C), is silenced. Exit
-statuses: 130 (Ctrl-C), 143 (SIGTERM), 138 (SIGUSR1): 128 + the signal number, as a shell reports
-a killed command.
+every signal ``SIGTERM`` (``[rank: 0] Received SIGTERM: 2`` for Ctrl-C), is silenced. SIGHUP (the
+terminal closed) is handled as SIGTERM. Exit statuses: 130 (Ctrl-C), 143 (SIGTERM), 129 (SIGHUP),
+138 (SIGUSR1): 128 + the signal number, as a shell reports a killed command.
+
+A batch that does not end soon after the signal (an attack with a huge step count) is not waited
+for: after :data:`ATTACK_GRACE_S` seconds the attack raises between two iterations
+(:func:`qgtrain.attacks.base.request_stop`), and the run stops without a checkpoint (the state is
+mid-step), naming the latest one.
 """
 
 from __future__ import annotations
@@ -33,12 +38,17 @@ from lightning.pytorch.trainer.connectors import signal_connector
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from qgtrain.attacks.base import AttackInterrupted, clear_stop, request_stop
 from qgtrain.training.resume import INTERRUPTED_CHECKPOINT
 
 log = logging.getLogger(__name__)
 SIGNAL_NAMES = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM"}
-if hasattr(signal, "SIGUSR1"):
-    SIGNAL_NAMES[signal.SIGUSR1] = "SIGUSR1"
+for _name in ("SIGUSR1", "SIGHUP"):
+    if hasattr(signal, _name):
+        SIGNAL_NAMES[getattr(signal, _name)] = _name
+HANDLED_SIGNALS = tuple(SIGNAL_NAMES)
+ATTACK_GRACE_S = 10.0
+"""Seconds a batch may still take after a signal before the attack running in it is interrupted."""
 LIGHTNING_SIGNAL_LOG = logging.getLogger(signal_connector.__name__)
 """Lightning's SIGTERM handler logs here; silenced while it runs inside ours, which names the signal."""
 
@@ -101,11 +111,13 @@ class InterruptCheckpoint(Callback):
         self.requeued = False
         self.epoch = 0
         self.global_step = 0
+        self._previous: dict[int, Any] = {}
 
     # ------------------------------------------------------------ signals
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Lightning registered its handlers in ``Trainer._run``: route SIGTERM, SIGUSR1 and the
         first Ctrl-C through its SIGTERM handler, noting which signal came first."""
+        clear_stop()
         if threading.current_thread() is not threading.main_thread():
             return
         lightning_sigterm = signal.getsignal(signal.SIGTERM)
@@ -115,6 +127,7 @@ class InterruptCheckpoint(Callback):
                 raise KeyboardInterrupt  # a second Ctrl-C: stop now, wherever the run is
             if self.signal is None:
                 log.warning("%s", stopping_message(signum))
+                request_stop(ATTACK_GRACE_S)  # an attack that outlasts the batch end stops here
             self.signal = self.signal or signum
             if callable(lightning_sigterm):
                 # its "[rank: 0] Received SIGTERM: <number>" would call every signal SIGTERM
@@ -124,18 +137,30 @@ class InterruptCheckpoint(Callback):
                 finally:
                     LIGHTNING_SIGNAL_LOG.removeFilter(_drop)
 
-        # all restored by Lightning's SignalConnector.teardown
-        for signum in (signal.SIGTERM, signal.SIGINT, getattr(signal, "SIGUSR1", None)):
-            if signum is not None:
-                signal.signal(signum, handler)
+        for signum in HANDLED_SIGNALS:
+            self._previous.setdefault(signum, signal.getsignal(signum))
+            signal.signal(signum, handler)
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._restore_handlers()
+
+    def _restore_handlers(self) -> None:
+        """Lightning's SignalConnector.teardown restores the handlers it knows; SIGHUP is ours."""
+        clear_stop()
+        if threading.current_thread() is threading.main_thread():
+            for signum, previous in self._previous.items():
+                if signum not in (signal.SIGTERM, signal.SIGINT, getattr(signal, "SIGUSR1", None)):
+                    signal.signal(signum, previous if previous is not None else signal.SIG_DFL)
+        self._previous.clear()
 
     def on_exception(
         self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
     ) -> None:
-        hard = isinstance(exception, KeyboardInterrupt)  # not at a batch boundary
+        self._restore_handlers()
+        hard = isinstance(exception, KeyboardInterrupt)  # not at a batch boundary (or an attack's grace ran out)
         if not hard and not isinstance(exception, SIGTERMException):
             return
-        if hard:
+        if hard and not (isinstance(exception, AttackInterrupted) and self.signal is not None):
             self.signal = signal.SIGINT
         self.signal = self.signal or signal.SIGTERM
         self.interrupted = True
@@ -162,7 +187,7 @@ class InterruptCheckpoint(Callback):
     # ------------------------------------------------------------ reporting
     @property
     def exit_status(self) -> int:
-        """128 + the signal number: 130 Ctrl-C, 143 SIGTERM, 138 SIGUSR1."""
+        """128 + the signal number: 130 Ctrl-C, 143 SIGTERM, 129 SIGHUP, 138 SIGUSR1."""
         return 128 + int(self.signal or signal.SIGINT)
 
     def message(self, resume_command: str) -> str:

@@ -4,7 +4,8 @@ The network and the inner maximiser are injected; the inner attack is any :class
 (PGD, PQGD with few steps, FGSM-RS, BLOB, BLOB_QG) or ``None`` for standard training. Issue 23's cheap
 methods: free adversarial training (an inner attack with the ``reuses_training_backward`` trait,
 :class:`qgtrain.attacks.Free`), ATTA (``atta``: a per-example perturbation buffer,
-:mod:`qgtrain.training.atta`) and the TRADES objective (``objective="trades"``).
+:mod:`qgtrain.training.atta`) and the TRADES objective (``objective="trades"``); the MART objective
+(``objective="mart"``) and adversarial weight perturbation (``awp_gamma``, :mod:`qgtrain.training.awp`).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from qgtrain.attacks.base import DEFAULT_EPS
 from qgtrain.evaluation.protocol import attack_batch
 from qgtrain.models import DATASET_SPECS, Network, model_spec
 from qgtrain.training.atta import PerturbationBuffer, request_example_indices
+from qgtrain.training.awp import Forward, perturbed_forward, weight_perturbation
 
 log = logging.getLogger(__name__)
 
@@ -82,10 +84,42 @@ def default_val_attack() -> PGD:
 TRADES_START_STD = 0.001
 """TRADES's start ``x + 0.001 N(0, 1)`` (Zhang et al.'s reference code)."""
 
-TRAINING_PASSES = {"madry": 1, "mixed": 2, "trades": 2}
+TRAINING_PASSES = {"madry": 1, "mixed": 2, "trades": 2, "mart": 2}
 """Forward-backward passes through the network per training example and step, by objective: madry
-trains on ``f(x')``; mixed and TRADES on ``f(x)`` and ``f(x')`` (TRADES's attack also needs one
-forward pass for its target ``softmax(f(x))``, not counted here)."""
+trains on ``f(x')``; mixed, TRADES and MART on ``f(x)`` and ``f(x')`` (TRADES's attack also needs one
+forward pass for its target ``softmax(f(x))``, not counted here). AWP repeats them once more on the
+steps it perturbs (:func:`awp_data_passes`)."""
+
+OBJECTIVE_ATTACK_LOSS = {"trades": "kl", "mart": "ce"}
+"""The loss an objective's inner maximisation needs: TRADES maximises KL(f(x) || f(x')) (Zhang et al.
+2019, Eq. 5), MART the cross-entropy (Wang et al. 2020, mart.py). Other objectives keep the attack's own."""
+
+MART_BCE_OFFSET = 1e-4
+"""MART's margin term is ``-log(1 + 1e-4 - max_{k != y} p_k(x'))`` in the reference code (YisenWang/MART,
+``log(1.0001 - p)``): the offset bounds the term and its gradient where ``p`` nears 1."""
+
+
+def mart_loss(
+    logits_clean: torch.Tensor, logits_adv: torch.Tensor, y: torch.Tensor, beta: float
+) -> torch.Tensor:
+    """MART's training loss (Wang et al., ICLR 2020, the MART objective), the mean over the batch of
+    ``BCE(p(x'), y) + beta * KL(p(x) || p(x')) * (1 - p_y(x))``, with
+    ``BCE(p(x'), y) = -log p_y(x') - log(1 + 1e-4 - max_{k != y} p_k(x'))`` (the reference's offset,
+    :data:`MART_BCE_OFFSET`); every term is differentiated, the clean probabilities included."""
+    logits_adv, logits_clean = logits_adv.float(), logits_clean.float()
+    p_adv = F.softmax(logits_adv, dim=1)
+    p_clean = F.softmax(logits_clean, dim=1)
+    top_wrong = p_adv.scatter(1, y[:, None], -1.0).argmax(dim=1)
+    p_top_wrong = p_adv.gather(1, top_wrong[:, None]).squeeze(1)
+    bce = F.cross_entropy(logits_adv, y, reduction="none") - torch.log(1 + MART_BCE_OFFSET - p_top_wrong)
+    misclassified = 1 - p_clean.gather(1, y[:, None]).squeeze(1)
+    return (bce + beta * kl_loss(logits_adv, p_clean) * misclassified).mean()
+
+
+def awp_data_passes(data_passes: int, awp_gamma: float, awp_warmup_epochs: int, replays: int = 1) -> int:
+    """Data passes on which AWP perturbs the weights (each costs the objective's training passes once
+    more): those after its warm-up; an epoch of free training is ``replays`` data passes."""
+    return max(data_passes - awp_warmup_epochs * replays, 0) if awp_gamma > 0 else 0
 
 
 def free_training_epochs(max_epochs: int, replays: int) -> int:
@@ -102,15 +136,19 @@ def free_training_epochs(max_epochs: int, replays: int) -> int:
     return max_epochs // replays
 
 
-def with_kl_loss(attack: Attack) -> Attack:
-    """``attack`` rebuilt (same class, same config) with the ``kl`` loss (TRADES's inner maximisation)."""
+def with_objective_loss(attack: Attack, objective: str) -> Attack:
+    """``attack`` rebuilt (same class, same config) with the loss ``objective``'s inner maximisation needs
+    (:data:`OBJECTIVE_ATTACK_LOSS`); unchanged for the other objectives."""
+    loss = OBJECTIVE_ATTACK_LOSS.get(objective)
+    if loss is None:
+        return attack
     if attack.fixed_loss is not None:
         raise ValueError(
-            f"objective trades maximises the kl loss, but {attack.name} fixes its loss ({attack.fixed_loss}); "
-            "choose an inner attack with a loss argument (pgd, pqgd, apgd_ce, fgsm_rs...)"
+            f"objective {objective} maximises the {loss} loss, but {attack.name} fixes its loss "
+            f"({attack.fixed_loss}); choose an inner attack with a loss argument (pgd, pqgd, apgd_ce, fgsm_rs...)"
         )
     config = {key: value for key, value in attack.config().items() if key != "name"}
-    return attack if config.get("loss") == "kl" else type(attack)(**{**config, "loss": "kl"})
+    return attack if config.get("loss") == loss else type(attack)(**{**config, "loss": loss})
 
 
 class AdversarialTraining(L.LightningModule):
@@ -119,7 +157,10 @@ class AdversarialTraining(L.LightningModule):
     ``objective="madry"`` trains on adversarial examples only (Eq. 1); ``"mixed"`` on
     ``clean_weight * L(x) + (1 - clean_weight) * L(x_adv)``; ``"trades"`` on TRADES's
     ``CE(f(x), y) + beta * KL(f(x) || f(x'))`` (Zhang et al. 2019, Eq. 5), ``x'`` maximising the KL
-    term: the inner attack runs with the ``kl`` loss from ``x + 0.001 N(0, 1)``. An inner attack with
+    term: the inner attack runs with the ``kl`` loss from ``x + 0.001 N(0, 1)``; ``"mart"`` on MART's
+    boosted cross-entropy on ``x'`` plus ``beta * KL(f(x) || f(x')) * (1 - p_y(x))`` (:func:`mart_loss`),
+    the inner attack as configured with the ``ce`` loss. ``awp_gamma > 0`` takes every objective's loss
+    at adversarially perturbed weights (AWP, :mod:`qgtrain.training.awp`). An inner attack with
     the ``reuses_training_backward`` trait (``free``) trains by free adversarial training: each batch
     is replayed ``inner.replays`` times, one optimizer step each, and the epochs are divided by the
     replays so ``max_epochs`` counts data passes. ``atta`` starts the inner attack from each
@@ -141,9 +182,14 @@ class AdversarialTraining(L.LightningModule):
         inner: Inner maximiser that crafts the training inputs; null trains on clean inputs.
         val_attack: Attack behind ``val/adv_acc`` (null: PGD-10 at the attacks' default radius, step 0.04).
         objective: ``madry`` trains on adversarial inputs only (Eq. 1); ``mixed`` also on clean ones;
-            ``trades``: clean cross-entropy + beta * KL(clean || adversarial).
+            ``trades``: clean cross-entropy + beta * KL(clean || adversarial); ``mart``: boosted
+            adversarial cross-entropy + beta * KL(clean || adversarial) * (1 - p_y(clean)).
         clean_weight: Weight of the clean loss under ``objective: mixed``, in [0, 1].
-        beta: Weight of the KL term under ``objective: trades`` (>= 0; 6 in the paper).
+        beta: Weight of the KL term under ``objective: trades`` or ``mart`` (>= 0; 6 in both papers).
+        awp_gamma: Relative size gamma of the adversarial weight perturbation (AWP, Wu et al. 2020:
+            0.005 in their TRADES code, 0.01 in their PGD-AT code); 0: off, the plain step.
+        awp_warmup_epochs: Epochs trained without AWP before it starts (the reference's ``--awp-warmup``;
+            free training: epochs of ``replays`` data passes).
         atta: Keep each training example's perturbation across epochs and start the inner attack
             there (ATTA, Zheng et al. 2020); the data module yields the examples' indices (and, with crops
             and flips, each image's view, which the stored perturbation follows). Give the
@@ -169,9 +215,11 @@ class AdversarialTraining(L.LightningModule):
         net: Network,
         inner: Attack | None = None,
         val_attack: Attack | None = None,
-        objective: Literal["madry", "mixed", "trades"] = "madry",
+        objective: Literal["madry", "mixed", "trades", "mart"] = "madry",
         clean_weight: float = 0.5,
         beta: float = 6.0,
+        awp_gamma: float = 0.0,
+        awp_warmup_epochs: int = 0,
         atta: bool = False,
         atta_reset_epochs: int = 0,
         attack_in_eval_mode: bool = True,
@@ -185,19 +233,25 @@ class AdversarialTraining(L.LightningModule):
         seed: int = 0,
     ) -> None:
         super().__init__()
-        if objective not in ("madry", "mixed", "trades"):
-            raise ValueError(f"objective must be 'madry', 'mixed' or 'trades', got {objective!r}")
+        if objective not in TRAINING_PASSES:
+            raise ValueError(f"objective must be 'madry', 'mixed', 'trades' or 'mart', got {objective!r}")
         if not 0.0 <= clean_weight <= 1.0:
             raise ValueError(f"clean_weight must be in [0, 1], got {clean_weight}")
         if not (isinstance(beta, int | float) and math.isfinite(beta) and beta >= 0):
             raise ValueError(f"beta must be a number >= 0, got {beta!r}")
+        if isinstance(awp_gamma, bool) or not (
+            isinstance(awp_gamma, int | float) and math.isfinite(awp_gamma) and awp_gamma >= 0
+        ):
+            raise ValueError(f"awp_gamma must be a number >= 0 (0: no AWP), got {awp_gamma!r}")
+        if isinstance(awp_warmup_epochs, bool) or not isinstance(awp_warmup_epochs, int) or awp_warmup_epochs < 0:  # fmt: skip
+            raise ValueError(f"awp_warmup_epochs must be an integer >= 0, got {awp_warmup_epochs!r}")
         free = getattr(inner, "reuses_training_backward", False)
-        if objective == "trades":
+        if objective in OBJECTIVE_ATTACK_LOSS:
             if inner is None:
-                raise ValueError("objective trades needs an inner attack (--inner pgd, pqgd...), not none")
+                raise ValueError(f"objective {objective} needs an inner attack (--inner pgd, pqgd...), not none")  # fmt: skip
             if free:
-                raise ValueError("objective trades needs an attack that crafts x', not free's in-place step")
-            inner = with_kl_loss(inner)
+                raise ValueError(f"objective {objective} needs an attack that crafts x', not free's in-place step")  # fmt: skip
+            inner = with_objective_loss(inner, objective)
         if atta and (inner is None or free):
             raise ValueError(
                 "atta warm-starts an inner attack (pgd or pqgd, 1 or 2 steps); --inner is none or free"
@@ -363,31 +417,52 @@ class AdversarialTraining(L.LightningModule):
         start = time.perf_counter()
         x_adv = self.craft(x, y, *batch[2:4])
         self._attack_seconds = time.perf_counter() - start
-        logits_adv = self.net(x_adv)
+        forward = self.training_forward(lambda f: self.objective_loss(f, x, x_adv, y)[0])
+        loss, logits_adv, logits_clean = self.objective_loss(forward, x, x_adv, y)
         if not self._output_checked:
             self._output_checked = True
             warn_if_probabilities(logits_adv)
-        if self.hparams.objective == "trades":
-            logits_clean = self.net(x)
-            robust = kl_loss(logits_adv, F.softmax(logits_clean.float(), dim=1)).mean()
-            loss = F.cross_entropy(logits_clean, y) + self.hparams.beta * robust
+        if logits_clean is not None:
             self.train_clean_acc(logits_clean.detach(), y)
-        elif self.hparams.objective == "mixed":
-            loss_adv = F.cross_entropy(logits_adv, y)
-            logits_clean = self.net(x)
-            w = self.hparams.clean_weight
-            loss = w * F.cross_entropy(logits_clean, y) + (1 - w) * loss_adv
-            self.train_clean_acc(logits_clean.detach(), y)
-        else:
-            loss = F.cross_entropy(logits_adv, y)
-            if self._tracks_clean_accuracy() and batch_idx % self.hparams.clean_accuracy_every_n_batches == 0:
-                self.train_clean_acc(self._eval_logits(x), y)
+        elif self._tracks_clean_accuracy() and batch_idx % self.hparams.clean_accuracy_every_n_batches == 0:
+            self.train_clean_acc(self._eval_logits(x), y)
         if not torch.isfinite(loss):
             raise NonFiniteLossError(self._non_finite_message(loss))
         self.train_adv_acc(logits_adv.detach(), y)
         self.train_loss(loss.detach())
         self._log_training(attack=self.current_inner())
         return loss
+
+    def objective_loss(
+        self, forward: Forward, x: torch.Tensor, x_adv: torch.Tensor, y: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """The objective's training loss through ``forward`` (the network, or under AWP the network at
+        perturbed weights), with the adversarial logits and the clean ones when the objective uses them."""
+        logits_adv = forward(x_adv)
+        objective = self.hparams.objective
+        if objective == "madry":
+            return F.cross_entropy(logits_adv, y), logits_adv, None
+        logits_clean = forward(x)
+        if objective == "trades":
+            robust = kl_loss(logits_adv, F.softmax(logits_clean.float(), dim=1)).mean()
+            loss = F.cross_entropy(logits_clean, y) + self.hparams.beta * robust
+        elif objective == "mart":
+            loss = mart_loss(logits_clean, logits_adv, y, self.hparams.beta)
+        else:
+            w = self.hparams.clean_weight
+            loss = w * F.cross_entropy(logits_clean, y) + (1 - w) * F.cross_entropy(logits_adv, y)
+        return loss, logits_adv, logits_clean
+
+    def awp_active(self) -> bool:
+        """AWP perturbs this step's weights: ``awp_gamma > 0`` and its warm-up epochs are over."""
+        return self.hparams.awp_gamma > 0 and self.current_epoch >= self.hparams.awp_warmup_epochs
+
+    def training_forward(self, loss_of: Callable[[Forward], torch.Tensor]) -> Forward:
+        """The forward this step trains through: the network, or under AWP the network at ``w + v``, ``v``
+        the weight perturbation that raises ``loss_of`` (one more forward-backward pass of the loss)."""
+        if not self.awp_active():
+            return self.net
+        return perturbed_forward(self.net, weight_perturbation(self.net, loss_of, self.hparams.awp_gamma))
 
     def _log_training(self, attack: Attack | None) -> None:
         self.log("train/loss", self.train_loss, on_step=True, on_epoch=True, prog_bar=True)
@@ -409,7 +484,7 @@ class AdversarialTraining(L.LightningModule):
             # the gradient w.r.t. the network's input (as the reference code's tf.gradients(loss, x_input)):
             # through the clamp it would vanish wherever x + delta sits on 0 or 1 (most MNIST pixels)
             x_in = (x + delta).clamp_(*attack.clip).requires_grad_(True)
-            logits = self.net(x_in)
+            logits = self.training_forward(lambda f: F.cross_entropy(f(x_in), y))(x_in)  # noqa: B023
             if not self._output_checked:
                 self._output_checked = True
                 warn_if_probabilities(logits)
@@ -511,8 +586,16 @@ class AdversarialTraining(L.LightningModule):
             "val_attack": self.val_attack.config(),
             "objective": self.hparams.objective,  # with inner: the training cost (TRAINING_PASSES)
             "atta": bool(self.hparams.atta),
+            "awp_gamma": float(self.hparams.awp_gamma),  # with the warm-up: AWP's passes (awp_data_passes)
+            "awp_warmup_epochs": int(self.hparams.awp_warmup_epochs),
             # a mid-epoch checkpoint holds each process's data position: resume with as many
             "world_size": self.trainer.world_size if self._trainer is not None else 1,
+            # with net, objective, inner: what --resume checks (training.resume.RUN_RECORD_FLAGS)
+            "dataset": getattr(getattr(self._trainer, "datamodule", None), "name", None),
+            "optimizer": next(
+                (f"{type(o).__module__}.{type(o).__qualname__}" for o in getattr(self._trainer, "optimizers", [])),
+                None,
+            ),
         }
         state: dict[str, Any] = {}
         if self.free_delta is not None:  # every process's perturbation (index: the rank)

@@ -14,6 +14,8 @@ scalar in TensorBoard and ``checkpoint["epoch"]`` count them.
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import logging
 import os
 import re
@@ -38,16 +40,58 @@ class ResumeError(ValueError):
     """``--resume`` cannot continue this run; the one-line message says why and what to pass."""
 
 
-def run_name(dataset: str, model: str, inner: str | None, steps: int = 0, b: int = 1) -> str:
+def run_name(
+    dataset: str,
+    model: str,
+    inner: str | None,
+    steps: int = 0,
+    b: int | None = 1,
+    *,
+    replays: int | None = None,
+    atta: bool = False,
+    objective: str = "madry",
+    awp_gamma: float = 0.0,
+    ema: bool = False,
+) -> str:
     """``<dataset>-<model>-<inner>-k<steps>-b<b>`` (``<dataset>-<model>-standard`` without an inner
-    attack), e.g. ``mnist-madry_mnist-pqgd-k10-b100``."""
-    return f"{dataset}-{model}-standard" if inner is None else f"{dataset}-{model}-{inner}-k{steps}-b{b}"
+    attack), e.g. ``mnist-madry_mnist-pqgd-k10-b100``; ``b=None`` (an attack that takes no
+    quantization level: RGD, FAB-T, Square) drops ``-b<b>``. Then what else changes the method: free
+    training's ``-m<replays>``, ``-atta``, an objective other than madry (``-trades``, ``-mart``),
+    AWP's ``-awp<gamma>`` and weight averaging's ``-ema``."""
+    quantized = "" if b is None else f"-b{b}"
+    name = f"{dataset}-{model}-standard" if inner is None else f"{dataset}-{model}-{inner}-k{steps}{quantized}"
+    extras = [
+        f"m{replays}" if replays else "",
+        "atta" if atta else "",
+        objective if objective != "madry" else "",
+        f"awp{awp_gamma:g}" if awp_gamma else "",
+        "ema" if ema else "",
+    ]
+    return "-".join([name, *(extra for extra in extras if extra)])
+
+
+def check_run_name(name: str, flag: str = "--run-name") -> str:
+    """``name`` when it is one path component (a folder under the checkpoint and log roots), else a
+    one-line ``ValueError`` naming ``flag``: empty, ``.``, ``..`` or a path separator would put the
+    run's files outside its root, where ``--resume last`` cannot find them."""
+    separators = {"/", os.sep, *([os.altsep] if os.altsep else [])}
+    if not name or name in (".", "..") or any(sep in name for sep in separators) or "\0" in name:
+        raise ValueError(
+            f"{flag} {name!r}: a name must be one folder name (not empty, '.', '..', no '/'); "
+            "choose a plain name such as my-run"
+        )
+    return name
 
 
 def unique_run_name(checkpoint_root: Path, base: str) -> str:
-    """``base``, or ``base-v1``, ``base-v2``... so a new run never overwrites an old one's checkpoints."""
+    """``base``, or ``base-v1``, ``base-v2``... so a new run never writes into a folder that holds
+    another run's files (its checkpoints, or the lock of a run writing there now)."""
+    def taken(name: str) -> bool:
+        folder = checkpoint_root / name
+        return (folder.is_dir() and any(folder.iterdir())) or RunLock(folder).path.exists()
+
     name, version = base, 0
-    while (checkpoint_root / name).exists() and any((checkpoint_root / name).iterdir()):
+    while taken(name):
         version += 1
         name = f"{base}-v{version}"
     return name
@@ -116,6 +160,81 @@ def resolve_resume(resume: str, checkpoint_root: Path, base: str) -> Path:
     return path
 
 
+RUN_RECORD_FLAGS = {
+    "dataset": "--dataset",
+    "net": "--net",
+    "objective": "--model.objective",
+    "inner": "--inner",
+    "eps": "--eps",
+    "optimizer": "--model.optimizer",
+}
+"""What defines a run (recorded in ``checkpoint["qgtrain"]``) and the flag that sets each."""
+
+
+def run_record(module: L.LightningModule, dataset: str | None, optimizer: Any) -> dict[str, Any]:
+    """This run's values of :data:`RUN_RECORD_FLAGS`, as a checkpoint records them."""
+    from qgtrain.models import model_spec
+
+    try:
+        net = describe_net(model_spec(module.net), type(module.net).__name__)
+    except ValueError:
+        net = type(module.net).__name__
+    inner = getattr(module, "inner", None)
+    return {
+        "dataset": dataset,
+        "net": net,
+        "objective": module.hparams.get("objective"),
+        "inner": inner.name if inner is not None else "none",
+        "eps": float(inner.eps) if inner is not None else None,
+        "optimizer": f"{type(optimizer).__module__}.{type(optimizer).__qualname__}",
+    }
+
+
+def recorded_run(checkpoint: dict[str, Any]) -> dict[str, Any]:
+    """The checkpoint's values of :data:`RUN_RECORD_FLAGS`; a key an older checkpoint did not
+    record is absent (then it is not compared)."""
+    meta = checkpoint.get("qgtrain") or {}
+    record: dict[str, Any] = {}
+    if meta.get("dataset"):
+        record["dataset"] = meta["dataset"]
+    if meta.get("net"):
+        record["net"] = describe_net(meta["net"], "")
+    if "objective" in meta:
+        record["objective"] = meta["objective"]
+    if "inner" in meta:
+        inner = meta["inner"] or {}
+        record["inner"] = inner.get("name", "none")
+        record["eps"] = float(inner["eps"]) if "eps" in inner else None
+    if meta.get("optimizer"):
+        record["optimizer"] = meta["optimizer"]
+    return record
+
+
+def record_differences(
+    checkpoint: dict[str, Any], this_run: dict[str, Any], optimizer: Any
+) -> list[tuple[str, Any, Any]]:
+    """``(key, recorded, this run's)`` for each defining value that differs. An optimizer that an
+    older checkpoint did not record is compared by the names of its state (``momentum`` for SGD,
+    ``betas`` for Adam): loading another class's state fails inside Lightning."""
+    recorded = recorded_run(checkpoint)
+    differences = [
+        (key, recorded[key], this_run[key])
+        for key in RUN_RECORD_FLAGS
+        if key in recorded and recorded[key] != this_run[key]
+        and not (key == "eps" and recorded[key] is not None and this_run[key] is not None
+                 and abs(recorded[key] - this_run[key]) < 1e-9)
+    ]  # fmt: skip
+    if "optimizer" not in recorded:
+        saved = checkpoint.get("optimizer_states") or []
+        wanted = optimizer.state_dict()["param_groups"]
+        if saved and saved[0].get("param_groups") and wanted:
+            ignore = {"params", "initial_lr"}
+            saved_keys = set(saved[0]["param_groups"][0]) - ignore
+            if not set(wanted[0]) - ignore <= saved_keys:
+                differences.append(("optimizer", "another optimizer", this_run["optimizer"]))
+    return differences
+
+
 def describe_net(spec: dict[str, Any] | None, fallback: str) -> str:
     """``madry_mnist()`` / ``tiny_cnn(width=8)`` from a ``model_spec``, else ``fallback``."""
     if not spec:
@@ -125,10 +244,17 @@ def describe_net(spec: dict[str, Any] | None, fallback: str) -> str:
 
 
 def check_resume_compatible(
-    checkpoint: dict[str, Any], path: Path, module: L.LightningModule, world_size: int
+    checkpoint: dict[str, Any],
+    path: Path,
+    module: L.LightningModule,
+    world_size: int,
+    averaging: bool = False,
 ) -> None:
     """The network and the number of training processes must be the checkpoint's (one line, else
-    Lightning fails with a size-mismatch traceback or resumes a different data shard)."""
+    Lightning fails with a size-mismatch traceback or resumes a different data shard), and a
+    checkpoint with averaged weights needs a run that averages (``averaging``): without, Lightning
+    would continue training from its ``state_dict``, the averaged weights, not the trained ones."""
+    from qgtrain.evaluation.checkpoints import TRAINED_WEIGHTS
     from qgtrain.models import model_spec
 
     saved, wanted = checkpoint.get("state_dict", {}), module.state_dict()
@@ -146,11 +272,129 @@ def check_resume_compatible(
             f"this run builds {describe_net(requested, type(module.net).__name__)}; pass the "
             "checkpoint's --model / --config"
         )
+    if TRAINED_WEIGHTS in checkpoint and not averaging:
+        raise ResumeError(
+            f"--resume: {path} holds averaged weights (it was trained with --ema); resume with --ema"
+        )
     processes = meta.get("world_size")
     if processes is not None and processes != world_size:
         raise ResumeError(
             f"--resume: {path} was written by {processes} training process(es), this run has "
             f"{world_size}; resume with the same --devices and --num-nodes"
+        )
+
+
+def check_run_record(
+    checkpoint: dict[str, Any], path: Path, this_run: dict[str, Any], optimizer: Any, override: bool
+) -> list[tuple[str, Any, Any]]:
+    """The differences between what ``checkpoint`` records (dataset, network, objective, inner
+    attack, eps, optimizer) and this run: without ``override`` the first is refused in one line
+    naming the flag that resumes as recorded; with it they are returned (logged by the caller, kept
+    in the new checkpoints by :class:`WeightsOrigin`)."""
+    differences = record_differences(checkpoint, this_run, optimizer)
+    if differences and not override:
+        key, recorded, wanted = differences[0]
+        also = f" (and {', '.join(d[0] for d in differences[1:])})" if len(differences) > 1 else ""
+        as_recorded = f"{RUN_RECORD_FLAGS[key]} {recorded}" if recorded != "another optimizer" else (
+            f"{RUN_RECORD_FLAGS[key]} of the run that wrote it"
+        )
+        raise ResumeError(
+            f"--resume: {path} was trained with {key} {recorded}, this run has {wanted}{also}; resume "
+            f"with {as_recorded}, or pass --resume-override to continue its weights with this run's"
+        )
+    return differences
+
+
+class WeightsOrigin(Callback):
+    """Where a run's weights came from when ``--resume-override`` continued a checkpoint of another
+    run definition: the checkpoint's path and the recorded values that changed, kept in every
+    checkpoint of the run (Lightning's callback state, restored on a later resume, so the history
+    accumulates). A changed optimizer starts fresh: its state is dropped from the loaded checkpoint
+    (Lightning zips the optimizers with the saved states, so an empty list loads none)."""
+
+    def __init__(self) -> None:
+        self.history: list[dict[str, Any]] = []
+        self._pending: dict[str, Any] | None = None
+
+    def continue_changed(self, path: Path, differences: list[tuple[str, Any, Any]]) -> None:
+        self._pending = {
+            "checkpoint": str(path),
+            "changed": {key: {"recorded": str(old), "now": str(new)} for key, old, new in differences},
+        }
+
+    def on_load_checkpoint(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        if self._pending is not None and "optimizer" in self._pending["changed"]:
+            checkpoint["optimizer_states"] = []  # another class: its state cannot be loaded
+            checkpoint["lr_schedulers"] = []
+
+    def state_dict(self) -> dict[str, Any]:
+        history = self.history + ([self._pending] if self._pending is not None else [])
+        return {"weights_from": history} if history else {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.history = list(state_dict.get("weights_from", []))
+
+
+class RunLock:
+    """Exclusive ownership of a run folder by one process: an ``fcntl.flock`` on ``.<run>.lock``
+    beside it (holding the owner's PID; beside, not inside, so the folder holds only the run's
+    files), released when the process exits, however it exits, so no lock goes stale. A second
+    writer gets :class:`RunFolderBusyError`. :meth:`release` removes the file while still holding the
+    lock; :meth:`acquire` re-checks that the locked file is still the one at the path."""
+
+    def __init__(self, folder: Path) -> None:
+        folder = Path(folder)
+        self.folder = folder
+        self.path = folder.parent / f".{folder.name}.lock"
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as exc:
+                os.close(fd)
+                if exc.errno not in (errno.EAGAIN, errno.EACCES):
+                    raise
+                raise RunFolderBusyError(self.folder, self._owner()) from None
+            try:
+                same = os.path.samestat(os.fstat(fd), os.stat(self.path))
+            except FileNotFoundError:
+                same = False
+            if same:  # not a file its previous owner removed after we opened it
+                break
+            os.close(fd)
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._fd = fd
+
+    def _owner(self) -> str:
+        try:
+            return self.path.read_text().strip() or "?"
+        except OSError:
+            return "?"
+
+    def release(self) -> None:
+        if self._fd is None:
+            return
+        try:
+            self.path.unlink(missing_ok=True)
+        finally:
+            os.close(self._fd)  # closing releases the lock
+            self._fd = None
+
+
+class RunFolderBusyError(RuntimeError):
+    """Another process is writing this run folder now."""
+
+    def __init__(self, folder: Path, pid: str) -> None:
+        super().__init__(
+            f"{folder} is being written by another training process (pid {pid}); wait for it to end, "
+            "or start this run under another --run-name"
         )
 
 
@@ -256,11 +500,13 @@ def start_point(
     max_epochs: int | None,
     max_steps: int,
 ) -> tuple[str, Path | None, dict[str, Any] | None]:
-    """``(run name, checkpoint path, checkpoint)`` of a run: a new one is ``name``, else ``base``
-    (``-vN`` when taken); with ``resume`` the run of that checkpoint, read without pickle code. A
-    checkpoint that is crafted, or of a finished run, is refused with :class:`ResumeError`."""
+    """``(run name, checkpoint path, checkpoint)`` of a run: a new one is ``name``, else ``base``,
+    with ``-vN`` when that folder holds another run's files (whoever chose the name); with
+    ``resume`` the run of that checkpoint, read without pickle code (a ``name`` that would write
+    into another run's folder gets ``-vN`` too). A checkpoint that is crafted, or of a finished run,
+    is refused with :class:`ResumeError`."""
     if not resume:
-        return name or unique_run_name(checkpoint_root, base), None, None
+        return unique_run_name(checkpoint_root, name or base), None, None
     path = resolve_resume(resume, checkpoint_root, base)
     try:
         checkpoint = read_checkpoint(path)
@@ -269,7 +515,11 @@ def start_point(
     finished = finished_message(checkpoint, path, max_epochs, max_steps)
     if finished:
         raise ResumeError(f"--resume: {finished}")
-    return name or path.parent.name, path, checkpoint
+    run = path.parent.name if name is None or resume == "last" else name  # last: the version it found
+    folder = checkpoint_root / run
+    if folder.resolve() != path.parent.resolve() and folder.is_dir() and any(folder.iterdir()):
+        run = unique_run_name(checkpoint_root, run)  # not the resumed run's folder: another run's
+    return run, path, checkpoint
 
 
 def slurm_requeued() -> bool:

@@ -7,6 +7,10 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import WeightAveraging
+
+from qgtrain.evaluation.runner import describe_suggestions, suggested_evaluations
+from qgtrain.models import model_spec
 
 EPOCH_NUMBERING = "counted from 0, as the progress bar counts"
 """How every epoch qgtrain reports is numbered: Lightning's ``current_epoch``, the progress bar's ``Epoch N``."""
@@ -30,7 +34,8 @@ def quiet_trainer(**overrides: Any) -> L.Trainer:
 
 
 def run_summary(trainer: L.Trainer, run_name: str, folder: Path) -> str:
-    """Best robust accuracy (metric, epoch), both checkpoints, and the commands to run next. The
+    """Best robust accuracy (metric, epoch), both checkpoints, which weights they hold when averaged,
+    and the evaluations to run next, sized to this machine (a CPU: a quick one first). The
     epoch is ``checkpoint["epoch"]``, numbered from 0 as the progress bar and the robustness lines
     number it (and said so: ``at epoch 1`` of a 3-epoch run is its second, ``Epoch 1`` on the bar)."""
     checkpoint = trainer.checkpoint_callback
@@ -50,8 +55,13 @@ def run_summary(trainer: L.Trainer, run_name: str, folder: Path) -> str:
         monitor = getattr(checkpoint, "monitor", None)
         lines = [f"run {run_name} finished: no best.ckpt ({monitor} was never logged)"]
     lines.append(f"  last: {last}")
+    if any(isinstance(callback, WeightAveraging) for callback in trainer.callbacks):
+        lines.append("  weights: averaged (--ema); evaluate.py --weights raw evaluates the trained ones")
     logger = trainer.logger
     if logger is not None and getattr(logger, "log_dir", None):
         lines.append(f"  TensorBoard: tensorboard --logdir {Path(logger.log_dir).parent}")
-    lines.append(f"  next: python evaluate.py --ckpt {best}")
+    net = trainer.lightning_module.net
+    dataset = model_spec(net)["kwargs"].get("dataset", "mnist")
+    device = trainer.lightning_module.device
+    lines.append(describe_suggestions(suggested_evaluations(best, net, dataset, device), device))
     return "\n".join(lines)

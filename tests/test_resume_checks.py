@@ -1,0 +1,111 @@
+"""``--resume`` checks what it resumes: the checkpoint records dataset, network, objective, inner
+attack, eps and optimizer; another value is refused in one line naming the flag that resumes as
+recorded, and ``--resume-override`` continues the weights and records where they came from."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from conftest import call_main, error_lines, no_training, output_roots
+
+import qgtrain.cli.train as train_cli
+
+ONE_STEP = [
+    "--net", "tiny_cnn", "--inner", "pgd", "--steps", "1", "--run-name", "r",
+    "--data.init_args.train_subset", "100", "--data.init_args.val_size", "100",
+    "--trainer.limit_train_batches", "1", "--trainer.limit_val_batches", "1",
+    "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
+    "--robustness.every_n_epochs", "0", "--visualization.every_n_epochs", "0",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def trained(data_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One Adam step of a TinyCNN on MNIST, PGD-1 at eps 0.3, madry objective: ``ROOT/ckpt/r/last.ckpt``."""
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("trained")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("QGTRAIN_DATA", str(data_root))
+        assert call_main(train_cli.main, [*ONE_STEP, *output_roots(root), "--epochs", "1"]) == 0
+    return root
+
+
+@pytest.fixture
+def run(trained: Path, tmp_path: Path, data_root: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A private copy of the trained run's output root."""
+    monkeypatch.setenv("QGTRAIN_DATA", str(data_root))
+    shutil.copytree(trained, tmp_path / "out")
+    return tmp_path / "out"
+
+
+CHANGES = {
+    "optimizer": (["--model.optimizer", "torch.optim.SGD", "--model.optimizer.init_args.lr", "0.01"],
+                  "optimizer torch.optim.adam.Adam, this run has torch.optim.sgd.SGD",
+                  "--model.optimizer torch.optim.adam.Adam"),
+    "eps": (["--eps", "0.2"], "eps 0.3, this run has 0.2", "--eps 0.3"),
+    "objective": (["--model.objective", "trades"], "objective madry, this run has trades", "--model.objective madry"),
+    "inner": (["--inner", "fgsm"], "inner pgd, this run has fgsm", "--inner pgd"),
+    "dataset": (["--data", "qgtrain.data.FashionMNISTDataModule"], "dataset mnist, this run has fashion_mnist",
+                "--dataset mnist"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("change", list(CHANGES))
+def test_resuming_with_another_run_definition_is_one_line_naming_the_flag(
+    change: str, run: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    monkeypatch.setattr(L.Trainer, "fit", no_training)
+    flags, difference, as_recorded = CHANGES[change]
+    last = run / "ckpt" / "r" / "last.ckpt"
+    argv = [*ONE_STEP, *output_roots(run), "--epochs", "2", "--resume", "last"]
+    assert call_main(train_cli.main, [*argv, *flags]) == 2
+    stderr = capsys.readouterr().err
+    assert error_lines(stderr) == [
+        f"train.py: error: --resume: {last} was trained with {difference}; resume with {as_recorded}, "
+        "or pass --resume-override to continue its weights with this run's"
+    ]
+    assert "Traceback" not in stderr
+    with pytest.raises(AssertionError, match="training started"):  # the control: as recorded, accepted
+        train_cli.main(argv)
+
+
+def test_an_older_checkpoint_without_the_optimizer_record_is_checked_by_its_state(
+    run: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """Written before the optimizer was recorded: Adam's state (``betas``) has no ``momentum``, so
+    SGD is refused in one line instead of Lightning's ``KeyError: 'momentum'``."""
+    monkeypatch.setattr(L.Trainer, "fit", no_training)
+    last = run / "ckpt" / "r" / "last.ckpt"
+    checkpoint = torch.load(last, weights_only=True)
+    del checkpoint["qgtrain"]["optimizer"], checkpoint["qgtrain"]["dataset"]
+    torch.save(checkpoint, last)
+    argv = [*ONE_STEP, *output_roots(run), "--epochs", "2", "--resume", "last"]
+    assert call_main(train_cli.main, [*argv, *CHANGES["optimizer"][0]]) == 2
+    lines = error_lines(capsys.readouterr().err)
+    assert len(lines) == 1 and "was trained with optimizer another optimizer" in lines[0], lines
+    with pytest.raises(AssertionError, match="training started"):  # control: Adam again
+        train_cli.main(argv)
+
+
+def test_resume_override_continues_the_weights_and_records_where_they_came_from(
+    run: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """Adam -> SGD with ``--resume-override``: the weights continue, SGD starts with a fresh state
+    (Adam's cannot be loaded into it), and the new checkpoint records SGD and its origin."""
+    last = run / "ckpt" / "r" / "last.ckpt"
+    before = torch.load(last, weights_only=True)
+    argv = [*ONE_STEP, *output_roots(run), "--epochs", "2", "--resume", "last", *CHANGES["optimizer"][0]]
+    assert call_main(train_cli.main, [*argv, "--resume-override"]) == 0
+    after = torch.load(last, weights_only=True)
+    assert after["global_step"] == 2 and after["qgtrain"]["optimizer"] == "torch.optim.sgd.SGD"
+    assert after["callbacks"]["WeightsOrigin"]["weights_from"] == [
+        {"checkpoint": str(last), "changed": {"optimizer": {"recorded": "torch.optim.adam.Adam",
+                                                            "now": "torch.optim.sgd.SGD"}}}
+    ]  # fmt: skip
+    assert "momentum" in after["optimizer_states"][0]["param_groups"][0]  # SGD's own state
+    assert any(not torch.equal(after["state_dict"][k], v) for k, v in before["state_dict"].items())
+    assert "WeightsOrigin" not in before["callbacks"]  # the control: a plain run records no origin
