@@ -1,6 +1,6 @@
 """Is qgtrain's ``standard`` suite as strong as AutoAttack, and how much does early exit save?
 
-On each model, the same first N MNIST test images (eps = 0.3), side by side:
+On each model, the same N MNIST test images (the first, or from ``--first``; eps = 0.3), side by side:
 
 * ``ours_standard``: qgtrain's suite (APGD-CE -> APGD-T (9 targets) -> Square 5000), early exit,
   through ``qgtrain.evaluation.protocol`` (the engine evaluate.py and the callback use);
@@ -23,6 +23,7 @@ on different ``--rows`` at once; ``--report`` prints the table from what is stor
     python benchmarks/evaluation_strength.py --ckpt checkpoints/mnist-.../last.ckpt --name madry
     python benchmarks/evaluation_strength.py --tiny --name tiny          # trains the TinyCNN first
     python benchmarks/evaluation_strength.py --ckpt ... --name madry --reference autoattack --rows ours_standard autoattack
+    python benchmarks/evaluation_strength.py --ckpt ... --name madry_5000 --first 5000 --suite apgd_ce apgd_t --seed 1 --reference autoattack --rows ours_standard autoattack
     python benchmarks/evaluation_strength.py --name madry --report
 """
 
@@ -51,10 +52,12 @@ MAIN_JOB_EPOCH_GRADIENTS = 55_000 * 11
 """One epoch of the main job: 55k images x (10 PQGD gradients + 1 training backward)."""
 
 
-def suite_rows() -> dict[str, Callable[[], list[Attack]]]:
-    """Every row but torchattacks', as a sequence of qgtrain attacks run with early exit."""
+def suite_rows(suite: list[str] | None = None) -> dict[str, Callable[[], list[Attack]]]:
+    """Every row but torchattacks', as a sequence of qgtrain attacks run with early exit;
+    ``suite``: the attacks of ``ours_standard`` (default: AutoAttack's four)."""
+    settings = StandardSettings(eps=EPS) if suite is None else StandardSettings(eps=EPS, suite_attacks=suite)
     rows: dict[str, Callable[[], list[Attack]]] = {
-        "ours_standard": lambda: StandardSettings(eps=EPS).suite(),
+        "ours_standard": settings.suite,
         "ours_standard_steps10": lambda: StandardSettings(eps=EPS, steps=10).suite(),
     }
     for b in (1, 100, 1000):
@@ -82,9 +85,11 @@ def suite_rows() -> dict[str, Callable[[], list[Attack]]]:
     return rows
 
 
-def run_suite(model: nn.Module, attacks: list[Attack], x: torch.Tensor, y: torch.Tensor, batch: int) -> dict:
+def run_suite(
+    model: nn.Module, attacks: list[Attack], x: torch.Tensor, y: torch.Tensor, batch: int, seed: int = 0
+) -> dict:
     start = time.perf_counter()
-    outcome = evaluate_suite(model, attacks, TensorBatches(x, y, batch), seed=0)
+    outcome = evaluate_suite(model, attacks, TensorBatches(x, y, batch), seed=seed)
     seconds = time.perf_counter() - start
     gradients = sum(c.gradients for c in outcome.costs)
     naive = sum(c.naive_gradients for c in outcome.costs)
@@ -160,6 +165,8 @@ def run_torchattacks(
 
 AUTOATTACK_ORDER = ("apgd-ce", "apgd-t", "fab-t", "square")
 """The original AutoAttack's standard version, in its order."""
+AUTOATTACK_ORDER_OURS = ("apgd_ce", "apgd_t", "fab_t", "square")
+"""Our names of the same four attacks (``--suite``), in the same order."""
 
 
 def original_autoattack() -> Any:
@@ -171,14 +178,21 @@ def original_autoattack() -> Any:
     return autoattack
 
 
-def run_original_autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int) -> dict:
-    """The original AutoAttack, standard version, seed 0, batch ``batch``: each attack in its order on
+def run_original_autoattack(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    batch: int,
+    seed: int = 0,
+    order: tuple[str, ...] = AUTOATTACK_ORDER,
+) -> dict:
+    """The original AutoAttack, standard version, batch ``batch``: each attack of ``order`` in turn on
     the examples still robust (what ``run_standard_evaluation`` does in one call: the same batches,
     the same seed per attack), so the robust accuracy after each attack and its time are recorded."""
     autoattack = original_autoattack()
     model.eval()
     adversary = autoattack.AutoAttack(
-        model, norm="Linf", eps=EPS, version="standard", seed=0, device=str(x.device), verbose=False
+        model, norm="Linf", eps=EPS, version="standard", seed=seed, device=str(x.device), verbose=False
     )
     start = time.perf_counter()
     with torch.no_grad():
@@ -187,7 +201,7 @@ def run_original_autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, 
         )
     robust = clean.clone()
     robust_after, attack_seconds, breakdown = {}, {}, {}
-    for name in AUTOATTACK_ORDER:
+    for name in order:
         index = robust.nonzero().squeeze(1)
         attack_start = time.perf_counter()
         if index.numel():
@@ -214,7 +228,8 @@ def run_original_autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, 
         "breakdown": breakdown,
         "robust_after": robust_after,
         "attack_seconds": attack_seconds,
-        "reference": f"autoattack {getattr(autoattack, '__version__', '(fra31/auto-attack)')}, version standard, seed 0",
+        "reference": f"autoattack {getattr(autoattack, '__version__', '(fra31/auto-attack)')}, version standard, "
+        f"seed {seed}, attacks {','.join(order)}",
         "robust_vector": robust.int().tolist(),
     }
 
@@ -244,7 +259,17 @@ def main() -> None:
         "--tiny", action="store_true", help="train (or reuse) the TinyCNN of cheap_training's budget"
     )
     parser.add_argument("--name", required=True, help="the model's name in the output folder")
-    parser.add_argument("--n", type=int, default=1000, help="the first N MNIST test images (default 1000)")
+    parser.add_argument("--n", type=int, default=1000, help="N MNIST test images (default 1000)")
+    parser.add_argument(
+        "--first", type=int, default=0, help="index of the first test image (default 0; e.g. 5000: held-out images)"
+    )
+    parser.add_argument(
+        "--suite",
+        nargs="+",
+        choices=AUTOATTACK_ORDER_OURS,
+        default=None,
+        help="the attacks of ours_standard and the original's row, in AutoAttack's order (default: all four)",
+    )
     parser.add_argument("--batch-size", type=int, default=250)
     parser.add_argument("--rows", nargs="*", default=None, help="rows to run (default: all not yet stored)")
     parser.add_argument("--report", action="store_true", help="only print the table of the stored rows")
@@ -277,21 +302,24 @@ def main() -> None:
     if not args.report:
         model = load(args, folder)
         dm = mnist_datamodule(args.data_dir, 1000, 1000, 100, args.seed)
-        x, y = dataset_tensors(dm.test_set, args.n)
+        x, y = dataset_tensors(dm.test_set, args.first + args.n)
+        x, y = x[args.first :], y[args.first :]
+        suite = None if args.suite is None else [a for a in AUTOATTACK_ORDER_OURS if a in args.suite]
+        original_order = tuple(AUTOATTACK_ORDER[AUTOATTACK_ORDER_OURS.index(a)] for a in suite or AUTOATTACK_ORDER_OURS)
         for row in args.rows or every:
             path = folder / f"{row}.json"
             if path.exists():
                 continue
             if row == "autoattack":
-                result = run_original_autoattack(model, x, y, args.batch_size)
+                result = run_original_autoattack(model, x, y, args.batch_size, args.seed, original_order)
             elif row in ("torchattacks_aa", "torchattacks_aa100"):
                 steps = 100 if row.endswith("100") else None
                 result = run_torchattacks(model, x, y, args.batch_size, steps)
             elif row in suite_rows():
-                result = run_suite(model, suite_rows()[row](), x, y, args.batch_size)
+                result = run_suite(model, suite_rows(suite)[row](), x, y, args.batch_size, args.seed)
             else:
                 fail(f"unknown row {row!r}; choose from {', '.join(every)}")
-            result.update(row=row, n=args.n, environment=environment(args.threads))
+            result.update(row=row, n=args.n, first=args.first, seed=args.seed, environment=environment(args.threads))
             write_json(path, result)
             print(f"{row}: robust {result['robust']:.2f}% in {result['seconds']:.0f} s", flush=True)
     report(folder, every, reference)
@@ -372,6 +400,12 @@ def report(folder: Path, order: list[str], reference_row: str = "torchattacks_aa
         columns = ["step", "ours", "ours_after", "ours_s", "original", "original_after", "original_s"]
         print(
             format_table(breakdown, columns, title="robust accuracy (%) after each attack, and its seconds")
+        )
+    if "robust_vector" in ours and "robust_vector" in original:
+        mine, theirs = torch.tensor(ours["robust_vector"]).bool(), torch.tensor(original["robust_vector"]).bool()
+        print(
+            f"per example: robust for ours only {int((mine & ~theirs).sum())}, "
+            f"for the original only {int((theirs & ~mine).sum())} (of {len(mine)})"
         )
     write_json(folder.parent / f"{folder.name}_summary.json", {"rows": rows, "breakdown": breakdown})
 

@@ -2,11 +2,14 @@
 
 The step starts at ``2 eps`` and is halved at checkpoints ``p_0 = 0, p_1 = 0.22,
 p_{j+1} = p_j + max(p_j - p_{j-1} - 0.03, 0.06)`` (fractions of the iterations) for every example
-whose loss rose in fewer than ``rho = 0.75`` of the steps since the last checkpoint, or whose step
-and best loss both stayed unchanged since then; a halving restarts from the example's best point.
-Like every sign attack here the direction takes ``b``: ``b > 1`` steps along the quantized gradient
-instead of the sign (APGD with quantized gradients). APGD-T runs once per target, the 9 most likely
-wrong classes, on the targeted DLR loss.
+whose loss rose in at most ``rho = 0.75`` of the steps since the last checkpoint (condition 1), or
+whose step and best loss both stayed unchanged since then (condition 2); a halving restarts from the
+example's best point. The checkpoints, both conditions and the random start ``x + eps t / |t|_inf``
+(``t`` uniform in ``[-1, 1]``) are those of AutoAttack's code (fra31/auto-attack), including how it
+counts the first step at the first checkpoint (see :func:`first_step_rose`), so that an injected start
+gives the original's iterates. Like every sign attack here the direction takes ``b``: ``b > 1``
+steps along the quantized gradient instead of the sign (APGD with quantized gradients). APGD-T runs
+once per target, the 9 most likely wrong classes, on the targeted DLR loss.
 """
 
 from __future__ import annotations
@@ -32,6 +35,18 @@ def checkpoint_steps(steps: int) -> list[int]:
         marks.append(at)
         length = max(length - shrink, shortest)
     return marks
+
+
+def first_step_rose(loss: torch.Tensor, steps: int) -> torch.Tensor:
+    """Whether condition 1 counts the first iteration as a rise of the loss, as AutoAttack counts it.
+
+    The paper compares ``f(x_1)`` with ``f(x_0)``; AutoAttack's ``check_oscillation`` reads its
+    per-iteration loss history at index ``-1`` there, its last row, which is still zero unless the
+    run has one iteration (then it is ``f(x_1)`` itself). So the first iteration counts as a rise when
+    ``f(x_1) > 0`` (always on the cross-entropy; on the targeted DLR loss only once the target wins),
+    or never for ``steps = 1``.
+    """
+    return loss > 0 if steps > 1 else torch.zeros_like(loss, dtype=torch.bool)
 
 
 class APGD(Attack):
@@ -62,7 +77,7 @@ class APGD(Attack):
         b: quantization level of the direction (1 = the sign).
         restarts: random starts, merged per example.
         loss: ``ce`` or ``dlr`` (APGD-T uses the targeted DLR loss).
-        rho: halve the step when fewer than this share of the steps since a checkpoint raised the loss.
+        rho: halve the step when at most this share of the steps since a checkpoint raised the loss.
         momentum: weight of the new step against the previous one (0.75 in the paper).
         initial_step: the first step size in units of eps (2 in the paper).
         random_start: start from a uniform point of the eps-ball.
@@ -98,6 +113,16 @@ class APGD(Attack):
     def config(self) -> dict[str, Any]:
         keys = ("eps", "steps", "b", "restarts", "loss", "rho", "momentum", "initial_step", "random_start")
         return {"name": self.name, **{k: getattr(self, k) for k in keys}, "clip": list(self.clip)}
+
+    def starting_point(self, x: torch.Tensor) -> torch.Tensor:
+        """AutoAttack's start ``x + eps t / |t|_inf`` (``t`` uniform in ``[-1, 1]``, per example; a
+        component of each perturbation at exactly ``eps``), clipped to the valid range; drawn for the
+        whole batch."""
+        if not self.random_start:
+            return x.clone()
+        t = 2 * torch.rand_like(x) - 1
+        norm = t.flatten(1).abs().amax(dim=1).view(-1, *([1] * (x.dim() - 1)))
+        return (x + self.eps * (t / (norm + 1e-12))).clamp_(*self.clip)
 
     def _run_once(
         self,
@@ -164,14 +189,18 @@ class APGD(Attack):
             previous_loss = s["loss"]
             s["grad"], s["loss"], logits = self._input_gradient(model, s["x_adv"], s["y"], s["target"])
             gradients += s["x_adv"].shape[0]
-            s["increases"] += (s["loss"] > previous_loss).to(s["increases"].dtype)
+            rose = s["loss"] > previous_loss if iteration > 0 else first_step_rose(s["loss"], self.steps)
+            s["increases"] += rose.to(s["increases"].dtype)
             better = s["loss"] > s["loss_best"]
             s["x_best"][better] = s["x_adv"][better]
             s["grad_best"][better] = s["grad"][better]
             s["loss_best"] = torch.where(better, s["loss"], s["loss_best"])
             since_check += 1
+            # The iterate the logits belong to is judged before a halving moves it to the best point.
+            if not drop_fooled(logits):
+                break
             if iteration + 1 in marks:
-                oscillating = s["increases"] < self.rho * since_check
+                oscillating = s["increases"] <= self.rho * since_check  # AutoAttack's "<=" (the paper: "<")
                 stalled = ~s["reduced_at_check"] & (s["loss_best_at_check"] >= s["loss_best"])
                 halve = oscillating | stalled
                 s["step"] = torch.where(halve, s["step"] / 2, s["step"])
@@ -181,8 +210,6 @@ class APGD(Attack):
                 s["loss_best_at_check"] = s["loss_best"].clone()
                 s["increases"].zero_()
                 since_check = 0
-            if not drop_fooled(logits):
-                break
         if tracker is None:
             return RunOutcome(state["x_best"].detach(), None, gradients, 0)
         # Survivors end at their best-loss point; one forward pass checks whether it fools.
