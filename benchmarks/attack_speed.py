@@ -11,7 +11,7 @@ ours / torchattacks.PGD <= 0.8 (issue 15).
 Memory layout: the library attacks run on the network in ``--memory-format`` (default
 ``channels_last``, what ``AdversarialTraining(channels_last=True)`` does; the attacks follow the
 parameters' layout) and, on CPU, run the stem convolution's backward without oneDNN
-(``qgtrain.attacks.base.native_stem_backward``). In the same rounds ``pgd_contiguous`` is the
+(``qgtrain.attacks.cpu_kernels.native_stem_backward``). In the same rounds ``pgd_contiguous`` is the
 legacy path (our PGD on the contiguous network, oneDNN everywhere: "before"), ``torchattacks_pgd`` is torchattacks on the contiguous network (its
 ordinary use) and ``torchattacks_pgd_same_layout`` torchattacks on our layout (what the layout
 alone buys it). Accuracy and per-example agreement are reported for each of them.

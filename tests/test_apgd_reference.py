@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from qgtrain.attacks import APGDCE, APGDT
-from qgtrain.attacks.base import native_stem_backward
+from qgtrain.attacks.cpu_kernels import native_stem_backward
 from qgtrain.attacks.losses import cross_entropy_loss, targeted_dlr_loss
 from qgtrain.attacks.warm_start import started_at
 

@@ -22,7 +22,7 @@ from qgtrain.attacks import (
     cross_entropy_loss,
     margin_loss,
 )
-from qgtrain.attacks.base import model_memory_format
+from qgtrain.attacks.cpu_kernels import model_memory_format
 
 # Evaluation attacks keep the eps-ball; N-FGSM (training only, by design outside it) has its own file.
 ALL_ATTACKS = [name for name in available_attacks() if attack_class(name).stays_in_ball]

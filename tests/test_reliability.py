@@ -1008,7 +1008,7 @@ def test_a_stop_request_interrupts_an_attack_between_iterations() -> None:
     """A signal's stop request (after its grace period) ends an attack at its next iteration, so a
     huge step count cannot hold a run past a SIGTERM; without one (the control) it runs to the end."""
     from qgtrain.attacks import PGD
-    from qgtrain.attacks.base import AttackInterrupted, clear_stop, request_stop
+    from qgtrain.attacks.limits import AttackInterrupted, clear_stop, request_stop
 
     x, y = load_mnist_tensors(4)
     net, attack = TinyCNN(width=4), PGD(eps=0.1, steps=50_000)

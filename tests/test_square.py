@@ -72,7 +72,8 @@ class LegacySquare(Square):
     def _run_once(self, model, x, y, start, target, observer, early_exit):
         import math
 
-        from qgtrain.attacks.base import RunOutcome, as_model_input
+        from qgtrain.attacks.base import RunOutcome
+        from qgtrain.attacks.cpu_kernels import as_model_input
         from qgtrain.attacks.square import margin
 
         geometry = self.threat_model

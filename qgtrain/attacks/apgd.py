@@ -19,7 +19,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from qgtrain.attacks.base import DEFAULT_EPS, Attack, FirstFooled, RunOutcome, StepObserver, as_model_input
+from qgtrain.attacks.base import DEFAULT_EPS, Attack, FirstFooled, RunOutcome, StepObserver
+from qgtrain.attacks.cpu_kernels import as_model_input
 from qgtrain.attacks.losses import targeted_dlr_loss
 
 

@@ -19,16 +19,13 @@ from typing import Any, ClassVar, NamedTuple
 import torch
 from torch import nn
 
-from qgtrain.attacks.cpu_kernels import as_model_input, model_memory_format, native_stem_backward  # noqa: F401
-from qgtrain.attacks.limits import (  # noqa: F401
+from qgtrain.attacks.cpu_kernels import as_model_input, native_stem_backward
+from qgtrain.attacks.limits import (
     DEFAULT_MAX_RESTARTS,
     DEFAULT_MAX_STEPS,
     MAX_RESTARTS_ENV,
     MAX_STEPS_ENV,
-    AttackInterrupted,
     check_stop,
-    clear_stop,
-    request_stop,
     upper_bound,
 )
 from qgtrain.attacks.losses import class_labels, get_attack_loss

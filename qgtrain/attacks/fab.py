@@ -41,7 +41,8 @@ import torch
 from torch import nn
 
 from qgtrain.attacks.apgd import APGDT
-from qgtrain.attacks.base import DEFAULT_EPS, Attack, FirstFooled, RunOutcome, StepObserver, as_model_input
+from qgtrain.attacks.base import DEFAULT_EPS, Attack, FirstFooled, RunOutcome, StepObserver
+from qgtrain.attacks.cpu_kernels import as_model_input
 
 
 def project_linf_hyperplane_box(

@@ -16,14 +16,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from qgtrain.attacks.base import (
-    DEFAULT_EPS,
-    Attack,
-    RunOutcome,
-    StepObserver,
-    check_stop,
-    model_memory_format,
-)
+from qgtrain.attacks.base import DEFAULT_EPS, Attack, RunOutcome, StepObserver
+from qgtrain.attacks.cpu_kernels import model_memory_format
+from qgtrain.attacks.limits import check_stop
 
 SCHEDULE = (
     (10, 1),

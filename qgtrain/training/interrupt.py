@@ -15,7 +15,7 @@ terminal closed) is handled as SIGTERM. Exit statuses: 130 (Ctrl-C), 143 (SIGTER
 
 A batch that does not end soon after the signal (an attack with a huge step count) is not waited
 for: after :data:`ATTACK_GRACE_S` seconds the attack raises between two iterations
-(:func:`qgtrain.attacks.base.request_stop`), and the run stops without a checkpoint (the state is
+(:func:`qgtrain.attacks.limits.request_stop`), and the run stops without a checkpoint (the state is
 mid-step), naming the latest one.
 """
 
@@ -38,7 +38,7 @@ from lightning.pytorch.trainer.connectors import signal_connector
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from qgtrain.attacks.base import AttackInterrupted, clear_stop, request_stop
+from qgtrain.attacks.limits import AttackInterrupted, clear_stop, request_stop
 from qgtrain.training.resume import INTERRUPTED_CHECKPOINT
 
 log = logging.getLogger(__name__)
