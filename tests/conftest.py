@@ -281,3 +281,13 @@ def ddp_fit(method: str, root: Path, folder: Path, epochs: int) -> tuple[dict, l
     assert done.returncode == 0, done.stderr[-3000:]
     states = [torch.load(folder / f"rank{rank}.pt", weights_only=True) for rank in (0, 1)]
     return torch.load(folder / "last.ckpt", weights_only=True), states
+
+
+ONE_STEP_ARGS = [
+    "--net", "tiny_cnn", "--inner", "pgd", "--steps", "1",
+    "--data.init_args.train_subset", "100", "--data.init_args.val_size", "100",
+    "--trainer.limit_train_batches", "1", "--trainer.limit_val_batches", "1",
+    "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
+    "--robustness.every_n_epochs", "0", "--visualization.every_n_epochs", "0",
+]  # fmt: skip
+"""A train.py run of one training step of a tiny network on 100 images, no monitor or views."""

@@ -25,6 +25,7 @@ import lightning as L
 import pytest
 import torch
 from conftest import (
+    ONE_STEP_ARGS,
     REPO,
     KillAfterBatches,
     KilledError,
@@ -878,13 +879,7 @@ def test_unwritable_output_is_an_error_at_start(
 
 
 # ======================================================================= 5. the environment, sizes, limits (issue 35)
-ONE_STEP = [
-    "--net", "tiny_cnn", "--inner", "pgd", "--steps", "1", "--run-name", "r",
-    "--data.init_args.train_subset", "100", "--data.init_args.val_size", "100",
-    "--trainer.limit_train_batches", "1", "--trainer.limit_val_batches", "1",
-    "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
-    "--robustness.every_n_epochs", "0", "--visualization.every_n_epochs", "0",
-]  # fmt: skip
+ONE_STEP = [*ONE_STEP_ARGS, "--run-name", "r"]
 
 
 def test_a_full_disk_while_writing_last_ckpt_is_one_line_and_keeps_the_earlier_checkpoint(

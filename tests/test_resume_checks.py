@@ -10,17 +10,11 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from conftest import call_main, error_lines, no_training, output_roots
+from conftest import ONE_STEP_ARGS, call_main, error_lines, no_training, output_roots
 
 import qgtrain.cli.train as train_cli
 
-ONE_STEP = [
-    "--net", "tiny_cnn", "--inner", "pgd", "--steps", "1", "--run-name", "r",
-    "--data.init_args.train_subset", "100", "--data.init_args.val_size", "100",
-    "--trainer.limit_train_batches", "1", "--trainer.limit_val_batches", "1",
-    "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
-    "--robustness.every_n_epochs", "0", "--visualization.every_n_epochs", "0",
-]  # fmt: skip
+ONE_STEP = [*ONE_STEP_ARGS, "--run-name", "r"]
 
 
 @pytest.fixture(scope="module")

@@ -12,19 +12,13 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from conftest import REPO, call_main, error_lines, no_training, output_roots
+from conftest import ONE_STEP_ARGS, REPO, call_main, error_lines, no_training, output_roots
 
 import qgtrain.cli.train as train_cli
 import qgtrain.training.resume as resume
 from qgtrain.attacks import ATTACKS
 
-ONE_STEP = [
-    "--net", "tiny_cnn", "--inner", "pgd", "--steps", "1", "--epochs", "1",
-    "--data.init_args.train_subset", "100", "--data.init_args.val_size", "100",
-    "--trainer.limit_train_batches", "1", "--trainer.limit_val_batches", "1",
-    "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
-    "--robustness.every_n_epochs", "0", "--visualization.every_n_epochs", "0",
-]  # fmt: skip
+ONE_STEP = [*ONE_STEP_ARGS, "--epochs", "1"]
 
 
 @pytest.fixture(autouse=True)
