@@ -6,7 +6,7 @@ alpha 0.01. After a warm-up round, ``--repeats`` rounds run every attack once ea
 (the order rotates every round), so drifts of a shared machine hit all attacks alike. Reported:
 the median per-step time of each attack and, per ratio, the median of the per-round paired
 ratios. Targets: PQGD / PGD <= 1.05 (quantization is a few element-wise ops per step) and
-ours / torchattacks.PGD <= 0.8 (issue 15).
+ours / torchattacks.PGD <= 0.8.
 
 Memory layout: the library attacks run on the network in ``--memory-format`` (default
 ``channels_last``, what ``AdversarialTraining(channels_last=True)`` does; the attacks follow the
@@ -22,8 +22,8 @@ Accuracy: the same attacks on a *trained* MadryMNIST (``--ckpt``, else trained h
 cross-entropy (same gradient sign) and draws its random start exactly as we do, so under the same
 per-batch seed the two PGDs should agree almost example for example.
 
-    python benchmarks/attack_speed.py                          # batch 256, 10 steps, 5 rounds, 1 thread
-    python benchmarks/attack_speed.py --steps 20 --repeats 7 --threads 2 --ckpt model.ckpt
+    python -m benchmarks.attack_speed                          # batch 256, 10 steps, 5 rounds, 1 thread
+    python -m benchmarks.attack_speed --steps 20 --repeats 7 --threads 2 --ckpt model.ckpt
 """
 
 from __future__ import annotations
@@ -37,14 +37,24 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-
-from common import EPS, add_common_args, batches, dataset_tensors, environment, fail, format_table, mnist_datamodule, setup_threads, write_json  # isort: skip  # fmt: skip
 from torch import nn
 
+from benchmarks.common import (
+    EPS,
+    add_common_args,
+    batches,
+    dataset_tensors,
+    environment,
+    fail,
+    format_table,
+    mnist_datamodule,
+    setup_threads,
+    write_json,
+)
 from qgtrain.attacks import Attack, build_attack
+from qgtrain.checkpoints import CheckpointError, load_model_from_checkpoint
 from qgtrain.data import MNISTDataModule, resolve_data_dir
 from qgtrain.evaluation import adversarial_correct, clean_correct
-from qgtrain.evaluation.checkpoints import CheckpointError, load_model_from_checkpoint
 from qgtrain.models import MadryMNIST
 
 ALPHA = 0.01
@@ -114,7 +124,7 @@ def attack_set(steps: int, b: int) -> dict[str, Any]:
 
 
 def legacy_pgd(**kwargs: Any) -> Attack:
-    """Our PGD as it was before issue 15: oneDNN for every backward (and, via
+    """Our PGD without the library's CPU speed options: oneDNN for every backward (and, via
     ``models_per_label``, the contiguous network)."""
     attack = build_attack("pgd", **kwargs)
     attack.native_stem_backward = False
@@ -226,7 +236,7 @@ AGREEMENT_PAIRS = (
     ("pgd", LEGACY),
     ("pgd", TORCHATTACKS_SAME_LAYOUT),
 )
-"""Pairs whose per-example outcomes are compared (target >= 99 % each, issue 15)."""
+"""Pairs whose per-example outcomes are compared (target >= 99 % each)."""
 AGREEMENT_TARGET_PCT = 99.0
 
 

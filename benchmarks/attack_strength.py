@@ -14,8 +14,8 @@ An example counts as robust when it is correct clean and on the attack's output
 The paper's numbers (Madry et al.'s secret MNIST model) are printed beside ours where known;
 '—' where we do not have them. Our model is not theirs: compare the *gaps*, not the levels.
 
-    python benchmarks/attack_strength.py                       # the PGD-40 model of cheap_training.py
-    python benchmarks/attack_strength.py --ckpt path.ckpt --eval-size 10000 --full
+    python -m benchmarks.attack_strength                       # the PGD-40 model of cheap_training.py
+    python -m benchmarks.attack_strength --ckpt path.ckpt --eval-size 10000 --full
 """
 
 from __future__ import annotations
@@ -26,11 +26,22 @@ from typing import Any
 
 import torch
 
-from common import DEFAULT_OUT, EPS, add_common_args, batches, dataset_tensors, environment, fail, format_table, mnist_datamodule, setup_threads, write_json  # isort: skip  # fmt: skip
-
+from benchmarks.common import (
+    DEFAULT_OUT,
+    EPS,
+    add_common_args,
+    batches,
+    dataset_tensors,
+    environment,
+    fail,
+    format_table,
+    mnist_datamodule,
+    setup_threads,
+    write_json,
+)
 from qgtrain.attacks import RGD, Attack, attack_for_budget
+from qgtrain.checkpoints import CheckpointError, load_model_from_checkpoint
 from qgtrain.evaluation import adversarial_correct, clean_correct
-from qgtrain.evaluation.checkpoints import CheckpointError, load_model_from_checkpoint
 
 # The PGD-40 reference of `benchmarks/cheap_training.py` (CPU budget, seed 0).
 DEFAULT_CKPT = DEFAULT_OUT / "cheap_training" / "cpu" / "runs" / "pgd40_s0.ckpt"
@@ -87,7 +98,7 @@ def main() -> None:
     try:
         model, info = load_model_from_checkpoint(args.ckpt, model=args.model)
     except CheckpointError as exc:
-        fail(f"{exc} (train it with `python benchmarks/cheap_training.py --runs pgd40` or pass --ckpt)")
+        fail(f"{exc} (train it with `python -m benchmarks.cheap_training --runs pgd40` or pass --ckpt)")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = model.to(device).eval()
     dm = mnist_datamodule(args.data_dir, None, 0, 100, args.seed)

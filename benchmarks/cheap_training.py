@@ -18,10 +18,10 @@ run through ``benchmarks/steps.py``: a step is done when its file exists; one th
 is left to it. ``--report`` merges this machine's judgements into ``benchmarks/study_record.py``'s
 committed record (every machine's rows; a seed judged here replaces its recorded one), reports that.
 
-    python benchmarks/cheap_training.py --dry-run                 # the plan and the commands
-    python benchmarks/cheap_training.py                           # train and judge (2 processes)
-    python benchmarks/cheap_training.py --judge-only              # judge what has finished training
-    python benchmarks/cheap_training.py --report                  # tables, JSON, Pareto plot, record
+    python -m benchmarks.cheap_training --dry-run                 # the plan and the commands
+    python -m benchmarks.cheap_training                           # train and judge (2 processes)
+    python -m benchmarks.cheap_training --judge-only              # judge what has finished training
+    python -m benchmarks.cheap_training --report                  # tables, JSON, Pareto plot, record
 """
 
 from __future__ import annotations
@@ -34,14 +34,14 @@ from pathlib import Path
 from statistics import mean
 from typing import Any
 
-from common import DEFAULT_OUT, EPS, fail, write_json  # isort: skip
-from steps import Step, judgement, log, run_steps, scalars  # isort: skip
-from study_record import RECORD, merged, per_seed, read_record, write_record  # isort: skip
-
+from benchmarks.common import DEFAULT_OUT, EPS, fail, write_json
+from benchmarks.steps import Step, judgement, log, run_steps, scalars
+from benchmarks.study_record import RECORD, merged, per_seed, read_record, write_record
 from qgtrain.attacks import Attack, attack_for_budget, build_attack
+from qgtrain.evaluation.planning import format_duration
 from qgtrain.evaluation.plots import headless_pyplot, label_points, save_figure
-from qgtrain.evaluation.report import markdown_table, text_table
-from qgtrain.evaluation.runner import StandardSettings, format_duration
+from qgtrain.evaluation.rendering import markdown_table, text_table
+from qgtrain.evaluation.runner import StandardSettings
 from qgtrain.training.module import TRAINING_PASSES, awp_data_passes
 
 FALLBACK_MS_PER_GRADIENT = 0.93  # training ms per example-gradient before a run here measures it (RESULTS §3)
@@ -59,7 +59,7 @@ class Run:
     alpha: float | None = None
     b: int | None = None
     seeds: tuple[int, ...] = (0,)
-    extra: tuple[str, ...] = ()  # further train.py arguments (issue 23's methods)
+    extra: tuple[str, ...] = ()  # further train.py arguments (the cheap methods' flags)
     objective: str = "madry"
     epochs: int | None = None  # data passes, when not the budget's (free-m: a multiple of m)
 
@@ -94,14 +94,14 @@ class Budget:
 TRADES = {"objective": "trades", "extra": ("--model.beta", "6.0")}
 ATTA = {"extra": ("--model.atta", "true")}  # alpha: eps / 2 (k = 1), eps / 3 (k = 2), Zheng et al.'s CIFAR ratios
 FREE = lambda m: {"extra": ("--replays", str(m)), "epochs": m}  # noqa: E731  # one epoch of m replays
-CHEAP = (  # issue 23's methods, each with the sign and with b = 100, one seed
+CHEAP = (  # free AT, ATTA and TRADES, each with the sign and with b = 100, one seed
     Run("free4", "free", b=1, **FREE(4)), Run("free4_b100", "free", b=100, **FREE(4)),
     Run("free8", "free", b=1, **FREE(8)), Run("free8_b100", "free", b=100, **FREE(8)),
     Run("atta1", "pgd", 1, 0.15, **ATTA), Run("atta1_b100", "pqgd", 1, 0.15, **ATTA),
     Run("atta2", "pgd", 2, 0.1, **ATTA), Run("atta2_b100", "pqgd", 2, 0.1, **ATTA),
     Run("trades_pgd10", "pgd", 10, 0.12, **TRADES), Run("trades_pqgd10_b100", "pqgd", 10, 0.075, **TRADES),
 )
-ROBUST = (  # issue 25's grid, two seeds per PGD-vs-PQGD pair; small_alpha: eps/k (PQGD's rule since 2026-12-04)
+ROBUST = (  # PGD vs PQGD at k = 40, 10, 5, two seeds per PGD-vs-PQGD pair; small_alpha: eps/k (PQGD's rule since 2026-12-04)
     Run("pgd40", "pgd", 40, 0.01), Run("pgd10", "pgd", 10, 0.12, seeds=(0, 1)),
     Run("pqgd10_b100", "pqgd", 10, 0.075, seeds=(0, 1)), Run("pqgd10_b100_small_alpha", "pqgd", 10, 0.03),
     Run("pgd5", "pgd", 5, 0.15, seeds=(0, 1)), Run("pqgd5_b100", "pqgd", 5, 0.15, seeds=(0, 1)),

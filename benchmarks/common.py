@@ -1,4 +1,4 @@
-"""Helpers shared by the benchmark scripts: threads, MNIST tensors, tables, JSON.
+"""Helpers shared by the benchmark scripts: threads, MNIST tensors, tables, JSON, the command line.
 
 Data, batching, attacks and accuracy come from the library (``qgtrain.data``,
 ``qgtrain.evaluation``); nothing here re-implements an attack loop, a batcher or an accuracy counter.
@@ -18,15 +18,12 @@ from typing import Any
 
 import torch
 
+from qgtrain.attacks.base import DEFAULT_EPS
+from qgtrain.checkpoints import atomic_write
+from qgtrain.data import DataError, MNISTDataModule
+from qgtrain.evaluation import TensorBatches
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
-if str(REPO_ROOT) not in sys.path:  # `python benchmarks/x.py` from the repository root
-    sys.path.insert(0, str(REPO_ROOT))
-
-from qgtrain.attacks.base import DEFAULT_EPS  # noqa: E402
-from qgtrain.data import DataError, MNISTDataModule  # noqa: E402
-from qgtrain.evaluation import TensorBatches  # noqa: E402
-from qgtrain.training.checkpoint_io import atomic_write  # noqa: E402
-
 DEFAULT_OUT = REPO_ROOT / "benchmarks" / "out"
 EPS = DEFAULT_EPS
 
@@ -68,8 +65,17 @@ def environment(threads: int) -> dict[str, Any]:
         "device": device,
         "cpu_count": os.cpu_count(),
         "torch_threads": threads,
-        "command": " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
+        "command": invocation(),
     }
+
+
+def invocation() -> str:
+    """The command line that runs this benchmark again: ``python -m benchmarks.<name> ...`` for a
+    script of this package (``sys.argv[0]`` is its file under ``-m``), else ``python`` and argv."""
+    script = Path(sys.argv[0])
+    if script.suffix == ".py" and script.resolve().parent == Path(__file__).resolve().parent:
+        return " ".join(["python", "-m", f"{__package__}.{script.stem}", *sys.argv[1:]])
+    return " ".join(["python", *sys.argv])
 
 
 def mnist_datamodule(
@@ -126,7 +132,7 @@ def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[str], title: 
 
 
 def write_json(path: Path, payload: dict[str, Any]) -> None:
-    """Write through the library's :func:`~qgtrain.training.checkpoint_io.atomic_write`: a killed
+    """Write through the library's :func:`~qgtrain.checkpoints.files.atomic_write`: a killed
     run leaves no half file."""
     text = json.dumps(payload, indent=2, default=str) + "\n"
     atomic_write(path, lambda handle: handle.write(text.encode()))

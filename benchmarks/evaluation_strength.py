@@ -20,11 +20,11 @@ Each row is stored as its own JSON file under ``OUT/evaluation_strength/<model>/
 done, so a killed run resumes with the rows it has not finished, and several processes can work
 on different ``--rows`` at once; ``--report`` prints the table from what is stored.
 
-    python benchmarks/evaluation_strength.py --ckpt checkpoints/mnist-.../last.ckpt --name madry
-    python benchmarks/evaluation_strength.py --tiny --name tiny          # trains the TinyCNN first
-    python benchmarks/evaluation_strength.py --ckpt ... --name madry --reference autoattack --rows ours_standard autoattack
-    python benchmarks/evaluation_strength.py --ckpt ... --name madry_5000 --first 5000 --suite apgd_ce apgd_t --seed 1 --reference autoattack --rows ours_standard autoattack
-    python benchmarks/evaluation_strength.py --name madry --report
+    python -m benchmarks.evaluation_strength --ckpt checkpoints/mnist-.../last.ckpt --name madry
+    python -m benchmarks.evaluation_strength --tiny --name tiny          # trains the TinyCNN first
+    python -m benchmarks.evaluation_strength --ckpt ... --name madry --reference autoattack --rows ours_standard autoattack
+    python -m benchmarks.evaluation_strength --ckpt ... --name madry_5000 --first 5000 --suite apgd_ce apgd_t --seed 1 --reference autoattack --rows ours_standard autoattack
+    python -m benchmarks.evaluation_strength --name madry --report
 """
 
 from __future__ import annotations
@@ -37,16 +37,24 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
-from common import EPS, add_common_args, dataset_tensors, environment, fail, format_table, mnist_datamodule, setup_threads, write_json  # isort: skip  # fmt: skip
 from torch import nn
 
+from benchmarks.common import (
+    EPS,
+    add_common_args,
+    dataset_tensors,
+    environment,
+    fail,
+    format_table,
+    mnist_datamodule,
+    setup_threads,
+    write_json,
+)
 from qgtrain.attacks import Attack, attack_for_budget
+from qgtrain.checkpoints import CheckpointError, atomic_torch_save, load_model_from_checkpoint
 from qgtrain.evaluation import TensorBatches
-from qgtrain.evaluation.checkpoints import CheckpointError, load_model_from_checkpoint
 from qgtrain.evaluation.protocol import evaluate_suite
 from qgtrain.evaluation.runner import StandardSettings
-from qgtrain.training.checkpoint_io import atomic_torch_save
 
 MAIN_JOB_EPOCH_GRADIENTS = 55_000 * 11
 """One epoch of the main job: 55k images x (10 PQGD gradients + 1 training backward)."""

@@ -8,7 +8,7 @@ per-example disagreements, wall time and input-gradient evaluations (the origina
 wrapper around the network: rows through a forward pass with gradients enabled).
 The original is a measuring instrument only (``pip install --no-deps <copy of fra31/auto-attack>``).
 
-    python benchmarks/fab_t_vs_original.py --tiny --n 200 --threads 1
+    python -m benchmarks.fab_t_vs_original --tiny --n 200 --threads 1
 """
 
 from __future__ import annotations
@@ -18,10 +18,18 @@ import time
 from pathlib import Path
 
 import torch
-
-from common import EPS, add_common_args, dataset_tensors, environment, fail, mnist_datamodule, setup_threads, write_json  # isort: skip  # fmt: skip
 from torch import nn
 
+from benchmarks.common import (
+    EPS,
+    add_common_args,
+    dataset_tensors,
+    environment,
+    fail,
+    mnist_datamodule,
+    setup_threads,
+    write_json,
+)
 from qgtrain.attacks import FABT, attack_for_budget
 from qgtrain.evaluation.protocol import attack_batch
 
@@ -46,7 +54,7 @@ class CountingNet(nn.Module):
 def load(args: argparse.Namespace, folder: Path) -> nn.Module:
     """``--ckpt``, or ``--tiny``: evaluation_strength's network loader (its TinyCNN trained once), with
     the parameters frozen."""
-    from evaluation_strength import load as load_network
+    from benchmarks.evaluation_strength import load as load_network
 
     return load_network(args, folder).requires_grad_(
         False

@@ -1,4 +1,4 @@
-"""GPU check (issue 15): CUDA tests, attacks under AMP, one epoch of the main job, attack throughput
+"""GPU check: CUDA tests, attacks under AMP, one epoch of the main job, attack throughput
 against torchattacks with AMP and channels_last, and the DDP strategy; at most ~8 minutes on one GPU.
 
 Sections, each reported ok / FAILED / skipped (table on stdout, JSON in ``--out``):
@@ -20,7 +20,7 @@ Sections, each reported ok / FAILED / skipped (table on stdout, JSON in ``--out`
 
 CPU half (CI runs it through tests/test_gpu_check.py)::
 
-    python benchmarks/gpu_check.py --cpu-only --quick
+    python -m benchmarks.gpu_check --cpu-only --quick
 
 On a GPU machine lent by the device tool (``../shared`` does not travel, and the device image has
 torch, lightning, torchmetrics and tensorboard but not jsonargparse or torchattacks), prepare here::
@@ -35,7 +35,7 @@ then ``run(carry=[".mnist_gz", ".whl"], timeout_s=540, command=...)`` with the c
 
     python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD;
     mkdir -p .data/MNIST/raw && for f in .mnist_gz/*.gz; do gunzip -c $f > .data/MNIST/raw/$(basename $f .gz); done;
-    QGTRAIN_DATA=$PWD/.data PYTHONUNBUFFERED=1 python3 benchmarks/gpu_check.py --out $OUT 2>&1 | tee $OUT/gpu_check.log
+    QGTRAIN_DATA=$PWD/.data PYTHONUNBUFFERED=1 python3 -m benchmarks.gpu_check --out $OUT 2>&1 | tee $OUT/gpu_check.log
 
 (``.mnist_gz/`` and ``.data/`` are git-ignored.) Record the figures in docs/RESULTS.md.
 """
@@ -60,10 +60,20 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-
-from common import EPS, REPO_ROOT, add_common_args, batches, dataset_tensors, environment, fail, format_table, setup_threads, write_json  # isort: skip  # fmt: skip
 from torch import nn
 
+from benchmarks.common import (
+    EPS,
+    REPO_ROOT,
+    add_common_args,
+    batches,
+    dataset_tensors,
+    environment,
+    fail,
+    format_table,
+    setup_threads,
+    write_json,
+)
 from qgtrain.attacks import PGD
 from qgtrain.data import MNISTDataModule, resolve_data_dir
 from qgtrain.evaluation import adversarial_correct
@@ -231,7 +241,7 @@ def section_attacks(plan: Plan) -> Section:
     """Our PGD vs torchattacks.PGD per setting: ms/step, paired ratio, agreement, accuracy."""
     if importlib.util.find_spec("torchattacks") is None:
         return Section("attacks", "skipped", summary="torchattacks not installed (pip install -e '.[bench]')")
-    from attack_speed import TorchattacksPGD
+    from benchmarks.attack_speed import TorchattacksPGD
 
     device = plan.device
     steps, batch_size, repeats = (2, 32, 2) if plan.quick else (10, 256, 5 if plan.gpu else 3)

@@ -17,8 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from common import REPO_ROOT  # isort: skip
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from benchmarks.common import REPO_ROOT
 
 OWNER = {"train.py": ("--run-name", "--checkpoint_root"), "evaluate.py": ("--name", "--out-dir")}
 """The flags that name a command's output: the same script with the same values is the same step."""

@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from common import write_json  # isort: skip
+from benchmarks.common import write_json
 
 RECORD = Path(__file__).resolve().parent / "records" / "cheap_training.json"
 Rows = dict[str, dict[str, Any]]  # run -> {"cost", "label", "one_gradient", "seeds": {"S": {...}}}

@@ -17,16 +17,16 @@ module's own ``perf/images_per_sec`` meter under ``Trainer.fit`` over a few batc
 training step: clean-accuracy forward pass, metrics and logging included), as seconds per batch
 (``lightning_vs_bound`` = that over the bound).
 
-Variants (issue 15), measured side by side in the same repeats: ``before`` (contiguous network,
+Variants, measured side by side in the same repeats: ``before`` (contiguous network,
 oneDNN for every backward, clean-accuracy forward on every batch) and ``after`` (channels_last,
 the attacks' native CPU stem backward, clean accuracy on every 10th batch, as configs/mnist.yaml).
 ``*_vs_before`` are medians of paired per-repeat ratios.
 
-    python benchmarks/throughput.py                      # CPU, TinyCNN and MadryMNIST, batch 128
-    python benchmarks/throughput.py --models tiny_cnn --repeats 3
-    python benchmarks/throughput.py --profile pqgd --steps-list 10   # op-level profile of one attack
+    python -m benchmarks.throughput                      # CPU, TinyCNN and MadryMNIST, batch 128
+    python -m benchmarks.throughput --models tiny_cnn --repeats 3
+    python -m benchmarks.throughput --profile pqgd --steps-list 10   # op-level profile of one attack
     # the main job (--inner pqgd --steps 10 on configs/mnist.yaml: MadryMNIST, batch 100), before vs after:
-    python benchmarks/throughput.py --models madry_mnist --attacks pqgd --steps-list 10 --batch-size 100 \
+    python -m benchmarks.throughput --models madry_mnist --attacks pqgd --steps-list 10 --batch-size 100 \
         --repeats 5 --lightning-batches 20
 """
 
@@ -42,10 +42,19 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-
-from common import EPS, add_common_args, dataset_tensors, environment, fail, format_table, mnist_datamodule, setup_threads, write_json  # isort: skip  # fmt: skip
 from torch.utils.data import DataLoader, TensorDataset
 
+from benchmarks.common import (
+    EPS,
+    add_common_args,
+    dataset_tensors,
+    environment,
+    fail,
+    format_table,
+    mnist_datamodule,
+    setup_threads,
+    write_json,
+)
 from qgtrain.attacks import Attack, attack_class, attack_for_budget, build_attack
 from qgtrain.models import build_model
 from qgtrain.training import AdversarialTraining, quiet_trainer
@@ -67,7 +76,7 @@ def inner_attacks(steps_list: list[int], attacks: list[str]) -> list[tuple[str, 
 
 @dataclass(frozen=True)
 class Variant:
-    """One way of running the same training step: the library's speed options (issue 15)."""
+    """One way of running the same training step: the library's speed options."""
 
     channels_last: bool
     native_stem_backward: bool
@@ -75,7 +84,7 @@ class Variant:
 
 
 VARIANTS = {
-    # before issue 15: contiguous network, oneDNN everywhere, clean-accuracy forward on every batch
+    # before the speed options: contiguous network, oneDNN everywhere, clean-accuracy forward on every batch
     "before": Variant(channels_last=False, native_stem_backward=False, clean_accuracy_every_n_batches=1),
     # after: configs/mnist.yaml's channels_last and sampled clean accuracy; the attacks' CPU stem backward
     "after": Variant(channels_last=True, native_stem_backward=True, clean_accuracy_every_n_batches=10),
@@ -114,7 +123,7 @@ def measure(
     """Interleaved medians of t_input_grad, t_train_step and t_adv_step for each attack and variant.
 
     Each variant has its own copy of the same initial network (in its layout) and its own Adam;
-    ``t_input_grad`` is one pass of the attack's own ``_input_gradient`` (the variant's kernels).
+    ``t_input_grad`` is one pass of the attack's own ``input_gradient`` (the variant's kernels).
     """
     torch.manual_seed(0)
     initial = build_model(model_name)
@@ -136,7 +145,7 @@ def measure(
     def input_grad(name: str, label: str) -> None:
         module = modules[(name, label)]
         module.net.eval()
-        module.inner._input_gradient(module.net, x_perturbed, y)
+        module.inner.input_gradient(module.net, x_perturbed, y)
 
     def train_step(name: str, inputs: torch.Tensor) -> None:
         net, optimizer = nets[name], optimizers[name]

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import load_mnist_tensors, quiet_trainer
-from test_attacks import assert_valid_adversarial, module_modes
 from torch.utils.data import DataLoader, TensorDataset
 
 from qgtrain.attacks import (
@@ -19,7 +17,8 @@ from qgtrain.attacks import (
     available_attacks,
 )
 from qgtrain.models import MadryMNIST, TinyCNN
-from qgtrain.training import AdversarialTraining
+from qgtrain.training import AdversarialTraining, quiet_trainer
+from tests.helpers import assert_valid_adversarial, load_mnist_tensors, module_modes
 
 CUDA = pytest.param(
     "cuda",

@@ -8,22 +8,21 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import (
-    ddp_fit,
-    fit_killed_and_resumed,
-    fit_uninterrupted,
-    quiet_trainer,
-    same_weights,
-    small_mnist_datamodule,
-    write_cifar,
-)
 
 from qgtrain.attacks import PGD, PQGD
 from qgtrain.data import CIFAR10DataModule
 from qgtrain.data.datamodules import ImageTensorDataset
 from qgtrain.models import TinyCNN
-from qgtrain.training import AdversarialTraining
+from qgtrain.training import AdversarialTraining, quiet_trainer
 from qgtrain.training.atta import PerturbationBuffer
+from tests.helpers import (
+    ddp_fit,
+    fit_killed_and_resumed,
+    fit_uninterrupted,
+    same_weights,
+    small_mnist_datamodule,
+    write_cifar,
+)
 
 EPS = 0.3
 

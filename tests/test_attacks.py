@@ -23,6 +23,7 @@ from qgtrain.attacks import (
     margin_loss,
 )
 from qgtrain.attacks.cpu_kernels import model_memory_format
+from tests.helpers import assert_valid_adversarial, module_modes
 
 # Evaluation attacks keep the eps-ball; N-FGSM (training only, by design outside it) has its own file.
 ALL_ATTACKS = [name for name in available_attacks() if attack_class(name).stays_in_ball]
@@ -72,21 +73,6 @@ def quick(name: str, eps: float = 0.1, **kwargs: object) -> Attack:
     if accepts(name, "queries"):
         kwargs.setdefault("queries", 30)
     return attack_for_budget(name, eps, 3, alpha=0.05, **kwargs)
-
-
-def assert_valid_adversarial(
-    x_adv: torch.Tensor, x: torch.Tensor, eps: float, clip: tuple[float, float] = (0.0, 1.0)
-) -> None:
-    assert x_adv.shape == x.shape and x_adv.dtype == x.dtype
-    assert not x_adv.requires_grad and x_adv.grad_fn is None
-    assert (x_adv - x).abs().max() <= eps * (1 + 1e-6)
-    assert x_adv.min() >= clip[0] and x_adv.max() <= clip[1]
-    assert torch.isfinite(x_adv).all()
-    assert not torch.equal(x_adv, x), "the attack did not move the input"
-
-
-def module_modes(model: nn.Module) -> list[bool]:
-    return [m.training for m in model.modules()]
 
 
 # ---------------------------------------------------------------- registry and configuration
@@ -350,7 +336,7 @@ def _backward_kernels(
     attack: Attack, model: nn.Module, x: torch.Tensor, y: torch.Tensor
 ) -> tuple[list[str], torch.Tensor]:
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-        grad = attack._input_gradient(model, x, y).grad
+        grad = attack.input_gradient(model, x, y).grad
     kernels = [
         e.name for e in prof.events() if e.name in ("aten::_slow_conv2d_backward", "aten::mkldnn_convolution")
     ]

@@ -5,28 +5,21 @@ exact resume, the refusals and the cost the study counts."""
 from __future__ import annotations
 
 import copy
-import importlib
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import (
-    REPO,
-    fit_killed_and_resumed,
-    fit_uninterrupted,
-    load_mnist_tensors,
-    quiet_trainer,
-    same_weights,
-)
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from benchmarks import cheap_training
 from qgtrain.attacks import PGD, Free
 from qgtrain.models import TinyCNN
-from qgtrain.training import AdversarialTraining
+from qgtrain.training import AdversarialTraining, quiet_trainer
 from qgtrain.training.module import TRAINING_PASSES
+from tests.helpers import fit_killed_and_resumed, fit_uninterrupted, load_mnist_tensors, same_weights
 
 LR = 0.5
 GAMMA = 0.5  # large, so that the perturbation's effect on one step stands far above float rounding
@@ -153,12 +146,11 @@ def test_awp_settings_are_refused_in_one_line_and_recorded_in_the_checkpoint() -
     assert checkpoint["qgtrain"]["awp_gamma"] == 0.005 and checkpoint["qgtrain"]["awp_warmup_epochs"] == 2
 
 
-def test_the_study_counts_awps_extra_passes_after_its_warmup(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_study_counts_awps_extra_passes_after_its_warmup() -> None:
     """PGD-10 under MART over 3 data passes: 3 x (10 + 2), and with AWP after 1 warm-up epoch 2 x 2
     more; free-4 (one epoch of 4 data passes, AWP from epoch 0): 4 x (0 + 1) + 4 x 1. Control: the
     record without AWP costs what it did."""
-    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
-    study = importlib.import_module("cheap_training")
+    study = cheap_training
     pgd = {"name": "pgd", "eps": 0.3, "alpha": 0.03, "steps": 10}
     awp = {"awp_gamma": 0.005, "awp_warmup_epochs": 1}
     assert study.method_row({"inner": pgd, "objective": "mart"}, 3)["cost"] == 36

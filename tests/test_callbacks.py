@@ -12,7 +12,6 @@ import lightning as L
 import pytest
 import torch
 import yaml
-from conftest import quiet_trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -22,13 +21,14 @@ from qgtrain.attacks import PGD, PQGD, build_attack
 from qgtrain.callbacks import AttackVisualization, RobustnessEvaluation, shard_batches, subset_indices
 from qgtrain.callbacks.robustness import WORST_ACC
 from qgtrain.callbacks.validation_data import limited_validation_size
+from qgtrain.checkpoints import best_checkpoint
 from qgtrain.cli.train import build_cli, main
 from qgtrain.data import MNISTDataModule
 from qgtrain.evaluation import adversarial_correct, clean_correct
 from qgtrain.evaluation.protocol import evaluate_suite
 from qgtrain.models import TinyCNN
-from qgtrain.training import AdversarialTraining
-from qgtrain.training.checkpoint_io import BEST_CHECKPOINT, VAL_ADV_ACC
+from qgtrain.training import AdversarialTraining, quiet_trainer
+from qgtrain.training.module import VAL_ADV_ACC
 from qgtrain.training.trainer import EPOCH_NUMBERING, run_summary
 
 EPS = 0.1  # small enough that a briefly trained tiny CNN keeps some robust accuracy: no 0 == 0 checks
@@ -292,7 +292,7 @@ def test_one_epoch_numbering_in_the_bar_the_robustness_lines_the_checkpoint_and_
     ``epoch``, the callback's best epoch and the end-of-run summary all name it 1 (from 0)."""
     robustness = RadiusPerEpoch([0.3, 0.002, 0.3], subset_size=64, batch_size=64, extra_attacks=[], steps=2)
     labels = BarLabels()
-    best = ModelCheckpoint(dirpath=tmp_path, **{**BEST_CHECKPOINT, "save_last": False})
+    best = ModelCheckpoint(dirpath=tmp_path, **{**best_checkpoint(WORST_ACC), "save_last": False})
     trainer = _trainer(
         max_epochs=3, limit_train_batches=1, enable_checkpointing=True, enable_progress_bar=True,
         callbacks=[robustness, labels, best],

@@ -13,18 +13,18 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO
 
-from qgtrain.checkpoint_files import read_checkpoint
+from qgtrain.checkpoints import read_checkpoint
+from tests.helpers import REPO
 
-SCRIPT = REPO / "benchmarks" / "cheap_training.py"
 pytestmark = pytest.mark.slow  # several train.py and evaluate.py processes
 INTERVAL = 2  # the smoke budget's --ckpt-every-steps
 FIRST, SECOND = "pgd2_s0", "pqgd2_b100_s0"  # the smoke grid, trained in this order with --jobs 1
 
 
 def study(out: Path, data: Path, *options: str) -> list[str]:
-    return [sys.executable, str(SCRIPT), "--budget", "smoke", "--out", str(out), "--data-dir", str(data),
+    """The study's command (run from the repository root: ``cwd=REPO``)."""
+    return [sys.executable, "-m", "benchmarks.cheap_training", "--budget", "smoke", "--out", str(out), "--data-dir", str(data),
             "--jobs", "1", *options]  # fmt: skip
 
 
@@ -40,9 +40,9 @@ def killed_and_rerun(tmp_path_factory: pytest.TempPathFactory, data_root: Path) 
     run has a step.ckpt past step 2; rerun the same command to the end."""
     out = tmp_path_factory.mktemp("study")
     folder = out / "cheap_training" / "smoke"
-    fresh = subprocess.run(study(out, data_root, "--dry-run"), capture_output=True, text=True, check=True)
+    fresh = subprocess.run(study(out, data_root, "--dry-run"), cwd=REPO, capture_output=True, text=True, check=True)
     process = subprocess.Popen(
-        study(out, data_root, "--train-only"), start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT
+        study(out, data_root, "--train-only"), cwd=REPO, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT
     )  # fmt: skip
     step_ckpt = folder / "checkpoints" / SECOND / "step.ckpt"
     deadline = time.monotonic() + 240
@@ -60,8 +60,8 @@ def killed_and_rerun(tmp_path_factory: pytest.TempPathFactory, data_root: Path) 
     }
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
-    planned = subprocess.run(study(out, data_root, "--dry-run"), capture_output=True, text=True)
-    rerun = subprocess.run(study(out, data_root, "--train-only"), capture_output=True, text=True, timeout=300)
+    planned = subprocess.run(study(out, data_root, "--dry-run"), cwd=REPO, capture_output=True, text=True)
+    rerun = subprocess.run(study(out, data_root, "--train-only"), cwd=REPO, capture_output=True, text=True, timeout=300)
     return {
         "out": out,
         "folder": folder,
@@ -96,7 +96,7 @@ def test_the_rerun_does_not_redo_the_finished_run(killed_and_rerun):
 
 def test_judging_writes_each_result_once_and_the_report_reads_them(killed_and_rerun, data_root):
     run = killed_and_rerun
-    judged = subprocess.run(study(run["out"], data_root, "--judge-only"), capture_output=True, text=True)
+    judged = subprocess.run(study(run["out"], data_root, "--judge-only"), cwd=REPO, capture_output=True, text=True)
     assert judged.returncode == 0, judged.stdout + judged.stderr
     results = run["folder"] / "results"
     for name in (FIRST, SECOND):  # every run: APGD-CE -> APGD-T only
@@ -104,9 +104,9 @@ def test_judging_writes_each_result_once_and_the_report_reads_them(killed_and_re
         assert [a["label"] for a in record["results"]["suite"]["attacks"]] == ["apgd_ce", "apgd_t"]
     assert list(results.glob("*_full/results.json"))  # the whole suite for the frontier (equal cost)
     written = {path: path.stat().st_mtime_ns for path in results.glob("*/results.json")}
-    again = subprocess.run(study(run["out"], data_root, "--judge-only"), capture_output=True, text=True)
+    again = subprocess.run(study(run["out"], data_root, "--judge-only"), cwd=REPO, capture_output=True, text=True)
     assert again.returncode == 0 and not re.search(r"\] judge \S+: ", again.stdout)  # nothing launched
     assert {path: path.stat().st_mtime_ns for path in results.glob("*/results.json")} == written
-    report = subprocess.run(study(run["out"], data_root, "--report"), capture_output=True, text=True)
+    report = subprocess.run(study(run["out"], data_root, "--report"), cwd=REPO, capture_output=True, text=True)
     assert report.returncode == 0, report.stderr
     assert "pqgd2_b100" in report.stdout and (run["out"] / "cheap_training_smoke.png").is_file()

@@ -9,15 +9,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import (
-    REFUSED_RUN_ARGS,
-    call_main,
-    error_lines,
-    no_training,
-    write_cifar,
-    write_idx,
-    write_mnist,
-)
 
 from qgtrain.cli.train import main as train_main
 from qgtrain.data import (
@@ -30,6 +21,15 @@ from qgtrain.data import (
     resolve_data_dir,
 )
 from qgtrain.training import AdversarialTraining
+from tests.helpers import (
+    REFUSED_RUN_ARGS,
+    call_main,
+    error_lines,
+    no_training,
+    write_cifar,
+    write_idx,
+    write_mnist,
+)
 
 
 def test_data_dir_precedence(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

@@ -1,10 +1,14 @@
 """Every ``python train.py …`` and ``python evaluate.py …`` line that README.md and docs/*.md show
 parses and instantiates exactly as written (read from the files, so the docs cannot drift from the
-code); training and evaluation themselves are replaced by a recorder of what would run. The
-Quickstart's offline note and the CPU-only install recipe's reachability check are read the same way."""
+code); training and evaluation themselves are replaced by a recorder of what would run. Every
+``python -m benchmarks.<script> …`` there and in benchmarks/README.md (code blocks and inline code)
+names a benchmark and parses with its own parser, nothing run. The Quickstart's offline note and the
+CPU-only install recipe's reachability check are read the same way."""
 
 from __future__ import annotations
 
+import argparse
+import importlib
 import os
 import re
 import shlex
@@ -22,11 +26,12 @@ import lightning as L
 import pytest
 import torch
 import yaml
-from conftest import call_main
 
 from qgtrain.cli import evaluate as evaluate_cli
 from qgtrain.cli import train as train_cli
+from qgtrain.evaluation import session
 from qgtrain.models import build_model
+from tests.helpers import call_main
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -117,18 +122,18 @@ def recorder(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, data_root: Path) -
         info.to_dict = lambda: vars(info).copy()
         return build_model(model or "madry_mnist", **kwargs).eval(), info
 
-    def evaluate(args: Any, net: Any, batches: Any, settings: Any, device: Any, about: Any) -> int:
-        seen["settings"], seen["args"] = settings, args
+    def evaluate(request: Any, net: Any, batches: Any, settings: Any, device: Any, about: Any, prog: str) -> int:
+        seen["settings"], seen["request"] = settings, request
         raise Recorded
 
     monkeypatch.setattr(L.Trainer, "fit", fit)
     monkeypatch.setattr(train_cli.QGTrainCLI, "check_before_fit", check_before_fit)
-    monkeypatch.setattr(evaluate_cli, "load_model_from_checkpoint", load)
+    monkeypatch.setattr(session, "load_model_from_checkpoint", load)
     monkeypatch.setattr(
-        evaluate_cli, "test_split", lambda *a: (torch.rand(10_000, 1, 28, 28), torch.arange(10_000) % 10)
+        session, "test_split", lambda *a: (torch.rand(10_000, 1, 28, 28), torch.arange(10_000) % 10)
     )
-    monkeypatch.setattr(evaluate_cli, "_evaluate", evaluate)
-    monkeypatch.setattr(evaluate_cli, "write_merged", lambda paths, out: seen.setdefault("merged", paths))
+    monkeypatch.setattr(session, "attack_and_write", evaluate)
+    monkeypatch.setattr(session, "write_merged", lambda paths, out: seen.setdefault("merged", paths))
     return seen
 
 
@@ -280,3 +285,115 @@ def test_the_cpu_install_recipe_stops_at_once_with_one_line_when_the_index_is_un
         server.shutdown()
         server.server_close()
     assert done.returncode == 0 and done.stdout == done.stderr == "", done
+
+
+# ---------------------------------------------------------------- the benchmarks' commands
+BENCHMARK_DOCS = [*DOCS, ROOT / "benchmarks" / "README.md"]
+BENCHMARK = re.compile(r"^benchmarks\.(\w+)$")
+SEPARATORS = {"&&", "||", ";", "&", "|"}
+
+
+def code_block_lines(text: str) -> list[tuple[int, str]]:
+    """``(line number, line)`` of each line of the code blocks, line continuations joined."""
+    found, in_code, pending = [], False, ""
+    for number, raw in enumerate(text.splitlines(), 1):
+        if raw.lstrip().startswith("```"):
+            in_code, pending = not in_code, ""
+        elif in_code and raw.rstrip().endswith("\\"):
+            pending += raw.rstrip()[:-1] + " "
+        elif in_code:
+            found.append((number, pending + raw))
+            pending = ""
+    return found
+
+
+def inline_code(text: str) -> list[tuple[int, str]]:
+    """``(line number, span)`` of each inline code span (one that wraps is joined into one line)."""
+    return [
+        (text[: match.start()].count("\n") + 1, match.group(1).replace("\n", " "))
+        for match in re.finditer(r"(?<!`)`([^`]+)`(?!`)", text)
+    ]
+
+
+def benchmark_commands_in(line: str) -> list[tuple[str, list[str]]]:
+    """``(script, argv)`` of each ``python -m benchmarks.<script> …`` in one shell line (split at
+    ``&&``, ``;``, ``&``, ``|``; ``> file`` dropped); a ``<placeholder>`` becomes the word ``<…>``."""
+    if re.search(r"python3? -m benchmarks\.", line) is None:
+        return []
+    lexer = shlex.shlex(re.sub(r"<[^<>]*>", "'<…>'", line), posix=True, punctuation_chars=True)
+    lexer.whitespace_split, lexer.commenters = True, "#"
+    commands, current = [], []
+    for word in [*lexer, ";"]:
+        if word in SEPARATORS:
+            commands.append(current)
+            current = []
+        else:
+            current.append(word)
+    found = []
+    for words in commands:
+        for i in range(len(words) - 2):
+            if words[i] in ("python", "python3") and words[i + 1] == "-m" and BENCHMARK.match(words[i + 2]):
+                argv = words[i + 3 :]
+                found.append((BENCHMARK.match(words[i + 2]).group(1), argv[: argv.index(">")] if ">" in argv else argv))
+    return found
+
+
+def benchmark_commands() -> list[tuple[str, str, list[str]]]:
+    """``(where, script, argv)`` for every benchmark command the docs show."""
+    found = []
+    for doc in BENCHMARK_DOCS:
+        text = doc.read_text()
+        for number, line in [*code_block_lines(text), *inline_code(text)]:
+            found += [(f"{doc.name}:{number}", *command) for command in benchmark_commands_in(line)]
+    return found
+
+
+BENCHMARK_COMMANDS = benchmark_commands()
+
+
+def test_the_docs_show_the_benchmarks_as_modules() -> None:
+    """A control: the reader finds the benchmark commands, in code blocks and inline, for several scripts."""
+    scripts = {script for _, script, _ in BENCHMARK_COMMANDS}
+    assert {"cheap_training", "attack_strength", "evaluation_strength", "gpu_check"} <= scripts
+    assert len(BENCHMARK_COMMANDS) > 30
+    # control of the reader: a wrapped inline command, a chain and a placeholder
+    assert benchmark_commands_in("a && python -m benchmarks.steps --x 1 > out; python3 -m benchmarks.gpu_check") == [
+        ("steps", ["--x", "1"]),
+        ("gpu_check", []),
+    ]
+    assert benchmark_commands_in("python -m benchmarks.attack_strength --ckpt <best.ckpt> # comment") == [
+        ("attack_strength", ["--ckpt", "<…>"])
+    ]
+    assert benchmark_commands_in("python benchmarks/attack_strength.py") == []
+
+
+class Parsed(BaseException):
+    """Raised instead of running a benchmark once its parser accepted the arguments."""
+
+
+@pytest.mark.parametrize(
+    ("where", "script", "argv"), BENCHMARK_COMMANDS, ids=[c[0] for c in BENCHMARK_COMMANDS]
+)
+def test_documented_benchmark_command_parses_as_written(
+    where: str, script: str, argv: list[str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    if "<…>" in argv:
+        pytest.skip(f"{where}: a placeholder stands for a value")
+    module = importlib.import_module(f"benchmarks.{script}")
+    parse_args = argparse.ArgumentParser.parse_args
+
+    def parse_only(parser: argparse.ArgumentParser, args: Any = None, namespace: Any = None) -> None:
+        raise Parsed(parse_args(parser, args, namespace))
+
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", parse_only)
+    monkeypatch.setattr(sys, "argv", [module.__file__, *argv])
+    try:
+        module.main()
+    except Parsed:
+        pass
+    except SystemExit as exc:
+        pytest.fail(f"{where}: python -m benchmarks.{script} {shlex.join(argv)}: exit {exc.code}\n{capsys.readouterr().err}")
+    else:
+        pytest.fail(f"{where}: benchmarks.{script}.main() did not parse its arguments")
+    assert capsys.readouterr().err == "", where
+

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import builtins
 import io
 import json
@@ -13,27 +12,13 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import (
-    REFUSED_RUN_ARGS,
-    SoftmaxOutput,
-    call_main,
-    error_lines,
-    find_data_root,
-    load_mnist_tensors,
-    output_roots,
-    quiet_trainer,
-    write_mnist,
-)
 from torch import nn
 
+from qgtrain.checkpoints import AtomicCheckpointIO, CheckpointError, load_model_from_checkpoint
 from qgtrain.cli.evaluate import main
 from qgtrain.cli.train import main as train_main
-from qgtrain.evaluation import (
-    CheckpointError,
-    ProtocolSettings,
-    TensorBatches,
-    load_model_from_checkpoint,
-)
+from qgtrain.evaluation import ProtocolSettings, TensorBatches
+from qgtrain.evaluation.job import run_evaluation
 from qgtrain.evaluation.masking import (
     check_output_probabilities,
     check_randomized,
@@ -41,9 +26,18 @@ from qgtrain.evaluation.masking import (
     check_sweep,
     check_zero_gradients,
 )
-from qgtrain.evaluation.report import run_evaluation, strip_timing, write_outputs
-from qgtrain.models import TinyCNN, model_spec
-from qgtrain.training.checkpoint_io import AtomicCheckpointIO
+from qgtrain.evaluation.outputs import strip_timing, write_outputs
+from qgtrain.models import TinyCNN
+from qgtrain.training import quiet_trainer
+from tests.helpers import (
+    REFUSED_RUN_ARGS,
+    SoftmaxOutput,
+    call_main,
+    error_lines,
+    lightning_like_checkpoint,
+    load_mnist_tensors,
+    output_roots,
+)
 
 FAST = [
     "--protocol",
@@ -62,41 +56,7 @@ FAST = [
 ]
 
 
-# ------------------------------------------------------------------------------------ fixtures
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One torch thread: on a shared 2-core machine two threads run these small batches ~10x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Real MNIST when present, else a synthetic MNIST (conftest's separable bars) in idx format."""
-    root = find_data_root()
-    if root is not None:
-        return root
-    root = tmp_path_factory.mktemp("mnist_data")
-    splits = {}
-    for prefix, train in (("train", True), ("t10k", False)):
-        x, y = load_mnist_tensors(300, train=train)
-        splits[prefix] = ((x[:, 0] * 255).round(), y)
-    write_mnist(root, splits)
-    return root
-
-
-def lightning_like_checkpoint(net: nn.Module, path: Path) -> Path:
-    """The layout AdversarialTraining.on_save_checkpoint writes: state_dict under net.*, spec under qgtrain."""
-    state = {f"net.{k}": v for k, v in net.state_dict().items()}
-    torch.save({"state_dict": state, "qgtrain": {"net": model_spec(net)}, "epoch": 3}, path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def tiny_ckpt(trained_tiny_model: TinyCNN, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return lightning_like_checkpoint(trained_tiny_model, tmp_path_factory.mktemp("ckpt") / "tiny.ckpt")
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest's fixtures: data_dir, tiny_ckpt
 
 
 def run_cli(ckpt: Path, data_dir: Path, out_dir: Path, *extra: str) -> tuple[int, dict[str, Any], str]:
@@ -728,9 +688,11 @@ def test_options_left_out_take_the_settings_defaults(monkeypatch) -> None:
 
 
 def test_help_describes_the_default_protocol_and_states_each_default_once(capsys) -> None:
-    """Control: argparse's ArgumentDefaultsHelpFormatter (the former formatter) appends a second
-    ``(default: ...)`` to options whose help already states one."""
-    from qgtrain.cli.evaluate import PAPER, STANDARD, build_parser
+    """Each default is the settings dataclasses' and stated once. Control: the same help on a flag
+    that also carries the default as its own (what jsonargparse's formatter then appends) states it
+    twice."""
+    from qgtrain.cli.evaluate import build_parser
+    from qgtrain.evaluation.runner import StandardSettings
 
     text = build_parser().format_help()
     description = " ".join(text.split("\n\n")[1].split())
@@ -744,21 +706,20 @@ def test_help_describes_the_default_protocol_and_states_each_default_once(capsys
         return {block.split()[0].rstrip(","): " ".join(block.split()) for block in blocks if block.strip()}
 
     found = options(text)
-    assert all(block.count("(default:") <= 1 for block in found.values()), [
-        b for b in found.values() if b.count("(default:") > 1
+    assert all(block.count("default:") <= 1 for block in found.values()), [
+        b for b in found.values() if b.count("default:") > 1
     ]
+    paper, standard = ProtocolSettings(), StandardSettings()
     assert (
-        f"default: {STANDARD.steps} for standard" in found["--steps"]
-        and f"{PAPER.steps} for paper" in found["--steps"]
+        f"default: {standard.steps} for standard" in found["--steps"]
+        and f"{paper.steps} for paper" in found["--steps"]
     )
-    assert f"default: {PAPER.restarts})" in found["--restarts"]
+    assert f"default: {paper.restarts})" in found["--restarts"]
+    assert f"default: {paper.restarts})" in found["--paper.restarts"] and f"default: {paper.steps})" in found["--paper.steps"]
     control = build_parser()
-    control.formatter_class = argparse.ArgumentDefaultsHelpFormatter
-    control.argument_default = None
-    for action in control._actions:
-        if action.default is argparse.SUPPRESS and action.option_strings and action.help:
-            action.default = None
-    assert any(b.count("(default:") > 1 for b in options(control.format_help()).values())
+    restarts_help = found["--restarts"].split(" ", 2)[2]
+    control.add_argument("--restarts-with-default", type=int, default=paper.restarts, help=restarts_help)
+    assert options(control.format_help())["--restarts-with-default"].count("default:") > 1
 
 
 def test_plots_and_the_time_estimate_beside_the_real_time(

@@ -8,15 +8,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import test_evaluate
 import torch
-from conftest import call_main, error_lines
 
 from qgtrain.cli.evaluate import main
 from qgtrain.evaluation.runner import TensorBatches
+from tests.helpers import call_main, error_lines
 
-# test_evaluate's fixtures: one torch thread, the data root, the tiny checkpoint
-one_thread, data_dir, tiny_ckpt = test_evaluate.one_thread, test_evaluate.data_dir, test_evaluate.tiny_ckpt
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest's fixtures: data_dir, tiny_ckpt
 
 # Square (random search) and the PQGD row draw from each batch's stream, so a chunk attacked under
 # another batch's stream gives other per-example outcomes.

@@ -11,14 +11,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import test_evaluate
-from conftest import call_main, error_lines
 
-import qgtrain.checkpoint_files as checkpoint_files
+import qgtrain.checkpoints.files as checkpoint_files
 import qgtrain.cli.evaluate as evaluate_cli
+from qgtrain.evaluation import session
+from tests.helpers import call_main, error_lines
 
-# test_evaluate's fixtures: one torch thread, the data root, the tiny checkpoint
-one_thread, data_dir, tiny_ckpt = test_evaluate.one_thread, test_evaluate.data_dir, test_evaluate.tiny_ckpt
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest's fixtures: data_dir, tiny_ckpt
 
 FAST = ["--n", "20", "--batch-size", "20", "--steps", "2", "--suite", "apgd_ce", "--attacks", "none"]
 FAST += ["--threads", "1", "--device", "cpu", "--no-masking-checks", "--quiet"]
@@ -57,7 +56,7 @@ def test_result_names_are_single_path_components(
     """``..`` would write beside OUT_DIR, ``a/b`` below a folder no later --merge finds; empty and
     ``.`` are OUT_DIR itself. Refused before the data is read, for an evaluation and a merge: status 2,
     one line naming --name, nothing written. Control: ``my-run`` (the fixture) evaluates and merges."""
-    monkeypatch.setattr(evaluate_cli, "test_split", no_attacks)
+    monkeypatch.setattr(session, "test_split", no_attacks)
     assert evaluate(tiny_ckpt, data_dir, tmp_path / "out", "--name", name) == 2
     assert "argument --name" in one_error_line(capsys)
     merge = ["--merge", str(finished), "--out-dir", str(tmp_path / "out"), "--name", name]
@@ -127,7 +126,7 @@ def test_out_dir_naming_a_file_is_one_line(
     --out-dir and the file, which is left as it was. Control: the fixture's --out-dir, a folder."""
     file = tmp_path / "results"
     file.write_text("notes")
-    monkeypatch.setattr(evaluate_cli, "test_split", no_attacks)
+    monkeypatch.setattr(session, "test_split", no_attacks)
     for argv in (
         ["--ckpt", str(tiny_ckpt), "--data-dir", str(data_dir), "--out-dir", str(file), *FAST],
         ["--merge", str(finished), "--out-dir", str(file)],
@@ -158,7 +157,7 @@ def test_a_read_only_output_folder_is_refused_before_any_attack(
     evaluates (and the same patch of the attacks would have caught them running)."""
     out = tmp_path / "out"
     read_only(monkeypatch)
-    monkeypatch.setattr(evaluate_cli, "run_evaluation", no_attacks)
+    monkeypatch.setattr(session, "run_evaluation", no_attacks)
     assert evaluate(tiny_ckpt, data_dir, out, "--name", "r") == 2
     line = one_error_line(capsys)
     assert f"cannot write the results folder {out / 'r'}: Read-only file system" in line, line
@@ -188,7 +187,7 @@ def test_an_unreadable_data_file_is_the_users_to_fix(
         return read_bytes(self)
 
     monkeypatch.setattr(Path, "read_bytes", denied)
-    monkeypatch.setattr(evaluate_cli, "run_evaluation", no_attacks)
+    monkeypatch.setattr(session, "run_evaluation", no_attacks)
     assert evaluate(tiny_ckpt, data_dir, tmp_path / "out") == 1
     line = one_error_line(capsys)
     assert "t10k-images-idx3-ubyte: Permission denied; check its permissions" in line, line

@@ -9,14 +9,12 @@ import signal
 from pathlib import Path
 
 import pytest
-import test_evaluate
-from conftest import call_main, error_lines
 
 import qgtrain.evaluation.protocol as protocol
 from qgtrain.cli.evaluate import main
+from tests.helpers import call_main, error_lines
 
-# test_evaluate's fixtures: one torch thread, the data root, the tiny checkpoint
-one_thread, data_dir, tiny_ckpt = test_evaluate.one_thread, test_evaluate.data_dir, test_evaluate.tiny_ckpt
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest's fixtures: data_dir, tiny_ckpt
 
 # Two batches of 50; on each the suite, then the two paper rows: attack_batch calls 1-3 are batch 0.
 FAST = ["--n", "100", "--batch-size", "50", "--steps", "3", "--targets", "2", "--queries", "20"]

@@ -6,7 +6,7 @@ from __future__ import annotations
 import shlex
 
 from qgtrain.cli import evaluate as cli
-from qgtrain.evaluation.runner import QUICK_EXAMPLES, describe_suggestions, suggested_evaluations
+from qgtrain.evaluation.planning import QUICK_EXAMPLES, describe_suggestions, suggested_evaluations
 from qgtrain.models import TinyCNN
 
 

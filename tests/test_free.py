@@ -10,7 +10,15 @@ import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import (
+from torch.utils.data import DataLoader, TensorDataset
+
+from qgtrain.attacks import Free, build_attack, quantize_gradient
+from qgtrain.checkpoints import finished_message
+from qgtrain.cli import train as train_cli
+from qgtrain.models import TinyCNN
+from qgtrain.training import AdversarialTraining, quiet_trainer
+from qgtrain.training.module import free_training_epochs
+from tests.helpers import (
     REFUSED_RUN_ARGS,
     call_main,
     ddp_fit,
@@ -20,17 +28,8 @@ from conftest import (
     load_mnist_tensors,
     no_training,
     output_roots,
-    quiet_trainer,
     same_weights,
 )
-from torch.utils.data import DataLoader, TensorDataset
-
-from qgtrain.attacks import Free, build_attack, quantize_gradient
-from qgtrain.cli import train as train_cli
-from qgtrain.models import TinyCNN
-from qgtrain.training import AdversarialTraining
-from qgtrain.training.module import free_training_epochs
-from qgtrain.training.resume import finished_message
 
 EPS = 0.3
 

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import importlib
 import importlib.util
 import json
 import sys
@@ -11,21 +10,22 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, find_data_root
+
+from benchmarks import gpu_check as gpu_check_script
+from tests.helpers import find_data_root
 
 
 @pytest.fixture()
 def gpu_check(monkeypatch: pytest.MonkeyPatch):
     """The script as a module (in process: no second torch start-up), with MNIST where found."""
-    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
     root = find_data_root()
     if root is not None:
         monkeypatch.setenv("QGTRAIN_DATA", str(root))
-    return importlib.import_module("gpu_check")
+    return gpu_check_script
 
 
 def _main(gpu_check, monkeypatch: pytest.MonkeyPatch, *args: str) -> int:
-    monkeypatch.setattr(sys, "argv", ["gpu_check.py", *args])
+    monkeypatch.setattr(sys, "argv", [gpu_check.__file__, *args])
     return gpu_check.main()
 
 

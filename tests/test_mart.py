@@ -7,13 +7,13 @@ import math
 
 import pytest
 import torch
-from conftest import load_mnist_tensors, quiet_trainer
 from torch.utils.data import DataLoader, TensorDataset
 
 from qgtrain.attacks import PGD, build_attack
 from qgtrain.models import TinyCNN
-from qgtrain.training import AdversarialTraining
+from qgtrain.training import AdversarialTraining, quiet_trainer
 from qgtrain.training.module import mart_loss
+from tests.helpers import load_mnist_tensors
 
 CLEAN = [[2.0, 0.5, -1.0], [0.0, 1.0, 0.5], [1.0, 1.0, 1.0]]
 ADV = [[0.5, 1.5, 0.0], [0.2, 2.5, -0.5], [-1.0, 0.0, 2.0]]  # row 1: the true class stays on top

@@ -24,7 +24,21 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from conftest import (
+from lightning.pytorch.callbacks import TQDMProgressBar
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import qgtrain.checkpoints.files as checkpoint_files
+import qgtrain.checkpoints.resume as resume
+import qgtrain.cli.train as train_cli
+from qgtrain.attacks import ATTACKS, build_attack
+from qgtrain.checkpoints import LastCheckpoint, RestoreLoaderState, StepCheckpoint
+from qgtrain.data import VisionDataModule
+from qgtrain.models import TinyCNN
+from qgtrain.training import AdversarialTraining, quiet_trainer
+from qgtrain.training.module import looks_like_probabilities
+from tests.helpers import (
     ONE_STEP_ARGS,
     REPO,
     KillAfterBatches,
@@ -35,23 +49,8 @@ from conftest import (
     load_mnist_tensors,
     no_training,
     output_roots,
-    quiet_trainer,
     small_mnist_datamodule,
 )
-from lightning.pytorch.callbacks import TQDMProgressBar
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
-
-import qgtrain.checkpoint_files as checkpoint_files
-import qgtrain.cli.train as train_cli
-import qgtrain.training.resume as resume
-from qgtrain.attacks import ATTACKS, build_attack
-from qgtrain.data import VisionDataModule
-from qgtrain.models import TinyCNN
-from qgtrain.training import AdversarialTraining
-from qgtrain.training.checkpoint_io import LastCheckpoint, StepCheckpoint
-from qgtrain.training.module import looks_like_probabilities
 
 # Six batches of 50 per epoch, 2-step PGD, one validation batch, no robustness/visualization callbacks.
 TINY = [
@@ -269,7 +268,7 @@ ATOMIC_WRITER = r"""
 import json, os, shutil, signal, sys, time
 import torch
 from pathlib import Path
-from qgtrain.training.checkpoint_io import atomic_torch_save
+from qgtrain.checkpoints import atomic_torch_save
 
 # The parent runs no torch op before forking (a forked child would hang on the parent's thread
 # pool): it snapshots the file after each kill and checks the snapshots at the end.
@@ -731,7 +730,7 @@ def test_a_resumed_run_logs_into_its_tensorboard_version(tmp_path: Path) -> None
 
 class ProgressBarSeen(L.Callback):
     """The progress bar's label, position and total before each training batch (after the bar's
-    own hooks and :class:`~qgtrain.training.resume.RestoreLoaderState` have run)."""
+    own hooks and :class:`~qgtrain.checkpoints.RestoreLoaderState` have run)."""
 
     def __init__(self) -> None:
         self.seen: list[tuple[str, int, int | None]] = []
@@ -765,7 +764,7 @@ def test_a_resumed_epoch_shows_its_progress_bar_total_and_its_number(
     seen = ProgressBarSeen()
     resumed = quiet_trainer(
         max_epochs=2, limit_val_batches=0, enable_progress_bar=True,
-        callbacks=[resume.RestoreLoaderState(), seen, TQDMProgressBar()],
+        callbacks=[RestoreLoaderState(), seen, TQDMProgressBar()],
     )  # fmt: skip
     resumed.fit(build(), datamodule=small_mnist_datamodule(data_root), ckpt_path=str(folder / checkpoint))
     epoch, step = resumes_at
@@ -977,8 +976,8 @@ def test_whole_number_trainer_limits_mean_batches(key: str) -> None:
 
     parser = LightningArgumentParser(exit_on_error=False)
     train_cli.QGTrainCLI.add_core_arguments_to_parser(
-        type("CLI", (), {"trainer_class": Trainer, "trainer_defaults": {}, "_model_class": AdversarialTraining,
-                         "subclass_mode_model": False, "_datamodule_class": VisionDataModule,
+        type("CLI", (), {"trainer_class": Trainer, "trainer_defaults": {}, "model_class": AdversarialTraining,
+                         "subclass_mode_model": False, "datamodule_class": VisionDataModule,
                          "subclass_mode_data": True})(),
         parser,
     )  # fmt: skip

@@ -10,9 +10,9 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from conftest import ONE_STEP_ARGS, call_main, error_lines, no_training, output_roots
 
 import qgtrain.cli.train as train_cli
+from tests.helpers import ONE_STEP_ARGS, call_main, error_lines, no_training, output_roots
 
 ONE_STEP = [*ONE_STEP_ARGS, "--run-name", "r"]
 

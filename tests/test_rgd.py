@@ -9,13 +9,13 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import fit_killed_and_resumed, fit_uninterrupted, output_roots, same_weights
 from torch import nn
 
 from qgtrain.attacks import PGD, RGD, attack_for_budget, build_attack, started_at
 from qgtrain.cli.train import build_cli
 from qgtrain.models import TinyCNN
 from qgtrain.training import AdversarialTraining
+from tests.helpers import fit_killed_and_resumed, fit_uninterrupted, output_roots, same_weights
 
 EPS = 0.1
 STEPS = 4

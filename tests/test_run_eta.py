@@ -10,13 +10,13 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from conftest import small_mnist_datamodule
 
 from qgtrain.attacks import PGD
 from qgtrain.callbacks import RobustnessEvaluation, RunEstimate
-from qgtrain.evaluation.runner import format_duration
+from qgtrain.evaluation.planning import format_duration
 from qgtrain.models import TinyCNN
 from qgtrain.training import AdversarialTraining, quiet_trainer
+from tests.helpers import small_mnist_datamodule
 
 EPOCHS, BATCHES, BATCH = 3, 4, 16  # small_mnist_datamodule: 64 training images in batches of 16
 VALIDATION_SECONDS = 5.0

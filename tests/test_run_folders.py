@@ -12,11 +12,11 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from conftest import ONE_STEP_ARGS, REPO, call_main, error_lines, no_training, output_roots
 
+import qgtrain.checkpoints as checkpoints
 import qgtrain.cli.train as train_cli
-import qgtrain.training.resume as resume
 from qgtrain.attacks import ATTACKS
+from tests.helpers import ONE_STEP_ARGS, REPO, call_main, error_lines, no_training, output_roots
 
 ONE_STEP = [*ONE_STEP_ARGS, "--epochs", "1"]
 
@@ -46,9 +46,9 @@ def test_resuming_under_a_name_that_is_another_runs_folder_gets_the_next_version
     root = tmp_path / "ckpt"
     assert call_main(train_cli.main, [*ONE_STEP, *output_roots(tmp_path), "--run-name", "a"]) == 0
     assert call_main(train_cli.main, [*ONE_STEP, *output_roots(tmp_path), "--run-name", "b"]) == 0
-    name, _, _ = resume.start_point("b", str(root / "a"), root, "x", 5, -1)
+    name, _, _ = checkpoints.start_point("b", str(root / "a"), root, "x", 5, -1)
     assert name == "b-v1"  # b holds another run: resuming a's checkpoint must not write there
-    assert resume.start_point("a", str(root / "a"), root, "x", 5, -1)[0] == "a"  # control: its own
+    assert checkpoints.start_point("a", str(root / "a"), root, "x", 5, -1)[0] == "a"  # control: its own
 
 
 @pytest.mark.parametrize("name", ["..", ".", "", "a/b", "../x"])
@@ -61,13 +61,13 @@ def test_run_names_are_single_path_components(
     lines = error_lines(capsys.readouterr().err)
     assert len(lines) == 1 and lines[0].startswith(f"train.py: error: --run-name {name!r}: a name must be")
     assert list(tmp_path.iterdir()) == []  # nothing written, not even above the roots
-    assert resume.check_run_name("my-run.v2") == "my-run.v2"  # the control: a plain name passes
+    assert checkpoints.check_run_name("my-run.v2") == "my-run.v2"  # the control: a plain name passes
 
 
 LOCK_HOLDER = """
 import sys, time
 from pathlib import Path
-from qgtrain.training.resume import RunLock
+from qgtrain.checkpoints import RunLock
 lock = RunLock(Path(sys.argv[1]))
 lock.acquire()
 print("locked", flush=True)
@@ -103,10 +103,10 @@ def test_a_second_writer_of_a_run_folder_is_refused_and_a_dead_owner_leaves_no_l
             f"train.py: error: {folder} is being written by another training process (pid {owner.pid}); "
             "wait for it to end, or start this run under another --run-name"
         ]
-        assert resume.unique_run_name(tmp_path / "ckpt", "q") == "q"
+        assert checkpoints.unique_run_name(tmp_path / "ckpt", "q") == "q"
         (tmp_path / "ckpt" / "q").mkdir()  # an empty folder whose writer holds the lock: taken
         q_owner = _hold_lock(tmp_path / "ckpt" / "q", "hold")
-        assert resume.unique_run_name(tmp_path / "ckpt", "q") == "q-v1"
+        assert checkpoints.unique_run_name(tmp_path / "ckpt", "q") == "q-v1"
         q_owner.kill()
         q_owner.wait()
     finally:
@@ -129,4 +129,4 @@ def test_run_names_drop_b_for_attacks_that_take_none(inner: str, expected: str, 
     argv = [*ONE_STEP, *output_roots(tmp_path), "--inner", inner, "--steps", "2"]
     assert train_cli.build_cli(argv).run_name == expected
     assert ("b" in ATTACKS[inner].constructor_defaults()) == expected.endswith(("-b1", "-b100"))
-    assert resume.run_name("mnist", "madry_mnist", "pqgd", 10, 100) == "mnist-madry_mnist-pqgd-k10-b100"
+    assert checkpoints.run_name("mnist", "madry_mnist", "pqgd", 10, 100) == "mnist-madry_mnist-pqgd-k10-b100"

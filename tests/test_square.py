@@ -6,13 +6,13 @@ import time
 
 import pytest
 import torch
-from conftest import load_mnist_tensors
 from torch import nn
 
 from qgtrain.attacks import Square, attack_for_budget
 from qgtrain.attacks.limits import AttackInterrupted, clear_stop, request_stop
 from qgtrain.attacks.square import square_fraction
 from qgtrain.models import TinyCNN
+from tests.helpers import load_mnist_tensors
 
 
 def test_schedule_halves_on_autoattack_s_scale() -> None:

@@ -4,16 +4,14 @@ the report, which reads the objective from the checkpoint's record; and the plan
 
 from __future__ import annotations
 
-import importlib
-
 import pytest
-from conftest import REPO
+
+from benchmarks import cheap_training
 
 
 @pytest.fixture()
-def study(monkeypatch: pytest.MonkeyPatch):
-    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
-    return importlib.import_module("cheap_training")
+def study():
+    return cheap_training
 
 
 def test_each_method_costs_its_gradients_and_training_passes_per_data_pass(study) -> None:

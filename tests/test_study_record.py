@@ -4,19 +4,18 @@ merge back; the committed record's rows are runs of their budget's grid at the g
 
 from __future__ import annotations
 
-import importlib
 import json
 from pathlib import Path
 
 import pytest
-from conftest import REPO
+
+from benchmarks import cheap_training
 
 
 @pytest.fixture()
 def study(monkeypatch: pytest.MonkeyPatch):
-    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
     monkeypatch.setenv("MPLBACKEND", "Agg")
-    return importlib.import_module("cheap_training")
+    return cheap_training
 
 
 def seed(pair: float, judged: str = "2026-12-01") -> dict:

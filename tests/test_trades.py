@@ -8,7 +8,6 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import load_mnist_tensors, quiet_trainer, same_weights
 from lightning.pytorch.loggers import TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch.utils.data import DataLoader, TensorDataset
@@ -16,7 +15,8 @@ from torch.utils.data import DataLoader, TensorDataset
 from qgtrain.attacks import PGD, attack_for_budget, build_attack, kl_loss
 from qgtrain.callbacks import AttackVisualization
 from qgtrain.models import TinyCNN
-from qgtrain.training import AdversarialTraining
+from qgtrain.training import AdversarialTraining, quiet_trainer
+from tests.helpers import load_mnist_tensors, same_weights
 
 
 def test_kl_loss_matches_a_hand_computation_per_example() -> None:

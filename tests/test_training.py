@@ -10,13 +10,13 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from conftest import REPO, load_mnist_tensors, quiet_trainer
 from torch.utils.data import DataLoader, TensorDataset
 
 from qgtrain.attacks import PGD, Attack, attack_for_budget
 from qgtrain.evaluation import adversarial_correct
 from qgtrain.models import TinyCNN
-from qgtrain.training import AdversarialTraining, lr_lambda
+from qgtrain.training import AdversarialTraining, lr_lambda, quiet_trainer
+from tests.helpers import REPO, load_mnist_tensors
 
 
 def _loader(n: int = 64, batch_size: int = 16, offset: int = 0) -> DataLoader:

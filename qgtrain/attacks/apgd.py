@@ -139,7 +139,7 @@ class APGD(Attack):
         geometry = self.threat_model
         lower, upper = geometry.bounds(x)
         x_adv = start
-        grad, loss, logits = self._input_gradient(model, x_adv, y, target)
+        grad, loss, logits = self.input_gradient(model, x_adv, y, target)
         gradients = x_adv.shape[0]
         tracker = FirstFooled(start, drop=True) if early_exit else None
         state = {
@@ -188,7 +188,7 @@ class APGD(Attack):
             s["x_prev"] = s["x_adv"]
             s["x_adv"] = geometry.project(moved, s["x"], (s["lower"], s["upper"]))
             previous_loss = s["loss"]
-            s["grad"], s["loss"], logits = self._input_gradient(model, s["x_adv"], s["y"], s["target"])
+            s["grad"], s["loss"], logits = self.input_gradient(model, s["x_adv"], s["y"], s["target"])
             gradients += s["x_adv"].shape[0]
             rose = s["loss"] > previous_loss if iteration > 0 else first_step_rose(s["loss"], self.steps)
             s["increases"] += rose.to(s["increases"].dtype)

@@ -431,7 +431,7 @@ class Attack:
         tracker = FirstFooled(start, drop=not self.batch_coupled) if early_exit else None
         gradients = 0
         for step in range(self.steps):
-            grad, per_example_loss, logits = self._input_gradient(model, x_adv, y, target)
+            grad, per_example_loss, logits = self.input_gradient(model, x_adv, y, target)
             gradients += x_adv.shape[0]
             if tracker is not None:
                 keep = tracker.update(x_adv, logits, y)
@@ -453,13 +453,14 @@ class Attack:
         x_out, fooled = tracker.finish(x_adv, self._is_fooled(model, x_adv, y))
         return RunOutcome(x_out, fooled, gradients, x_adv.shape[0])
 
-    def _input_gradient(
+    def input_gradient(
         self, model: nn.Module, x_adv: torch.Tensor, y: torch.Tensor, target: torch.Tensor | None = None
     ) -> Gradient:
-        """Gradient of the summed per-example loss w.r.t. the input only, that loss and the logits.
+        """Gradient of the summed per-example loss w.r.t. the input only, that loss and the logits:
+        one gradient pass, the unit that :attr:`gradients_per_example` counts.
 
         The input is fed in the network's memory format (:func:`as_model_input`) and, on CPU, the
-        stem's backward avoids oneDNN (:func:`native_stem_backward`): issue 15's speed-ups.
+        stem's backward avoids oneDNN (:func:`native_stem_backward`).
         """
         check_stop()  # every gradient-based loop passes here once per iteration
         stem = native_stem_backward(model, x_adv) if self.native_stem_backward else contextlib.nullcontext()

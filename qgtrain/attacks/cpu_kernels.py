@@ -1,6 +1,6 @@
 """CPU-kernel tuning of the attack loop's forward and backward passes: the input fed in the network's
 memory format, and the stem convolution's backward kept off oneDNN where that is faster. Only kernels
-change, never the arithmetic (docs/RESULTS.md section 6 has the timings)."""
+change, never the arithmetic (the timings: docs/RESULTS.md, "Faster than torchattacks")."""
 
 from __future__ import annotations
 
@@ -44,12 +44,12 @@ def native_stem_backward(model: nn.Module, x: torch.Tensor) -> Iterator[None]:
     """On CPU, run the backward of a network's stem convolution without oneDNN where that is faster.
 
     oneDNN's data-gradient kernel is slow for convolutions with few input channels, while every
-    other convolution is faster with it (docs/RESULTS.md section 6 has the timings and which stems
-    it pays for: the 5x5 one-channel stem of MadryMNIST in a channels_last network; a 3x3 or a
+    other convolution is faster with it (docs/RESULTS.md, "Faster than torchattacks", has the timings
+    and which stems it pays for: the 5x5 one-channel stem of MadryMNIST in a channels_last network; a 3x3 or a
     3-channel stem stays on oneDNN). oneDNN is switched off just before the stem's backward node
     runs and back on just after it (graph-node hooks, so an in-place ReLU after the convolution does
     not matter); only the kernel changes, not the arithmetic. Not used off CPU, with oneDNN
-    disabled, for a stem computed in bf16/fp16 (slower there, RESULTS.md section 6), or on a
+    disabled, for a stem computed in bf16/fp16 (slower there, docs/RESULTS.md, "GPU: prepared, unmeasured"), or on a
     compiled network (hooks would force recompiles).
     """
     if (

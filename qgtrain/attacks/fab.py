@@ -30,7 +30,7 @@ eps-ball (the original returns the clean input), which can only add examples fou
 genuine point of the threat model. The rest are floating-point differences (our projection sorts
 and sums in its own order). ``random_start`` applies to every restart (the original starts its first
 restart from the clean input and later ones at random; the standard version has one restart).
-Measured agreement and cost against the original: docs/RESULTS.md, section 8.
+Measured agreement and cost against the original: docs/RESULTS.md, "FAB-T: ours vs the original AutoAttack's".
 """
 
 from __future__ import annotations
@@ -194,7 +194,7 @@ class FABT(Attack):
         gradients = forwards = 0
         for step in range(self.steps):
             n = x_adv.shape[0]
-            grad, difference, _ = self._input_gradient(model, x_adv, y, target)
+            grad, difference, _ = self.input_gradient(model, x_adv, y, target)
             gradients += n
             w = grad.to(work).flatten(1)
             current, clean = x_adv.to(work).flatten(1), x.to(work).flatten(1)

@@ -30,7 +30,7 @@ class PQGD(PGD):
     def default_alpha(cls, eps: float, steps: int) -> float:
         """Step size ``eps / steps``, 0.4 x PGD's ``2.5 * eps / steps``: a quantized step moves the
         largest-gradient pixels by up to ``alpha * b``, to the ball's edge at once; the sign-valued rest
-        needs only eps of travel (the measurements behind the rule: docs/RESULTS.md section 3)."""
+        needs only eps of travel (the measurements behind the rule: docs/RESULTS.md, "Cheap training")."""
         return eps / steps
 
     def __init__(self, b: int = default_b, **kwargs: Any) -> None:

@@ -41,7 +41,7 @@ WORST_ACC = f"{PREFIX}/worst_acc"
 DEFAULT_EXTRA_ATTACKS = ["apgd_t"]
 DEFAULT_ATTACK_KWARGS: dict[str, dict[str, Any]] = {"apgd_t": {"targets": 2}}
 """The monitor's default after BLOB_QG-20: APGD-T-20 over the 2 most likely wrong classes, chosen
-against the original AutoAttack at <= 10 % of an epoch's gradients (docs/RESULTS.md section 8)."""
+against the original AutoAttack at <= 10 % of an epoch's gradients (docs/RESULTS.md, "Evaluation strength")."""
 
 
 class RobustnessEvaluation(Callback):
@@ -65,7 +65,7 @@ class RobustnessEvaluation(Callback):
     the same model. ``extra_attacks=None`` means ``["apgd_t"]`` and ``attack_kwargs=None`` means
     ``{"apgd_t": {"targets": 2}}``: APGD-T over the 2 most likely wrong classes after BLOB_QG, the
     monitor chosen by ``benchmarks/evaluation_strength.py`` (its distance to AutoAttack is in
-    docs/RESULTS.md section 8); ``[]`` runs the main attack only.
+    docs/RESULTS.md, "Evaluation strength"); ``[]`` runs the main attack only.
 
     The overfitting guard warns when ``robust/worst_acc`` falls more than ``overfit_margin``
     (absolute) below its best so far, or, for a single-step inner attack after the eps warm-up,

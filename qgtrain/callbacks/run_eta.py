@@ -20,7 +20,7 @@ from lightning.pytorch.callbacks import Callback
 
 from qgtrain.attacks import Attack
 from qgtrain.callbacks.validation_data import limited_validation_size, validation_dataset
-from qgtrain.evaluation.runner import format_duration
+from qgtrain.evaluation.planning import format_duration
 
 log = logging.getLogger(__name__)
 

@@ -1,40 +1,31 @@
 """Short flags of ``train.py``: one row per flag, naming the LightningCLI keys it sets.
 
-Each row is an argument of the LightningCLI parser itself (:func:`add_short_flags`), so the command
-line is parsed once, by jsonargparse, in the order it was typed: ``--steps 10`` does exactly what
-``--model.inner.init_args.steps=10`` does at that place (:func:`set_key` hands the value to the
-parser's own action for the key), after the default config file (``configs/mnist.yaml``) and any
-``--config`` before it. jsonargparse types the value and the class that uses it checks it
-(``Attack.__init__`` rejects ``--eps 2``); ``cli/train.py`` reports that as one line naming the flag
-(:func:`name_the_flag`). ``--eps`` sets the inner and validation radii; the robustness evaluation
-has ``eps: null`` and takes the validation radius. The resolved config (``--print_config``, the
-saved ``config.yaml``) stays the single source of truth.
-
-``--inner NAME`` reads the inner attack's class that the config resolved to so far: when NAME is
-another class, the arguments whose meaning depends on the class (``b``, ``alpha``, ``random_start``;
-``steps`` of single-step attacks) take the new class's defaults, unless a flag before it set them.
-Once every flag is applied, an attack's ``alpha: null`` is replaced by the number its class's rule
-gives (:class:`ResolveStepSize`), so ``--print_config`` and the saved ``config.yaml`` show the step
-size that is used.
+A short flag stands for the long arguments it sets: :func:`expand` rewrites ``--steps 10`` as
+``--model.inner.init_args.steps=10`` where it stands, so jsonargparse parses the command line once,
+in the order it was typed, after the default config (``configs/mnist.yaml``) and any ``--config``
+before it; jsonargparse types each value and the class that uses it checks it (``Attack.__init__``
+rejects ``--eps 2``). Two rows read the config resolved so far, as parser actions: ``--inner``
+(:func:`switch_attack`, the one rule for another attack class) and ``--eps`` (:func:`set_radius`).
+Last, each ``alpha: null`` becomes the number its class's rule gives (:func:`resolve_step_sizes`),
+so ``--print_config`` and the saved ``config.yaml`` show the step size that is used.
 """
 
 from __future__ import annotations
 
 import argparse
-import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from pydoc import locate
 from typing import Any
 
-from jsonargparse import ActionYesNo
+from jsonargparse import ActionYesNo, Namespace
 
 from qgtrain.attacks import ATTACKS
+from qgtrain.checkpoints import DEFAULT_CKPT_MINUTES
 from qgtrain.cli import UsageError
 from qgtrain.data import DATAMODULES
 from qgtrain.models import MODELS
-from qgtrain.training.checkpoint_io import DEFAULT_CKPT_MINUTES
 from qgtrain.training.weight_averaging import DEFAULT_EMA_DECAY
 
 INNER = "model.inner.init_args"
@@ -43,12 +34,9 @@ VALIDATION = "model.val_attack.init_args"
 
 @dataclass(frozen=True)
 class ShortFlag:
-    """``flag VALUE`` sets every key in ``keys`` to VALUE.
-
-    With ``choices`` (a registry), VALUE is a registered name and ``keys[0]`` gets its class:
-    ``--dataset`` loads ``configs/<name>.yaml`` instead, ``--inner none`` means no inner attack.
-    ``minimum`` is checked only where no class downstream checks the value itself.
-    """
+    """``flag VALUE`` sets every key in ``keys`` to VALUE; with ``choices`` (a registry), VALUE is a
+    registered name and ``keys[0]`` gets its class. ``minimum`` is checked only where no class
+    downstream checks the value itself."""
 
     flag: str
     keys: tuple[str, ...]
@@ -73,9 +61,7 @@ RUN_OPTIONS = (  # (key, type, default, help, short flag or ""): top-level keys 
 EVAL, VIEWS = "robustness", "visualization"  # the robustness evaluation and its TensorBoard views
 SHORT_FLAGS: tuple[ShortFlag, ...] = (
     ShortFlag("--dataset", ("config",), "dataset; loads configs/<name>.yaml (give it first)", DATAMODULES),
-    ShortFlag(
-        "--inner", ("model.inner",), "inner attack (none: standard training)", {"none": None, **ATTACKS}
-    ),
+    ShortFlag("--inner", ("model.inner",), "inner attack (none: standard training)", {"none": None, **ATTACKS}),
     ShortFlag("--steps", (f"{INNER}.steps",), "inner attack steps"),
     ShortFlag("--eps", (f"{INNER}.eps", f"{VALIDATION}.eps"), "L-inf radius in pixels (robustness follows)"),
     ShortFlag("--alpha", (f"{INNER}.alpha",), "inner attack step size"),
@@ -93,15 +79,16 @@ SHORT_FLAGS: tuple[ShortFlag, ...] = (
     ShortFlag("--seed", ("seed_everything", "model.seed", "data.init_args.seed"), "seed of all", minimum=0),
     ShortFlag("--data-dir", ("data.init_args.data_dir",), "data root (null: $QGTRAIN_DATA, else ./data)"),
     *(ShortFlag(flag, (key,), text) for key, _, _, text, flag in RUN_OPTIONS if flag),
-    ShortFlag(
-        "--eval-every", (f"{EVAL}.every_n_epochs", f"{VIEWS}.every_n_epochs"), "every N epochs (0 = off)"
-    ),
+    ShortFlag("--eval-every", (f"{EVAL}.every_n_epochs", f"{VIEWS}.every_n_epochs"), "every N epochs (0 = off)"),
     ShortFlag("--eval-attack", (f"{EVAL}.attack",), f"the evaluation's main attack: {', '.join(ATTACKS)}"),
     ShortFlag("--eval-steps", (f"{EVAL}.steps",), "robustness evaluation attack steps"),
     ShortFlag("--eval-size", (f"{EVAL}.subset_size",), "validation images in the robustness evaluation"),
     ShortFlag("--eval-b", (f"{EVAL}.b",), "quantization level of the robustness evaluation's main attack"),
-)
+)  # fmt: skip
 FLAGS: dict[str, ShortFlag] = {row.flag: row for row in SHORT_FLAGS}
+PARSER_ACTIONS = ("--inner", "--eps")
+"""The rows that read the config resolved so far: declared on the parser, not rewritten."""
+RUN_KEYS = {key for key, *_ in RUN_OPTIONS}
 
 
 def configs_dir() -> Path:
@@ -120,170 +107,131 @@ def class_path(cls: type) -> str:
     return f"{cls.__module__.rsplit('.', 1)[0]}.{cls.__name__}"
 
 
-def class_specific_defaults(cls: type) -> dict[str, str]:
-    """Arguments reset when ``--inner`` switches to ``cls`` from another class, whose meaning depends
-    on the class: ``b`` (where the class takes one), ``alpha`` (null: the class's step-size rule of
-    eps and steps) and ``random_start`` (RGD starts at ``x``, PGD in the ball); single-step attacks
-    also ``steps``."""
-    accepted = cls.constructor_defaults()
-    start = str(accepted.get("random_start")).lower()
-    pairs = (("b", str(cls.default_b)), ("alpha", "null"), ("random_start", start))
-    reset = {key: value for key, value in pairs if key in accepted}
-    if cls.single_step:
-        reset.update(steps="1")
-    return reset
+def needs_inner(flag: str) -> bool:
+    return all(key.startswith(INNER) for key in FLAGS[flag].keys)
 
 
-ATTACK_KEYS = ("model.inner", "model.val_attack")
-"""The config's attacks whose ``alpha: null`` :class:`ResolveStepSize` replaces by its number."""
+def expand(argv: list[str], given: dict[str, str], set_before_inner: list[set[str]]) -> list[str]:
+    """``argv`` with each short flag replaced by the long arguments it sets, where it stands (the run
+    options and :data:`PARSER_ACTIONS` are the parser's own). Records the flags in ``given`` and, for
+    each ``--inner``, the keys flags before it set."""
+    out, rest = [], list(argv)
+    while rest:
+        flag, eq, value = rest.pop(0).partition("=")
+        row = FLAGS.get(flag)
+        if row is None or row.keys[0] in RUN_KEYS:
+            out.append(flag + eq + value)
+            continue
+        if not eq:
+            if not rest:
+                raise UsageError(f"{flag} needs a value")
+            value = rest.pop(0)
+        if row.minimum is not None and not (value.isdigit() and int(value) >= row.minimum):
+            raise UsageError(f"{flag} must be an integer >= {row.minimum}, got {value}")
+        if row.choices is not None and value not in row.choices:
+            raise UsageError(f"{flag} must be one of {', '.join(row.choices)}, got {value}")
+        if flag == "--dataset" and given:
+            raise UsageError(f"--dataset {value} loads a config that would override {', '.join(given)}: give it first")
+        needing = [earlier for earlier in given if needs_inner(earlier)]
+        if flag == "--inner" and value == "none" and needing:
+            raise UsageError(f"{needing[0]} needs an inner attack, but --inner is none")
+        if flag == "--inner":
+            set_before_inner.append({key for earlier in given for key in FLAGS[earlier].keys})
+        if flag in PARSER_ACTIONS:
+            out += [flag, value]
+        elif flag == "--dataset":
+            out += ["--config", str(configs_dir() / f"{value}.yaml")]
+        else:
+            text = class_path(row.choices[value]) if row.choices is not None else value
+            out += [f"--{key}={text}" for key in row.keys]
+        given[flag] = value
+    return out
+
+
+def refuse_arguments_without_an_attack(config: Namespace, given: Mapping[str, str]) -> None:
+    """jsonargparse builds the base class ``Attack`` when arguments meet a null attack (``--inner
+    none --steps 3``, or ``inner: null`` in a config): refused, naming the flag."""
+    for key in ("inner", "val_attack"):
+        attack = config.model.get(key)
+        if attack is not None and attack.class_path.rsplit(".", 1)[-1] == "Attack":
+            flag = next((f for f in given if key == "inner" and needs_inner(f)), None)
+            if flag is not None:
+                raise UsageError(f"{flag} needs an inner attack, but model.inner is null (--inner none or the config)")
+            raise UsageError(f"model.{key} has arguments but no attack class; choose one with --inner NAME")
+
+
+def switch_attack(parser: Any, namespace: Namespace, name: str) -> None:
+    """``--inner NAME``: the inner attack becomes NAME's class, or null. The one rule for another
+    class than the config's: the arguments whose meaning depends on the class (``b``,
+    ``random_start``; ``steps`` of a single-step attack) take its defaults and ``alpha`` is null
+    (its step-size rule), unless a flag before ``--inner`` set them; its other arguments carry over
+    (as jsonargparse carries them), the rest take its defaults."""
+    cls, current, set_before = ATTACKS.get(name), namespace.get("model.inner"), parser.set_before_inner.pop(0)
+    if cls is None:
+        namespace["model.inner"] = None
+    elif current is None or locate(current.class_path) is not cls:
+        args = dict(cls.constructor_defaults())
+        specific = {"b", "alpha", "random_start"} | ({"steps"} if cls.single_step else set())
+        carried = vars(current.init_args) if current is not None and current.get("init_args") else {}
+        args |= {k: v for k, v in carried.items() if k in args and (k not in specific or f"{INNER}.{k}" in set_before)}
+        if "alpha" in args and f"{INNER}.alpha" not in set_before:
+            args["alpha"] = None
+        namespace["model.inner"] = Namespace(class_path=class_path(cls), init_args=Namespace(**args))
+
+
+def set_radius(parser: Any, namespace: Namespace, eps: float) -> None:
+    """``--eps``: the radius of each attack the config has (standard training has no inner one)."""
+    for key in FLAGS["--eps"].keys:
+        if namespace.get(key.rsplit(".init_args", 1)[0]) is not None:
+            namespace[key] = eps
+
+
+def resolve_step_sizes(parser: Any, namespace: Namespace, value: Any) -> None:
+    """Each attack's ``alpha: null`` becomes the number its class's rule gives
+    (:meth:`~qgtrain.attacks.base.Attack.default_alpha` of its eps and steps; PQGD: eps / steps).
+    Its flag, :data:`RESOLVE_STEP_SIZE`, is appended to the command line: applied once every flag is,
+    before jsonargparse prints ``--print_config``."""
+    for key in ("model.inner", "model.val_attack"):
+        attack = namespace.get(key)
+        cls = locate(attack.class_path) if attack is not None else None
+        args = {**cls.constructor_defaults(), **vars(attack.get("init_args") or Namespace())} if cls else {}
+        if "alpha" in args and args["alpha"] is None:
+            namespace[f"{key}.init_args.alpha"] = cls.default_alpha(float(args["eps"]), int(args["steps"]))
+
+
 RESOLVE_STEP_SIZE = "--resolve_step_size"
-"""The hidden flag ``cli/train.py`` appends to the command line: applied last, after every flag."""
 
 
-def resolved_step_size(attack: Any) -> float | None:
-    """The step size the class of ``attack`` (a config's ``class_path``/``init_args``) will use when
-    its ``alpha`` is null: :meth:`~qgtrain.attacks.base.Attack.default_alpha` of its eps and steps
-    (PQGD: eps / steps); None when alpha is given or the class takes none."""
-    cls = locate(attack.class_path)
-    defaults = cls.constructor_defaults()
-    args = attack.get("init_args") or {}
-    if "alpha" not in defaults or args.get("alpha", defaults["alpha"]) is not None:
-        return None
-    return cls.default_alpha(float(args.get("eps", defaults["eps"])), int(args.get("steps", defaults["steps"])))
+class ConfigAction(argparse.Action):
+    """Applies ``apply(parser, namespace, value)`` to the config resolved so far, where its flag
+    stands; it stores nothing of its own."""
 
-
-class ResolveStepSize(argparse.Action):
-    """Writes each attack's resolved step size over its ``alpha: null`` (:func:`resolved_step_size`),
-    through the parser's own action for the key. Its flag is appended after the user's command line,
-    so it runs once every flag is applied (``--inner`` switching classes resets alpha to null first,
-    ``--steps`` after it still counts) and before jsonargparse prints ``--print_config``."""
-
-    def __init__(self, option_strings: list[str], dest: str, **kwargs: Any) -> None:
-        super().__init__(option_strings, argparse.SUPPRESS, default=argparse.SUPPRESS, nargs=0, **kwargs)
+    def __init__(self, option_strings: list[str], dest: str, apply: Callable[..., None], **kwargs: Any) -> None:
+        super().__init__(option_strings, argparse.SUPPRESS, default=argparse.SUPPRESS, **kwargs)
+        self.apply = apply
 
     def __call__(self, parser: Any, namespace: Any, value: Any, option_string: str | None = None) -> None:
-        for key in ATTACK_KEYS:
-            attack = namespace.get(key)
-            alpha = resolved_step_size(attack) if attack is not None else None
-            if alpha is not None:
-                set_key(parser, namespace, f"{key}.init_args.alpha", repr(alpha))
+        self.apply(parser, namespace, value)
 
 
-def set_key(parser: argparse.ArgumentParser, namespace: Any, key: str, text: str) -> None:
-    """Do what ``--key=text`` does at this point of the parse: the parser's own action for the key
-    (jsonargparse resolves dotted keys inside a class's ``init_args``) types and stores the value."""
-    found = parser._parse_optional(f"--{key}={text}")
-    found = found[0] if isinstance(found, list) else found  # Python >= 3.12 returns a list of tuples
-    action, option_string, explicit = found[0], found[1], found[-1]
-    action(parser, namespace, parser._get_values(action, [explicit]), option_string)
-
-
-def expansion(row: ShortFlag, value: str, namespace: Any, given: Mapping[str, str]) -> list[tuple[str, str]]:
-    """The ``(key, text)`` pairs ``row.flag value`` sets, given the config resolved so far
-    (``namespace``) and the short flags already applied (``given``)."""
-    flag = row.flag
-    if row.minimum is not None and not (value.isdigit() and int(value) >= row.minimum):
-        raise UsageError(f"{flag} must be an integer >= {row.minimum}, got {value}")
-    if row.choices is not None and value not in row.choices:
-        raise UsageError(f"{flag} must be one of {', '.join(row.choices)}, got {value}")
-    inner = namespace.get("model.inner")
-    if flag == "--dataset":
-        if given:
-            raise UsageError(
-                f"--dataset {value} loads a config that would override {', '.join(given)}: give it first"
-            )
-        return [("config", str(configs_dir() / f"{value}.yaml"))]
-    if flag == "--inner":
-        cls = row.choices[value]
-        set_before = {key for earlier in given for key in FLAGS[earlier].keys}
-        if cls is None:
-            needing = [f for f in given if FLAGS[f].keys and all(k.startswith(INNER) for k in FLAGS[f].keys)]
-            if needing:
-                raise UsageError(f"{needing[0]} needs an inner attack, but --inner is none")
-            return [(row.keys[0], "null")]
-        pairs = [(row.keys[0], class_path(cls))]
-        if inner is None or locate(inner.class_path) is not cls:  # another class than the config's
-            resets = class_specific_defaults(cls).items()
-            pairs += [(f"{INNER}.{k}", v) for k, v in resets if f"{INNER}.{k}" not in set_before]
-        return pairs
-    if row.choices is not None:
-        return [(row.keys[0], class_path(row.choices[value]))]
-    keys = [key for key in row.keys if not (inner is None and key.startswith(INNER))]
-    if not keys:
-        raise UsageError(
-            f"{flag} needs an inner attack, but model.inner is null (--inner none or the config)"
-        )
-    return [(key, value) for key in keys]
-
-
-class ShortFlagAction(argparse.Action):
-    """Applies one :class:`ShortFlag` row where it stands in the command line; stores nothing of its
-    own, so the config holds only the keys the row set. The flags given so far are kept on the
-    parser (``parser.short_flags_given``) for the error lines that name them."""
-
-    def __init__(self, option_strings: list[str], dest: str, row: ShortFlag, **kwargs: Any) -> None:
-        metavar = "NAME" if row.choices is not None else "VALUE"
-        super().__init__(
-            option_strings, argparse.SUPPRESS, default=argparse.SUPPRESS, metavar=metavar, **kwargs
-        )
-        self.row = row
-
-    def __call__(self, parser: Any, namespace: Any, value: Any, option_string: str | None = None) -> None:
-        given: dict[str, str] = parser.short_flags_given
-        for key, text in expansion(self.row, str(value), namespace, given):
-            inner = namespace.get("model.inner")
-            if key.startswith(f"{INNER}.") and inner is not None:
-                cls, name = locate(inner.class_path), key.rsplit(".", 1)[-1]
-                if name not in cls.constructor_defaults():
-                    raise UsageError(
-                        f"{self.row.flag}: --{key} is not an argument of {cls.__name__}, the class chosen "
-                        "for model.inner"
-                    )
-            try:
-                set_key(parser, namespace, key, text)
-            except (argparse.ArgumentError, ValueError, TypeError) as exc:
-                if isinstance(exc, UsageError):
-                    raise
-                reason = " ".join(str(exc).split())
-                own = re.search(rf'Parser key "{key.rsplit(".", 1)[-1]}": (.*?)(?: - |$)', reason)
-                raise UsageError(f"{self.row.flag}: {own.group(1) if own else reason}") from None
-        given[self.row.flag] = str(value)
-
-
-class HelpAfterParse(argparse.Action):
-    """``-h/--help`` that only marks the request (``parser.help_requested``): the CLI prints the help
-    once the parse has resolved the values the table shows."""
-
-    def __init__(self, option_strings: list[str], dest: str, **kwargs: Any) -> None:
-        super().__init__(option_strings, argparse.SUPPRESS, default=argparse.SUPPRESS, nargs=0, **kwargs)
-
-    def __call__(self, parser: Any, namespace: Any, value: Any, option_string: str | None = None) -> None:
-        parser.help_requested = True
+def request_help(parser: Any, namespace: Namespace, value: Any) -> None:
+    """``-h/--help`` only marks the request: the CLI prints the help once the parse has resolved the
+    values the short-flag table shows."""
+    parser.help_requested = True
 
 
 def add_short_flags(parser: Any) -> None:
-    """Declare every row of :data:`SHORT_FLAGS` on the LightningCLI ``parser``, and the hidden
-    :data:`RESOLVE_STEP_SIZE`."""
-    parser.short_flags_given = {}
-    parser.add_argument(RESOLVE_STEP_SIZE, action=ResolveStepSize, help=argparse.SUPPRESS)
-    group = parser.add_argument_group("Short flags (applied in order, as the long keys they set)")
-    for row in SHORT_FLAGS:
-        if row.keys[0] in {key for key, *_ in RUN_OPTIONS}:
-            continue  # a second spelling of the top-level option itself (add_run_options)
-        group.add_argument(
-            row.flag, action=ShortFlagAction, row=row, help=f"{row.help}; sets {', '.join(row.keys)}"
-        )
-
-
-def add_run_options(parser: Any) -> None:
-    """The top-level options of :data:`RUN_OPTIONS`, each also under its short flag; a ``bool`` one is
-    ``--key`` (on), ``--key false`` or ``--no_key``."""
+    """The run options of :data:`RUN_OPTIONS` (each also under its short flag; a ``bool`` one is
+    ``--key``, ``--key false`` or ``--no_key``), :data:`PARSER_ACTIONS` and :data:`RESOLVE_STEP_SIZE`."""
     for key, kind, default, text, flag in RUN_OPTIONS:
         names = [f"--{key}", *([flag] if flag and flag != f"--{key}" else [])]
         if kind is bool:
             parser.add_argument(*names, action=ActionYesNo, nargs="?", default=default, help=text)
         else:
             parser.add_argument(*names, type=kind, default=default, help=text)
+    parser.add_argument("--inner", action=ConfigAction, apply=switch_attack, help=argparse.SUPPRESS)
+    parser.add_argument("--eps", action=ConfigAction, apply=set_radius, type=float, help=argparse.SUPPRESS)
+    parser.add_argument(RESOLVE_STEP_SIZE, action=ConfigAction, apply=resolve_step_sizes, nargs=0, help=argparse.SUPPRESS)
 
 
 def name_the_flag(message: str, given: Mapping[str, str]) -> str:
@@ -301,31 +249,23 @@ def name_the_flag(message: str, given: Mapping[str, str]) -> str:
     return f"{quoted}: {message}" if quoted else message
 
 
-def _shown(row: ShortFlag, config: Any) -> str:
-    """The value the resolved ``config`` gives ``row`` (a registered name for class choices)."""
-    if row.flag == "--dataset":
-        value = config.get("data") if config is not None else None
-        path = getattr(value, "class_path", None)
-        return next((name for name, cls in row.choices.items() if cls and class_path(cls) == path), "?")
-    value = config.get(row.keys[0]) if config is not None else None
-    if row.choices is not None:
-        if row.flag == "--inner" and config is not None and value is None:
-            return "none"
-        path = getattr(value, "class_path", None)
-        return next((name for name, cls in row.choices.items() if cls and class_path(cls) == path), "?")
-    if isinstance(value, bool):
-        return str(value).lower()  # as YAML and the command line spell it
-    return "null" if value is None else str(value)
-
-
 def short_flag_help(config: Any = None, source: str = "") -> str:
     """The table: each flag with its value in ``config`` (the resolved defaults) and the keys it sets."""
-    rows = [(row.flag, _shown(row, config), row) for row in SHORT_FLAGS]
-    width = max(len(flag) for flag, _, _ in rows) + 1 + min(max(len(shown) for _, shown, _ in rows), 12)
+
+    def shown(row: ShortFlag) -> str:
+        value = config.get("data" if row.flag == "--dataset" else row.keys[0]) if config is not None else None
+        if row.choices is not None:
+            if row.flag == "--inner" and config is not None and value is None:
+                return "none"
+            path = getattr(value, "class_path", None)
+            return next((name for name, cls in row.choices.items() if cls and class_path(cls) == path), "?")
+        return str(value).lower() if isinstance(value, bool) else "null" if value is None else str(value)
+
+    rows = [(row.flag, shown(row), row) for row in SHORT_FLAGS]
+    width = max(len(flag) for flag, _, _ in rows) + 1 + min(max(len(value) for _, value, _ in rows), 12)
     lines = [f"Short flags, with their values from {source or 'the resolved config'}:"]
-    for flag, shown, row in rows:
+    for flag, value, row in rows:
         choices = f": {', '.join(row.choices)}" if row.choices is not None else ""
         keys = ", ".join(row.keys) if row.flag != "--dataset" else "--config configs/<name>.yaml"
-        lines.append(f"  {f'{flag} {shown}'.ljust(width)}  {row.help}{choices}")
-        lines.append(f"  {''.ljust(width)}    sets {keys}")
+        lines += [f"  {f'{flag} {value}'.ljust(width)}  {row.help}{choices}", f"  {''.ljust(width)}    sets {keys}"]
     return "\n".join(lines)

@@ -1,12 +1,15 @@
 """Robustness evaluation shared by ``evaluate.py`` and the training callbacks.
 
-``protocol`` holds the one accuracy counter; ``runner`` the paper's protocol (runs, restarts,
-Worst/Avg, per-example worst case, sweeps); ``checkpoints`` safe loading; ``masking`` the
-gradient-masking checks; ``plots`` and ``report`` the figures and the results files.
+``protocol`` holds the one accuracy counter; ``runner`` the two protocols (the paper's: runs,
+restarts, Worst/Avg, per-example worst case, sweeps; the standard suite); ``planning`` their naive
+budget, its time here and the evaluations to suggest; ``job`` one evaluation end to end (the
+record); ``rendering`` its tables and text; ``outputs`` its files, result folders and merges;
+``environment`` the device, progress bar and library versions; ``masking`` the gradient-masking
+checks; ``plots`` the figures. Loading a checkpoint is :mod:`qgtrain.checkpoints.loading`.
 """
 
-from qgtrain.evaluation.checkpoints import CheckpointError, CheckpointInfo, load_model_from_checkpoint
 from qgtrain.evaluation.masking import MaskingCheck
+from qgtrain.evaluation.planning import describe_suggestions, suggested_evaluations
 from qgtrain.evaluation.protocol import (
     Batches,
     adversarial_correct,
@@ -23,15 +26,11 @@ from qgtrain.evaluation.runner import (
     RowResult,
     SweepResult,
     TensorBatches,
-    describe_suggestions,
-    suggested_evaluations,
 )
 
 __all__ = [
     "AttackSpec",
     "Batches",
-    "CheckpointError",
-    "CheckpointInfo",
     "MaskingCheck",
     "ProtocolResult",
     "ProtocolRunner",
@@ -44,7 +43,6 @@ __all__ = [
     "describe_suggestions",
     "eval_mode",
     "iterate_batches",
-    "load_model_from_checkpoint",
     "suggested_evaluations",
     "worst_case_correct",
 ]

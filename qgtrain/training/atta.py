@@ -19,6 +19,8 @@ from typing import Any
 import lightning as L
 import torch
 
+from qgtrain.compat import attached_trainer
+
 
 def request_example_indices(datamodule: Any) -> None:
     """Ask a qgtrain data module to yield ``(x, y, index)`` training batches, with each image's view
@@ -89,7 +91,7 @@ class PerturbationBuffer:
     ) -> None:
         """Write back this step's perturbations (every process's, under DDP) where their views show; a
         first visit of the period clears the example's canvas first."""
-        if module._trainer is not None and module.trainer.world_size > 1:
+        if attached_trainer(module) is not None and module.trainer.world_size > 1:
             index = module.all_gather(index).flatten(0, 1)
             delta = module.all_gather(delta).flatten(0, 1)
             view = None if view is None else module.all_gather(view).flatten(0, 1)

@@ -1,7 +1,7 @@
 """Madry-style min-max training: ``min_theta E[max_{x' in B(x, eps)} L(theta, x', y)]`` (paper Eq. 1).
 
 The network and the inner maximiser are injected; the inner attack is any :class:`qgtrain.attacks.Attack`
-(PGD, PQGD with few steps, FGSM-RS, BLOB, BLOB_QG) or ``None`` for standard training. Issue 23's cheap
+(PGD, PQGD with few steps, FGSM-RS, BLOB, BLOB_QG) or ``None`` for standard training. The cheap
 methods: free adversarial training (an inner attack with the ``reuses_training_backward`` trait,
 :class:`qgtrain.attacks.Free`), ATTA (``atta``: a per-example perturbation buffer,
 :mod:`qgtrain.training.atta`) and the TRADES objective (``objective="trades"``); the MART objective
@@ -26,6 +26,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from qgtrain import __version__
 from qgtrain.attacks import PGD, Attack, kl_loss, started_at
 from qgtrain.attacks.base import DEFAULT_EPS
+from qgtrain.compat import attached_trainer
 from qgtrain.evaluation.protocol import attack_batch
 from qgtrain.models import DATASET_SPECS, Network, model_spec
 from qgtrain.training.atta import PerturbationBuffer, request_example_indices
@@ -34,6 +35,10 @@ from qgtrain.training.awp import Forward, perturbed_forward, weight_perturbation
 log = logging.getLogger(__name__)
 
 OptimizerFactory = Callable[[Iterable[Any]], torch.optim.Optimizer]
+
+VAL_ADV_ACC = "val/adv_acc"
+""":class:`AdversarialTraining`'s validation robust accuracy (under its ``val_attack``): ``train.py``'s
+``best.ckpt`` monitor when robustness evaluation is off."""
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -171,8 +176,8 @@ class AdversarialTraining(L.LightningModule):
 
     Speed: ``channels_last`` stores the network's convolution weights in that layout (the attacks
     follow the parameters' layout); ``compile_net`` compiles the network's forward in place
-    (``nn.Module.compile``: checkpoint keys unchanged), opt-in, meant for a GPU (docs/RESULTS.md
-    section 6 has what each costs on the CPU). ``train/clean_acc`` (madry objective) costs one extra forward pass per
+    (``nn.Module.compile``: checkpoint keys unchanged), opt-in, meant for a GPU (what each costs on the CPU:
+    docs/RESULTS.md, "Faster than torchattacks; the main job's step"). ``train/clean_acc`` (madry objective) costs one extra forward pass per
     batch it is measured on, so it is measured on every ``clean_accuracy_every_n_batches``-th batch
     only (an unbiased sample of the epoch's batches; 1 measures every batch); the mixed objective
     computes the clean logits anyway and measures every batch.
@@ -308,7 +313,7 @@ class AdversarialTraining(L.LightningModule):
         if self.hparams.compile_net and not getattr(self, "_net_compiled", False):
             self.net.compile()  # in place: the checkpoint's keys and model_spec stay the network's own
             self._net_compiled = True
-        if stage != "fit" or self._trainer is None:
+        if stage != "fit" or attached_trainer(self) is None:
             return
         if self.perturbations is not None:
             request_example_indices(getattr(self.trainer, "datamodule", None))
@@ -331,7 +336,7 @@ class AdversarialTraining(L.LightningModule):
     def current_inner(self) -> Attack | None:
         """The inner attack at this point of training (eps ramped linearly during warm-up)."""
         warmup = self.hparams.eps_warmup_epochs
-        if self.inner is None or warmup <= 0 or self._trainer is None:
+        if self.inner is None or warmup <= 0 or attached_trainer(self) is None:
             return self.inner
         batches = (
             max(self.trainer.num_training_batches, 1)
@@ -392,7 +397,7 @@ class AdversarialTraining(L.LightningModule):
     def _training_split(self) -> tuple[int, int]:
         """Examples in the training split and the padding its random crops are cut from (ATTA's buffer
         shape): the training loader's dataset length and ``padding`` (0 when it does not augment)."""
-        loader = self.trainer.train_dataloader if self._trainer is not None else None
+        loader = self.trainer.train_dataloader if attached_trainer(self) is not None else None
         dataset = getattr(loader, "dataset", None)
         if dataset is None:
             raise ValueError("atta needs a training DataLoader over a dataset with a length")
@@ -562,12 +567,12 @@ class AdversarialTraining(L.LightningModule):
         self.val_clean_acc.update(outcome.clean.to(self.device, torch.float32))
         self.val_adv_acc.update(outcome.robust.to(self.device, torch.float32))
         self.log("val/clean_acc", self.val_clean_acc, on_epoch=True, prog_bar=True)
-        self.log("val/adv_acc", self.val_adv_acc, on_epoch=True, prog_bar=True)
+        self.log(VAL_ADV_ACC, self.val_adv_acc, on_epoch=True, prog_bar=True)
 
     # ---------------------------------------------------------------- optimisation
     def configure_optimizers(self) -> dict[str, Any]:
         optimizer = self.optimizer_factory(self.parameters())
-        total = self.trainer.estimated_stepping_batches if self._trainer is not None else 1
+        total = self.trainer.estimated_stepping_batches if attached_trainer(self) is not None else 1
         total = total * self.replays_per_batch  # free: one optimizer step per replay
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(self.hparams.lr_schedule, total))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
@@ -589,11 +594,11 @@ class AdversarialTraining(L.LightningModule):
             "awp_gamma": float(self.hparams.awp_gamma),  # with the warm-up: AWP's passes (awp_data_passes)
             "awp_warmup_epochs": int(self.hparams.awp_warmup_epochs),
             # a mid-epoch checkpoint holds each process's data position: resume with as many
-            "world_size": self.trainer.world_size if self._trainer is not None else 1,
-            # with net, objective, inner: what --resume checks (training.resume.RUN_RECORD_FLAGS)
-            "dataset": getattr(getattr(self._trainer, "datamodule", None), "name", None),
+            "world_size": self.trainer.world_size if attached_trainer(self) is not None else 1,
+            # with net, objective, inner: what --resume checks (checkpoints.compatibility.RUN_RECORD_FLAGS)
+            "dataset": getattr(getattr(attached_trainer(self), "datamodule", None), "name", None),
             "optimizer": next(
-                (f"{type(o).__module__}.{type(o).__qualname__}" for o in getattr(self._trainer, "optimizers", [])),
+                (f"{type(o).__module__}.{type(o).__qualname__}" for o in getattr(attached_trainer(self), "optimizers", [])),
                 None,
             ),
         }
@@ -611,7 +616,7 @@ class AdversarialTraining(L.LightningModule):
         state = checkpoint.get("qgtrain_state") or {}
         if "free_delta" in state and not self.automatic_optimization:
             deltas = state["free_delta"]
-            rank = self.global_rank if self._trainer is not None else 0
+            rank = self.global_rank if attached_trainer(self) is not None else 0
             self.free_delta = deltas[rank].to(self.device) if rank < deltas.shape[0] else None
         if self.perturbations is not None and "atta" in state:
             self.perturbations.load_state_dict(state["atta"])

@@ -9,7 +9,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import WeightAveraging
 
-from qgtrain.evaluation.runner import describe_suggestions, suggested_evaluations
+from qgtrain.evaluation.planning import describe_suggestions, suggested_evaluations
 from qgtrain.models import model_spec
 
 EPOCH_NUMBERING = "counted from 0, as the progress bar counts"

@@ -20,11 +20,11 @@ What this subclass adds, each a case where the upstream callback would evaluate 
 3. A run stopped inside a validation epoch (SIGTERM is checked between validation batches) never
    reaches the epoch's end hook that swaps the trained weights back, so ``interrupted.ckpt`` would
    hold them the wrong way round. ``on_exception`` swaps them back; ``train.py`` puts this callback
-   first, so that happens before :class:`~qgtrain.training.interrupt.InterruptCheckpoint` saves, and
+   first, so that happens before :class:`~qgtrain.checkpoints.InterruptCheckpoint` saves, and
    each step's update happens before ``step.ckpt`` is written.
 
-The upstream behaviour relied on (hooks, checkpoint keys, ``_average_model`` and ``_swap_models``,
-used here only) is pinned by tests/test_ema.py.
+The upstream behaviour relied on is pinned by tests/test_ema.py (hooks, checkpoint keys) and
+tests/test_compat.py (the average and the swap, reached through :mod:`qgtrain.compat`).
 """
 
 from __future__ import annotations
@@ -34,6 +34,8 @@ from typing import Any
 
 import lightning as L
 from lightning.pytorch.callbacks import EMAWeightAveraging
+
+from qgtrain.compat import averaged_model, swap_averaged_weights
 
 DEFAULT_EMA_DECAY = 0.999
 """The decay ``--ema`` uses unless ``--ema-decay`` says otherwise (Lightning's default): an average
@@ -62,9 +64,10 @@ class ExponentialMovingAverage(EMAWeightAveraging):
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
-        if self._average_model is None:
+        average = averaged_model(self)
+        if average is None:
             return
-        averaged = self._average_model.module
+        averaged = average.module
         to = dict(itertools.chain(averaged.named_parameters(), averaged.named_buffers()))
         source = dict(itertools.chain(pl_module.named_parameters(), pl_module.named_buffers()))
         started = trainer.global_step > self.start_step  # Lightning's first update copies at start_step
@@ -73,7 +76,7 @@ class ExponentialMovingAverage(EMAWeightAveraging):
 
     def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_validation_epoch_start(trainer, pl_module)
-        self._averaged_in = self._average_model is not None
+        self._averaged_in = averaged_model(self) is not None
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_validation_epoch_end(trainer, pl_module)
@@ -83,5 +86,5 @@ class ExponentialMovingAverage(EMAWeightAveraging):
         self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
     ) -> None:
         if self._averaged_in:  # stopped inside a validation epoch: put the trained weights back
-            self._swap_models(pl_module)
+            swap_averaged_weights(self, pl_module)
             self._averaged_in = False

@@ -1,4 +1,5 @@
-"""Safe checkpoint loading: rebuild a registered network from a qgtrain checkpoint or a plain state dict.
+"""Loading a model for evaluation: rebuild a registered network from a qgtrain checkpoint or a plain
+state dict.
 
 Files are read with ``torch.load(..., weights_only=True)``: only tensors and plain containers are
 unpickled, so a crafted file cannot execute code. Every failure (missing, truncated, foreign file,
@@ -19,24 +20,19 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from qgtrain.checkpoint_files import CheckpointError, _first_line, file_sha256, read_checkpoint
+from qgtrain.checkpoints.files import (
+    TRAINED_WEIGHTS,
+    CheckpointError,
+    file_sha256,
+    first_line,
+    read_checkpoint,
+)
 from qgtrain.models import DATASET_SPECS, MODELS, available_models, build_model
-
-__all__ = [
-    "CheckpointError",
-    "CheckpointInfo",
-    "file_sha256",
-    "load_model_from_checkpoint",
-    "read_checkpoint",
-]
 
 log = logging.getLogger(__name__)
 
 NET_PREFIX = "net."
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DistributedDataParallel, torch.compile
-TRAINED_WEIGHTS = "current_model_state"
-"""Where Lightning's ``WeightAveraging`` callbacks (``train.py --ema``) put the trained weights of a
-checkpoint whose ``state_dict`` they replace with the averaged ones (``on_save_checkpoint``)."""
 
 
 @dataclass
@@ -157,7 +153,7 @@ def load_model_from_checkpoint(
     try:
         net = build_model(name, **kwargs)
     except (TypeError, ValueError) as exc:
-        raise CheckpointError(f"cannot build {name!r} with {kwargs}: {_first_line(exc)}") from None
+        raise CheckpointError(f"cannot build {name!r} with {kwargs}: {first_line(exc)}") from None
 
     own = net.state_dict()
     missing = [k for k in own if k not in tensors]

@@ -1,4 +1,5 @@
-"""Ctrl-C, SIGTERM, SIGHUP and SIGUSR1 during training: save ``interrupted.ckpt`` (atomically), stop cleanly.
+"""Interruption: on Ctrl-C, SIGTERM, SIGHUP and SIGUSR1 during training save ``interrupted.ckpt``
+(atomically) and stop cleanly; under SLURM requeue the job, which then resumes by itself.
 
 Lightning's ``_SignalConnector`` turns SIGTERM into a flag that its loops check after every training
 batch; they then raise ``SIGTERMException`` (under DDP after broadcasting the flag from rank 0, so
@@ -39,7 +40,8 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from qgtrain.attacks.limits import AttackInterrupted, clear_stop, request_stop
-from qgtrain.training.resume import INTERRUPTED_CHECKPOINT
+from qgtrain.checkpoints.resume import INTERRUPTED_CHECKPOINT
+from qgtrain.compat import cluster_environment
 
 log = logging.getLogger(__name__)
 SIGNAL_NAMES = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM"}
@@ -66,6 +68,11 @@ def stopping_message(signum: int) -> str:
 
 def _drop(record: logging.LogRecord) -> bool:
     return False
+
+
+def slurm_requeued() -> bool:
+    """True in a SLURM job that was requeued (``SLURM_RESTART_COUNT`` >= 1)."""
+    return "SLURM_JOB_ID" in os.environ and int(os.environ.get("SLURM_RESTART_COUNT") or 0) > 0
 
 
 def requeue_slurm_job() -> bool:
@@ -203,5 +210,6 @@ class InterruptCheckpoint(Callback):
 
 
 def _auto_requeue(trainer: L.Trainer) -> bool:
-    environment: Any = getattr(trainer._accelerator_connector, "cluster_environment", None)
+    """Whether the trainer runs under SLURM with auto-requeue on (``SLURMEnvironment``'s default)."""
+    environment = cluster_environment(trainer)
     return isinstance(environment, SLURMEnvironment) and environment.auto_requeue

@@ -1,0 +1,189 @@
+"""Whether a checkpoint fits the run that resumes it: the same network and number of processes
+(else Lightning fails with a size-mismatch traceback or resumes another data shard), averaged
+weights only with averaging, and the same run definition (dataset, network, objective, inner
+attack, eps, optimizer) unless ``--resume-override`` continues the weights under another one,
+which :class:`WeightsOrigin` then records in every later checkpoint.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from lightning.pytorch.callbacks import Callback
+
+from qgtrain.checkpoints.files import TRAINED_WEIGHTS
+from qgtrain.checkpoints.resume import ResumeError
+from qgtrain.models import model_spec
+
+RUN_RECORD_FLAGS = {
+    "dataset": "--dataset",
+    "net": "--net",
+    "objective": "--model.objective",
+    "inner": "--inner",
+    "eps": "--eps",
+    "optimizer": "--model.optimizer",
+}
+"""What defines a run (recorded in ``checkpoint["qgtrain"]``) and the flag that sets each."""
+
+
+def run_record(module: L.LightningModule, dataset: str | None, optimizer: Any) -> dict[str, Any]:
+    """This run's values of :data:`RUN_RECORD_FLAGS`, as a checkpoint records them."""
+    try:
+        net = describe_net(model_spec(module.net), type(module.net).__name__)
+    except ValueError:
+        net = type(module.net).__name__
+    inner = getattr(module, "inner", None)
+    return {
+        "dataset": dataset,
+        "net": net,
+        "objective": module.hparams.get("objective"),
+        "inner": inner.name if inner is not None else "none",
+        "eps": float(inner.eps) if inner is not None else None,
+        "optimizer": f"{type(optimizer).__module__}.{type(optimizer).__qualname__}",
+    }
+
+
+def recorded_run(checkpoint: dict[str, Any]) -> dict[str, Any]:
+    """The checkpoint's values of :data:`RUN_RECORD_FLAGS`; a key an older checkpoint did not
+    record is absent (then it is not compared)."""
+    meta = checkpoint.get("qgtrain") or {}
+    record: dict[str, Any] = {}
+    if meta.get("dataset"):
+        record["dataset"] = meta["dataset"]
+    if meta.get("net"):
+        record["net"] = describe_net(meta["net"], "")
+    if "objective" in meta:
+        record["objective"] = meta["objective"]
+    if "inner" in meta:
+        inner = meta["inner"] or {}
+        record["inner"] = inner.get("name", "none")
+        record["eps"] = float(inner["eps"]) if "eps" in inner else None
+    if meta.get("optimizer"):
+        record["optimizer"] = meta["optimizer"]
+    return record
+
+
+def record_differences(
+    checkpoint: dict[str, Any], this_run: dict[str, Any], optimizer: Any
+) -> list[tuple[str, Any, Any]]:
+    """``(key, recorded, this run's)`` for each defining value that differs. An optimizer that an
+    older checkpoint did not record is compared by the names of its state (``momentum`` for SGD,
+    ``betas`` for Adam): loading another class's state fails inside Lightning."""
+    recorded = recorded_run(checkpoint)
+    differences = [
+        (key, recorded[key], this_run[key])
+        for key in RUN_RECORD_FLAGS
+        if key in recorded and recorded[key] != this_run[key]
+        and not (key == "eps" and recorded[key] is not None and this_run[key] is not None
+                 and abs(recorded[key] - this_run[key]) < 1e-9)
+    ]  # fmt: skip
+    if "optimizer" not in recorded:
+        saved = checkpoint.get("optimizer_states") or []
+        wanted = optimizer.state_dict()["param_groups"]
+        if saved and saved[0].get("param_groups") and wanted:
+            ignore = {"params", "initial_lr"}
+            saved_keys = set(saved[0]["param_groups"][0]) - ignore
+            if not set(wanted[0]) - ignore <= saved_keys:
+                differences.append(("optimizer", "another optimizer", this_run["optimizer"]))
+    return differences
+
+
+def describe_net(spec: dict[str, Any] | None, fallback: str) -> str:
+    """``madry_mnist()`` / ``tiny_cnn(width=8)`` from a ``model_spec``, else ``fallback``."""
+    if not spec:
+        return fallback
+    kwargs = ", ".join(f"{key}={value}" for key, value in sorted(spec.get("kwargs", {}).items()))
+    return f"{spec['name']}({kwargs})"
+
+
+def check_resume_compatible(
+    checkpoint: dict[str, Any],
+    path: Path,
+    module: L.LightningModule,
+    world_size: int,
+    averaging: bool = False,
+) -> None:
+    """The network and the number of training processes must be the checkpoint's (one line, else
+    Lightning fails with a size-mismatch traceback or resumes a different data shard), and a
+    checkpoint with averaged weights needs a run that averages (``averaging``): without, Lightning
+    would continue training from its ``state_dict``, the averaged weights, not the trained ones."""
+    saved, wanted = checkpoint.get("state_dict", {}), module.state_dict()
+    same_shapes = saved.keys() == wanted.keys() and all(
+        tuple(saved[key].shape) == tuple(wanted[key].shape) for key in wanted
+    )
+    meta = checkpoint.get("qgtrain") or {}
+    if not same_shapes:
+        try:
+            requested = model_spec(module.net)
+        except ValueError:
+            requested = None
+        raise ResumeError(
+            f"--resume: {path} holds a {describe_net(meta.get('net'), 'different network')} network, "
+            f"this run builds {describe_net(requested, type(module.net).__name__)}; pass the "
+            "checkpoint's --model / --config"
+        )
+    if TRAINED_WEIGHTS in checkpoint and not averaging:
+        raise ResumeError(
+            f"--resume: {path} holds averaged weights (it was trained with --ema); resume with --ema"
+        )
+    processes = meta.get("world_size")
+    if processes is not None and processes != world_size:
+        raise ResumeError(
+            f"--resume: {path} was written by {processes} training process(es), this run has "
+            f"{world_size}; resume with the same --devices and --num-nodes"
+        )
+
+
+def check_run_record(
+    checkpoint: dict[str, Any], path: Path, this_run: dict[str, Any], optimizer: Any, override: bool
+) -> list[tuple[str, Any, Any]]:
+    """The differences between what ``checkpoint`` records (dataset, network, objective, inner
+    attack, eps, optimizer) and this run: without ``override`` the first is refused in one line
+    naming the flag that resumes as recorded; with it they are returned (logged by the caller, kept
+    in the new checkpoints by :class:`WeightsOrigin`)."""
+    differences = record_differences(checkpoint, this_run, optimizer)
+    if differences and not override:
+        key, recorded, wanted = differences[0]
+        also = f" (and {', '.join(d[0] for d in differences[1:])})" if len(differences) > 1 else ""
+        as_recorded = f"{RUN_RECORD_FLAGS[key]} {recorded}" if recorded != "another optimizer" else (
+            f"{RUN_RECORD_FLAGS[key]} of the run that wrote it"
+        )
+        raise ResumeError(
+            f"--resume: {path} was trained with {key} {recorded}, this run has {wanted}{also}; resume "
+            f"with {as_recorded}, or pass --resume-override to continue its weights with this run's"
+        )
+    return differences
+
+
+class WeightsOrigin(Callback):
+    """Where a run's weights came from when ``--resume-override`` continued a checkpoint of another
+    run definition: the checkpoint's path and the recorded values that changed, kept in every
+    checkpoint of the run (Lightning's callback state, restored on a later resume, so the history
+    accumulates). A changed optimizer starts fresh: its state is dropped from the loaded checkpoint
+    (Lightning zips the optimizers with the saved states, so an empty list loads none)."""
+
+    def __init__(self) -> None:
+        self.history: list[dict[str, Any]] = []
+        self._pending: dict[str, Any] | None = None
+
+    def continue_changed(self, path: Path, differences: list[tuple[str, Any, Any]]) -> None:
+        self._pending = {
+            "checkpoint": str(path),
+            "changed": {key: {"recorded": str(old), "now": str(new)} for key, old, new in differences},
+        }
+
+    def on_load_checkpoint(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        if self._pending is not None and "optimizer" in self._pending["changed"]:
+            checkpoint["optimizer_states"] = []  # another class: its state cannot be loaded
+            checkpoint["lr_schedulers"] = []
+
+    def state_dict(self) -> dict[str, Any]:
+        history = self.history + ([self._pending] if self._pending is not None else [])
+        return {"weights_from": history} if history else {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.history = list(state_dict.get("weights_from", []))

@@ -1,0 +1,1 @@
+"""The test suite: shared fixtures in ``conftest.py``, shared helpers in ``helpers.py``."""
