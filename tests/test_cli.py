@@ -9,7 +9,6 @@ import lightning as L
 import pytest
 import torch
 import yaml
-from conftest import REFUSED_RUN_ARGS, call_main, error_lines, no_training, output_roots
 from lightning.pytorch.callbacks import WeightAveraging
 
 from qgtrain.attacks import attack_class
@@ -18,6 +17,7 @@ from qgtrain.cli.aliases import SHORT_FLAGS
 from qgtrain.cli.train import QGTrainCLI, build_cli, main
 from qgtrain.training.trainer import EPOCH_NUMBERING
 from qgtrain.training.weight_averaging import ExponentialMovingAverage
+from tests.helpers import REFUSED_RUN_ARGS, call_main, error_lines, no_training, output_roots
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -230,6 +230,8 @@ BAD_TRAIN_ARGS = [
     (["--ema", "--ema-decay", "1.5"], ("--ema-decay must be a number in [0, 1), got 1.5",)),  # the EMA's
     (["--ema", "--ema-start-step", "-1"], ("--ema-start-step must be an integer >= 0",)),
     (["--ema-decay", "0.99"], ("--ema-decay", "add --ema")),  # it would shape an average nobody keeps
+    # weights-only checkpoints skip the callbacks' on_save_checkpoint, where the average is written
+    (["--ema", "--checkpoint.save_weights_only=true"], ("save_weights_only drops the average --ema",)),
     (["--awp", "-0.1"], ("--awp must be a number >= 0",)),  # AdversarialTraining's check
     # values from YAML / dotted keys reach the classes' own checks: one line, the class's message
     (["--model.inner.init_args.eps=-1"], ("eps", "(0, 1]")),
@@ -515,14 +517,14 @@ def test_an_unexpected_exception_at_start_up_is_a_bug_with_its_traceback(
 ) -> None:
     """Only qgtrain's own refusals are one usage line; anything else keeps its traceback and says it
     is a bug (exit 1). Control: a real bad flag, in the same setting, is still one line."""
-    from qgtrain.training import resume
+    from qgtrain import checkpoints
 
     def broken(*args, **kwargs):
         raise injected
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(L.Trainer, "fit", no_training)
-    monkeypatch.setattr(resume, "start_point", broken)
+    monkeypatch.setattr(checkpoints, "start_point", broken)
     assert call_main(main, [*REFUSED_RUN_ARGS, *output_roots(tmp_path)]) == 1
     err = capsys.readouterr().err
     assert "Traceback" in err and f"{type(injected).__name__}: injected" in err, err

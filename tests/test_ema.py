@@ -12,15 +12,6 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from conftest import (
-    KillAfterBatches,
-    KilledError,
-    call_main,
-    error_lines,
-    no_training,
-    quiet_trainer,
-    small_mnist_datamodule,
-)
 from lightning.pytorch.callbacks import EMAWeightAveraging
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
@@ -28,13 +19,27 @@ import qgtrain.callbacks.robustness as robustness
 import qgtrain.cli.train as train_cli
 from qgtrain.attacks import PGD
 from qgtrain.callbacks import RobustnessEvaluation
-from qgtrain.evaluation.checkpoints import TRAINED_WEIGHTS, load_model_from_checkpoint
+from qgtrain.checkpoints import (
+    INTERRUPTED_CHECKPOINT,
+    TRAINED_WEIGHTS,
+    InterruptCheckpoint,
+    LastCheckpoint,
+    RestoreLoaderState,
+    StepCheckpoint,
+    load_model_from_checkpoint,
+)
+from qgtrain.compat import averaged_model
 from qgtrain.models import TinyCNN
-from qgtrain.training import AdversarialTraining
-from qgtrain.training.checkpoint_io import LastCheckpoint, StepCheckpoint
-from qgtrain.training.interrupt import InterruptCheckpoint
-from qgtrain.training.resume import INTERRUPTED_CHECKPOINT, RestoreLoaderState
+from qgtrain.training import AdversarialTraining, quiet_trainer
 from qgtrain.training.weight_averaging import ExponentialMovingAverage
+from tests.helpers import (
+    KillAfterBatches,
+    KilledError,
+    call_main,
+    error_lines,
+    no_training,
+    small_mnist_datamodule,
+)
 
 DECAY = 0.5  # a short memory: a few steps make the average and the trained weights differ clearly
 STEPS_PER_EPOCH = 4  # small_mnist_datamodule: 64 examples in batches of 16
@@ -207,7 +212,7 @@ class RecordAverage(L.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self.trained = copy_state(pl_module)
-        self.averaged = {k[len("module.") :]: v.clone() for k, v in self.averaging._average_model.state_dict().items()
+        self.averaged = {k[len("module.") :]: v.clone() for k, v in averaged_model(self.averaging).state_dict().items()
                          if k.startswith("module.")}  # fmt: skip
 
 
@@ -359,3 +364,23 @@ def test_train_py_with_ema_checkpoints_the_average_says_so_and_resumes_only_with
     ]
     with pytest.raises(AssertionError, match="training started"):
         train_cli.main([*method, "--ema", "--ema-decay", "0.5", *tiny, *resume])
+
+
+@pytest.mark.parametrize("ema", [True, False])
+def test_weights_only_checkpoints_are_refused_with_ema_only(ema: bool) -> None:
+    """Lightning's weights-only checkpoints skip the callbacks' on_save_checkpoint, where the average
+    is written: with --ema refused at start-up; without it (the control) accepted."""
+    from jsonargparse import Namespace
+
+    from qgtrain.run_setup import StartError, check_settings
+
+    config = Namespace(
+        trainer=Namespace(max_epochs=1), model=Namespace(inner=None), run_name=None, resume=None,
+        resume_override=False, ema=ema, ema_decay=0.999, ema_start_step=0,
+        checkpoint=Namespace(save_weights_only=True),
+    )  # fmt: skip
+    if ema:
+        with pytest.raises(StartError, match="save_weights_only drops the average"):
+            check_settings(config)
+    else:
+        check_settings(config)
