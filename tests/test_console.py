@@ -15,13 +15,13 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from conftest import small_mnist_datamodule
 from tqdm import tqdm
 
+from qgtrain import console
 from qgtrain.attacks import PGD
-from qgtrain.cli import console
 from qgtrain.models import TinyCNN
 from qgtrain.training import AdversarialTraining
+from tests.helpers import small_mnist_datamodule
 
 
 def screen(written: str) -> list[str]:
@@ -181,3 +181,26 @@ def test_an_existing_checkpoint_folder_is_expected_only_for_the_resumed_run(tmp_
         for folder in (resumed, other):
             warnings.warn(f"Checkpoint directory {folder} exists and is not empty.", UserWarning, stacklevel=1)
     assert [str(w.message) for w in caught] == [f"Checkpoint directory {other} exists and is not empty."]
+
+
+def test_evaluation_progress_bar_shows_no_empty_bar_before_its_total(monkeypatch: pytest.MonkeyPatch) -> None:
+    """evaluate.py's bar is created before the planner knows the batch count: no ``0batch`` line."""
+    from qgtrain.evaluation.environment import progress_bar
+
+    stream = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", stream)
+    with progress_bar(True) as bar:
+        bar.total = 3
+        bar.refresh()
+        bar.update(3)
+    shown = stream.getvalue()
+    assert "0batch" not in shown and "0/3" in shown, shown
+
+
+def test_a_bar_without_a_total_would_print_the_empty_line() -> None:
+    """Control: tqdm's first display at creation is the line the test above forbids."""
+    stream = io.StringIO()
+    with tqdm(total=0, unit="batch", desc="attacking", file=stream) as bar:
+        bar.total = 3
+        bar.refresh()
+    assert "0batch" in stream.getvalue()
