@@ -3,7 +3,8 @@
 The histograms reproduce the paper's Fig. 2 during training: sign gradients (PGD, ``b=1``) pile on
 +-1, quantized gradients ``zeta(b g / M)`` (PQGD, BLOB_QG) spread over ``[-b, b]``. The loss curve
 shows how fast the inner attack ascends compared with sign-gradient PGD from the same random start.
-Tags are documented in docs/MONITORING.md.
+Tags are documented in docs/MONITORING.md. The views are of the trained weights, the ones the inner
+attack ascends against, also under ``--ema`` (the monitor and checkpoints judge the average).
 """
 
 from __future__ import annotations
