@@ -1,4 +1,4 @@
-"""Which inner maximiser buys the most AutoAttack-strength robustness per gradient? (issues 13, 25)
+"""Which inner maximiser buys the most AutoAttack-strength robustness per gradient?
 
 Each training run is a ``train.py`` command (``configs/mnist.yaml``, the run's inner-maximiser flags,
 the budget's flags, ``--seed S --run-name <run>_s<S>``, ``--resume last`` when it has a resumable

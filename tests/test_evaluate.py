@@ -27,6 +27,8 @@ from qgtrain.evaluation.masking import (
     check_zero_gradients,
 )
 from qgtrain.evaluation.outputs import strip_timing, write_outputs
+from qgtrain.evaluation.runner import SettingError, StandardSettings
+from qgtrain.evaluation.session import Request
 from qgtrain.models import TinyCNN
 from qgtrain.training import quiet_trainer
 from tests.helpers import (
@@ -261,7 +263,7 @@ def test_plain_state_dict_needs_model(trained_tiny_model: TinyCNN, tmp_path: Pat
     with torch.no_grad():
         assert torch.equal(net(x), trained_tiny_model(x))
     # The wrong width is a one-line mismatch error, not a traceback (the file does not fit the flags: 2).
-    assert main(["--ckpt", str(path), "--model", "tiny_cnn", *FAST]) == 2
+    assert call_main(main, ["--ckpt", str(path), "--model", "tiny_cnn", *FAST]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and err.startswith("evaluate.py: error:") and "shape mismatch" in err
     # A dataset that disagrees with the recorded one is refused.
@@ -330,7 +332,7 @@ def test_bad_checkpoint_gives_one_line_error(
             CRAFTED[kind](handle)
         assert marker.exists()
         marker.unlink()
-    status = main(["--ckpt", str(path), *FAST, "--out-dir", str(tmp_path / "out")])
+    status = call_main(main, ["--ckpt", str(path), *FAST, "--out-dir", str(tmp_path / "out")])
     err = capsys.readouterr().err.strip()
     assert status == 2
     assert (
@@ -403,9 +405,9 @@ def test_device_beyond_what_is_available(tmp_path: Path, monkeypatch, capsys) ->
 
 
 def test_too_many_examples_and_bad_device(tiny_ckpt: Path, data_dir: Path, capsys) -> None:
-    assert main(["--ckpt", str(tiny_ckpt), "--data-dir", str(data_dir), "--n", "100000", "--quiet"]) == 2
+    assert call_main(main, ["--ckpt", str(tiny_ckpt), "--data-dir", str(data_dir), "--n", "100000", "--quiet"]) == 2
     assert "argument --n" in capsys.readouterr().err
-    assert main(["--ckpt", str(tiny_ckpt), "--device", "tpu", "--quiet"]) == 2
+    assert call_main(main, ["--ckpt", str(tiny_ckpt), "--device", "tpu", "--quiet"]) == 2
     assert "argument --device" in capsys.readouterr().err
 
 
@@ -493,7 +495,7 @@ STANDARD += ["--eps", "0.1", "--threads", "1", "--device", "cpu", "--no-masking-
 
 
 def run_standard_cli(ckpt: Path, data_dir: Path, out: Path, *extra: str) -> int:
-    return main(["--ckpt", str(ckpt), "--data-dir", str(data_dir), "--out-dir", str(out), *STANDARD, *extra])
+    return call_main(main, ["--ckpt", str(ckpt), "--data-dir", str(data_dir), "--out-dir", str(out), *STANDARD, *extra])
 
 
 def test_standard_suite_record_breakdown_and_per_example_file(
@@ -547,7 +549,7 @@ def test_results_are_versioned_not_overwritten_and_merge_per_example(
     assert "Per-example worst case over 2 evaluation(s)" in capsys.readouterr().out
     other = tmp_path / "other.npz"
     np.savez(other, clean=np.ones(3, bool), robust=np.ones(3, bool))
-    assert main(["--merge", files[0], str(other), "--out-dir", str(tmp_path)]) == 2
+    assert call_main(main, ["--merge", files[0], str(other), "--out-dir", str(tmp_path)]) == 2
     assert "not a result folder of evaluate.py" in capsys.readouterr().err
 
 
@@ -653,12 +655,49 @@ def test_bad_suite_is_one_line_naming_the_choices(
 ) -> None:
     paper = "--protocol" in args
     base = ["--ckpt", str(tiny_ckpt), "--data-dir", str(data_dir), "--out-dir", str(tmp_path), "--n", "10"]
-    assert (main([*base, *args]) if paper else run_standard_cli(tiny_ckpt, data_dir, tmp_path, *args)) == 2
+    assert (call_main(main, [*base, *args]) if paper else run_standard_cli(tiny_ckpt, data_dir, tmp_path, *args)) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and err.startswith(f"evaluate.py: error: argument {named}: "), err
     assert fragment in err, err
     if not paper:
         assert "apgd_ce,apgd_t,fab_t,square" in err  # the fix: the names to choose from
+    assert list(tmp_path.iterdir()) == []
+
+
+SETTINGS_REFUSED = [
+    (lambda: ProtocolSettings(eps=1.5), "eps", "(0, 1]"),
+    (lambda: ProtocolSettings(b_values=[]), "b_values", "integers >= 1"),
+    (lambda: ProtocolSettings(attacks=["pgd", "nfgsm"]), "attacks", "stays in the threat model"),
+    (lambda: ProtocolSettings(loss="hinge"), "loss", "ce, dlr"),
+    (lambda: StandardSettings(queries=0), "queries", ">= 1"),
+    (lambda: StandardSettings(paper_alpha=-0.1), "paper_alpha", "> 0"),
+    (lambda: Request(range=(50, 10)), "range", "0 <= START < STOP"),
+    (lambda: Request(sweep=[("eps", [0.1, 2.0])]), "sweep", "(0, 1]"),
+]
+
+
+@pytest.mark.parametrize(("build", "field", "allowed"), SETTINGS_REFUSED, ids=[f for _, f, _ in SETTINGS_REFUSED])
+def test_settings_refuse_a_value_where_it_is_used(build, field: str, allowed: str) -> None:
+    """The settings and the request check their own values, built from Python as from the command
+    line: the refusal names the field and what it allows. Control: the defaults are accepted."""
+    with pytest.raises(SettingError) as refused:
+        build()
+    assert refused.value.field == field and allowed in refused.value.reason, refused.value
+    assert ProtocolSettings() and StandardSettings() and Request()
+
+
+def test_a_protocol_key_out_of_range_is_one_line_naming_it(
+    tiny_ckpt: Path, data_dir: Path, tmp_path: Path, capsys
+) -> None:
+    """``--paper.eps 2`` (the key, not the flag) is refused by the settings, naming the key, status 2,
+    nothing written; control: the flag --eps 2 is named as the flag."""
+    base = ["--ckpt", str(tiny_ckpt), "--data-dir", str(data_dir), "--out-dir", str(tmp_path), "--n", "10"]
+    assert call_main(main, [*base, "--protocol", "paper", "--paper.eps", "2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("evaluate.py: error: argument --paper.eps: must be a number in (0, 1]"), err
+    assert call_main(main, [*base, "--protocol", "paper", "--eps", "2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("evaluate.py: error: argument --eps: must be a number in (0, 1]"), err
     assert list(tmp_path.iterdir()) == []
 
 

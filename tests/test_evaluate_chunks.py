@@ -131,7 +131,7 @@ def test_merge_refuses_parts_that_do_not_fit_in_one_line(
         "partial": ([first, str(partial)], "an interrupted (partial) evaluation"),
     }
     for argv, fragment in cases.values():
-        assert main(["--merge", *argv, "--out-dir", str(out)]) == 2
+        assert call_main(main, ["--merge", *argv, "--out-dir", str(out)]) == 2
         lines = error_lines(capsys.readouterr().err, "evaluate.py")
         assert len(lines) == 1 and lines[0].startswith("evaluate.py: error: argument --merge: "), lines
         assert fragment in lines[0], lines[0]

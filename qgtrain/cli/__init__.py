@@ -9,7 +9,7 @@ import pickle
 import sys
 import traceback
 import zipfile
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import NoReturn
 
 EXIT_STATUSES = (
@@ -72,6 +72,30 @@ def environment_fault(exc: BaseException) -> str | None:
     if isinstance(exc, zipfile.BadZipFile | EOFError | pickle.UnpicklingError):
         return f"a file is truncated or not of the expected format ({type(exc).__name__}: {exc})"
     return None
+
+
+def report_failure(
+    prog: str,
+    exc: BaseException,
+    wrong: tuple[type[BaseException], ...],
+    failed: tuple[type[BaseException], ...],
+    interrupted: str,
+    describe: Callable[[BaseException], str] = str,
+) -> int:
+    """The exit status of ``exc`` (:data:`EXIT_STATUSES`) after its one line on stderr; call it where
+    ``exc`` is handled. A ``wrong`` command exits with 2 (:func:`exit_usage`); a ``failed`` run, or a
+    fault of the machine or of a file (:func:`environment_fault`), is 1; Ctrl-C is 130, with the line
+    ``prog: interrupted``; anything else is a bug (:func:`report_bug`)."""
+    if isinstance(exc, wrong):
+        exit_usage(prog, describe(exc))
+    if isinstance(exc, KeyboardInterrupt):
+        sys.stderr.write(f"{prog}: {interrupted}\n")
+        return 130
+    message = describe(exc) if isinstance(exc, failed) else environment_fault(exc)
+    if message is None:
+        return report_bug(prog)
+    sys.stderr.write(f"{prog}: error: {(message.splitlines() or [''])[0]}\n")
+    return 1
 
 
 def unknown_flag(unknown: list[str], valid: Iterable[str], prog: str) -> str:

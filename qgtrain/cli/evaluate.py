@@ -5,7 +5,8 @@ APGD-T, FAB-T, Square, with early exit) plus PQGD and BLOB_QG rows; ``--protocol
 pgd,pqgd --b 100,200 --runs 5`` the paper's Tables 2-6 protocol. A jsonargparse parser over the two
 protocols' settings (``--standard.KEY``, ``--paper.KEY``: their defaults and types are the
 dataclasses'), with one flag per setting for both protocols (:data:`SETTING_FLAGS`); the protocol
-picks its own. See docs/EVALUATION.md.
+picks its own. Here text becomes typed values; the settings and :class:`~qgtrain.evaluation.session.Request`
+check them, and a refusal becomes one line naming its flag. See docs/EVALUATION.md.
 """
 
 from __future__ import annotations
@@ -21,26 +22,25 @@ from typing import Any
 
 from jsonargparse import ArgumentParser, Namespace
 
-from qgtrain.attacks import ATTACK_LOSSES, attack_class, available_attacks
+from qgtrain.attacks import available_attacks
 from qgtrain.checkpoints import OutputFolderError
-from qgtrain.cli import EXIT_STATUSES, UsageError, environment_fault, exit_usage, unknown_flag
+from qgtrain.cli import EXIT_STATUSES, UsageError, exit_usage, report_failure, unknown_flag
 from qgtrain.data import DATAMODULES, DataError
 from qgtrain.evaluation import session
-from qgtrain.evaluation.protocol import check_evaluation_attack
-from qgtrain.evaluation.runner import SWEEPABLE, ProtocolSettings, StandardSettings
+from qgtrain.evaluation.runner import ProtocolSettings, SettingError, StandardSettings
 from qgtrain.models import available_models
 
 PROG = "evaluate.py"
 
 
-class Checked:
-    """An argparse ``type`` named ``shown`` in ``--help``: ``parse`` the text, else (or when
-    ``allowed`` is false) refuse it as ``must be <what>, got '<text>'``, which argparse prefixes with
-    the option's name. A value already parsed (a default, or one jsonargparse checks again after the
-    parse) is kept as it is."""
+class Typed:
+    """An argparse ``type`` named ``shown`` in ``--help``: ``convert`` the text into the value its
+    setting takes; text that does not convert is passed on as it is, for the setting's own check
+    (:class:`~qgtrain.evaluation.runner.Rule`) to refuse with what it allows. A value already
+    converted (a default, or one jsonargparse checks again after the parse) is kept."""
 
-    def __init__(self, shown: str, parse: Callable[[str], Any], allowed: Callable[[Any], bool], what: str) -> None:
-        self.shown, self.parse, self.allowed, self.what = shown, parse, allowed, what
+    def __init__(self, shown: str, convert: Callable[[str], Any]) -> None:
+        self.shown, self.convert = shown, convert
 
     def __repr__(self) -> str:
         return self.shown
@@ -49,12 +49,9 @@ class Checked:
         if not isinstance(text, str):
             return text
         try:
-            value = self.parse(text.strip())
-        except (ValueError, ZeroDivisionError, KeyError, argparse.ArgumentTypeError):
-            value = None
-        if value is None or not self.allowed(value):
-            raise argparse.ArgumentTypeError(f"must be {self.what}, got {text!r}")
-        return value
+            return self.convert(text.strip())
+        except (ValueError, ZeroDivisionError):
+            return text
 
 
 def comma_list(text: str) -> list[str]:
@@ -62,34 +59,22 @@ def comma_list(text: str) -> list[str]:
 
 
 def attack_names(text: str) -> list[str]:
-    """Registered names or ``torchattacks.<Class>``, each an attack that stays in the threat model;
-    ``none``: no attack (the standard suite alone)."""
-    if text.strip() == "none":
-        return []
-    chosen = list(dict.fromkeys(comma_list(text)))
-    try:
-        for name in chosen or [text]:
-            check_evaluation_attack(attack_class(name))
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
+    """Comma-separated attack names, each once; ``none``: no attack (the standard suite alone)."""
+    chosen = [] if text == "none" else list(dict.fromkeys(comma_list(text)))
+    if not chosen and text != "none":
+        raise ValueError(f"no attack named in {text!r}")
     return chosen
 
 
-def sweep(text: str) -> tuple[str, list[float | int]]:
-    """``eps=0.1,0.2`` -> ``("eps", [0.1, 0.2])``: eps, steps or b, each value checked as its flag's."""
+NUMBER = Typed("number", lambda t: float(Fraction(t)))
+INTEGER = Typed("int", int)
+
+
+def sweep(text: str) -> tuple[str, list[Any]]:
+    """``eps=0.1,0.2`` -> ``("eps", [0.1, 0.2])``: eps's values numbers, steps' and b's integers."""
     parameter, _, values = (part.strip() for part in text.partition("="))
-    return parameter, list(dict.fromkeys(SWEEP_VALUES[parameter](value) for value in comma_list(values)))
-
-
-RADIUS = Checked("number", lambda t: float(Fraction(t)), lambda v: 0 < v <= 1, "a number in (0, 1] (inputs are in [0, 1])")
-STEP_SIZE = Checked("number", lambda t: float(Fraction(t)), lambda v: v > 0, "a number > 0")
-COUNT = Checked("int", int, lambda v: v >= 1, "an integer >= 1")
-RANGE = Checked("START:STOP", lambda t: tuple(map(int, t.split(":"))), lambda r: len(r) == 2 and 0 <= r[0] < r[1], "START:STOP with 0 <= START < STOP (test indices)")
-B_LIST = Checked("ints", lambda t: list(map(int, comma_list(t))), lambda v: bool(v) and min(v) >= 1, "a comma-separated list of integers >= 1 (b=1 is the sign)")
-JSON_OBJECT = Checked("JSON", json.loads, lambda v: isinstance(v, dict), "a JSON object such as '{\"width\": 8}'")
-LOSS = Checked("name", str, ATTACK_LOSSES.__contains__, f"one of {', '.join(sorted(ATTACK_LOSSES))}")
-SWEEP_VALUES = {"eps": RADIUS, "steps": COUNT, "b": COUNT}
-SWEEP = Checked("PARAM=V1,...", sweep, lambda s: bool(s[1]), f"PARAM=V1,V2,... with PARAM one of {', '.join(SWEEPABLE)} (eps in (0, 1], steps and b integers >= 1)")  # fmt: skip
+    convert = NUMBER if parameter == "eps" else INTEGER
+    return parameter, list(dict.fromkeys(convert(value) for value in comma_list(values)))
 
 
 @dataclass(frozen=True)
@@ -105,37 +90,40 @@ class SettingFlag:
 
 
 SETTING_FLAGS = (
-    SettingFlag("--attacks", attack_names, f"comma-separated, from {', '.join(available_attacks())} or torchattacks.<Class>: standard's rows beside the suite (none: the suite alone), or paper's attacks", ("attacks",), ("paper_rows",)),
-    SettingFlag("--suite", comma_list, "standard: AutoAttack's attacks to run, in the order given", standard=("suite_attacks",)),
-    SettingFlag("--eps", RADIUS, "L-inf radius; 8/255 works", ("eps",), ("eps",)),
-    SettingFlag("--alpha", STEP_SIZE, "step size of the paper's attacks (standard: of its rows)", ("alpha",), ("paper_alpha",)),
-    SettingFlag("--b", B_LIST, "quantization levels: one row per b for quantized attacks; standard's rows take the first", ("b_values",), ("paper_b",)),
-    SettingFlag("--steps", COUNT, "iterations per run (standard: of the suite and the rows)", ("steps",), ("steps", "paper_steps")),
-    SettingFlag("--restarts", COUNT, "paper: random restarts per run, merged per example", ("restarts",)),
-    SettingFlag("--runs", COUNT, "paper: independent runs", ("runs",)),
-    SettingFlag("--targets", COUNT, "standard: APGD-T's and FAB-T's target classes", standard=("targets",)),
-    SettingFlag("--queries", COUNT, "standard: Square's queries", standard=("queries",)),
-    SettingFlag("--apgd-b", COUNT, "standard: APGD's quantization level, 1 is the sign", standard=("b",)),
-    SettingFlag("--loss", LOSS, "paper: attack loss", ("loss",)),
-    SettingFlag("--seed", Checked("int", int, lambda v: True, "an integer"), "run r uses seed + r", ("seed",), ("seed",)),
+    SettingFlag("--attacks", Typed("names", attack_names), f"comma-separated, from {', '.join(available_attacks())} or torchattacks.<Class>: standard's rows beside the suite (none: the suite alone), or paper's attacks", ("attacks",), ("paper_rows",)),
+    SettingFlag("--suite", Typed("names", comma_list), "standard: AutoAttack's attacks to run, in the order given", standard=("suite_attacks",)),
+    SettingFlag("--eps", NUMBER, "L-inf radius; 8/255 works", ("eps",), ("eps",)),
+    SettingFlag("--alpha", NUMBER, "step size of the paper's attacks (standard: of its rows)", ("alpha",), ("paper_alpha",)),
+    SettingFlag("--b", Typed("ints", lambda t: [int(b) for b in comma_list(t)]), "quantization levels: one row per b for quantized attacks; standard's rows take the first", ("b_values",), ("paper_b",)),
+    SettingFlag("--steps", INTEGER, "iterations per run (standard: of the suite and the rows)", ("steps",), ("steps", "paper_steps")),
+    SettingFlag("--restarts", INTEGER, "paper: random restarts per run, merged per example", ("restarts",)),
+    SettingFlag("--runs", INTEGER, "paper: independent runs", ("runs",)),
+    SettingFlag("--targets", INTEGER, "standard: APGD-T's and FAB-T's target classes", standard=("targets",)),
+    SettingFlag("--queries", INTEGER, "standard: Square's queries", standard=("queries",)),
+    SettingFlag("--apgd-b", INTEGER, "standard: APGD's quantization level, 1 is the sign", standard=("b",)),
+    SettingFlag("--loss", str, "paper: attack loss", ("loss",)),
+    SettingFlag("--seed", INTEGER, "run r uses seed + r", ("seed",), ("seed",)),
 )  # fmt: skip
 
 
 class SetSettings(argparse.Action):
-    """Applies a :class:`SettingFlag` to both protocols' settings where it stands."""
+    """Applies a :class:`SettingFlag` to both protocols' settings where it stands, each value
+    checked by the settings that take it."""
 
     def __init__(self, option_strings: list[str], dest: str, row: SettingFlag, **kwargs: Any) -> None:
         super().__init__(option_strings, argparse.SUPPRESS, default=argparse.SUPPRESS, **kwargs)
         self.row = row
 
     def __call__(self, parser: Any, namespace: Any, text: Any, option_string: str | None = None) -> None:
-        try:
-            value = self.row.parse(text)
-        except argparse.ArgumentTypeError as exc:
-            raise argparse.ArgumentError(self, str(exc)) from None
-        for protocol, keys in (("paper", self.row.paper), ("standard", self.row.standard)):
+        value = self.row.parse(text)
+        for protocol, settings, keys in (("paper", ProtocolSettings, self.row.paper), ("standard", StandardSettings, self.row.standard)):  # fmt: skip
             for key in keys:
-                namespace[f"{protocol}.{key}"] = value[0] if key == "paper_b" else value
+                typed = value[0] if key == "paper_b" else value  # b_values' check came first
+                try:
+                    settings(**{key: typed})  # the setting's own check
+                except SettingError as exc:
+                    raise argparse.ArgumentError(self, exc.reason) from None
+                namespace[f"{protocol}.{key}"] = typed
 
 
 def stated_default(row: SettingFlag, paper: ProtocolSettings, standard: StandardSettings) -> str:
@@ -162,22 +150,22 @@ def build_parser() -> ArgumentParser:
     source.add_argument("--merge", nargs="+", metavar="RESULT", help="merge earlier results (folders, or the correctness.npz in them) per example, by test index: chunks of one evaluation (--range) into the whole set, other evaluations of the same checkpoint as the per-example worst case")  # fmt: skip
     p.add_argument("--protocol", choices=["standard", "paper"], default="standard", help="standard: AutoAttack's suite, early exit, plus the paper rows; paper: the paper's Table 2 protocol (--runs, --restarts, --sweep)")  # fmt: skip
     p.add_argument("--model", choices=available_models(), help="architecture of a plain state dict")
-    p.add_argument("--model-kwargs", type=JSON_OBJECT, default={}, help="constructor arguments of --model as JSON")
+    p.add_argument("--model-kwargs", type=Typed("JSON", json.loads), default={}, help="constructor arguments of --model as JSON")
     p.add_argument("--weights", choices=["averaged", "raw"], default="averaged", help="of a checkpoint trained with --ema: the averaged weights or the trained ones")  # fmt: skip
     p.add_argument("--dataset", choices=list(DATAMODULES), help="dataset (null: the checkpoint's, else the model's)")
     p.add_argument("--data-dir", help="dataset root (null: $QGTRAIN_DATA, else ./data)")
     for row in SETTING_FLAGS:
         p.add_argument(row.flag, action=SetSettings, row=row, metavar="VALUE", help=f"{row.help} {stated_default(row, paper, standard)}")
-    p.add_argument("--sweep", type=SWEEP, action="append", metavar="PARAM=V1,...", help="paper: sweep eps, steps or b (repeatable), e.g. eps=0.1,0.2,0.3; writes sweep_PARAM.png")  # fmt: skip
+    p.add_argument("--sweep", type=Typed("PARAM=V1,...", sweep), action="append", metavar="PARAM=V1,...", help="paper: sweep eps, steps or b (repeatable), e.g. eps=0.1,0.2,0.3; writes sweep_PARAM.png")  # fmt: skip
     examples = p.add_mutually_exclusive_group()
-    examples.add_argument("--n", type=COUNT, help="first n test examples (null: the whole test split)")
-    examples.add_argument("--range", type=RANGE, metavar="START:STOP", help="the test examples START..STOP-1, a chunk of a longer evaluation: NAME gets _START-STOP, correctness.npz the true indices; START a multiple of --batch-size (--merge joins the chunks)")  # fmt: skip
+    examples.add_argument("--n", type=INTEGER, help="first n test examples (null: the whole test split)")
+    examples.add_argument("--range", type=Typed("START:STOP", lambda t: tuple(map(int, t.split(":")))), metavar="START:STOP", help="the test examples START..STOP-1, a chunk of a longer evaluation: NAME gets _START-STOP, correctness.npz the true indices; START a multiple of --batch-size (--merge joins the chunks)")  # fmt: skip
     p.add_argument("--skip-done", action="store_true", help="exit at once (status 0) when OUT_DIR/NAME already holds this finished evaluation (its results.json): a loop over chunks resumes where it stopped")  # fmt: skip
-    p.add_argument("--batch-size", type=COUNT, default=200, help="attack batch size; BLOB's particles are the batch")
+    p.add_argument("--batch-size", type=INTEGER, default=200, help="attack batch size; BLOB's particles are the batch")
     p.add_argument("--histogram", action="store_true", help="save Figure 2's gradient histograms of the first batch")
     p.add_argument("--no-masking-checks", action="store_true", help="skip the gradient-masking checks")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
-    p.add_argument("--threads", type=COUNT, help="CPU threads for torch (null: torch's); 1 is fastest when busy")
+    p.add_argument("--threads", type=INTEGER, help="CPU threads for torch (null: torch's); 1 is fastest when busy")
     p.add_argument("--out-dir", default="results", help="outputs go to OUT_DIR/NAME/")
     p.add_argument("--name", help="results folder (null: from the checkpoint path); a taken one gets -v1, -v2, ...; an interrupted run writes what it finished to NAME-partial")  # fmt: skip
     p.add_argument("--overwrite", action="store_true", help="write into OUT_DIR/NAME even if it has results")
@@ -204,6 +192,8 @@ def build_settings(args: Namespace, num_classes: int) -> ProtocolSettings | Stan
         else:
             settings = StandardSettings(**vars(args.standard), num_classes=num_classes)
             settings.suite()
+    except SettingError as exc:  # a --paper.KEY or --standard.KEY value
+        raise UsageError(f"argument --{args.protocol}.{exc.field}: {exc.reason}") from None
     except ValueError as exc:
         raise UsageError(f"argument --suite: {exc}") from None
     try:
@@ -213,41 +203,31 @@ def build_settings(args: Namespace, num_classes: int) -> ProtocolSettings | Stan
     return settings
 
 
-def parse(argv: list[str] | None) -> Namespace:
-    """The options; a refusal is one line naming the option, exit status 2."""
+def parse(argv: list[str] | None) -> tuple[Namespace, session.Request]:
+    """The options and the request they make; a refusal is one line naming the option, exit status 2."""
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
+        request = session.Request(**{f.name: args[f.name] for f in fields(session.Request) if args[f.name] is not None})
     except argparse.ArgumentError as exc:
         unknown = str(exc).partition("unrecognized arguments: ")[2].split()
         flags = [f"--{key if '.' in key else key.replace('_', '-')}" for key in parser.get_defaults().keys()]
         exit_usage(PROG, unknown_flag(unknown, flags + [r.flag for r in SETTING_FLAGS], PROG) if unknown else str(exc))
-    return args
+    except SettingError as exc:  # a value the request refuses: its option is named after its field
+        exit_usage(PROG, f"argument --{exc.field.replace('_', '-')}: {exc.reason}")
+    return args, request
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``evaluate.py``; returns the exit status (:data:`~qgtrain.cli.EXIT_STATUSES`)."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    args = parse(argv)
-    request = session.Request(**{f.name: args[f.name] for f in fields(session.Request) if args[f.name] is not None})
+    args, request = parse(argv)
     about = {"command": [PROG, *(sys.argv[1:] if argv is None else argv)], "config": args.as_dict()}
     try:
         if args.merge:
             print(session.merge(args.merge, request))  # noqa: T201
             return 0
         return session.evaluate(request, lambda classes: build_settings(args, classes), about, PROG)
-    except (UsageError, session.RequestError, OutputFolderError) as exc:
-        sys.stderr.write(f"{PROG}: error: {str(exc).splitlines()[0]}\n")
-        return 2
-    except DataError as exc:
-        sys.stderr.write(f"{PROG}: error: {str(exc).splitlines()[0]}\n")
-        return 1
-    except OSError as exc:  # a data, checkpoint or results file: the path, the cause, the fix
-        fault = environment_fault(exc)
-        if fault is None:
-            raise
-        sys.stderr.write(f"{PROG}: error: {fault}\n")
-        return 1
-    except KeyboardInterrupt:
-        sys.stderr.write(f"{PROG}: interrupted before any attack ran; nothing was written\n")
-        return 130
+    except (Exception, KeyboardInterrupt) as exc:
+        wrong = (UsageError, session.RequestError, OutputFolderError)
+        return report_failure(PROG, exc, wrong, (DataError,), "interrupted before any attack ran; nothing was written")

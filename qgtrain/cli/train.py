@@ -25,15 +25,7 @@ from qgtrain.attacks import ATTACKS
 from qgtrain.callbacks import AttackVisualization, RobustnessEvaluation
 from qgtrain.callbacks.robustness import WORST_ACC
 from qgtrain.checkpoints import AtomicCheckpointIO, CheckpointError, OutputFolderError, best_checkpoint
-from qgtrain.cli import (
-    EXIT_STATUSES,
-    UsageError,
-    aliases,
-    environment_fault,
-    exit_usage,
-    report_bug,
-    unknown_flag,
-)
+from qgtrain.cli import EXIT_STATUSES, UsageError, aliases, environment_fault, report_failure, unknown_flag
 from qgtrain.data import DATAMODULES, DataError, VisionDataModule
 from qgtrain.models import MODELS
 from qgtrain.training import AdversarialTraining, NonFiniteLossError
@@ -252,20 +244,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cli = build_cli(argv)
         cli.check_before_fit()
-    except (DataError, CheckpointError) as exc:
-        sys.stderr.write(f"{PROG}: error: {one_line(exc)}\n")
-        return 1
-    except (*OWN_ERRORS, OutputFolderError) as exc:
-        exit_usage(PROG, one_line(exc))
-    except KeyboardInterrupt:
-        sys.stderr.write(f"{PROG}: interrupted before training started; nothing was saved\n")
-        return 130
-    except Exception as exc:  # an environment fault is the user's to fix; anything else is a bug
-        fault = environment_fault(exc)
-        if fault is None:
-            return report_bug(PROG)
-        sys.stderr.write(f"{PROG}: error: {fault}\n")
-        return 1
+    except (Exception, KeyboardInterrupt) as exc:
+        wrong, failed = (*OWN_ERRORS, OutputFolderError), (DataError, CheckpointError)
+        return report_failure(PROG, exc, wrong, failed, "interrupted before training started; nothing was saved", one_line)
     folder, trainer, interrupt = Path(cli.config.checkpoint.dirpath), cli.trainer, cli.interrupt
     log.info("run %s: checkpoints in %s", cli.run_name, folder)
     if cli.start.resume_path is not None:

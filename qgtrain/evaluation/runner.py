@@ -26,11 +26,12 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from qgtrain.attacks import Attack, attack_class, attack_for_budget
+from qgtrain.attacks import ATTACK_LOSSES, Attack, attack_class, attack_for_budget
 from qgtrain.attacks.base import DEFAULT_EPS
 from qgtrain.evaluation.protocol import (
     AttackCost,
     SuiteOutcome,
+    check_evaluation_attack,
     evaluate_suite,
     worst_case_correct,
 )
@@ -43,6 +44,68 @@ AUTOATTACK = ("apgd_ce", "apgd_t", "fab_t", "square")
 """AutoAttack's standard version, in its order: the standard suite's default and its choices."""
 PAPER_ROWS = ("pqgd", "blob_qg")
 """The paper's attacks the standard protocol reports beside the suite by default."""
+
+
+class SettingError(ValueError):
+    """A setting outside what it allows: ``field`` names it, ``reason`` says what is allowed."""
+
+    def __init__(self, field: str, reason: str) -> None:
+        super().__init__(f"{field}: {reason}")
+        self.field, self.reason = field, reason
+
+
+@dataclass(frozen=True)
+class Rule:
+    """What a setting allows: ``test`` says whether a value is allowed, ``what`` says it in words."""
+
+    what: str
+    test: Callable[[Any], bool]
+
+    def check(self, field: str, value: Any) -> None:
+        """:class:`SettingError` ``must be <what>, got <value>`` unless ``value`` passes."""
+        try:
+            allowed = self.test(value)
+        except TypeError:  # a value of another type (a comparison or a lookup it does not support)
+            allowed = False
+        if not allowed:
+            raise SettingError(field, f"must be {self.what}, got {value!r}")
+
+    def or_none(self) -> Rule:
+        return Rule(self.what, lambda v: v is None or self.test(v))
+
+
+def is_integer(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+RADIUS = Rule("a number in (0, 1] (inputs are in [0, 1])", lambda v: is_number(v) and 0 < v <= 1)
+STEP_SIZE = Rule("a number > 0", lambda v: is_number(v) and v > 0)
+COUNT = Rule("an integer >= 1", lambda v: is_integer(v) and v >= 1)
+INTEGER = Rule("an integer", is_integer)
+LEVELS = Rule("a list of integers >= 1 (b=1 is the sign)", lambda v: isinstance(v, list) and bool(v) and all(COUNT.test(b) for b in v))  # fmt: skip
+LOSS = Rule(f"one of {', '.join(sorted(ATTACK_LOSSES))}", ATTACK_LOSSES.__contains__)
+
+
+def check_fields(settings: Any, rules: dict[str, Rule]) -> None:
+    """Each field of ``settings`` named in ``rules`` passes its rule, else :class:`SettingError`."""
+    for name, rule in rules.items():
+        rule.check(name, getattr(settings, name))
+
+
+def check_attack_names(field: str, names: Any) -> None:
+    """``names`` is a list of registered attacks (or ``torchattacks.<Class>``) that stay in the
+    threat model (:func:`~qgtrain.evaluation.protocol.check_evaluation_attack`)."""
+    if not isinstance(names, list) or not all(isinstance(name, str) for name in names):
+        raise SettingError(field, f"must be a list of attack names, got {names!r}")
+    try:
+        for name in names:
+            check_evaluation_attack(attack_class(name))
+    except ValueError as exc:
+        raise SettingError(field, str(exc)) from None
 
 
 def fraction(correct: torch.Tensor) -> float:
@@ -147,6 +210,12 @@ class ProtocolSettings:
     loss: str = "ce"
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        """Each setting is one it allows (:class:`SettingError` naming the field otherwise)."""
+        check_attack_names("attacks", self.attacks)
+        rules = {"eps": RADIUS, "alpha": STEP_SIZE, "steps": COUNT, "b_values": LEVELS, "restarts": COUNT, "runs": COUNT, "loss": LOSS, "seed": INTEGER}  # fmt: skip
+        check_fields(self, rules)
+
     @property
     def seeds(self) -> list[int]:
         """Run ``r`` uses seed ``seed + r``."""
@@ -179,7 +248,7 @@ class ProtocolSettings:
     def with_value(self, parameter: str, value: float | int) -> ProtocolSettings:
         """These settings with ``eps``, ``steps`` or ``b`` (every quantized attack's b) set to ``value``."""
         if parameter == "b":
-            return dataclasses.replace(self, b_values=[int(value)])
+            return dataclasses.replace(self, b_values=[value])
         if parameter in ("eps", "steps"):
             return dataclasses.replace(self, **{parameter: value})
         raise ValueError(f"cannot sweep {parameter!r}; choose one of {', '.join(SWEEPABLE)}")
@@ -431,6 +500,13 @@ class StandardSettings:
     paper_b: int = 100
     num_classes: int = 10
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        """Each setting is one it allows (see :meth:`ProtocolSettings.__post_init__`); the suite's
+        names are checked by :meth:`suite`."""
+        check_attack_names("paper_rows", self.paper_rows)
+        rules = {"eps": RADIUS, "steps": COUNT, "targets": COUNT, "queries": COUNT, "b": COUNT, "paper_steps": COUNT, "paper_alpha": STEP_SIZE, "paper_b": COUNT, "seed": INTEGER}  # fmt: skip
+        check_fields(self, rules)
 
     def suite(self) -> list[Attack]:
         """The attacks of the suite, in the order of ``suite_attacks``; a ValueError naming the

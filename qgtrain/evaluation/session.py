@@ -36,11 +36,28 @@ from qgtrain.evaluation.outputs import (
 )
 from qgtrain.evaluation.planning import describe_plan, format_duration
 from qgtrain.evaluation.rendering import nothing_finished, partial_summary, render_summary
-from qgtrain.evaluation.runner import ProtocolSettings, StandardSettings, TensorBatches
+from qgtrain.evaluation.runner import (
+    COUNT,
+    SWEEPABLE,
+    ProtocolSettings,
+    Rule,
+    SettingError,
+    StandardSettings,
+    TensorBatches,
+    check_fields,
+)
 from qgtrain.models import DATASET_SPECS
 
 log = logging.getLogger(__name__)
 Settings = ProtocolSettings | StandardSettings
+REQUEST_RULES = {
+    "n": COUNT.or_none(),
+    "range": Rule("START:STOP with 0 <= START < STOP (test indices)", lambda r: r is None or (isinstance(r, tuple) and len(r) == 2 and 0 <= r[0] < r[1])),
+    "batch_size": COUNT,
+    "threads": COUNT.or_none(),
+    "model_kwargs": Rule("a JSON object such as '{\"width\": 8}'", lambda v: isinstance(v, dict)),
+}  # fmt: skip
+"""What the numeric and structured options of a :class:`Request` allow."""
 
 
 class RequestError(ValueError):
@@ -156,6 +173,21 @@ class Request:
     histogram: bool = False
     no_masking_checks: bool = False
     quiet: bool = False
+
+    def __post_init__(self) -> None:
+        """Each option is one it allows (:class:`~qgtrain.evaluation.runner.SettingError` naming
+        it otherwise); a sweep's values each one its setting allows."""
+        check_fields(self, REQUEST_RULES)
+        for parameter, values in self.sweep:
+            if not values:
+                raise SettingError("sweep", f"must be PARAM=V1,V2,... with PARAM one of {', '.join(SWEEPABLE)}, got {parameter!r} and no values")  # fmt: skip
+            try:
+                for value in values:
+                    ProtocolSettings().with_value(parameter, value)
+            except SettingError as exc:
+                raise SettingError("sweep", f"{parameter} {exc.reason}") from None
+            except ValueError as exc:  # not a parameter a sweep may vary
+                raise SettingError("sweep", str(exc)) from None
 
     def check_outputs(self) -> None:
         """``name`` is one folder name and ``out_dir`` is not a file."""
