@@ -498,6 +498,10 @@ def test_sigkill_inside_an_epoch_resumes_from_the_step_checkpoint_bit_identicall
     assert 0 <= done_before_kill - step <= EVERY  # at most the steps since the last step checkpoint
 
     monkeypatch.setenv("QGTRAIN_DATA", str(data_root))
+    # TensorBoard reads a folder's event files in name order, and the name's time has whole seconds
+    # (then host, then pid): a resumed file opened within the killed run's second, by this process's
+    # lower pid, would be read first. A real run lives longer than a second; this tiny one may not.
+    time.sleep(1.0)
     with caplog.at_level(logging.INFO, logger="qgtrain"):
         assert call_main(train_cli.main, [*argv, "--resume", "last"]) == 0
     resumed_from = RESUMED_FROM.findall(caplog.text)
