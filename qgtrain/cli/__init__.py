@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import difflib
 import errno
 import os
@@ -10,7 +11,7 @@ import sys
 import traceback
 import zipfile
 from collections.abc import Callable, Iterable
-from typing import NoReturn
+from typing import Any
 
 EXIT_STATUSES = (
     "exit status: 0 done; 2 the command is wrong (an unknown or misspelt flag, a bad value, options "
@@ -26,21 +27,15 @@ class UsageError(ValueError):
     """A bad command-line value: reported as one line, exit status 2."""
 
 
-def exit_usage(prog: str, message: str) -> NoReturn:
-    """Write ``prog: error: message`` (its first line) on stderr and exit with status 2."""
-    sys.stderr.write(f"{prog}: error: {(message.splitlines() or [''])[0]}\n")
-    raise SystemExit(2)
+class ConfigAction(argparse.Action):
+    """Applies ``apply(parser, namespace, value)`` to the config resolved so far, where it stands."""
 
+    def __init__(self, option_strings: list[str], dest: str, apply: Callable[..., None], **kwargs: Any) -> None:
+        super().__init__(option_strings, argparse.SUPPRESS, default=argparse.SUPPRESS, **kwargs)
+        self.apply = apply
 
-def report_bug(prog: str) -> int:
-    """The traceback of the exception being handled, then a line saying that it is a bug in qgtrain
-    (not in the command) and where to report it; the exit status 1."""
-    traceback.print_exc()
-    sys.stderr.write(
-        f"{prog}: this is a bug in qgtrain, not in your command: please report it, with the command "
-        "and the traceback above, on the qgtrain issue tracker\n"
-    )
-    return 1
+    def __call__(self, parser: Any, namespace: Any, value: Any, option_string: str | None = None) -> None:
+        self.apply(parser, namespace, value)
 
 
 FIXES = {
@@ -57,10 +52,8 @@ FIXES = {
 
 
 def environment_fault(exc: BaseException) -> str | None:
-    """One line for a fault of the machine or of a file the user gave (decided by the exception's
-    type, never its text): an ``OSError`` (full disk, permission, missing or read-only path) names
-    the path, the cause and the fix; a malformed YAML, ``.npz`` or pickle file is named as such.
-    ``None`` for anything else (a bug)."""
+    """One line for a fault of the machine or of a file the user gave, decided by the exception's
+    type: an ``OSError``'s path, cause and fix; a malformed YAML, ``.npz`` or pickle file; else ``None``."""
     import yaml
 
     if isinstance(exc, OSError) and exc.errno is not None:
@@ -82,25 +75,32 @@ def report_failure(
     interrupted: str,
     describe: Callable[[BaseException], str] = str,
 ) -> int:
-    """The exit status of ``exc`` (:data:`EXIT_STATUSES`) after its one line on stderr; call it where
-    ``exc`` is handled. A ``wrong`` command exits with 2 (:func:`exit_usage`); a ``failed`` run, or a
-    fault of the machine or of a file (:func:`environment_fault`), is 1; Ctrl-C is 130, with the line
-    ``prog: interrupted``; anything else is a bug (:func:`report_bug`)."""
-    if isinstance(exc, wrong):
-        exit_usage(prog, describe(exc))
+    """The exit status of ``exc`` (:data:`EXIT_STATUSES`) after its one line on stderr: a ``wrong``
+    command exits with 2 (``prog: error: ...``), a ``failed`` run or an :func:`environment_fault` is 1,
+    Ctrl-C 130; anything else is a bug: its traceback and where to report it, 1."""
     if isinstance(exc, KeyboardInterrupt):
         sys.stderr.write(f"{prog}: {interrupted}\n")
         return 130
-    message = describe(exc) if isinstance(exc, failed) else environment_fault(exc)
+    message = describe(exc) if isinstance(exc, wrong + failed) else environment_fault(exc)
     if message is None:
-        return report_bug(prog)
+        traceback.print_exc()
+        sys.stderr.write(
+            f"{prog}: this is a bug in qgtrain, not in your command: please report it, with the command "
+            "and the traceback above, on the qgtrain issue tracker\n"
+        )
+        return 1
     sys.stderr.write(f"{prog}: error: {(message.splitlines() or [''])[0]}\n")
+    if isinstance(exc, wrong):
+        raise SystemExit(2)
     return 1
 
 
-def unknown_flag(unknown: list[str], valid: Iterable[str], prog: str) -> str:
-    """``unrecognized argument --stpes; did you mean --steps?`` for the first unknown flag (or, when
-    nothing is close, where to look)."""
+def unknown_flag(message: str, valid: Iterable[str], prog: str) -> str | None:
+    """``unrecognized argument --stpes; did you mean --steps?`` for the first flag of argparse's
+    "unrecognized arguments" ``message`` (or, when nothing is close, where to look); else ``None``."""
+    unknown = message.partition("unrecognized arguments: ")[2].split()
+    if not unknown:
+        return None
     flag = next((a.split("=", 1)[0] for a in unknown if a.startswith("-")), unknown[0])
     close = difflib.get_close_matches(flag, sorted(v for v in valid if v.startswith("--")), n=1, cutoff=0.6)
     hint = f"did you mean {close[0]}?" if close else f"see python {prog} --help"

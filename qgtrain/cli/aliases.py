@@ -1,19 +1,15 @@
 """Short flags of ``train.py``: one row per flag, naming the LightningCLI keys it sets.
 
-A short flag stands for the long arguments it sets: :func:`expand` rewrites ``--steps 10`` as
-``--model.inner.init_args.steps=10`` where it stands, so jsonargparse parses the command line once,
-in the order it was typed, after the default config (``configs/mnist.yaml``) and any ``--config``
-before it; jsonargparse types each value and the class that uses it checks it (``Attack.__init__``
-rejects ``--eps 2``). Two rows read the config resolved so far, as parser actions: ``--inner``
-(:func:`switch_attack`, the one rule for another attack class) and ``--eps`` (:func:`set_radius`).
-Last, each ``alpha: null`` becomes the number its class's rule gives (:func:`resolve_step_sizes`),
-so ``--print_config`` and the saved ``config.yaml`` show the step size that is used.
+:func:`expand` rewrites each flag, where it stands, into those keys (``--steps 10`` is
+``--model.inner.init_args.steps=10``), so jsonargparse parses the command line once, in order;
+``--inner`` and ``--eps`` are parser actions on the config resolved so far, and each ``alpha: null``
+becomes its class's rule last, so ``--print_config`` and ``config.yaml`` show the step size used.
 """
 
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from pydoc import locate
@@ -23,7 +19,7 @@ from jsonargparse import ActionYesNo, Namespace
 
 from qgtrain.attacks import ATTACKS
 from qgtrain.checkpoints import DEFAULT_CKPT_MINUTES
-from qgtrain.cli import UsageError
+from qgtrain.cli import ConfigAction, UsageError
 from qgtrain.data import DATAMODULES
 from qgtrain.models import MODELS
 from qgtrain.training.weight_averaging import DEFAULT_EMA_DECAY
@@ -35,8 +31,7 @@ VALIDATION = "model.val_attack.init_args"
 @dataclass(frozen=True)
 class ShortFlag:
     """``flag VALUE`` sets every key in ``keys`` to VALUE; with ``choices`` (a registry), VALUE is a
-    registered name and ``keys[0]`` gets its class. ``minimum`` is checked only where no class
-    downstream checks the value itself."""
+    name and ``keys[0]`` gets its class. ``minimum``: only where no class checks the value itself."""
 
     flag: str
     keys: tuple[str, ...]
@@ -66,7 +61,7 @@ SHORT_FLAGS: tuple[ShortFlag, ...] = (
     ShortFlag("--eps", (f"{INNER}.eps", f"{VALIDATION}.eps"), "L-inf radius in pixels (robustness follows)"),
     ShortFlag("--alpha", (f"{INNER}.alpha",), "inner attack step size"),
     ShortFlag("--b", (f"{INNER}.b",), "quantization level of the inner attack (1 = sign gradient)"),
-    ShortFlag("--replays", (f"{INNER}.replays",), "free AT: times each batch is replayed (m)", minimum=1),
+    ShortFlag("--replays", (f"{INNER}.replays",), "free AT: times each batch is replayed (m)"),
     ShortFlag("--net", ("model.net",), "network", MODELS),
     ShortFlag("--epochs", ("trainer.max_epochs",), "training epochs", minimum=1),
     ShortFlag("--batch-size", ("data.init_args.batch_size",), "training batch size"),
@@ -86,8 +81,7 @@ SHORT_FLAGS: tuple[ShortFlag, ...] = (
     ShortFlag("--eval-b", (f"{EVAL}.b",), "quantization level of the robustness evaluation's main attack"),
 )  # fmt: skip
 FLAGS: dict[str, ShortFlag] = {row.flag: row for row in SHORT_FLAGS}
-PARSER_ACTIONS = ("--inner", "--eps")
-"""The rows that read the config resolved so far: declared on the parser, not rewritten."""
+PARSER_ACTIONS = ("--inner", "--eps")  # they read the config resolved so far: parser actions, not rewritten
 RUN_KEYS = {key for key, *_ in RUN_OPTIONS}
 
 
@@ -98,7 +92,7 @@ def configs_dir() -> Path:
 
 
 def default_config() -> Path:
-    """``configs/mnist.yaml``: the parser's default config file, under every ``--config``."""
+    """``configs/mnist.yaml``, the parser's default config file."""
     return configs_dir() / "mnist.yaml"
 
 
@@ -108,13 +102,13 @@ def class_path(cls: type) -> str:
 
 
 def needs_inner(flag: str) -> bool:
+    """Whether every key ``flag`` sets is an argument of the inner attack."""
     return all(key.startswith(INNER) for key in FLAGS[flag].keys)
 
 
 def expand(argv: list[str], given: dict[str, str], set_before_inner: list[set[str]]) -> list[str]:
-    """``argv`` with each short flag replaced by the long arguments it sets, where it stands (the run
-    options and :data:`PARSER_ACTIONS` are the parser's own). Records the flags in ``given`` and, for
-    each ``--inner``, the keys flags before it set."""
+    """``argv`` with each short flag replaced by the keys it sets, where it stands; records the flags
+    in ``given`` and, for each ``--inner``, the keys that flags before it set."""
     out, rest = [], list(argv)
     while rest:
         flag, eq, value = rest.pop(0).partition("=")
@@ -149,8 +143,8 @@ def expand(argv: list[str], given: dict[str, str], set_before_inner: list[set[st
 
 
 def refuse_arguments_without_an_attack(config: Namespace, given: Mapping[str, str]) -> None:
-    """jsonargparse builds the base class ``Attack`` when arguments meet a null attack (``--inner
-    none --steps 3``, or ``inner: null`` in a config): refused, naming the flag."""
+    """Arguments of a null attack (``--inner none --steps 3``; jsonargparse builds the base class
+    ``Attack``) are refused, naming the flag."""
     for key in ("inner", "val_attack"):
         attack = config.model.get(key)
         if attack is not None and attack.class_path.rsplit(".", 1)[-1] == "Attack":
@@ -161,11 +155,9 @@ def refuse_arguments_without_an_attack(config: Namespace, given: Mapping[str, st
 
 
 def switch_attack(parser: Any, namespace: Namespace, name: str) -> None:
-    """``--inner NAME``: the inner attack becomes NAME's class, or null. The one rule for another
-    class than the config's: the arguments whose meaning depends on the class (``b``,
-    ``random_start``; ``steps`` of a single-step attack) take its defaults and ``alpha`` is null
-    (its step-size rule), unless a flag before ``--inner`` set them; its other arguments carry over
-    (as jsonargparse carries them), the rest take its defaults."""
+    """``--inner NAME``: the inner attack becomes NAME's class, or null. Another class than the
+    config's takes its own ``b``, ``random_start`` (and a single-step class its ``steps``) and
+    ``alpha: null`` (its rule), unless a flag before ``--inner`` set them; other arguments carry over."""
     cls, current, set_before = ATTACKS.get(name), namespace.get("model.inner"), parser.set_before_inner.pop(0)
     if cls is None:
         namespace["model.inner"] = None
@@ -187,10 +179,8 @@ def set_radius(parser: Any, namespace: Namespace, eps: float) -> None:
 
 
 def resolve_step_sizes(parser: Any, namespace: Namespace, value: Any) -> None:
-    """Each attack's ``alpha: null`` becomes the number its class's rule gives
-    (:meth:`~qgtrain.attacks.base.Attack.default_alpha` of its eps and steps; PQGD: eps / steps).
-    Its flag, :data:`RESOLVE_STEP_SIZE`, is appended to the command line: applied once every flag is,
-    before jsonargparse prints ``--print_config``."""
+    """Each attack's ``alpha: null`` becomes :meth:`~qgtrain.attacks.base.Attack.default_alpha` of its
+    eps and steps; :data:`RESOLVE_STEP_SIZE`, appended to the command line, runs it last."""
     for key in ("model.inner", "model.val_attack"):
         attack = namespace.get(key)
         cls = locate(attack.class_path) if attack is not None else None
@@ -202,27 +192,15 @@ def resolve_step_sizes(parser: Any, namespace: Namespace, value: Any) -> None:
 RESOLVE_STEP_SIZE = "--resolve_step_size"
 
 
-class ConfigAction(argparse.Action):
-    """Applies ``apply(parser, namespace, value)`` to the config resolved so far, where its flag
-    stands; it stores nothing of its own."""
-
-    def __init__(self, option_strings: list[str], dest: str, apply: Callable[..., None], **kwargs: Any) -> None:
-        super().__init__(option_strings, argparse.SUPPRESS, default=argparse.SUPPRESS, **kwargs)
-        self.apply = apply
-
-    def __call__(self, parser: Any, namespace: Any, value: Any, option_string: str | None = None) -> None:
-        self.apply(parser, namespace, value)
-
-
 def request_help(parser: Any, namespace: Namespace, value: Any) -> None:
-    """``-h/--help`` only marks the request: the CLI prints the help once the parse has resolved the
-    values the short-flag table shows."""
+    """``-h/--help`` marks the request; the help is printed after the parse, with resolved values."""
     parser.help_requested = True
 
 
 def add_short_flags(parser: Any) -> None:
-    """The run options of :data:`RUN_OPTIONS` (each also under its short flag; a ``bool`` one is
-    ``--key``, ``--key false`` or ``--no_key``), :data:`PARSER_ACTIONS` and :data:`RESOLVE_STEP_SIZE`."""
+    """``-h/--help`` (printed after the parse, with the resolved values), :data:`RUN_OPTIONS` (also
+    under their short flags), :data:`PARSER_ACTIONS` and :data:`RESOLVE_STEP_SIZE`."""
+    parser.add_argument("-h", "--help", action=ConfigAction, apply=request_help, nargs=0, help="Show this help message and exit.")
     for key, kind, default, text, flag in RUN_OPTIONS:
         names = [f"--{key}", *([flag] if flag and flag != f"--{key}" else [])]
         if kind is bool:
@@ -235,9 +213,9 @@ def add_short_flags(parser: Any) -> None:
 
 
 def name_the_flag(message: str, given: Mapping[str, str]) -> str:
-    """``steps must be ...`` becomes ``--steps must be ...`` when the short flag ``--steps`` set the
-    key the message starts with (its dotted path without ``init_args``, or its last part); a message
-    quoting a flag's value (``unknown attack 'cw'``) gets the flag in front."""
+    """``--steps must be ...`` for ``steps must be ...`` when ``--steps`` set the key the message starts
+    with (its path without ``init_args``, or its last part); a message quoting a flag's value
+    (``unknown attack 'cw'``) gets the flag in front."""
     for exact in (True, False):
         for flag in given:
             for key in FLAGS[flag].keys:
@@ -250,7 +228,7 @@ def name_the_flag(message: str, given: Mapping[str, str]) -> str:
 
 
 def short_flag_help(config: Any = None, source: str = "") -> str:
-    """The table: each flag with its value in ``config`` (the resolved defaults) and the keys it sets."""
+    """The table: each flag with its value in ``config`` and the keys it sets."""
 
     def shown(row: ShortFlag) -> str:
         value = config.get("data" if row.flag == "--dataset" else row.keys[0]) if config is not None else None
@@ -261,11 +239,11 @@ def short_flag_help(config: Any = None, source: str = "") -> str:
             return next((name for name, cls in row.choices.items() if cls and class_path(cls) == path), "?")
         return str(value).lower() if isinstance(value, bool) else "null" if value is None else str(value)
 
-    rows = [(row.flag, shown(row), row) for row in SHORT_FLAGS]
-    width = max(len(flag) for flag, _, _ in rows) + 1 + min(max(len(value) for _, value, _ in rows), 12)
+    values = [shown(row) for row in SHORT_FLAGS]
+    width = max(len(row.flag) for row in SHORT_FLAGS) + 1 + min(max(map(len, values)), 12)
     lines = [f"Short flags, with their values from {source or 'the resolved config'}:"]
-    for flag, value, row in rows:
+    for row, value in zip(SHORT_FLAGS, values, strict=True):
         choices = f": {', '.join(row.choices)}" if row.choices is not None else ""
         keys = ", ".join(row.keys) if row.flag != "--dataset" else "--config configs/<name>.yaml"
-        lines += [f"  {f'{flag} {value}'.ljust(width)}  {row.help}{choices}", f"  {''.ljust(width)}    sets {keys}"]
+        lines += [f"  {f'{row.flag} {value}'.ljust(width)}  {row.help}{choices}", f"  {''.ljust(width)}    sets {keys}"]
     return "\n".join(lines)

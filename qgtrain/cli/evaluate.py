@@ -1,12 +1,9 @@
 """``evaluate.py``: a checkpoint's robust accuracy, by the ``standard`` suite or the ``paper`` protocol.
 
-``python evaluate.py --ckpt checkpoints/run/best.ckpt`` runs the AutoAttack-strength suite (APGD-CE,
-APGD-T, FAB-T, Square, with early exit) plus PQGD and BLOB_QG rows; ``--protocol paper --attacks
-pgd,pqgd --b 100,200 --runs 5`` the paper's Tables 2-6 protocol. A jsonargparse parser over the two
-protocols' settings (``--standard.KEY``, ``--paper.KEY``: their defaults and types are the
-dataclasses'), with one flag per setting for both protocols (:data:`SETTING_FLAGS`); the protocol
-picks its own. Here text becomes typed values; the settings and :class:`~qgtrain.evaluation.session.Request`
-check them, and a refusal becomes one line naming its flag. See docs/EVALUATION.md.
+A jsonargparse parser over both protocols' settings (``--standard.KEY``, ``--paper.KEY``: the
+dataclasses' defaults and types), with one flag per setting for both (:data:`SETTING_FLAGS`). Text
+becomes typed values here; the settings and :class:`~qgtrain.evaluation.session.Request` check them.
+See docs/EVALUATION.md.
 """
 
 from __future__ import annotations
@@ -18,13 +15,14 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass, fields
 from fractions import Fraction
+from functools import partial
 from typing import Any
 
 from jsonargparse import ArgumentParser, Namespace
 
 from qgtrain.attacks import available_attacks
 from qgtrain.checkpoints import OutputFolderError
-from qgtrain.cli import EXIT_STATUSES, UsageError, exit_usage, report_failure, unknown_flag
+from qgtrain.cli import EXIT_STATUSES, ConfigAction, UsageError, report_failure, unknown_flag
 from qgtrain.data import DATAMODULES, DataError
 from qgtrain.evaluation import session
 from qgtrain.evaluation.runner import ProtocolSettings, SettingError, StandardSettings
@@ -34,10 +32,8 @@ PROG = "evaluate.py"
 
 
 class Typed:
-    """An argparse ``type`` named ``shown`` in ``--help``: ``convert`` the text into the value its
-    setting takes; text that does not convert is passed on as it is, for the setting's own check
-    (:class:`~qgtrain.evaluation.runner.Rule`) to refuse with what it allows. A value already
-    converted (a default, or one jsonargparse checks again after the parse) is kept."""
+    """An argparse ``type`` named ``shown`` in ``--help`` that ``convert``s text; text that does not
+    convert is passed on for the setting's own check to refuse, a value already converted is kept."""
 
     def __init__(self, shown: str, convert: Callable[[str], Any]) -> None:
         self.shown, self.convert = shown, convert
@@ -106,24 +102,17 @@ SETTING_FLAGS = (
 )  # fmt: skip
 
 
-class SetSettings(argparse.Action):
-    """Applies a :class:`SettingFlag` to both protocols' settings where it stands, each value
-    checked by the settings that take it."""
-
-    def __init__(self, option_strings: list[str], dest: str, row: SettingFlag, **kwargs: Any) -> None:
-        super().__init__(option_strings, argparse.SUPPRESS, default=argparse.SUPPRESS, **kwargs)
-        self.row = row
-
-    def __call__(self, parser: Any, namespace: Any, text: Any, option_string: str | None = None) -> None:
-        value = self.row.parse(text)
-        for protocol, settings, keys in (("paper", ProtocolSettings, self.row.paper), ("standard", StandardSettings, self.row.standard)):  # fmt: skip
-            for key in keys:
-                typed = value[0] if key == "paper_b" else value  # b_values' check came first
-                try:
-                    settings(**{key: typed})  # the setting's own check
-                except SettingError as exc:
-                    raise argparse.ArgumentError(self, exc.reason) from None
-                namespace[f"{protocol}.{key}"] = typed
+def apply_setting(row: SettingFlag, parser: Any, namespace: Namespace, text: str) -> None:
+    """``row``'s value in both protocols' settings, each checked by the settings taking it."""
+    value = row.parse(text)
+    for protocol, settings, keys in (("paper", ProtocolSettings, row.paper), ("standard", StandardSettings, row.standard)):  # fmt: skip
+        for key in keys:
+            typed = value[0] if key == "paper_b" else value  # b_values' check came first
+            try:
+                settings(**{key: typed})  # the setting's own check
+            except SettingError as exc:
+                raise argparse.ArgumentError(None, f"argument {row.flag}: {exc.reason}") from None
+            namespace[f"{protocol}.{key}"] = typed
 
 
 def stated_default(row: SettingFlag, paper: ProtocolSettings, standard: StandardSettings) -> str:
@@ -155,7 +144,7 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--dataset", choices=list(DATAMODULES), help="dataset (null: the checkpoint's, else the model's)")
     p.add_argument("--data-dir", help="dataset root (null: $QGTRAIN_DATA, else ./data)")
     for row in SETTING_FLAGS:
-        p.add_argument(row.flag, action=SetSettings, row=row, metavar="VALUE", help=f"{row.help} {stated_default(row, paper, standard)}")
+        p.add_argument(row.flag, action=ConfigAction, apply=partial(apply_setting, row), metavar="VALUE", help=f"{row.help} {stated_default(row, paper, standard)}")
     p.add_argument("--sweep", type=Typed("PARAM=V1,...", sweep), action="append", metavar="PARAM=V1,...", help="paper: sweep eps, steps or b (repeatable), e.g. eps=0.1,0.2,0.3; writes sweep_PARAM.png")  # fmt: skip
     examples = p.add_mutually_exclusive_group()
     examples.add_argument("--n", type=INTEGER, help="first n test examples (null: the whole test split)")
@@ -176,8 +165,7 @@ def build_parser() -> ArgumentParser:
 
 
 def build_settings(args: Namespace, num_classes: int) -> ProtocolSettings | StandardSettings:
-    """The protocol's settings, their attacks built once; a setting of the other protocol changed
-    from its default is refused."""
+    """The protocol's settings; a setting of the other protocol changed from its default is refused."""
     paper = args.protocol == "paper"
     other, defaults = (args.standard, StandardSettings()) if paper else (args.paper, ProtocolSettings())
     theirs = [row for row in SETTING_FLAGS if not (row.paper if paper else row.standard)]
@@ -204,29 +192,28 @@ def build_settings(args: Namespace, num_classes: int) -> ProtocolSettings | Stan
 
 
 def parse(argv: list[str] | None) -> tuple[Namespace, session.Request]:
-    """The options and the request they make; a refusal is one line naming the option, exit status 2."""
+    """The options and the request they make; a refusal is a :class:`UsageError` naming the option."""
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
         request = session.Request(**{f.name: args[f.name] for f in fields(session.Request) if args[f.name] is not None})
     except argparse.ArgumentError as exc:
-        unknown = str(exc).partition("unrecognized arguments: ")[2].split()
         flags = [f"--{key if '.' in key else key.replace('_', '-')}" for key in parser.get_defaults().keys()]
-        exit_usage(PROG, unknown_flag(unknown, flags + [r.flag for r in SETTING_FLAGS], PROG) if unknown else str(exc))
+        raise UsageError(unknown_flag(str(exc), flags + [r.flag for r in SETTING_FLAGS], PROG) or str(exc)) from None
     except SettingError as exc:  # a value the request refuses: its option is named after its field
-        exit_usage(PROG, f"argument --{exc.field.replace('_', '-')}: {exc.reason}")
+        raise UsageError(f"argument --{exc.field.replace('_', '-')}: {exc.reason}") from None
     return args, request
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``evaluate.py``; returns the exit status (:data:`~qgtrain.cli.EXIT_STATUSES`)."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    args, request = parse(argv)
-    about = {"command": [PROG, *(sys.argv[1:] if argv is None else argv)], "config": args.as_dict()}
     try:
+        args, request = parse(argv)
         if args.merge:
             print(session.merge(args.merge, request))  # noqa: T201
             return 0
+        about = {"command": [PROG, *(sys.argv[1:] if argv is None else argv)], "config": args.as_dict()}
         return session.evaluate(request, lambda classes: build_settings(args, classes), about, PROG)
     except (Exception, KeyboardInterrupt) as exc:
         wrong = (UsageError, session.RequestError, OutputFolderError)

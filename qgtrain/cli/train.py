@@ -40,19 +40,7 @@ BATCH_LIMITS = (
 """Lightning's ``int | float`` Trainer arguments: a whole number counts batches, a float is a fraction."""
 REGISTRIES = {"model.inner": ATTACKS, "model.val_attack": ATTACKS, "model.net": MODELS, "data": DATAMODULES}
 """The classes a subclass-typed key can take: their arguments are the candidates for a typo."""
-OWN_ERRORS = (UsageError, checkpoints.ResumeError, run_setup.StartError)
-"""Refusals written here, naming their flag already."""
-
-
-def batches_or_fraction(value: Any) -> int | float | None:
-    """A ``Trainer`` limit as typed: ``1`` is one batch (an int), ``1.0`` the whole epoch (a float),
-    as Lightning documents. jsonargparse would read ``1`` as ``1.0``: its union ``int | float`` is
-    ``typing``'s cached ``Union[float, int]``, which it tries in that order."""
-    if isinstance(value, str):
-        value = yaml.safe_load(value)
-    if value is None or (isinstance(value, int | float) and not isinstance(value, bool)):
-        return value
-    raise ValueError(f"expected a batch count (int) or a fraction (float), got {value!r}")
+OWN_ERRORS = (UsageError, checkpoints.ResumeError, run_setup.StartError)  # they name their flag already
 
 
 class QGTrainCLI(LightningCLI):
@@ -65,16 +53,9 @@ class QGTrainCLI(LightningCLI):
     def run_name(self) -> str:
         return self.start.run_name
 
-    def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
-        """LightningCLI's parser with ``-h/--help`` that prints after the parse, so the short-flag
-        table shows the values the command line resolves to."""
-        parser = super().init_parser(**kwargs, add_help=False)
-        parser.add_argument("-h", "--help", action=aliases.ConfigAction, apply=aliases.request_help, nargs=0, help="Show this help message and exit.")
-        return parser
-
     def add_core_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        """LightningCLI's trainer, model and data arguments, with :data:`BATCH_LIMITS` typed by
-        :func:`batches_or_fraction` (an int stays an int)."""
+        """LightningCLI's, with :data:`BATCH_LIMITS` typed ``int | float | None``: jsonargparse tries
+        that order, so ``1`` stays one batch (``typing`` may cache Lightning's as ``Union[float, int]``)."""
         parser.add_class_arguments(
             self.trainer_class, "trainer", fail_untyped=False, instantiate=False, sub_configs=True,
             skip=set(BATCH_LIMITS),
@@ -82,7 +63,7 @@ class QGTrainCLI(LightningCLI):
         defaults = inspect.signature(self.trainer_class.__init__).parameters
         for key in BATCH_LIMITS:
             parser.add_argument(
-                f"--trainer.{key}", type=batches_or_fraction, default=defaults[key].default,
+                f"--trainer.{key}", type=int | float | None, default=defaults[key].default,
                 help="an int counts batches, a float is a fraction of them (Lightning's Trainer)",
             )  # fmt: skip
         parser.set_defaults({f"trainer.{k}": v for k, v in self.trainer_defaults.items() if k != "callbacks"})
@@ -97,9 +78,8 @@ class QGTrainCLI(LightningCLI):
         parser.add_lightning_class_args(AttackVisualization, "visualization")
 
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
-        """jsonargparse's one parse of the command line with each short flag as the long arguments it
-        sets (:func:`~qgtrain.cli.aliases.expand`) and each ``alpha: null`` resolved last; a refusal
-        is one line, and ``--help`` prints the short flags with their resolved values first."""
+        """jsonargparse's one parse, short flags expanded (:func:`~qgtrain.cli.aliases.expand`); a
+        refusal is one line, and ``--help`` prints the short flags with their resolved values first."""
         parser.short_flags_given, parser.set_before_inner, parser.help_requested = {}, [], False
         if isinstance(args, list):
             check_config_files(args)
@@ -120,23 +100,21 @@ class QGTrainCLI(LightningCLI):
         raise SystemExit(0)
 
     def before_instantiate_classes(self) -> None:
-        """Lightning's start-up lines quiet unless ``--verbose``; then the run's start-up steps on the
-        parsed config (:func:`~qgtrain.run_setup.prepare_run`), none of which writes anything."""
+        """Lightning's start-up lines quiet unless ``--verbose``; :func:`~qgtrain.run_setup.prepare_run`."""
         console.quiet_other_libraries(verbose=self.config.verbose)
         aliases.refuse_arguments_without_an_attack(self.config, self.parser.short_flags_given)
         self.start = run_setup.prepare_run(self.config)
 
     def instantiate_classes(self) -> None:
-        """LightningCLI's; a class refusing its arguments (``Attack.__init__``'s "eps must be in
-        (0, 1]") is one line naming the flag that set them."""
+        """LightningCLI's; a class refusing its arguments is one line naming the flag that set them."""
         try:
             super().instantiate_classes()
-        except (ValueError, TypeError) as exc:
+        except (MisconfigurationException, ValueError, TypeError) as exc:
             raise UsageError(one_line(exc, self.parser.short_flags_given)) from None
 
     def instantiate_trainer(self, **kwargs: Any):
-        """Lightning's Trainer, which parses accelerator and devices (its refusals name both flags),
-        with atomic checkpoint writes and the callbacks of every run."""
+        """Lightning's Trainer (its refusals of accelerator and devices name both flags), with atomic
+        checkpoint writes and the callbacks of every run."""
         devices = self.config.trainer.devices
         if not self.config.trainer.get("plugins"):
             kwargs.setdefault("plugins", [AtomicCheckpointIO()])
@@ -144,7 +122,7 @@ class QGTrainCLI(LightningCLI):
             trainer = super().instantiate_trainer(**kwargs)
         except (MisconfigurationException, ValueError, TypeError) as exc:
             if not re.search(r"devices|accelerator|gpu|cuda", str(exc), re.IGNORECASE):
-                raise UsageError(one_line(exc, self.parser.short_flags_given)) from None
+                raise  # one line from instantiate_classes, which calls this
             where = f"--trainer.accelerator {self.config.trainer.accelerator} --devices {devices}"
             raise UsageError(f"{where}: {one_line(exc)}; 'auto' picks what this machine has") from None
         run_setup.check_processes(trainer, devices)
@@ -158,11 +136,11 @@ class QGTrainCLI(LightningCLI):
 
 
 def check_config_files(argv: list[Any]) -> None:
-    """Each ``--config FILE`` must be a readable YAML mapping: a malformed or empty file is one line
-    naming it (jsonargparse's message names neither the file nor the line)."""
+    """Each ``--config FILE`` is a readable YAML mapping, else one line naming it and the fault's line
+    (jsonargparse's message names neither)."""
     argv = [str(a) for a in argv]
-    files = [argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--config"] + [a[9:] for a in argv if a.startswith("--config=")]
-    for path in (Path(name) for name in files if Path(name).is_file()):  # jsonargparse names a missing one
+    named = [argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--config"] + [a[9:] for a in argv if a.startswith("--config=")]
+    for path in filter(Path.is_file, map(Path, named)):  # jsonargparse names a missing one
         try:
             content = yaml.safe_load(path.read_text())
         except yaml.YAMLError as exc:
@@ -180,9 +158,9 @@ def refusal(exc: argparse.ArgumentError, parser: LightningArgumentParser) -> str
     """One line for jsonargparse's refusal: the closest valid flag for an unknown one, the chosen
     class for an argument it lacks, the short flag that set a key of the wrong type."""
     text, given = " ".join(str(exc).split()), parser.short_flags_given
-    if text.startswith("unrecognized arguments: "):
-        valid = [f"--{key}" for key in parser.get_defaults().keys()] + [row.flag for row in aliases.SHORT_FLAGS]
-        return unknown_flag(text.split(": ", 1)[1].split(), valid, PROG)
+    valid = [f"--{key}" for key in parser.get_defaults().keys()] + [row.flag for row in aliases.SHORT_FLAGS]
+    if (unknown := unknown_flag(text, valid, PROG)) is not None:
+        return unknown
     nested = re.match(r"Parser key \"([\w.]+)\":.*?Problem with given class_path '([\w.]+)': (.*?)(?: - |$)", text)
     if nested is None:
         return one_line(exc, given)
@@ -200,9 +178,8 @@ def refusal(exc: argparse.ArgumentError, parser: LightningArgumentParser) -> str
 
 
 def one_line(exc: BaseException, given: Mapping[str, str] | None = None) -> str:
-    """One line for ``exc``: the innermost cause (jsonargparse wraps a class's own ``ValueError``,
-    e.g. the attack's "eps must be in (0, 1]", in a multi-line "Does not validate" message),
-    after the parser keys it passed through, with the short flag that set the key (``given``)."""
+    """One line for ``exc``: its innermost cause (jsonargparse wraps a class's own ``ValueError`` in
+    a multi-line message) after the parser keys it passed through, or the short flag that set them."""
     keys: list[str] = []
     while not isinstance(exc, OWN_ERRORS):
         key = re.match(r'Parser key "([^"]+)"', str(exc).strip())
@@ -213,15 +190,13 @@ def one_line(exc: BaseException, given: Mapping[str, str] | None = None) -> str:
     reason = " ".join(str(exc).split()) or type(exc).__name__
     if isinstance(exc, OWN_ERRORS):
         return reason
-    if not keys:
-        return aliases.name_the_flag(reason, given or {})
-    flagged = aliases.name_the_flag(f"{'.'.join(keys)}: {reason}", given or {})
-    return flagged if flagged.startswith("-") else f'Parser key "{".".join(keys)}": {reason}'
+    key = ".".join(keys)
+    flagged = aliases.name_the_flag(f"{key}: {reason}" if key else reason, given or {})
+    return flagged if flagged.startswith("-") or not key else f'Parser key "{key}": {reason}'
 
 
 def build_cli(args: list[str]) -> QGTrainCLI:
-    """Parse ``args`` over the default config file and instantiate model, data and trainer, without
-    fitting."""
+    """Parse ``args`` over the default config file; model, data and trainer built, nothing fitted."""
     return QGTrainCLI(
         AdversarialTraining,
         VisionDataModule,
@@ -230,7 +205,7 @@ def build_cli(args: list[str]) -> QGTrainCLI:
         args=args,
         auto_configure_optimizers=False,
         save_config_kwargs={"overwrite": True},
-        parser_kwargs={"prog": PROG, "exit_on_error": False, "default_config_files": [str(aliases.default_config())], "epilog": EXIT_STATUSES},
+        parser_kwargs={"prog": PROG, "add_help": False, "exit_on_error": False, "default_config_files": [str(aliases.default_config())], "epilog": EXIT_STATUSES},
     )
 
 
