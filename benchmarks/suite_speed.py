@@ -1,0 +1,117 @@
+"""How long does our suite take beside the original AutoAttack, on the same images and model?
+
+The two run alternately in one process (``--rounds`` rounds, each variant once per round, in the same
+order), so a change in the machine's load falls on both; the median time of each variant and its
+ratio to the original at each batch size are reported, with each run's robust accuracy (the answers
+must agree for the times to compare). Variants: the original AutoAttack (``fra31/auto-attack``,
+installed by hand, never a dependency) and our ``standard`` suite through ``evaluate.py``'s engine,
+each at every ``--batch-sizes`` value. The result goes to ``OUT/suite_speed/<name>.json``.
+
+    python -m benchmarks.suite_speed --ckpt checkpoints/run/best.ckpt --name main10_s0_e6 --first 5000 --n 500 --suite apgd_ce
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+from pathlib import Path
+
+from benchmarks.common import (
+    add_common_args,
+    dataset_tensors,
+    environment,
+    fail,
+    mnist_datamodule,
+    setup_threads,
+    write_json,
+)
+from benchmarks.evaluation_strength import (
+    AUTOATTACK_ORDER,
+    AUTOATTACK_ORDER_OURS,
+    load,
+    original_autoattack,
+    run_original_autoattack,
+    run_suite,
+    suite_rows,
+)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    add_common_args(parser)
+    parser.add_argument("--ckpt", required=True, help="the model (a train.py checkpoint)")
+    parser.add_argument("--name", required=True, help="the result's name: OUT/suite_speed/<name>.json")
+    parser.add_argument("--first", type=int, default=0, help="index of the first MNIST test image")
+    parser.add_argument("--n", type=int, default=500, help="test images (default 500)")
+    parser.add_argument(
+        "--suite", nargs="+", choices=AUTOATTACK_ORDER_OURS, default=["apgd_ce"], help="attacks, both sides"
+    )
+    parser.add_argument(
+        "--batch-sizes", nargs="+", type=int, default=[250, 100], help="default: 250 (the original's) and 100"
+    )
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="alternating rounds (default 3; the median is reported)"
+    )
+    args = parser.parse_args()
+    setup_threads(args.threads)
+    if original_autoattack() is None:
+        fail(
+            "the original AutoAttack is not importable here: pip install --no-deps a copy of fra31/auto-attack"
+        )
+    args.tiny = False
+    model = load(args, Path(args.out))
+    x, y = dataset_tensors(
+        mnist_datamodule(args.data_dir, 1000, 1000, 100, args.seed).test_set, args.first + args.n
+    )
+    x, y = x[args.first :], y[args.first :]
+    suite = [a for a in AUTOATTACK_ORDER_OURS if a in args.suite]
+    order = tuple(AUTOATTACK_ORDER[AUTOATTACK_ORDER_OURS.index(a)] for a in suite)
+    variants = {}
+    for batch in args.batch_sizes:
+        variants[f"original_b{batch}"] = lambda b=batch: run_original_autoattack(
+            model, x, y, b, args.seed, order
+        )
+        variants[f"ours_b{batch}"] = lambda b=batch: run_suite(
+            model, suite_rows(suite)["ours_standard"](), x, y, b, args.seed
+        )
+    seconds: dict[str, list[float]] = {name: [] for name in variants}
+    robust: dict[str, list[float]] = {name: [] for name in variants}
+    for round_ in range(args.rounds):
+        for name, run in variants.items():
+            result = run()
+            seconds[name].append(result["seconds"])
+            robust[name].append(result["robust"])
+            print(
+                f"round {round_}: {name} {result['seconds']:.1f} s, robust {result['robust']:.2f} %",
+                flush=True,
+            )
+    median = {name: statistics.median(times) for name, times in seconds.items()}
+    rows = {
+        name: {
+            "median_seconds": median[name],
+            "vs_original_same_batch": median[name] / median[f"original_b{name.rsplit('_b', 1)[1]}"],
+            "vs_original_b250": median[name] / median["original_b250"] if "original_b250" in median else None,
+            "seconds": seconds[name],
+            "robust": robust[name],
+        }
+        for name in variants
+    }
+    for name, row in rows.items():
+        print(
+            f"{name}: {row['median_seconds']:.1f} s, {row['vs_original_same_batch']:.3f}x the original at the same batch"
+        )
+    payload = {
+        "ckpt": args.ckpt,
+        "first": args.first,
+        "n": args.n,
+        "suite": suite,
+        "rows": rows,
+        "environment": environment(args.threads),
+    }
+    write_json(Path(args.out) / "suite_speed" / f"{args.name}.json", payload)
+
+
+if __name__ == "__main__":
+    main()
