@@ -247,6 +247,12 @@ BAD_TRAIN_ARGS = [
     # an argument of other attacks but not of the chosen one: named, no did-you-mean of itself
     (["--inner", "square", "--b", "3"], ("init_args.b is not an argument of Square",)),
     (["--model.inner.init_args.stpes=3"], ("did you mean --model.inner.init_args.steps?",)),
+    # a flag of the inner attack before --inner none, and inner-attack keys with no attack class
+    (["--steps", "3", "--inner", "none"], ("--steps needs an inner attack, but --inner is none",)),
+    (["--inner", "none", "--model.inner.init_args.steps=3"], ("model.inner has arguments but no attack class",)),
+    # a class's refusal quoting the typed value gets the flag in front
+    (["--eval-attack", "cw"], ("--eval-attack: unknown attack 'cw'",)),
+    (["--strategy", "bogus"], ("--strategy: You selected an invalid strategy name",)),
 ]
 
 
@@ -264,6 +270,19 @@ def test_bad_arguments_are_one_line_errors_exit_2_nothing_written(
     key) and what is allowed."""
     line = usage_error(capsys, monkeypatch, tmp_path, *REFUSED_RUN_ARGS, *argv)
     assert all(fragment in line for fragment in fragments), line
+
+
+def test_a_short_flag_typed_last_without_a_value_is_named(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """``--steps`` at the end of the command: its one line, exit 2, nothing written."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(L.Trainer, "fit", no_training)
+    with pytest.raises(SystemExit) as info:
+        main([*output_roots(tmp_path), "--steps"])
+    assert info.value.code == 2
+    assert error_lines(capsys.readouterr().err) == ["train.py: error: --steps needs a value"]
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_gpu_request_without_gpu_is_a_usage_error(
