@@ -114,10 +114,12 @@ CPU = (  # docs/RESULTS.md section 3: the step sizes its sweep chose, its seeds
     Run("fgsm_rs", "fgsm_rs"), Run("fgsm_rs_b100", "fgsm_rs", b=100), Run("nfgsm", "nfgsm"),
     Run("nfgsm_b100", "nfgsm", b=100), Run("nfgsm_b100_small_alpha", "nfgsm", alpha=0.003, b=100), *CHEAP,
 )
-EMA, AWP, AWP_TRADES = ("--ema",), ("--awp", "0.01"), ("--awp", "0.005")  # gamma: csdongxian/AWP's PGD-AT / TRADES
+AWP, AWP_TRADES = ("--awp", "0.01"), ("--awp", "0.005")  # gamma: csdongxian/AWP's PGD-AT / TRADES
+EMA_FROM_START, EMA = ("--ema",), ("--ema", "--ema-start-step", "550")  # the average from step 0, or after epoch 0
 MAIN = (  # the README's main job as it runs (configs/mnist.yaml, 10 epochs, the full split) and the recipes around it
     Run("main", "pqgd", 10, seeds=(0, 1)), Run("pgd10", "pgd", 10, 0.12),
-    Run("main_ema", "pqgd", 10, extra=EMA), Run("main_awp", "pqgd", 10, extra=AWP),
+    Run("main_ema", "pqgd", 10, extra=EMA_FROM_START), Run("main_ema_e1", "pqgd", 10, extra=EMA),
+    Run("main_awp", "pqgd", 10, extra=AWP),
     Run("main_awp_ema", "pqgd", 10, extra=AWP + EMA), Run("pgd10_ema", "pgd", 10, 0.12, extra=EMA),
     Run("pgd10_awp", "pgd", 10, 0.12, extra=AWP), Run("pgd10_awp_ema", "pgd", 10, 0.12, extra=AWP + EMA),
     Run("trades_pgd10_awp_ema", "pgd", 10, 0.12, objective="trades", extra=("--model.beta", "6.0", *AWP_TRADES, *EMA)),
