@@ -54,13 +54,13 @@ def main() -> None:
     parser.add_argument(
         "--rounds", type=int, default=3, help="alternating rounds (default 3; the median is reported)"
     )
+    parser.set_defaults(tiny=False)  # evaluation_strength.load's --tiny, not offered here
     args = parser.parse_args()
     setup_threads(args.threads)
     if original_autoattack() is None:
         fail(
             "the original AutoAttack is not importable here: pip install --no-deps a copy of fra31/auto-attack"
         )
-    args.tiny = False
     model = load(args, Path(args.out))
     x, y = dataset_tensors(
         mnist_datamodule(args.data_dir, 1000, 1000, 100, args.seed).test_set, args.first + args.n
