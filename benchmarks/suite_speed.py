@@ -5,7 +5,10 @@ order), so a change in the machine's load falls on both; the median time of each
 ratio to the original at each batch size are reported, with each run's robust accuracy (the answers
 must agree for the times to compare). Variants: the original AutoAttack (``fra31/auto-attack``,
 installed by hand, never a dependency) and our ``standard`` suite through ``evaluate.py``'s engine,
-each at every ``--batch-sizes`` value. The result goes to ``OUT/suite_speed/<name>.json``.
+each at every ``--batch-sizes`` value. Beside them, the arithmetic floor: the model's FLOPs per
+example-gradient (forward and input-gradient, counted by ``torch.utils.flop_counter``), this CPU's
+dense matrix-multiply rate at the same threads, and, for APGD-CE alone, the seconds its steps on
+every image would take at that rate. The result goes to ``OUT/suite_speed/<name>.json``.
 
     python -m benchmarks.suite_speed --ckpt checkpoints/run/best.ckpt --name main10_s0_e6 --first 5000 --n 500 --suite apgd_ce
 """
@@ -13,8 +16,15 @@ each at every ``--batch-sizes`` value. The result goes to ``OUT/suite_speed/<nam
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
+import time
 from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks.common import (
     add_common_args,
@@ -34,6 +44,44 @@ from benchmarks.evaluation_strength import (
     run_suite,
     suite_rows,
 )
+from qgtrain.evaluation.runner import StandardSettings
+
+PEAK_SIDE = 1024
+"""The side of the square matrices whose product measures the CPU's dense matrix-multiply rate."""
+
+
+def flop_per_gradient(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    """FLOPs of one example's loss gradient w.r.t. its input: the forward and the input-gradient
+    backward, weight gradients not computed (as in both codes' attacks)."""
+    frozen = copy.deepcopy(model).eval().requires_grad_(False)
+    inputs = x[:8].clone().requires_grad_(True)
+    with FlopCounterMode(display=False) as counter:
+        nn.functional.cross_entropy(frozen(inputs), y[:8], reduction="sum").backward()
+    return counter.get_total_flops() / len(inputs)
+
+
+def matmul_rate(repeats: int = 10) -> float:
+    """FLOP/s of a :data:`PEAK_SIDE`-square float32 ``torch.mm`` at torch's threads, the median."""
+    a, b = torch.randn(PEAK_SIDE, PEAK_SIDE), torch.randn(PEAK_SIDE, PEAK_SIDE)
+    times = []
+    for _ in range(repeats + 2):
+        start = time.perf_counter()
+        torch.mm(a, b)
+        times.append(time.perf_counter() - start)
+    return 2 * PEAK_SIDE**3 / statistics.median(times[2:])
+
+
+def arithmetic_floor(model: nn.Module, x: torch.Tensor, y: torch.Tensor, suite: list[str]) -> dict[str, Any]:
+    """The model's FLOPs per gradient, the matrix-multiply rate, and (APGD-CE alone) the seconds of
+    ``len(x)`` × its steps gradients at that rate: no code doing the same arithmetic runs faster."""
+    flop, rate = flop_per_gradient(model, x, y), matmul_rate()
+    steps = StandardSettings().steps
+    return {
+        "mflop_per_gradient": flop / 1e6,
+        "matmul_gflops": rate / 1e9,
+        "ms_per_gradient_at_matmul_rate": flop / rate * 1e3,
+        "apgd_ce_seconds_at_matmul_rate": len(x) * steps * flop / rate if suite == ["apgd_ce"] else None,
+    }
 
 
 def main() -> None:
@@ -76,6 +124,12 @@ def main() -> None:
         variants[f"ours_b{batch}"] = lambda b=batch: run_suite(
             model, suite_rows(suite)["ours_standard"](), x, y, b, args.seed
         )
+    floor = arithmetic_floor(model, x, y, suite)
+    print(
+        f"arithmetic: {floor['mflop_per_gradient']:.1f} MFLOP per example-gradient; torch.mm at "
+        f"{floor['matmul_gflops']:.1f} GFLOP/s; {floor['ms_per_gradient_at_matmul_rate']:.3f} ms per gradient at that rate",
+        flush=True,
+    )
     seconds: dict[str, list[float]] = {name: [] for name in variants}
     robust: dict[str, list[float]] = {name: [] for name in variants}
     for round_ in range(args.rounds):
@@ -102,12 +156,15 @@ def main() -> None:
         print(
             f"{name}: {row['median_seconds']:.1f} s, {row['vs_original_same_batch']:.3f}x the original at the same batch"
         )
+    if floor["apgd_ce_seconds_at_matmul_rate"] is not None:
+        print(f"APGD-CE's gradients at the matmul rate: {floor['apgd_ce_seconds_at_matmul_rate']:.1f} s")
     payload = {
         "ckpt": args.ckpt,
         "first": args.first,
         "n": args.n,
         "suite": suite,
         "rows": rows,
+        "arithmetic_floor": floor,
         "environment": environment(args.threads),
     }
     write_json(Path(args.out) / "suite_speed" / f"{args.name}.json", payload)
