@@ -160,7 +160,8 @@ def check_before_fit(
     """What Lightning would check only inside ``fit``, after creating the log folder: the data
     (download, read, split), the optimizer's arguments (the optimizer is built once), and whether the
     resumed checkpoint fits this network and number of processes and what it records (dataset,
-    network, objective, inner attack, eps, optimizer) matches this run: refused in one line, or with
+    network, objective, inner attack and its arguments, training hyperparameters, optimizer and its
+    settings) matches this run: refused in one line, or with
     ``override`` continued, logged and recorded in ``origin``."""
     datamodule.prepare_data()
     datamodule.setup("fit")

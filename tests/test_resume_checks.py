@@ -1,6 +1,8 @@
 """``--resume`` checks what it resumes: the checkpoint records dataset, network, objective, inner
-attack, eps and optimizer; another value is refused in one line naming the flag that resumes as
-recorded, and ``--resume-override`` continues the weights and records where they came from."""
+attack, eps and optimizer, the inner attack's arguments, the module's training hyperparameters and
+the optimizer's settings; another value is refused in one line naming the flag that resumes as
+recorded, and ``--resume-override`` continues the weights, applies a new optimizer setting over the
+restored state and records where the weights came from."""
 
 from __future__ import annotations
 
@@ -45,6 +47,11 @@ CHANGES = {
     "inner": (["--inner", "fgsm"], "inner pgd, this run has fgsm", "--inner pgd"),
     "dataset": (["--data", "qgtrain.data.FashionMNISTDataModule"], "dataset mnist, this run has fashion_mnist",
                 "--dataset mnist"),
+    "steps": (["--steps", "2"], "inner.steps 1, this run has 2", "--steps 1"),
+    "lr": (["--lr", "0.01"], "optimizer.lr 0.001, this run has 0.01", "--lr 0.001"),
+    "lr_schedule": (["--model.lr_schedule", "constant"], "lr_schedule piecewise, this run has constant",
+                    "--model.lr_schedule piecewise"),
+    "awp": (["--awp", "0.01"], "awp_gamma 0.0, this run has 0.01", "--awp 0.0"),
 }  # fmt: skip
 
 
@@ -103,3 +110,20 @@ def test_resume_override_continues_the_weights_and_records_where_they_came_from(
     assert "momentum" in after["optimizer_states"][0]["param_groups"][0]  # SGD's own state
     assert any(not torch.equal(after["state_dict"][k], v) for k, v in before["state_dict"].items())
     assert "WeightsOrigin" not in before["callbacks"]  # the control: a plain run records no origin
+
+
+def test_resume_override_with_a_new_learning_rate_trains_at_it(run: Path) -> None:
+    """Lightning restores the optimizer's and the scheduler's state over the fresh optimizer, so a
+    new ``--lr`` would be ignored; with ``--resume-override`` it is written into the restored state
+    (the base lr, and the current one rescaled). Control: the checkpoint resumed holds 0.001."""
+    last = run / "ckpt" / "r" / "last.ckpt"
+    before = torch.load(last, weights_only=True)
+    assert before["optimizer_states"][0]["param_groups"][0]["initial_lr"] == 0.001
+    argv = [*ONE_STEP, *output_roots(run), "--epochs", "2", "--resume", "last", "--lr", "0.01"]
+    assert call_main(train_cli.main, [*argv, "--resume-override"]) == 0
+    after = torch.load(last, weights_only=True)
+    group = after["optimizer_states"][0]["param_groups"][0]
+    assert group["initial_lr"] == 0.01 and after["lr_schedulers"][0]["base_lrs"] == [0.01]
+    assert after["callbacks"]["WeightsOrigin"]["weights_from"][0]["changed"] == {
+        "optimizer.lr": {"recorded": "0.001", "now": "0.01"}
+    }

@@ -1,12 +1,14 @@
 """Whether a checkpoint fits the run that resumes it: the same network and number of processes
 (else Lightning fails with a size-mismatch traceback or resumes another data shard), averaged
-weights only with averaging, and the same run definition (dataset, network, objective, inner
-attack, eps, optimizer) unless ``--resume-override`` continues the weights under another one,
-which :class:`WeightsOrigin` then records in every later checkpoint.
+weights only with averaging, and the same run definition (dataset, network, objective, the inner
+attack and its arguments, the module's training hyperparameters, the optimizer and its settings)
+unless ``--resume-override`` continues the weights under another one, which :class:`WeightsOrigin`
+then applies to the restored optimizer and records in every later checkpoint.
 """
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +27,60 @@ RUN_RECORD_FLAGS = {
     "eps": "--eps",
     "optimizer": "--model.optimizer",
 }
-"""What defines a run (recorded in ``checkpoint["qgtrain"]``) and the flag that sets each."""
+"""What defines a run (recorded in ``checkpoint["qgtrain"]``) and the flag that sets each; beside
+them ``inner.KEY`` (the inner attack's arguments), the module's hyperparameters (Lightning's
+``hyper_parameters``) and ``optimizer.KEY`` (its parameter group's settings), flags by :func:`flag_of`."""
+SHORT_FLAGS = {
+    "inner.steps": "--steps", "inner.alpha": "--alpha", "inner.b": "--b", "inner.replays": "--replays",
+    "optimizer.lr": "--lr", "awp_gamma": "--awp", "seed": "--seed",
+}  # fmt: skip
+"""Record keys that train.py sets with a short flag."""
+HYPERPARAMETERS_NOT_COMPARED = frozenset(
+    {"objective", "track_clean_accuracy", "clean_accuracy_every_n_batches", "channels_last", "compile_net"}
+)
+"""Module hyperparameters a resume may change: how the run computes or logs, not what it trains
+(``objective`` is compared as recorded in ``checkpoint["qgtrain"]``)."""
+OPTIMIZER_NOT_COMPARED = frozenset(
+    {"params", "initial_lr", "foreach", "fused", "capturable", "differentiable"}
+)
+"""Parameter-group keys that are not settings of the run (``initial_lr`` is the recorded ``lr``)."""
+
+
+def flag_of(key: str) -> str:
+    """The train.py flag that sets the record key ``key``."""
+    if key in RUN_RECORD_FLAGS or key in SHORT_FLAGS:
+        return RUN_RECORD_FLAGS.get(key) or SHORT_FLAGS[key]
+    group, _, name = key.partition(".")
+    if group in ("inner", "optimizer") and name:
+        return f"--model.{group}.init_args.{name}"
+    return f"--model.{key}"
+
+
+def settings(inner: dict[str, Any] | None, hparams: Any, group: dict[str, Any] | None) -> dict[str, Any]:
+    """The record's keys beside :data:`RUN_RECORD_FLAGS`: the inner attack's arguments (its
+    ``config()``), the module's hyperparameters, the optimizer's first parameter group (its base
+    ``lr``: ``initial_lr`` once a scheduler ran)."""
+    record = {f"inner.{k}": v for k, v in (inner or {}).items() if k not in ("name", "eps")}
+    record |= {
+        k: v
+        for k, v in dict(hparams or {}).items()
+        if k not in HYPERPARAMETERS_NOT_COMPARED and not k.startswith("_")
+    }
+    if group:
+        group = {**group, "lr": group.get("initial_lr", group.get("lr"))}
+        record |= {f"optimizer.{k}": v for k, v in group.items() if k not in OPTIMIZER_NOT_COMPARED}
+    return record
+
+
+def same(a: Any, b: Any) -> bool:
+    """Equal values, floats to rounding and a tuple equal to a list of the same items."""
+    if isinstance(a, bool) or isinstance(b, bool):
+        return a == b
+    if isinstance(a, int | float) and isinstance(b, int | float):
+        return math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-12)
+    if isinstance(a, list | tuple) and isinstance(b, list | tuple):
+        return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b, strict=True))
+    return a == b
 
 
 def run_record(module: L.LightningModule, dataset: str | None, optimizer: Any) -> dict[str, Any]:
@@ -42,6 +97,7 @@ def run_record(module: L.LightningModule, dataset: str | None, optimizer: Any) -
         "inner": inner.name if inner is not None else "none",
         "eps": float(inner.eps) if inner is not None else None,
         "optimizer": f"{type(optimizer).__module__}.{type(optimizer).__qualname__}",
+        **settings(inner.config() if inner is not None else None, module.hparams, optimizer.param_groups[0]),
     }
 
 
@@ -62,23 +118,20 @@ def recorded_run(checkpoint: dict[str, Any]) -> dict[str, Any]:
         record["eps"] = float(inner["eps"]) if "eps" in inner else None
     if meta.get("optimizer"):
         record["optimizer"] = meta["optimizer"]
-    return record
+    states = checkpoint.get("optimizer_states") or [{}]
+    groups = states[0].get("param_groups") or [None]
+    return record | settings(meta.get("inner"), checkpoint.get("hyper_parameters"), groups[0])
 
 
 def record_differences(
     checkpoint: dict[str, Any], this_run: dict[str, Any], optimizer: Any
 ) -> list[tuple[str, Any, Any]]:
-    """``(key, recorded, this run's)`` for each defining value that differs. An optimizer that an
-    older checkpoint did not record is compared by the names of its state (``momentum`` for SGD,
-    ``betas`` for Adam): loading another class's state fails inside Lightning."""
+    """``(key, recorded, this run's)`` for each defining value that differs, in the record's order. A
+    key the checkpoint does not record is not compared; another inner attack class or optimizer
+    class hides its arguments' differences, and another objective the inner loss it picks. An
+    optimizer that an older checkpoint did not record is compared by the names of its state
+    (``momentum`` for SGD, ``betas`` for Adam): loading another class's state fails inside Lightning."""
     recorded = recorded_run(checkpoint)
-    differences = [
-        (key, recorded[key], this_run[key])
-        for key in RUN_RECORD_FLAGS
-        if key in recorded and recorded[key] != this_run[key]
-        and not (key == "eps" and recorded[key] is not None and this_run[key] is not None
-                 and abs(recorded[key] - this_run[key]) < 1e-9)
-    ]  # fmt: skip
     if "optimizer" not in recorded:
         saved = checkpoint.get("optimizer_states") or []
         wanted = optimizer.state_dict()["param_groups"]
@@ -86,8 +139,11 @@ def record_differences(
             ignore = {"params", "initial_lr"}
             saved_keys = set(saved[0]["param_groups"][0]) - ignore
             if not set(wanted[0]) - ignore <= saved_keys:
-                differences.append(("optimizer", "another optimizer", this_run["optimizer"]))
-    return differences
+                recorded["optimizer"] = "another optimizer"
+    changed = {key for key, value in this_run.items() if key in recorded and not same(recorded[key], value)}
+    hidden = {key for key in changed if key.split(".")[0] in changed and "." in key}
+    hidden |= {"inner.loss"} if "objective" in changed else set()
+    return [(key, recorded[key], this_run[key]) for key in this_run if key in changed - hidden]
 
 
 def describe_net(spec: dict[str, Any] | None, fallback: str) -> str:
@@ -147,8 +203,10 @@ def check_run_record(
     if differences and not override:
         key, recorded, wanted = differences[0]
         also = f" (and {', '.join(d[0] for d in differences[1:])})" if len(differences) > 1 else ""
-        as_recorded = f"{RUN_RECORD_FLAGS[key]} {recorded}" if recorded != "another optimizer" else (
-            f"{RUN_RECORD_FLAGS[key]} of the run that wrote it"
+        as_recorded = (
+            f"{flag_of(key)} {recorded}"
+            if recorded != "another optimizer"
+            else (f"{flag_of(key)} of the run that wrote it")
         )
         raise ResumeError(
             f"--resume: {path} was trained with {key} {recorded}, this run has {wanted}{also}; resume "
@@ -162,16 +220,22 @@ class WeightsOrigin(Callback):
     run definition: the checkpoint's path and the recorded values that changed, kept in every
     checkpoint of the run (Lightning's callback state, restored on a later resume, so the history
     accumulates). A changed optimizer starts fresh: its state is dropped from the loaded checkpoint
-    (Lightning zips the optimizers with the saved states, so an empty list loads none)."""
+    (Lightning zips the optimizers with the saved states, so an empty list loads none). A changed
+    optimizer setting is written into the loaded state, which Lightning restores over the fresh
+    optimizer's: a new base ``lr`` rescales the current one and the schedulers' ``base_lrs``."""
 
     def __init__(self) -> None:
         self.history: list[dict[str, Any]] = []
         self._pending: dict[str, Any] | None = None
+        self._optimizer_settings: dict[str, Any] = {}
 
     def continue_changed(self, path: Path, differences: list[tuple[str, Any, Any]]) -> None:
         self._pending = {
             "checkpoint": str(path),
             "changed": {key: {"recorded": str(old), "now": str(new)} for key, old, new in differences},
+        }
+        self._optimizer_settings = {
+            key[len("optimizer.") :]: new for key, _, new in differences if key.startswith("optimizer.")
         }
 
     def on_load_checkpoint(
@@ -180,6 +244,22 @@ class WeightsOrigin(Callback):
         if self._pending is not None and "optimizer" in self._pending["changed"]:
             checkpoint["optimizer_states"] = []  # another class: its state cannot be loaded
             checkpoint["lr_schedulers"] = []
+        for name, value in self._optimizer_settings.items():
+            for state in checkpoint.get("optimizer_states", []):
+                for group in state.get("param_groups", []):
+                    if name == "lr":
+                        group["lr"] *= value / group.get("initial_lr", group["lr"])
+                        group["initial_lr"] = value
+                    else:
+                        group[name] = value
+            for scheduler in checkpoint.get("lr_schedulers", []) if name == "lr" else []:
+                if scheduler.get("base_lrs"):
+                    scale = [value / base for base in scheduler["base_lrs"]]
+                    scheduler["base_lrs"] = [value] * len(scale)
+                    if scheduler.get("_last_lr"):
+                        scheduler["_last_lr"] = [
+                            lr * k for lr, k in zip(scheduler["_last_lr"], scale, strict=False)
+                        ]
 
     def state_dict(self) -> dict[str, Any]:
         history = self.history + ([self._pending] if self._pending is not None else [])
