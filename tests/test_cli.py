@@ -247,6 +247,9 @@ BAD_TRAIN_ARGS = [
     # an argument of other attacks but not of the chosen one: named, no did-you-mean of itself
     (["--inner", "square", "--b", "3"], ("init_args.b is not an argument of Square",)),
     (["--model.inner.init_args.stpes=3"], ("did you mean --model.inner.init_args.steps?",)),
+    # a misspelt key in a config (a file or a dict value): the key and the closest one
+    (['--trainer={"max_epoch": 3}'], ("trainer.max_epoch (set by a config) is not an option; did you mean trainer.max_epochs?",)),
+    (['--model={"lr_schedul": "constant"}'], ("did you mean model.lr_schedule?",)),
     # a flag of the inner attack before --inner none, and inner-attack keys with no attack class
     (["--steps", "3", "--inner", "none"], ("--steps needs an inner attack, but --inner is none",)),
     (["--inner", "none", "--model.inner.init_args.steps=3"], ("model.inner has arguments but no attack class",)),

@@ -161,6 +161,10 @@ def refusal(exc: argparse.ArgumentError, parser: LightningArgumentParser) -> str
     valid = [f"--{key}" for key in parser.get_defaults().keys()] + [row.flag for row in aliases.SHORT_FLAGS]
     if (unknown := unknown_flag(text, valid, PROG)) is not None:
         return unknown
+    if (group := re.match(r"Group '([\w.]+)' does not accept option '(\w+)'", text)) is not None:  # a config's key
+        key = f"{group.group(1)}.{group.group(2)}"
+        close = difflib.get_close_matches(f"--{key}", valid, n=1, cutoff=0.6)
+        return f"{key} (set by a config) is not an option" + (f"; did you mean {close[0][2:]}?" if close else "")
     nested = re.match(r"Parser key \"([\w.]+)\":.*?Problem with given class_path '([\w.]+)': (.*?)(?: - |$)", text)
     if nested is None:
         return one_line(exc, given)
