@@ -48,15 +48,15 @@ OPTIMIZER_NOT_COMPARED = frozenset(
 
 def flag_of(key: str) -> str:
     """The train.py flag that sets the record key ``key``."""
-    if key in RUN_RECORD_FLAGS or key in SHORT_FLAGS:
-        return RUN_RECORD_FLAGS.get(key) or SHORT_FLAGS[key]
+    if (known := RUN_RECORD_FLAGS.get(key) or SHORT_FLAGS.get(key)) is not None:
+        return known
     group, _, name = key.partition(".")
     if group in ("inner", "optimizer") and name:
         return f"--model.{group}.init_args.{name}"
     return f"--model.{key}"
 
 
-def settings(inner: dict[str, Any] | None, hparams: Any, group: dict[str, Any] | None) -> dict[str, Any]:
+def run_settings(inner: dict[str, Any] | None, hparams: Any, group: dict[str, Any] | None) -> dict[str, Any]:
     """The record's keys beside :data:`RUN_RECORD_FLAGS`: the inner attack's arguments (its
     ``config()``), the module's hyperparameters, the optimizer's first parameter group (its base
     ``lr``: ``initial_lr`` once a scheduler ran)."""
@@ -84,7 +84,7 @@ def same(a: Any, b: Any) -> bool:
 
 
 def run_record(module: L.LightningModule, dataset: str | None, optimizer: Any) -> dict[str, Any]:
-    """This run's values of :data:`RUN_RECORD_FLAGS`, as a checkpoint records them."""
+    """This run's values of :data:`RUN_RECORD_FLAGS` and :func:`run_settings`, as a checkpoint records them."""
     try:
         net = describe_net(model_spec(module.net), type(module.net).__name__)
     except ValueError:
@@ -97,13 +97,13 @@ def run_record(module: L.LightningModule, dataset: str | None, optimizer: Any) -
         "inner": inner.name if inner is not None else "none",
         "eps": float(inner.eps) if inner is not None else None,
         "optimizer": f"{type(optimizer).__module__}.{type(optimizer).__qualname__}",
-        **settings(inner.config() if inner is not None else None, module.hparams, optimizer.param_groups[0]),
+        **run_settings(inner.config() if inner is not None else None, module.hparams, optimizer.param_groups[0]),
     }
 
 
 def recorded_run(checkpoint: dict[str, Any]) -> dict[str, Any]:
-    """The checkpoint's values of :data:`RUN_RECORD_FLAGS`; a key an older checkpoint did not
-    record is absent (then it is not compared)."""
+    """The checkpoint's values of :data:`RUN_RECORD_FLAGS` and :func:`run_settings`; a key an older
+    checkpoint did not record is absent (then it is not compared)."""
     meta = checkpoint.get("qgtrain") or {}
     record: dict[str, Any] = {}
     if meta.get("dataset"):
@@ -120,7 +120,7 @@ def recorded_run(checkpoint: dict[str, Any]) -> dict[str, Any]:
         record["optimizer"] = meta["optimizer"]
     states = checkpoint.get("optimizer_states") or [{}]
     groups = states[0].get("param_groups") or [None]
-    return record | settings(meta.get("inner"), checkpoint.get("hyper_parameters"), groups[0])
+    return record | run_settings(meta.get("inner"), checkpoint.get("hyper_parameters"), groups[0])
 
 
 def record_differences(
