@@ -160,8 +160,8 @@ def check_before_fit(
     """What Lightning would check only inside ``fit``, after creating the log folder: the data
     (download, read, split), the optimizer's arguments (the optimizer is built once), and whether the
     resumed checkpoint fits this network and number of processes and what it records (dataset,
-    network, objective, inner attack and its arguments, training hyperparameters, optimizer and its
-    settings) matches this run: refused in one line, or with
+    network, objective, inner attack and its arguments, the module's and the data's training
+    hyperparameters, the weight average, optimizer and its settings) matches this run: refused in one line, or with
     ``override`` continued, logged and recorded in ``origin``."""
     datamodule.prepare_data()
     datamodule.setup("fit")
@@ -172,10 +172,11 @@ def check_before_fit(
     checkpoint, path = start.checkpoint, start.resume_path
     if checkpoint is None:
         return
-    averaging = any(isinstance(callback, WeightAveraging) for callback in trainer.callbacks)
-    checkpoints.check_resume_compatible(checkpoint, path, model, trainer.world_size, averaging)
-    this_run = checkpoints.run_record(model, getattr(datamodule, "name", None), optimizer)
-    changed = checkpoints.check_run_record(checkpoint, path, this_run, optimizer, override)
+    average = next((callback for callback in trainer.callbacks if isinstance(callback, WeightAveraging)), None)
+    checkpoints.check_resume_compatible(checkpoint, path, model, trainer.world_size, average is not None)
+    this_run = checkpoints.run_record(model, datamodule, optimizer, average)
+    average_key = average.state_key if average is not None else None
+    changed = checkpoints.check_run_record(checkpoint, path, this_run, optimizer, override, average_key)
     if changed:
         log.warning(
             "--resume-override: continuing %s with %s", path,

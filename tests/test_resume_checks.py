@@ -52,6 +52,9 @@ CHANGES = {
     "lr_schedule": (["--model.lr_schedule", "constant"], "lr_schedule piecewise, this run has constant",
                     "--model.lr_schedule piecewise"),
     "awp": (["--awp", "0.01"], "awp_gamma 0.0, this run has 0.01", "--awp 0.0"),
+    "batch size": (["--batch-size", "50"], "data.batch_size 100, this run has 50", "--batch-size 100"),
+    "validation split": (["--data.init_args.val_size", "50"], "data.val_size 100, this run has 50",
+                         "--data.init_args.val_size 100"),
 }  # fmt: skip
 
 
@@ -127,3 +130,23 @@ def test_resume_override_with_a_new_learning_rate_trains_at_it(run: Path) -> Non
     assert after["callbacks"]["WeightsOrigin"]["weights_from"][0]["changed"] == {
         "optimizer.lr": {"recorded": "0.001", "now": "0.01"}
     }
+
+
+def test_resuming_an_average_with_another_decay_is_one_line_naming_the_flag(
+    data_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """The weight average's decay and start step are in its callback state; another value is refused
+    like the rest of the run definition. Control: the recorded decay resumes."""
+    monkeypatch.setenv("QGTRAIN_DATA", str(data_root))
+    argv = [*ONE_STEP, *output_roots(tmp_path), "--ema", "--ema-decay", "0.99"]
+    assert call_main(train_cli.main, [*argv, "--epochs", "1"]) == 0
+    monkeypatch.setattr(L.Trainer, "fit", no_training)
+    resume = [*argv, "--epochs", "2", "--resume", "last"]
+    assert call_main(train_cli.main, [*resume, "--ema-decay", "0.9"]) == 2
+    assert error_lines(capsys.readouterr().err) == [
+        f"train.py: error: --resume: {tmp_path / 'ckpt' / 'r' / 'last.ckpt'} was trained with ema.decay 0.99, "
+        "this run has 0.9; resume with --ema-decay 0.99, or pass --resume-override to continue its weights "
+        "with this run's"
+    ]
+    with pytest.raises(AssertionError, match="training started"):
+        train_cli.main(resume)

@@ -1,7 +1,8 @@
 """Whether a checkpoint fits the run that resumes it: the same network and number of processes
 (else Lightning fails with a size-mismatch traceback or resumes another data shard), averaged
 weights only with averaging, and the same run definition (dataset, network, objective, the inner
-attack and its arguments, the module's training hyperparameters, the optimizer and its settings)
+attack and its arguments, the module's and the data's training hyperparameters, the weight
+average's decay and start, the optimizer and its settings)
 unless ``--resume-override`` continues the weights under another one, which :class:`WeightsOrigin`
 then applies to the restored optimizer and records in every later checkpoint.
 """
@@ -28,11 +29,11 @@ RUN_RECORD_FLAGS = {
     "optimizer": "--model.optimizer",
 }
 """What defines a run (recorded in ``checkpoint["qgtrain"]``) and the flag that sets each; beside
-them ``inner.KEY`` (the inner attack's arguments), the module's hyperparameters (Lightning's
-``hyper_parameters``) and ``optimizer.KEY`` (its parameter group's settings), flags by :func:`flag_of`."""
+them the keys of :func:`run_settings`, flags by :func:`flag_of`."""
 SHORT_FLAGS = {
     "inner.steps": "--steps", "inner.alpha": "--alpha", "inner.b": "--b", "inner.replays": "--replays",
-    "optimizer.lr": "--lr", "awp_gamma": "--awp", "seed": "--seed",
+    "optimizer.lr": "--lr", "awp_gamma": "--awp", "seed": "--seed", "data.batch_size": "--batch-size",
+    "ema.decay": "--ema-decay", "ema.start_step": "--ema-start-step",
 }  # fmt: skip
 """Record keys that train.py sets with a short flag."""
 HYPERPARAMETERS_NOT_COMPARED = frozenset(
@@ -40,6 +41,9 @@ HYPERPARAMETERS_NOT_COMPARED = frozenset(
 )
 """Module hyperparameters a resume may change: how the run computes or logs, not what it trains
 (``objective`` is compared as recorded in ``checkpoint["qgtrain"]``)."""
+DATA_NOT_COMPARED = frozenset({"data_dir", "download", "num_workers", "eval_batch_size", "yield_indices", "seed"})
+"""Data-module hyperparameters a resume may change: where the files are and how they are loaded
+(``seed`` is the module's, compared there: ``--seed`` sets both)."""
 OPTIMIZER_NOT_COMPARED = frozenset(
     {"params", "initial_lr", "foreach", "fused", "capturable", "differentiable"}
 )
@@ -53,19 +57,26 @@ def flag_of(key: str) -> str:
     group, _, name = key.partition(".")
     if group in ("inner", "optimizer") and name:
         return f"--model.{group}.init_args.{name}"
-    return f"--model.{key}"
+    return f"--data.init_args.{name}" if group == "data" and name else f"--model.{key}"
 
 
-def run_settings(inner: dict[str, Any] | None, hparams: Any, group: dict[str, Any] | None) -> dict[str, Any]:
-    """The record's keys beside :data:`RUN_RECORD_FLAGS`: the inner attack's arguments (its
-    ``config()``), the module's hyperparameters, the optimizer's first parameter group (its base
-    ``lr``: ``initial_lr`` once a scheduler ran)."""
+def run_settings(
+    inner: dict[str, Any] | None, hparams: Any, group: dict[str, Any] | None, data: Any, average: Any
+) -> dict[str, Any]:
+    """The record's keys beside :data:`RUN_RECORD_FLAGS`: ``inner.KEY``, the inner attack's arguments
+    (its ``config()``); the module's hyperparameters; ``data.KEY``, the data module's; ``ema.KEY``,
+    the weight average's decay and start step (its callback state); ``optimizer.KEY``, the first
+    parameter group's settings (its base ``lr``: ``initial_lr`` once a scheduler ran)."""
     record = {f"inner.{k}": v for k, v in (inner or {}).items() if k not in ("name", "eps")}
     record |= {
         k: v
         for k, v in dict(hparams or {}).items()
         if k not in HYPERPARAMETERS_NOT_COMPARED and not k.startswith("_")
     }
+    record |= {
+        f"data.{k}": v for k, v in dict(data or {}).items() if k not in DATA_NOT_COMPARED and not k.startswith("_")
+    }
+    record |= {f"ema.{k}": v for k, v in dict(average or {}).items() if k in ("decay", "start_step")}
     if group:
         group = {**group, "lr": group.get("initial_lr", group.get("lr"))}
         record |= {f"optimizer.{k}": v for k, v in group.items() if k not in OPTIMIZER_NOT_COMPARED}
@@ -83,27 +94,34 @@ def same(a: Any, b: Any) -> bool:
     return a == b
 
 
-def run_record(module: L.LightningModule, dataset: str | None, optimizer: Any) -> dict[str, Any]:
-    """This run's values of :data:`RUN_RECORD_FLAGS` and :func:`run_settings`, as a checkpoint records them."""
+def run_record(
+    module: L.LightningModule, datamodule: L.LightningDataModule, optimizer: Any, average: Callback | None
+) -> dict[str, Any]:
+    """This run's values of :data:`RUN_RECORD_FLAGS` and :func:`run_settings`, as a checkpoint
+    records them; ``average``: the weight-averaging callback, if any."""
     try:
         net = describe_net(model_spec(module.net), type(module.net).__name__)
     except ValueError:
         net = type(module.net).__name__
     inner = getattr(module, "inner", None)
     return {
-        "dataset": dataset,
+        "dataset": getattr(datamodule, "name", None),
         "net": net,
         "objective": module.hparams.get("objective"),
         "inner": inner.name if inner is not None else "none",
         "eps": float(inner.eps) if inner is not None else None,
         "optimizer": f"{type(optimizer).__module__}.{type(optimizer).__qualname__}",
-        **run_settings(inner.config() if inner is not None else None, module.hparams, optimizer.param_groups[0]),
+        **run_settings(
+            inner.config() if inner is not None else None, module.hparams, optimizer.param_groups[0],
+            datamodule.hparams, average.state_dict() if average is not None else None,
+        ),  # fmt: skip
     }
 
 
-def recorded_run(checkpoint: dict[str, Any]) -> dict[str, Any]:
-    """The checkpoint's values of :data:`RUN_RECORD_FLAGS` and :func:`run_settings`; a key an older
-    checkpoint did not record is absent (then it is not compared)."""
+def recorded_run(checkpoint: dict[str, Any], average_key: str | None = None) -> dict[str, Any]:
+    """The checkpoint's values of :data:`RUN_RECORD_FLAGS` and :func:`run_settings` (the weight
+    average's from the callback state under ``average_key``); a key an older checkpoint did not
+    record is absent (then it is not compared)."""
     meta = checkpoint.get("qgtrain") or {}
     record: dict[str, Any] = {}
     if meta.get("dataset"):
@@ -120,18 +138,21 @@ def recorded_run(checkpoint: dict[str, Any]) -> dict[str, Any]:
         record["optimizer"] = meta["optimizer"]
     states = checkpoint.get("optimizer_states") or [{}]
     groups = states[0].get("param_groups") or [None]
-    return record | run_settings(meta.get("inner"), checkpoint.get("hyper_parameters"), groups[0])
+    return record | run_settings(
+        meta.get("inner"), checkpoint.get("hyper_parameters"), groups[0],
+        checkpoint.get("datamodule_hyper_parameters"), (checkpoint.get("callbacks") or {}).get(average_key),
+    )  # fmt: skip
 
 
 def record_differences(
-    checkpoint: dict[str, Any], this_run: dict[str, Any], optimizer: Any
+    checkpoint: dict[str, Any], this_run: dict[str, Any], optimizer: Any, average_key: str | None = None
 ) -> list[tuple[str, Any, Any]]:
     """``(key, recorded, this run's)`` for each defining value that differs, in the record's order. A
     key the checkpoint does not record is not compared; another inner attack class or optimizer
     class hides its arguments' differences, and another objective the inner loss it picks. An
     optimizer that an older checkpoint did not record is compared by the names of its state
     (``momentum`` for SGD, ``betas`` for Adam): loading another class's state fails inside Lightning."""
-    recorded = recorded_run(checkpoint)
+    recorded = recorded_run(checkpoint, average_key)
     if "optimizer" not in recorded:
         saved = checkpoint.get("optimizer_states") or []
         wanted = optimizer.state_dict()["param_groups"]
@@ -193,13 +214,14 @@ def check_resume_compatible(
 
 
 def check_run_record(
-    checkpoint: dict[str, Any], path: Path, this_run: dict[str, Any], optimizer: Any, override: bool
-) -> list[tuple[str, Any, Any]]:
-    """The differences between what ``checkpoint`` records (dataset, network, objective, inner
-    attack, eps, optimizer) and this run: without ``override`` the first is refused in one line
-    naming the flag that resumes as recorded; with it they are returned (logged by the caller, kept
-    in the new checkpoints by :class:`WeightsOrigin`)."""
-    differences = record_differences(checkpoint, this_run, optimizer)
+    checkpoint: dict[str, Any], path: Path, this_run: dict[str, Any], optimizer: Any, override: bool,
+    average_key: str | None = None,
+) -> list[tuple[str, Any, Any]]:  # fmt: skip
+    """The differences between what ``checkpoint`` records (:func:`record_differences`) and this run:
+    without ``override`` the first is refused in one line naming the flag that resumes as recorded;
+    with it they are returned (logged by the caller, kept in the new checkpoints by
+    :class:`WeightsOrigin`)."""
+    differences = record_differences(checkpoint, this_run, optimizer, average_key)
     if differences and not override:
         key, recorded, wanted = differences[0]
         also = f" (and {', '.join(d[0] for d in differences[1:])})" if len(differences) > 1 else ""

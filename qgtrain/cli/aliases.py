@@ -45,7 +45,7 @@ RUN_OPTIONS = (  # (key, type, default, help, short flag or ""): top-level keys 
     ("checkpoint_root", str, "checkpoints", "checkpoints go to ROOT/<run>/", ""),
     ("log_root", str, "logs", "TensorBoard logs go to ROOT/<run>/version_N/", ""),
     ("resume", str | None, None, "continue from a .ckpt, a run folder, or 'last' for this run name", "--resume"),
-    ("resume_override", bool, False, "with --resume: continue a checkpoint whose run definition differs (dataset, net, objective, inner attack or its arguments, training hyperparameters, optimizer or its settings; recorded in the new checkpoints)", "--resume-override"),
+    ("resume_override", bool, False, "with --resume: continue a checkpoint whose run definition differs (dataset, net, objective, inner attack or its arguments, training hyperparameters, batch size, weight average, optimizer or its settings; recorded in the new checkpoints)", "--resume-override"),
     ("ckpt_every_steps", int, 0, "also write step.ckpt every N steps (0 = off)", "--ckpt-every-steps"),
     ("ckpt_every_minutes", float, DEFAULT_CKPT_MINUTES, "write step.ckpt every T minutes (0 = off)", "--ckpt-every-minutes"),
     ("ema", bool, False, "exponential moving average of the weights: validated, monitored, checkpointed, evaluated", "--ema"),

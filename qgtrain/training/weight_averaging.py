@@ -55,6 +55,10 @@ class ExponentialMovingAverage(EMAWeightAveraging):
         self.start_step = start_step
         self._averaged_in = False
 
+    def state_dict(self) -> dict[str, Any]:
+        """Lightning's state, with the decay and the start step: ``--resume`` compares them."""
+        return {**super().state_dict(), "decay": self.decay, "start_step": self.start_step}
+
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
         saved = pl_module.state_dict().keys()
