@@ -6,11 +6,12 @@ ratio to the original at each batch size are reported, with each run's robust ac
 must agree for the times to compare). Variants: the original AutoAttack (``fra31/auto-attack``,
 installed by hand, never a dependency) and our ``standard`` suite through ``evaluate.py``'s engine,
 each at every ``--batch-sizes`` value. Beside them, the arithmetic floor: the model's FLOPs per
-example-gradient (forward and input-gradient, counted by ``torch.utils.flop_counter``), this CPU's
-dense matrix-multiply rate at the same threads, and, for APGD-CE alone, the seconds its steps on
+example-gradient (forward and input-gradient, counted by ``torch.utils.flop_counter``), the device's
+dense matrix-multiply rate (on CPU at the same threads), and, for APGD-CE alone, the seconds its steps on
 every image would take at that rate. The result goes to ``OUT/suite_speed/<name>.json``.
 
     python -m benchmarks.suite_speed --ckpt checkpoints/run/best.ckpt --name main10_s0_e6 --first 5000 --n 500 --suite apgd_ce
+    python -m benchmarks.suite_speed --ckpt checkpoints/run/best.ckpt --name main10_s0_e6_gpu --n 1000 --device cuda  # on a GPU machine
 """
 
 from __future__ import annotations
@@ -60,13 +61,16 @@ def flop_per_gradient(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> flo
     return counter.get_total_flops() / len(inputs)
 
 
-def matmul_rate(repeats: int = 10) -> float:
-    """FLOP/s of a :data:`PEAK_SIDE`-square float32 ``torch.mm`` at torch's threads, the median."""
-    a, b = torch.randn(PEAK_SIDE, PEAK_SIDE), torch.randn(PEAK_SIDE, PEAK_SIDE)
+def matmul_rate(device: torch.device, repeats: int = 10) -> float:
+    """FLOP/s of a :data:`PEAK_SIDE`-square float32 ``torch.mm`` on ``device`` (on CPU at torch's
+    threads), the median."""
+    a, b = (torch.randn(PEAK_SIDE, PEAK_SIDE, device=device) for _ in range(2))
     times = []
     for _ in range(repeats + 2):
         start = time.perf_counter()
         torch.mm(a, b)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
         times.append(time.perf_counter() - start)
     return 2 * PEAK_SIDE**3 / statistics.median(times[2:])
 
@@ -74,7 +78,7 @@ def matmul_rate(repeats: int = 10) -> float:
 def arithmetic_floor(model: nn.Module, x: torch.Tensor, y: torch.Tensor, suite: list[str]) -> dict[str, Any]:
     """The model's FLOPs per gradient, the matrix-multiply rate, and (APGD-CE alone) the seconds of
     ``len(x)`` × its steps gradients at that rate: no code doing the same arithmetic runs faster."""
-    flop, rate = flop_per_gradient(model, x, y), matmul_rate()
+    flop, rate = flop_per_gradient(model, x, y), matmul_rate(x.device)
     steps = StandardSettings().steps
     return {
         "mflop_per_gradient": flop / 1e6,
@@ -102,9 +106,13 @@ def main() -> None:
     parser.add_argument(
         "--rounds", type=int, default=3, help="alternating rounds (default 3; the median is reported)"
     )
+    parser.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N: both codes run there")
     parser.set_defaults(tiny=False)  # evaluation_strength.load's --tiny, not offered here
     args = parser.parse_args()
     setup_threads(args.threads)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        fail(f"--device {args.device}: CUDA is not available here")
     if original_autoattack() is None:
         fail(
             "the original AutoAttack is not importable here: pip install --no-deps a copy of fra31/auto-attack"
@@ -113,7 +121,7 @@ def main() -> None:
     x, y = dataset_tensors(
         mnist_datamodule(args.data_dir, 1000, 1000, 100, args.seed).test_set, args.first + args.n
     )
-    x, y = x[args.first :], y[args.first :]
+    model, x, y = model.to(device), x[args.first :].to(device), y[args.first :].to(device)
     suite = [a for a in AUTOATTACK_ORDER_OURS if a in args.suite]
     order = tuple(AUTOATTACK_ORDER[AUTOATTACK_ORDER_OURS.index(a)] for a in suite)
     variants = {}
