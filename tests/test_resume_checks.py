@@ -2,7 +2,8 @@
 attack, eps and optimizer, the inner attack's arguments, the module's training hyperparameters and
 the optimizer's settings; another value is refused in one line naming the flag that resumes as
 recorded, and ``--resume-override`` continues the weights, applies a new optimizer setting over the
-restored state and records where the weights came from."""
+restored state and records where the weights came from; a new span of the learning-rate schedule
+(`--epochs`) is said in one line."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import pytest
 import torch
 
 import qgtrain.cli.train as train_cli
+from qgtrain.training.module import schedule_change
 from tests.helpers import ONE_STEP_ARGS, call_main, error_lines, no_training, output_roots
 
 ONE_STEP = [*ONE_STEP_ARGS, "--run-name", "r"]
@@ -150,3 +152,30 @@ def test_resuming_an_average_with_another_decay_is_one_line_naming_the_flag(
     ]
     with pytest.raises(AssertionError, match="training started"):
         train_cli.main(resume)
+
+
+def test_resuming_with_more_epochs_says_where_the_learning_rate_goes(
+    run: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``--epochs`` is how a run trains longer, so it is not refused, but the piecewise schedule scales
+    with the span: the trained run spanned 1 step and ended at 0.01x; with ``--epochs 4`` it spans 4
+    and step 1 is at 1x again. Said in one line; the new checkpoint records the new span."""
+    last = run / "ckpt" / "r" / "last.ckpt"
+    assert torch.load(last, weights_only=True)["qgtrain"]["schedule_steps"] == 1
+    argv = [*ONE_STEP, *output_roots(run), "--epochs", "4", "--resume", "last"]
+    assert call_main(train_cli.main, argv) == 0
+    said = [
+        record.getMessage() for record in caplog.records if "learning-rate schedule" in record.getMessage()
+    ]
+    assert said == [
+        "resuming: the piecewise learning-rate schedule now spans 4 optimizer steps (recorded: 1; --epochs "
+        "or --trainer.max_steps changed); at step 1 the rate is 1x the base lr (0.01x as recorded)"
+    ]
+    assert torch.load(last, weights_only=True)["qgtrain"]["schedule_steps"] == 4
+
+
+def test_the_same_span_or_a_constant_rate_says_nothing() -> None:
+    """The control of the announcement: nothing when the span is the recorded one or the rate constant."""
+    assert schedule_change("piecewise", 4, 4, 1) is None
+    assert schedule_change("constant", 1, 4, 1) is None
+    assert schedule_change("onecycle", 10, 20, 5) is not None

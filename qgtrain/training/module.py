@@ -62,6 +62,20 @@ def lr_lambda(schedule: str, total_steps: int) -> Callable[[int], float]:
     raise ValueError(f"lr_schedule must be constant, piecewise or onecycle, got {schedule!r}")
 
 
+def schedule_change(schedule: str, recorded_steps: int, total_steps: int, at_step: int) -> str | None:
+    """What resuming at optimizer step ``at_step`` does to the learning rate when the schedule now
+    spans ``total_steps`` where the checkpoint's run spanned ``recorded_steps`` (``--epochs`` changed:
+    :func:`lr_lambda` scales with the span, and Lightning restores the step count), else ``None``."""
+    if schedule == "constant" or int(recorded_steps) == int(total_steps):
+        return None
+    was, now = lr_lambda(schedule, recorded_steps)(at_step), lr_lambda(schedule, total_steps)(at_step)
+    return (
+        f"resuming: the {schedule} learning-rate schedule now spans {int(total_steps)} optimizer steps "
+        f"(recorded: {int(recorded_steps)}; --epochs or --trainer.max_steps changed); at step {at_step} "
+        f"the rate is {now:.3g}x the base lr ({was:.3g}x as recorded)"
+    )
+
+
 def looks_like_probabilities(outputs: torch.Tensor, atol: float = 1e-3) -> bool:
     """True when every row of ``outputs`` is in [0, 1] and sums to 1 (a softmax, not logits)."""
     outputs = outputs.detach().float()
@@ -298,6 +312,8 @@ class AdversarialTraining(L.LightningModule):
         self.val_clean_acc = MeanMetric()
         self.val_adv_acc = MeanMetric()
         self._batch_start = 0.0
+        self.schedule_steps: int | None = None  # the optimizer steps lr_lambda spans (configure_optimizers)
+        self._resumed_schedule: tuple[int, int] | None = None  # a checkpoint's (span, step)
         self._attack_seconds = 0.0
         self._output_checked = False
 
@@ -574,6 +590,13 @@ class AdversarialTraining(L.LightningModule):
         optimizer = self.optimizer_factory(self.parameters())
         total = self.trainer.estimated_stepping_batches if attached_trainer(self) is not None else 1
         total = total * self.replays_per_batch  # free: one optimizer step per replay
+        self.schedule_steps = int(total)
+        if self._resumed_schedule is not None:
+            note = schedule_change(
+                self.hparams.lr_schedule, self._resumed_schedule[0], total, self._resumed_schedule[1]
+            )
+            if note is not None:
+                log.warning(note)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(self.hparams.lr_schedule, total))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
@@ -593,12 +616,16 @@ class AdversarialTraining(L.LightningModule):
             "atta": bool(self.hparams.atta),
             "awp_gamma": float(self.hparams.awp_gamma),  # with the warm-up: AWP's passes (awp_data_passes)
             "awp_warmup_epochs": int(self.hparams.awp_warmup_epochs),
+            "schedule_steps": self.schedule_steps,  # lr_lambda's span: a resume announces another
             # a mid-epoch checkpoint holds each process's data position: resume with as many
             "world_size": self.trainer.world_size if attached_trainer(self) is not None else 1,
             # with net, objective, inner: what --resume checks (checkpoints.compatibility.RUN_RECORD_FLAGS)
             "dataset": getattr(getattr(attached_trainer(self), "datamodule", None), "name", None),
             "optimizer": next(
-                (f"{type(o).__module__}.{type(o).__qualname__}" for o in getattr(attached_trainer(self), "optimizers", [])),
+                (
+                    f"{type(o).__module__}.{type(o).__qualname__}"
+                    for o in getattr(attached_trainer(self), "optimizers", [])
+                ),
                 None,
             ),
         }
@@ -612,7 +639,13 @@ class AdversarialTraining(L.LightningModule):
             checkpoint["qgtrain_state"] = state
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Restore free training's perturbation (this process's) and ATTA's buffer: exact resume."""
+        """Restore free training's perturbation (this process's) and ATTA's buffer: exact resume. Keep
+        the schedule's recorded span and position for :meth:`configure_optimizers` (called after)."""
+        span = (checkpoint.get("qgtrain") or {}).get("schedule_steps")
+        position = (checkpoint.get("lr_schedulers") or [{}])[0].get(
+            "last_epoch", checkpoint.get("global_step", 0)
+        )
+        self._resumed_schedule = (int(span), int(position)) if span else None
         state = checkpoint.get("qgtrain_state") or {}
         if "free_delta" in state and not self.automatic_optimization:
             deltas = state["free_delta"]
