@@ -95,6 +95,13 @@ def report_failure(
     return 1
 
 
+def closest(name: str, candidates: Iterable[str]) -> str | None:
+    """The candidate most like ``name`` (difflib's ratio at least 0.6), else ``None``: every refusal's
+    "did you mean"."""
+    close = difflib.get_close_matches(name, sorted(candidates), n=1, cutoff=0.6)
+    return close[0] if close else None
+
+
 def unknown_flag(message: str, valid: Iterable[str], prog: str) -> str | None:
     """``unrecognized argument --stpes; did you mean --steps?`` for the first flag of argparse's
     "unrecognized arguments" ``message`` (or, when nothing is close, where to look); else ``None``."""
@@ -102,6 +109,6 @@ def unknown_flag(message: str, valid: Iterable[str], prog: str) -> str | None:
     if not unknown:
         return None
     flag = next((a.split("=", 1)[0] for a in unknown if a.startswith("-")), unknown[0])
-    close = difflib.get_close_matches(flag, sorted(v for v in valid if v.startswith("--")), n=1, cutoff=0.6)
-    hint = f"did you mean {close[0]}?" if close else f"see python {prog} --help"
+    close = closest(flag, (v for v in valid if v.startswith("--")))
+    hint = f"did you mean {close}?" if close else f"see python {prog} --help"
     return f"unrecognized argument {flag}; {hint}"

@@ -4,7 +4,6 @@ run's start-up steps are :mod:`qgtrain.run_setup`'s."""
 from __future__ import annotations
 
 import argparse
-import difflib
 import inspect
 import logging
 import re
@@ -25,7 +24,15 @@ from qgtrain.attacks import ATTACKS
 from qgtrain.callbacks import AttackVisualization, RobustnessEvaluation
 from qgtrain.callbacks.robustness import WORST_ACC
 from qgtrain.checkpoints import AtomicCheckpointIO, CheckpointError, OutputFolderError, best_checkpoint
-from qgtrain.cli import EXIT_STATUSES, UsageError, aliases, environment_fault, report_failure, unknown_flag
+from qgtrain.cli import (
+    EXIT_STATUSES,
+    UsageError,
+    aliases,
+    closest,
+    environment_fault,
+    report_failure,
+    unknown_flag,
+)
 from qgtrain.data import DATAMODULES, DataError, VisionDataModule
 from qgtrain.models import MODELS
 from qgtrain.training import AdversarialTraining, NonFiniteLossError
@@ -163,8 +170,8 @@ def refusal(exc: argparse.ArgumentError, parser: LightningArgumentParser) -> str
         return unknown
     if (group := re.match(r"Group '([\w.]+)' does not accept option '(\w+)'", text)) is not None:  # a config's key
         key = f"{group.group(1)}.{group.group(2)}"
-        close = difflib.get_close_matches(f"--{key}", valid, n=1, cutoff=0.6)
-        return f"{key} (set by a config) is not an option" + (f"; did you mean {close[0][2:]}?" if close else "")
+        close = closest(f"--{key}", valid)
+        return f"{key} (set by a config) is not an option" + (f"; did you mean {close[2:]}?" if close else "")
     nested = re.match(r"Parser key \"([\w.]+)\":.*?Problem with given class_path '([\w.]+)': (.*?)(?: - |$)", text)
     if nested is None:
         return one_line(exc, given)
@@ -177,8 +184,8 @@ def refusal(exc: argparse.ArgumentError, parser: LightningArgumentParser) -> str
     if option in names:  # an argument of other classes of the registry, not of the chosen one
         flag = next((f"{f}: " for f in given if f"{key}.init_args.{option}" in aliases.FLAGS[f].keys), "")
         return f"{flag}--{key}.init_args.{option} is not an argument of {cls}, the class chosen for {key}"
-    close = difflib.get_close_matches(option, sorted(names), n=1, cutoff=0.6)
-    return f"--{key}.init_args.{option} is not an argument of {cls}" + (f"; did you mean --{key}.init_args.{close[0]}?" if close else "")
+    close = closest(option, names)
+    return f"--{key}.init_args.{option} is not an argument of {cls}" + (f"; did you mean --{key}.init_args.{close}?" if close else "")
 
 
 def one_line(exc: BaseException, given: Mapping[str, str] | None = None) -> str:
