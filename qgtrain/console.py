@@ -17,6 +17,7 @@ about the run itself, still show.
 from __future__ import annotations
 
 import logging
+import os
 import re
 import sys
 import warnings
@@ -82,8 +83,10 @@ def quiet_other_libraries(verbose: bool = False) -> None:
 
 def expect_existing_checkpoints(folder: str) -> None:
     """A resumed run writes into its own checkpoint folder: Lightning's warning that this folder
-    "exists and is not empty" is expected then (and only for that folder)."""
-    warnings.filterwarnings("ignore", message=rf"Checkpoint directory {re.escape(folder)} exists and is not empty")
+    "exists and is not empty" is expected then (and only for that folder, which ``ModelCheckpoint``
+    names by its real path: through a symbolic link too)."""
+    for name in dict.fromkeys((folder, os.path.realpath(os.path.expanduser(folder)))):
+        warnings.filterwarnings("ignore", message=rf"Checkpoint directory {re.escape(name)} exists and is not empty")
 
 
 def write_after_fit(trainer: L.Trainer, text: str) -> None:

@@ -183,6 +183,19 @@ def test_an_existing_checkpoint_folder_is_expected_only_for_the_resumed_run(tmp_
     assert [str(w.message) for w in caught] == [f"Checkpoint directory {other} exists and is not empty."]
 
 
+def test_a_resumed_run_folder_reached_through_a_symbolic_link_is_expected_too(tmp_path: Path) -> None:
+    """Lightning's ``ModelCheckpoint`` names its folder by the real path; the run names the link."""
+    (tmp_path / "real" / "run").mkdir(parents=True)
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    other = tmp_path / "real" / "other"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        console.expect_existing_checkpoints(str(tmp_path / "link" / "run"))
+        for folder in (tmp_path / "real" / "run", other):  # control: another folder still warns
+            warnings.warn(f"Checkpoint directory {folder} exists and is not empty.", UserWarning, stacklevel=1)
+    assert [str(w.message) for w in caught] == [f"Checkpoint directory {other} exists and is not empty."]
+
+
 def test_evaluation_progress_bar_shows_no_empty_bar_before_its_total(monkeypatch: pytest.MonkeyPatch) -> None:
     """evaluate.py's bar is created before the planner knows the batch count: no ``0batch`` line."""
     from qgtrain.evaluation.environment import progress_bar
