@@ -473,8 +473,8 @@ def test_main_job_with_a_tiny_run_limit(
     run = tmp_path / "checkpoints" / "mnist-tiny_cnn-pqgd-k10-b100"
     assert sorted(p.name for p in run.iterdir()) == ["best.ckpt", "last.ckpt"]
     # A finished run ends with a summary: best robust accuracy, both checkpoints, what to run next.
-    summary = capsys.readouterr().out.splitlines()[-6:]
-    summary, next_lines = summary[:4], summary[4:]
+    summary = capsys.readouterr().out.splitlines()[-7:]
+    summary, next_lines = summary[:5], summary[5:]
     best = torch.load(run / "best.ckpt", weights_only=True)
     score = best["callbacks"][next(k for k in best["callbacks"] if k.startswith("ModelCheckpoint"))][
         "best_model_score"
@@ -482,6 +482,8 @@ def test_main_job_with_a_tiny_run_limit(
     assert summary == [
         f"run mnist-tiny_cnn-pqgd-k10-b100 finished: best robust/worst_acc = {float(score):.4f} at epoch 0 "
         f"({EPOCH_NUMBERING})",
+        "  that is the per-example worst case of blob_qg-2, apgd_t-2 on 50 validation images: an upper bound; "
+        "the evaluation below gives the figure to report",
         "  best: checkpoints/mnist-tiny_cnn-pqgd-k10-b100/best.ckpt",
         "  last: checkpoints/mnist-tiny_cnn-pqgd-k10-b100/last.ckpt",
         "  TensorBoard: tensorboard --logdir logs/mnist-tiny_cnn-pqgd-k10-b100",

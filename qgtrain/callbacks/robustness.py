@@ -222,6 +222,12 @@ class RobustnessEvaluation(Callback):
         per_evaluation = examples * sum(attack.gradients_per_example for attack in self.attacks.values())
         return per_evaluation * sum(self.is_due(trainer, epoch) for epoch in epochs)
 
+    def describe(self, trainer: L.Trainer) -> str:
+        """What ``robust/worst_acc`` measures, for the run's summary: its attacks and images."""
+        examples = min(self.subset_size, limited_validation_size(trainer, len(validation_dataset(trainer))))
+        attacks = ", ".join(f"{name}-{attack.steps}" for name, attack in self.attacks.items())
+        return f"the per-example worst case of {attacks} on {examples} validation images"
+
     # ---------------------------------------------------------------- hooks
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if self.enabled and stage == "fit":

@@ -260,5 +260,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         lock.release()
     if trainer.is_global_zero and not trainer.interrupted:
-        sys.stdout.write(run_summary(trainer, cli.run_name, folder) + "\n")
+        robustness = next((c for c in trainer.callbacks if isinstance(c, RobustnessEvaluation) and c.enabled), None)
+        monitor = robustness.describe(trainer) if robustness is not None and getattr(trainer.checkpoint_callback, "monitor", None) == WORST_ACC else None
+        sys.stdout.write(run_summary(trainer, cli.run_name, folder, monitor) + "\n")
     return 0

@@ -33,11 +33,12 @@ def quiet_trainer(**overrides: Any) -> L.Trainer:
     return L.Trainer(**{**defaults, **overrides})
 
 
-def run_summary(trainer: L.Trainer, run_name: str, folder: Path) -> str:
-    """Best robust accuracy (metric, epoch), both checkpoints, which weights they hold when averaged,
-    and the evaluations to run next, sized to this machine (a CPU: a quick one first). The
-    epoch is ``checkpoint["epoch"]``, numbered from 0 as the progress bar and the robustness lines
-    number it (and said so: ``at epoch 1`` of a 3-epoch run is its second, ``Epoch 1`` on the bar)."""
+def run_summary(trainer: L.Trainer, run_name: str, folder: Path, monitor: str | None = None) -> str:
+    """Best robust accuracy (metric, epoch; ``monitor``: what the metric measures), both checkpoints,
+    which weights they hold when averaged, and the evaluations to run next, sized to this machine
+    (a CPU: a quick one first). The epoch is ``checkpoint["epoch"]``, numbered from 0 as the progress
+    bar and the robustness lines number it (and said so: ``at epoch 1`` of a 3-epoch run is its
+    second, ``Epoch 1`` on the bar)."""
     checkpoint = trainer.checkpoint_callback
     last = folder / "last.ckpt"
     best_path = getattr(checkpoint, "best_model_path", "")
@@ -49,6 +50,8 @@ def run_summary(trainer: L.Trainer, run_name: str, folder: Path) -> str:
             f"run {run_name} finished: best {checkpoint.monitor} = {score:.4f} at epoch {epoch} "
             f"({EPOCH_NUMBERING})"
         ]
+        if monitor is not None:  # the monitor's attacks are cheaper than the evaluation's
+            lines.append(f"  that is {monitor}: an upper bound; the evaluation below gives the figure to report")
         lines.append(f"  best: {best}")
     else:
         best = last
