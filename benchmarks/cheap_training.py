@@ -124,6 +124,7 @@ MAIN = (  # the README's main job as it runs (configs/mnist.yaml, 10 epochs, the
     Run("pgd10_awp", "pgd", 10, 0.12, extra=AWP), Run("pgd10_awp_ema", "pgd", 10, 0.12, extra=AWP + EMA),
     Run("trades_pgd10_awp_ema", "pgd", 10, 0.12, objective="trades", extra=("--model.beta", "6.0", *AWP_TRADES, *EMA)),
     Run("mart_pgd10", "pgd", 10, 0.12, objective="mart"), Run("rgd10", "rgd", 10),
+    Run("main_eps04", "pqgd", 10, extra=("--model.inner.init_args.eps", "0.4")),  # the inner maximiser only (α = ε/k)
 )
 SMOKE = (  # a tiny network on 400 images; step.ckpt every 2 steps
     "--model.net", "qgtrain.models.TinyCNN", "--data.init_args.train_subset", "400",
@@ -254,6 +255,7 @@ def method_row(training: dict[str, Any], data_passes: int) -> dict[str, Any]:
     awp = awp_data_passes(data_passes, gamma, training.get("awp_warmup_epochs", 0), getattr(attack, "replays", 1))
     label = attack.label + ("" if objective == "madry" else f", {objective}") + (", ATTA" if training.get("atta") else "")
     label += f", AWP {gamma:g}" if gamma else ""
+    label += f", ε {attack.eps:g}" if attack.eps != EPS else ""  # trained beyond the judged radius
     return {"cost": cost(attack, data_passes, objective, awp), "label": label, "one_gradient": one_gradient(attack), "seeds": {}}
 
 
