@@ -246,9 +246,10 @@ def one_gradient(attack: Attack) -> bool:
     return attack.gradients_per_example <= 1
 
 
-def method_row(training: dict[str, Any], data_passes: int) -> dict[str, Any]:
+def method_row(training: dict[str, Any], data_passes: int, averaged: bool = False) -> dict[str, Any]:
     """The cost, label and one-gradient rule of the training a checkpoint records (``objective``:
-    recorded since TRADES joined, earlier records are all madry; ``atta``: since 2026-12-03)."""
+    recorded since TRADES joined, earlier records are all madry; ``atta``: since 2026-12-03;
+    ``averaged``: the judged weights are the EMA's)."""
     config, objective = dict(training["inner"]), training.get("objective", "madry")
     attack = build_attack(config.pop("name"), **config)
     gamma = training.get("awp_gamma", 0.0)  # recorded since AWP joined
@@ -256,6 +257,7 @@ def method_row(training: dict[str, Any], data_passes: int) -> dict[str, Any]:
     label = attack.label + ("" if objective == "madry" else f", {objective}") + (", ATTA" if training.get("atta") else "")
     label += f", AWP {gamma:g}" if gamma else ""
     label += f", ε {attack.eps:g}" if attack.eps != EPS else ""  # trained beyond the judged radius
+    label += ", EMA" if averaged else ""
     return {"cost": cost(attack, data_passes, objective, awp), "label": label, "one_gradient": one_gradient(attack), "seeds": {}}
 
 
@@ -271,7 +273,8 @@ def method_rows(budget: Budget, folder: Path) -> dict[str, dict[str, Any]]:
             if "pair" not in records:
                 continue
             first, series = records["pair"], scalars(folder / "logs" / name)
-            row = rows.setdefault(run.name, method_row(first["checkpoint"]["training"], run.epochs or budget.epochs))
+            averaged = first["checkpoint"].get("weights") == "averaged"  # recorded since EMA joined
+            row = rows.setdefault(run.name, method_row(first["checkpoint"]["training"], run.epochs or budget.epochs, averaged))
             row["seeds"][str(seed)] = {
                 "judged": first.get("created"), "clean": 100 * first["results"]["clean"]["accuracy"],
                 **{kind: 100 * record["results"]["suite"]["accuracy"] for kind, record in records.items()},

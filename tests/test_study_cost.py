@@ -36,6 +36,15 @@ def test_the_report_reads_the_objective_and_atta_the_checkpoint_records(study) -
     assert study.method_row({"inner": inner, "atta": False}, 3)["label"] == "pgd"
 
 
+def test_the_label_says_when_the_training_radius_or_the_judged_weights_differ(study) -> None:
+    """A run trained beyond the judged radius (``main_eps04``) and one judged on its weight average
+    read apart from their twins in the report; the control, the same record at 0.3 with raw
+    weights, reads plain."""
+    inner = {"name": "pqgd", "eps": 0.4, "alpha": 0.04, "steps": 10, "b": 100}
+    assert study.method_row({"inner": inner}, 10, averaged=True)["label"] == "pqgd (b=100), ε 0.4, EMA"
+    assert study.method_row({"inner": {**inner, "eps": 0.3}}, 10)["label"] == "pqgd (b=100)"
+
+
 def test_free_runs_have_a_whole_number_of_epochs(study) -> None:
     """train.py refuses --epochs that the replays do not divide; every free run of every grid passes."""
     for budget in study.BUDGETS.values():
