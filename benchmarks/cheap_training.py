@@ -69,8 +69,11 @@ class Run:
         return ["--inner", self.inner, *(str(v) for p in given if p[1] is not None for v in p), *objective, *self.extra]  # fmt: skip
 
     def cost(self, budget: Budget) -> int:
-        """Gradient computations per training example (for the plan; the report reads the record's)."""
-        return cost(self.attack(), self.epochs or budget.epochs, self.objective)
+        """Gradient computations per training example (for the plan; the report reads the record's):
+        ``--awp`` (no grid warms it up) adds the objective's passes on every data pass."""
+        passes = self.epochs or budget.epochs
+        gamma = float(self.extra[self.extra.index("--awp") + 1]) if "--awp" in self.extra else 0.0
+        return cost(self.attack(), passes, self.objective, awp_data_passes(passes, gamma, 0))
 
     def attack(self) -> Attack:
         """The attack these flags train with (for the plan; the report rebuilds the recorded one)."""
