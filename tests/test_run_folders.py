@@ -91,7 +91,8 @@ def test_a_second_writer_of_a_run_folder_is_refused_and_a_dead_owner_leaves_no_l
 ) -> None:
     """Another process holds ``r``'s lock: a run resuming ``r`` (the one writer it may not share the
     folder with) is refused in one line naming the owner's PID, and a new run named ``r`` gets
-    ``r-v1``. After the owner is SIGKILLed, its lock is gone with it (flock): the control resumes."""
+    ``r-v1``. After the owner is SIGKILLed, its lock is gone with it (flock): the control resumes,
+    and a name whose killed owner left its lock file behind is free again."""
     argv = [*ONE_STEP, *output_roots(tmp_path), "--run-name", "r"]
     assert call_main(train_cli.main, argv) == 0
     folder = tmp_path / "ckpt" / "r"
@@ -109,6 +110,10 @@ def test_a_second_writer_of_a_run_folder_is_refused_and_a_dead_owner_leaves_no_l
         assert checkpoints.unique_run_name(tmp_path / "ckpt", "q") == "q-v1"
         q_owner.kill()
         q_owner.wait()
+        # its lock file stays, unheld: the name is free again (a grid run killed before its first
+        # checkpoint sent the next session's run to -v1, where its judge never looked)
+        assert (tmp_path / "ckpt" / ".q.lock").exists()
+        assert checkpoints.unique_run_name(tmp_path / "ckpt", "q") == "q"
     finally:
         owner.kill()
         owner.wait()

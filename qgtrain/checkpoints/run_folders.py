@@ -59,10 +59,11 @@ def check_run_name(name: str, flag: str = "--run-name") -> str:
 
 def unique_run_name(checkpoint_root: Path, base: str) -> str:
     """``base``, or ``base-v1``, ``base-v2``... so a new run never writes into a folder that holds
-    another run's files (its checkpoints, or the lock of a run writing there now)."""
+    another run's files (its checkpoints, or the lock of a run writing there now; the lock file of a
+    run killed before its first checkpoint is not held, and takes nothing)."""
     def taken(name: str) -> bool:
         folder = checkpoint_root / name
-        return (folder.is_dir() and any(folder.iterdir())) or RunLock(folder).path.exists()
+        return (folder.is_dir() and any(folder.iterdir())) or RunLock(folder).held()
 
     name, version = base, 0
     while taken(name):
@@ -117,6 +118,25 @@ class RunLock:
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
         self._fd = fd
+
+    def held(self) -> bool:
+        """Whether a live process holds this lock. A killed owner's file stays behind (only a clean
+        :meth:`release` removes it) but its ``flock`` went with the process; an unreadable file counts as held."""
+        try:
+            fd = os.open(self.path, os.O_RDONLY)
+        except FileNotFoundError:
+            return False
+        except PermissionError:
+            return True
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno not in (errno.EAGAIN, errno.EACCES):
+                raise
+            return True
+        finally:
+            os.close(fd)  # closing releases the probe's shared lock
+        return False
 
     def _owner(self) -> str:
         try:
