@@ -94,6 +94,10 @@ def run_steps(plan: Callable[[], list[Step]], jobs: int) -> list[str]:
                 ["bash", "-c", shell, "step", str(step.log), marker, *step.command], cwd=REPO_ROOT, env=env
             )
         if not running:
+            for step in plan():  # what a finished run should have given and did not (a -vN folder, say)
+                if step.label not in {*failed, *elsewhere} and not step.done():
+                    missing = ", ".join(str(p) for p in step.needs if not p.exists())
+                    log(f"{step.label}: not run: {missing or 'its inputs'} absent")
             return failed
         time.sleep(1.0)
 
