@@ -121,13 +121,11 @@ class RunLock:
 
     def held(self) -> bool:
         """Whether a live process holds this lock. A killed owner's file stays behind (only a clean
-        :meth:`release` removes it) but its ``flock`` went with the process; an unreadable file counts as held."""
+        :meth:`release` removes it) but its ``flock`` went with the process."""
         try:
             fd = os.open(self.path, os.O_RDONLY)
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError, PermissionError):  # the start checks refuse a bad root
             return False
-        except PermissionError:
-            return True
         try:
             fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except OSError as exc:
