@@ -163,10 +163,19 @@ class Study:
             "--checkpoint_root", str(checkpoints), "--log_root", str(self.folder / "logs"),
         ]  # fmt: skip
         done = self.folder / f"{name}.done"
-        if any((checkpoints / name / f).is_file() for f in ("step.ckpt", "last.ckpt", "interrupted.ckpt")):
+        if self.resumable(run, seed):
             command += ["--resume", "last"]
         gradients = run.cost(self.budget) * self.budget.train_images
         return Step(f"train {name}", command, self.folder / f"{name}.train.log", done, (), True, gradients)
+
+    def resumable(self, run: Run, seed: int) -> bool:
+        """Whether the seed's run folder holds a checkpoint that ``--resume last`` continues from."""
+        folder = self.folder / "checkpoints" / f"{run.name}_s{seed}"
+        return any((folder / f).is_file() for f in ("step.ckpt", "last.ckpt", "interrupted.ckpt"))
+
+    def interrupted(self, run: Run, seed: int) -> bool:
+        """A run started and stopped before its end: resumable and not done."""
+        return self.resumable(run, seed) and not (self.folder / f"{run.name}_s{seed}.done").exists()
 
     def judge(self, run: Run, seed: int, whole_suite: bool) -> Step:
         name = f"{run.name}_s{seed}"
@@ -191,18 +200,19 @@ class Study:
         runs, and for this grid's runs on the frontier once every seed of the budget's whole grid is
         judged (here or in the record; ``--runs`` plans a part, not its own frontier). A seed the record
         holds and this machine never started is planned only ``again`` (for a frontier run's whole suite).
-        Cheapest training first, so a study stopped at a session's end has finished whole rows."""
+        Interrupted runs first, then the cheapest training, so a study stopped at a session's end has
+        finished whole rows."""
         whole = BUDGETS[self.budget.name]
         recorded = read_record(self.record).get(whole.name, {})
         rows, planned = merged(recorded, method_rows(whole, self.folder)), []
-        for run in sorted(self.grid, key=lambda r: r.cost(self.budget)):
+        seeds = [(run, seed) for run in self.grid for seed in run.seeds]
+        for run, seed in sorted(seeds, key=lambda rs: (not self.interrupted(*rs), rs[0].cost(self.budget))):
             whole_suite = one_gradient(run.attack())
-            for seed in run.seeds:
-                held = str(seed) in recorded.get(run.name, {}).get("seeds", {})
-                if held and not self.again and not self.train(run, seed).log.exists():
-                    continue  # judged on another machine
-                planned += [self.train(run, seed)] if train else []
-                planned += [self.judge(run, seed, False)] + ([self.judge(run, seed, True)] if whole_suite else [])
+            held = str(seed) in recorded.get(run.name, {}).get("seeds", {})
+            if held and not self.again and not self.train(run, seed).log.exists():
+                continue  # judged on another machine
+            planned += [self.train(run, seed)] if train else []
+            planned += [self.judge(run, seed, False)] + ([self.judge(run, seed, True)] if whole_suite else [])
         if judge and all(str(s) in rows.get(r.name, {}).get("seeds", {}) for r in whole.grid for s in r.seeds):
             front = frontier(rows)
             here = [(r, s) for r in self.grid if r.name in front for s in r.seeds if self.judge(r, s, False).done()]

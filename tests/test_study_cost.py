@@ -4,6 +4,8 @@ the report, which reads the objective from the checkpoint's record; and the plan
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from benchmarks import cheap_training
@@ -74,6 +76,28 @@ def test_cheapest_training_is_planned_first_and_one_gradient_runs_get_the_whole_
     }
     assert {"nfgsm_s0", "free4_s0", "free8_b100_s0", "atta1_s0", "atta1_b100_s0"} <= whole
     assert not whole & {"atta2_s0", "pgd5_s0", "pgd10_s0", "pgd40_s0"}
+
+
+def test_an_interrupted_run_is_planned_first_and_resumes(study, tmp_path) -> None:
+    """PGD-40, the dearest run, holding ``interrupted.ckpt`` and no ``.done`` marker, trains first
+    with ``--resume last``; the others keep their order by cost. Controls: in an empty folder PGD-40
+    is last and starts afresh, and a finished run's ``last.ckpt`` (with its marker) does not move it."""
+    robust = study.BUDGETS["robust"]
+
+    def trained(folder: Path) -> list[tuple[str, bool]]:
+        steps = study.Study(robust, folder, None).steps()
+        return [(s.label.removeprefix("train "), "--resume" in s.command) for s in steps if s.marker]
+
+    fresh = trained(tmp_path / "empty")
+    assert fresh[-1] == ("pgd40_s0", False)
+    grid = tmp_path / "grid"
+    for name, checkpoint in (("pgd40_s0", "interrupted.ckpt"), ("pgd10_s0", "last.ckpt")):
+        (grid / "checkpoints" / name).mkdir(parents=True)
+        (grid / "checkpoints" / name / checkpoint).write_bytes(b"")
+    (grid / "pgd10_s0.done").touch()
+    order = trained(grid)
+    assert order[0] == ("pgd40_s0", True)
+    assert [name for name, _ in order[1:]] == [name for name, _ in fresh[:-1]]
 
 
 def test_runs_plans_only_the_named_runs_and_refuses_an_unknown_one_naming_the_grid(
