@@ -1,7 +1,8 @@
 """A small step runner for benchmarks made of ``train.py`` and ``evaluate.py`` commands: a step is done
 when its file exists (a training run's marker, touched by the step's shell after exit 0; an
 evaluation's ``results.json`` not marked partial); ready steps run at most ``jobs`` at a time, one
-thread each; a step whose command a live process already runs (this runner's or another's) is left to it.
+thread each; a step whose command a live process already runs (another runner's, say one restarted on
+newer code) is left to it and holds one of the ``jobs`` until it ends, when the plan is made again.
 Reading a step's outputs: `judgement` (evaluate.py's results.json), `scalars` (train.py's event files)."""
 
 from __future__ import annotations
@@ -41,17 +42,13 @@ class Step:
     def done(self) -> bool:
         return self.target.is_file() if self.marker else judgement(self.target) is not None
 
-    def running_elsewhere(self) -> bool:
-        """A live process runs this command already (this study's or another runner's):
-        the same script with the same name (``--run-name`` / ``--name``) in the same output root."""
+    def running_elsewhere(self, processes: list[tuple[list[str], Path]] | None = None) -> bool:
+        """A live process runs this command already (another runner's): the same script with the
+        same name (``--run-name`` / ``--name``) in the same output root. ``processes``: a
+        `live_processes` snapshot, else a fresh one."""
         script, (name_flag, root_flag) = self.command[1], OWNER[self.command[1]]
         mine = dict(zip(self.command, self.command[1:], strict=False))
-        for proc in Path("/proc").glob("[0-9]*"):
-            try:
-                argv = (proc / "cmdline").read_bytes().decode(errors="replace").split("\0")
-                cwd = Path(os.readlink(proc / "cwd"))
-            except OSError:
-                continue
+        for argv, cwd in live_processes() if processes is None else processes:
             given = dict(zip(argv, argv[1:], strict=False))
             if any(Path(a).name == script for a in argv[:3]) and given.get(name_flag) == mine[name_flag]:
                 if (cwd / given.get(root_flag, ".")).resolve() == Path(mine[root_flag]).resolve():
@@ -59,12 +56,25 @@ class Step:
         return False
 
 
+def live_processes() -> list[tuple[list[str], Path]]:
+    """Each live process's argv and working directory (Linux ``/proc``; those gone or unreadable skipped)."""
+    processes = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            argv = (proc / "cmdline").read_bytes().decode(errors="replace").split("\0")
+            processes.append((argv, Path(os.readlink(proc / "cwd"))))
+        except OSError:
+            continue
+    return processes
+
+
 def run_steps(plan: Callable[[], list[Step]], jobs: int) -> list[str]:
-    """Launch ready steps (inputs there, not done, not running anywhere), at most ``jobs`` at a time,
-    one thread each, until none is left that can start; return the labels of failed steps."""
+    """Launch ready steps (inputs there, not done, not running anywhere), at most ``jobs`` at a time
+    counting those another process runs, one thread each, until none is left that can start or is
+    running; return the labels of failed steps."""
     running: dict[str, subprocess.Popen] = {}
+    elsewhere: dict[str, Step] = {}  # run by another live process: each holds a job until it ends
     failed: list[str] = []
-    elsewhere: set[str] = set()  # left to the process that runs them, not retried here
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     shell = '"${@:3}" >> "$1" 2>&1 && if [ -n "$2" ]; then touch "$2"; fi'
     changed = True
@@ -75,27 +85,34 @@ def run_steps(plan: Callable[[], list[Step]], jobs: int) -> list[str]:
                 changed = True
                 failed += [label] if process.returncode else []
                 log(f"{label}: {f'FAILED (exit {process.returncode})' if process.returncode else 'done'}")
+        if elsewhere:
+            processes = live_processes()
+            for label, step in list(elsewhere.items()):
+                if not step.running_elsewhere(processes):
+                    del elsewhere[label]
+                    changed = True
+                    log(f"{label}: the other process ended; {'done' if step.done() else 'not done'}")
         if changed:  # plan again only when a step ended: the frontier's steps appear when known
-            skip = {*running, *failed, *elsewhere}
+            skip, processes = {*running, *elsewhere, *failed}, live_processes()
             ready = [
                 s for s in plan() if s.label not in skip and not s.done() and all(map(Path.exists, s.needs))
             ]
-            changed = False
-        while ready and len(running) < jobs:
-            step = ready.pop(0)
-            if step.running_elsewhere():
+            for step in [s for s in ready if s.running_elsewhere(processes)]:
                 log(f"{step.label}: another process runs it; left to it")
-                elsewhere.add(step.label)
-                continue
+                elsewhere[step.label] = step
+                ready.remove(step)
+            changed = False
+        while ready and len(running) + len(elsewhere) < jobs:
+            step = ready.pop(0)
             step.log.parent.mkdir(parents=True, exist_ok=True)
             log(f"{step.label}: {shlex.join(step.command)} >> {step.log}")
             marker = str(step.target) if step.marker else ""
             running[step.label] = subprocess.Popen(
                 ["bash", "-c", shell, "step", str(step.log), marker, *step.command], cwd=REPO_ROOT, env=env
             )
-        if not running:
+        if not running and not elsewhere:
             for step in plan():  # what a finished run should have given and did not (a -vN folder, say)
-                if step.label not in {*failed, *elsewhere} and not step.done():
+                if step.label not in failed and not step.done():
                     missing = ", ".join(str(p) for p in step.needs if not p.exists())
                     log(f"{step.label}: not run: {missing or 'its inputs'} absent")
             return failed

@@ -1,14 +1,28 @@
 """benchmarks/steps.py's runner: when nothing is left to start, a step that is not done because its
 inputs never appeared says so instead of vanishing from the run (a judge whose checkpoint went to
-another folder)."""
+another folder); a step another live process runs (a runner restarted on newer code finds its
+predecessor's) holds one of the jobs until it ends."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 
+from benchmarks import steps
 from benchmarks.steps import Step, run_steps
+
+FAKE_TRAIN = """import sys, time
+name = sys.argv[sys.argv.index("--run-name") + 1]
+with open("order.txt", "a") as order:
+    order.write(name + " start\\n")
+time.sleep(float(sys.argv[sys.argv.index("--seconds") + 1]))
+with open("order.txt", "a") as order:
+    order.write(name + " end\\n")
+"""
 
 
 def test_a_step_whose_inputs_never_appeared_is_named_with_the_missing_path(
@@ -24,3 +38,36 @@ def test_a_step_whose_inputs_never_appeared_is_named_with_the_missing_path(
     assert run_steps(lambda: [trained, judge], jobs=1) == []
     lines = capsys.readouterr().out.splitlines()
     assert [line.split("] ", 1)[1] for line in lines] == [f"judge r_s0: not run: {ckpt} absent"]
+
+
+@pytest.mark.parametrize("jobs", [1, 2])
+def test_a_step_another_process_runs_holds_a_job_until_it_ends(
+    jobs: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """Another runner's process trains ``a_s0`` (3 s); with one job the runner leaves it, waits, and
+    starts ``b_s0`` when it ends, then finds ``a_s0`` done. Control, two jobs: ``b_s0`` starts while
+    ``a_s0`` runs, so the order the test reads can show the overlap."""
+    (tmp_path / "train.py").write_text(FAKE_TRAIN)
+    monkeypatch.setattr(steps, "REPO_ROOT", tmp_path)  # the runner's steps run the fake train.py
+    root = str(tmp_path / "checkpoints")
+
+    def train(name: str, seconds: str) -> Step:
+        command = [sys.executable, "train.py", "--run-name", name, "--checkpoint_root", root, "--seconds", seconds]
+        return Step(f"train {name}", command, tmp_path / f"{name}.log", tmp_path / f"{name}.done", marker=True)
+
+    first, second = train("a_s0", "3"), train("b_s0", "0")
+    other = subprocess.Popen(
+        ["bash", "-c", '"${@:2}" && touch "$1"', "other", str(first.target), *first.command], cwd=tmp_path
+    )
+    order = tmp_path / "order.txt"
+    while not order.exists():
+        time.sleep(0.05)
+    assert run_steps(lambda: [first, second], jobs=jobs) == []
+    other.wait()
+    expected = ["a_s0 start", "a_s0 end", "b_s0 start", "b_s0 end"]
+    if jobs == 2:
+        expected = ["a_s0 start", "b_s0 start", "b_s0 end", "a_s0 end"]
+    assert order.read_text().splitlines() == expected
+    logged = [line.split("] ", 1)[1] for line in capsys.readouterr().out.splitlines()]
+    assert "train a_s0: another process runs it; left to it" in logged
+    assert "train a_s0: the other process ended; done" in logged
