@@ -69,9 +69,10 @@ def live_processes() -> list[tuple[list[str], Path]]:
 
 
 def run_steps(plan: Callable[[], list[Step]], jobs: int) -> list[str]:
-    """Launch ready steps (inputs there, not done, not running anywhere), at most ``jobs`` at a time
-    counting those another process runs, one thread each, until none is left that can start or is
-    running; return the labels of failed steps."""
+    """Launch ready steps (inputs there, not done, not running anywhere), judgements before training
+    and otherwise in the plan's order, at most ``jobs`` at a time counting those another process
+    runs, one thread each, until none is left that can start or is running; return the labels of
+    failed steps."""
     running: dict[str, subprocess.Popen] = {}
     elsewhere: dict[str, Step] = {}  # run by another live process: each holds a job until it ends
     failed: list[str] = []
@@ -97,6 +98,7 @@ def run_steps(plan: Callable[[], list[Step]], jobs: int) -> list[str]:
             ready = [
                 s for s in plan() if s.label not in skip and not s.done() and all(map(Path.exists, s.needs))
             ]
+            ready.sort(key=lambda s: s.marker)  # judgements first: a trained run's row before a new run
             for step in [s for s in ready if s.running_elsewhere(processes)]:
                 log(f"{step.label}: another process runs it; left to it")
                 elsewhere[step.label] = step

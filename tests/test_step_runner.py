@@ -1,7 +1,7 @@
 """benchmarks/steps.py's runner: when nothing is left to start, a step that is not done because its
 inputs never appeared says so instead of vanishing from the run (a judge whose checkpoint went to
 another folder); a step another live process runs (a runner restarted on newer code finds its
-predecessor's) holds one of the jobs until it ends."""
+predecessor's) holds one of the jobs until it ends; a ready judgement goes before a new training run."""
 
 from __future__ import annotations
 
@@ -71,3 +71,37 @@ def test_a_step_another_process_runs_holds_a_job_until_it_ends(
     logged = [line.split("] ", 1)[1] for line in capsys.readouterr().out.splitlines()]
     assert "train a_s0: another process runs it; left to it" in logged
     assert "train a_s0: the other process ended; done" in logged
+
+
+FAKE_EVALUATE = """import json, pathlib, sys
+name = sys.argv[sys.argv.index("--name") + 1]
+with open("order.txt", "a") as order:
+    order.write(name + "\\n")
+out = pathlib.Path(sys.argv[sys.argv.index("--out-dir") + 1]) / name
+out.mkdir(parents=True)
+(out / "results.json").write_text(json.dumps({"results": {}}))
+"""
+
+
+def test_a_ready_judgement_runs_before_a_new_training_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """The plan lists ``train b_s0`` before ``judge a_s0`` (cheapest training first); with one job the
+    runner judges the trained run first. Control: ``judge c_s0``, whose checkpoint is absent, is not
+    run and is named."""
+    (tmp_path / "train.py").write_text(FAKE_TRAIN)
+    (tmp_path / "evaluate.py").write_text(FAKE_EVALUATE)
+    monkeypatch.setattr(steps, "REPO_ROOT", tmp_path)
+    results, ckpt = tmp_path / "results", tmp_path / "a_s0.ckpt"
+    ckpt.touch()
+
+    def judge(name: str, needs: Path) -> Step:
+        command = [sys.executable, "evaluate.py", "--name", name, "--out-dir", str(results)]
+        return Step(f"judge {name}", command, tmp_path / f"{name}.log", results / name / "results.json", (needs,))
+
+    command = [sys.executable, "train.py", "--run-name", "b_s0", "--checkpoint_root", str(tmp_path), "--seconds", "0"]
+    train = Step("train b_s0", command, tmp_path / "b_s0.log", tmp_path / "b_s0.done", marker=True)
+    missing = tmp_path / "c_s0.ckpt"
+    assert run_steps(lambda: [train, judge("a_s0", ckpt), judge("c_s0", missing)], jobs=1) == []
+    assert (tmp_path / "order.txt").read_text().splitlines() == ["a_s0", "b_s0 start", "b_s0 end"]
+    assert capsys.readouterr().out.splitlines()[-1].endswith(f"judge c_s0: not run: {missing} absent")
