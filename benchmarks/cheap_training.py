@@ -128,7 +128,8 @@ MAIN = (  # the README's main job as it runs (configs/mnist.yaml, 10 epochs, the
     Run("pgd10_awp", "pgd", 10, 0.12, extra=AWP), Run("pgd10_awp_ema995", "pgd", 10, 0.12, extra=AWP + EMA_FAST),
     Run("trades_pgd10_awp_ema995", "pgd", 10, 0.12, objective="trades", extra=("--model.beta", "6.0", *AWP_TRADES, *EMA_FAST)),
     Run("mart_pgd10", "pgd", 10, 0.12, objective="mart"), Run("rgd10", "rgd", 10),
-    Run("main_eps04", "pqgd", 10, extra=("--model.inner.init_args.eps", "0.4")),  # the inner maximiser only (α = ε/k)
+    Run("main_eps04", "pqgd", 10, extra=("--model.inner.init_args.eps", "0.4"), seeds=(0, 1)),  # the inner maximiser only (α = ε/k)
+    Run("main_eps05", "pqgd", 10, extra=("--model.inner.init_args.eps", "0.5")),  # main_eps04 led seed 0: the next radius
 )
 SMOKE = (  # a tiny network on 400 images; step.ckpt every 2 steps
     "--model.net", "qgtrain.models.TinyCNN", "--data.init_args.train_subset", "400",
