@@ -176,7 +176,7 @@ class Study:
 
     def interrupted(self, run: Run, seed: int) -> bool:
         """A run started and stopped before its end: resumable and not done."""
-        return self.resumable(run, seed) and not (self.folder / f"{run.name}_s{seed}.done").exists()
+        return self.resumable(run, seed) and not self.train(run, seed).done()
 
     def judge(self, run: Run, seed: int, whole_suite: bool) -> Step:
         name = f"{run.name}_s{seed}"

@@ -42,13 +42,13 @@ class Step:
     def done(self) -> bool:
         return self.target.is_file() if self.marker else judgement(self.target) is not None
 
-    def running_elsewhere(self, processes: list[tuple[list[str], Path]] | None = None) -> bool:
-        """A live process runs this command already (another runner's): the same script with the
-        same name (``--run-name`` / ``--name``) in the same output root. ``processes``: a
-        `live_processes` snapshot, else a fresh one."""
+    def running_elsewhere(self, processes: list[tuple[list[str], Path]]) -> bool:
+        """One of ``processes`` (a `live_processes` snapshot) runs this command already (another
+        runner's): the same script with the same name (``--run-name`` / ``--name``) in the same
+        output root."""
         script, (name_flag, root_flag) = self.command[1], OWNER[self.command[1]]
         mine = dict(zip(self.command, self.command[1:], strict=False))
-        for argv, cwd in live_processes() if processes is None else processes:
+        for argv, cwd in processes:
             given = dict(zip(argv, argv[1:], strict=False))
             if any(Path(a).name == script for a in argv[:3]) and given.get(name_flag) == mine[name_flag]:
                 if (cwd / given.get(root_flag, ".")).resolve() == Path(mine[root_flag]).resolve():
@@ -86,15 +86,14 @@ def run_steps(plan: Callable[[], list[Step]], jobs: int) -> list[str]:
                 changed = True
                 failed += [label] if process.returncode else []
                 log(f"{label}: {f'FAILED (exit {process.returncode})' if process.returncode else 'done'}")
-        if elsewhere:
-            processes = live_processes()
-            for label, step in list(elsewhere.items()):
-                if not step.running_elsewhere(processes):
-                    del elsewhere[label]
-                    changed = True
-                    log(f"{label}: the other process ended; {'done' if step.done() else 'not done'}")
+        processes = live_processes() if elsewhere or changed else []  # one /proc scan per pass
+        for label, step in list(elsewhere.items()):
+            if not step.running_elsewhere(processes):
+                del elsewhere[label]
+                changed = True
+                log(f"{label}: the other process ended; {'done' if step.done() else 'not done'}")
         if changed:  # plan again only when a step ended: the frontier's steps appear when known
-            skip, processes = {*running, *elsewhere, *failed}, live_processes()
+            skip = {*running, *elsewhere, *failed}
             ready = [
                 s for s in plan() if s.label not in skip and not s.done() and all(map(Path.exists, s.needs))
             ]
