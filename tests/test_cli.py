@@ -236,6 +236,7 @@ BAD_TRAIN_ARGS = [
     # values from YAML / dotted keys reach the classes' own checks: one line, the class's message
     (["--model.inner.init_args.eps=-1"], ("eps", "(0, 1]")),
     (["--model.inner.init_args.steps=0"], ("steps", ">= 1")),
+    (["--inner", "pqgd", "--steps", "0"], ("--steps must be an integer >= 1",)),  # not eps / 0 in the rule
     (["--model.inner.init_args.b=0"], ("b must", ">= 1")),
     (["--data.init_args.batch_size=0"], ("batch_size", ">= 1")),
     # jsonargparse's own errors: one line naming the key and the allowed values

@@ -180,12 +180,14 @@ def set_radius(parser: Any, namespace: Namespace, eps: float) -> None:
 
 def resolve_step_sizes(parser: Any, namespace: Namespace, value: Any) -> None:
     """Each attack's ``alpha: null`` becomes :meth:`~qgtrain.attacks.base.Attack.default_alpha` of its
-    eps and steps; :data:`RESOLVE_STEP_SIZE`, appended to the command line, runs it last."""
+    eps and steps; :data:`RESOLVE_STEP_SIZE`, appended to the command line, runs it last. Steps that
+    are not a count >= 1 leave it null: the class's own check refuses them, naming the flag."""
     for key in ("model.inner", "model.val_attack"):
         attack = namespace.get(key)
         cls = locate(attack.class_path) if attack is not None else None
         args = {**cls.constructor_defaults(), **vars(attack.get("init_args") or Namespace())} if cls else {}
-        if "alpha" in args and args["alpha"] is None:
+        counted = isinstance(args.get("steps"), int) and args["steps"] >= 1
+        if "alpha" in args and args["alpha"] is None and counted:
             namespace[f"{key}.init_args.alpha"] = cls.default_alpha(float(args["eps"]), int(args["steps"]))
 
 
