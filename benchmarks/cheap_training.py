@@ -26,6 +26,7 @@ committed record (every machine's rows; a seed judged here replaces its recorded
 
 from __future__ import annotations
 
+import math
 import shlex
 import sys
 from argparse import ArgumentParser, RawDescriptionHelpFormatter
@@ -34,9 +35,11 @@ from pathlib import Path
 from statistics import mean
 from typing import Any
 
+import numpy as np
+
 from benchmarks.common import DEFAULT_OUT, EPS, fail, write_json
 from benchmarks.steps import Step, judgement, log, run_steps, scalars
-from benchmarks.study_record import RECORD, merged, per_seed, read_record, write_record
+from benchmarks.study_record import RECORD, merged, packed, per_seed, read_record, unpacked, write_record
 from qgtrain.attacks import Attack, attack_for_budget, build_attack
 from qgtrain.evaluation.planning import format_duration
 from qgtrain.evaluation.plots import headless_pyplot, label_points, save_figure
@@ -91,6 +94,7 @@ class Budget:
     train_images: int = 55_000  # for the plan's estimate only
     n: int = 1000  # test images judged
     suite: dict[str, int] = field(default_factory=dict)  # StandardSettings overrides (evaluate.py flags)
+    baseline: str | None = None  # the run the report pairs every other run against, image by image
 
 
 # fmt: off
@@ -137,7 +141,7 @@ SMOKE = (  # a tiny network on 400 images; step.ckpt every 2 steps
     "--trainer.limit_val_batches", "1", "--visualization.every_n_epochs", "0", "--ckpt-every-steps", "2",
 )
 BUDGETS = {
-    "main": Budget("main", MAIN, epochs=10),
+    "main": Budget("main", MAIN, epochs=10, baseline="main"),
     "robust": Budget("robust", ROBUST),
     "cpu": Budget("cpu", CPU, train_flags=("--data.init_args.train_subset", "20000", "--eval-size", "500",
                                            "--eval-steps", "10"), train_images=20_000),
@@ -278,7 +282,8 @@ def method_row(training: dict[str, Any], data_passes: int, averaged: bool = Fals
 
 def method_rows(budget: Budget, folder: Path) -> dict[str, dict[str, Any]]:
     """Per run of the grid with a judgement: cost, label, and per seed (``"S"``) when it was judged,
-    clean / pair / whole-suite robust accuracy (%), the monitor's worst case and train/adv_acc per epoch."""
+    clean / pair / whole-suite robust accuracy (%), the monitor's worst case and train/adv_acc per
+    epoch, and ``pair_robust``: which of the judged images the pair left robust (:func:`pair_robust`)."""
     rows: dict[str, dict[str, Any]] = {}
     for run in budget.grid:
         for seed in run.seeds:
@@ -294,8 +299,46 @@ def method_rows(budget: Budget, folder: Path) -> dict[str, dict[str, Any]]:
                 "judged": first.get("created"), "clean": 100 * first["results"]["clean"]["accuracy"],
                 **{kind: 100 * record["results"]["suite"]["accuracy"] for kind, record in records.items()},
                 "monitor": series.get("robust/worst_acc", []), "train_adv": series.get("train/adv_acc", []),
+                **pair_robust(paths["pair"].parent, budget.n),
             }  # fmt: skip
     return rows
+
+
+def pair_robust(result: Path, n: int) -> dict[str, str]:
+    """``{"pair_robust": packed}``: the suite's per-example robustness from the judgement's
+    ``correctness.npz``, when it holds exactly the test images 0 .. n-1 (else nothing to pair)."""
+    try:
+        with np.load(result / "correctness.npz") as arrays:
+            index, robust = arrays["index"], arrays["suite"]
+    except (OSError, ValueError, KeyError):
+        return {}
+    return {"pair_robust": packed(robust)} if np.array_equal(index, np.arange(n)) else {}
+
+
+def sign_test(run: np.ndarray, baseline: np.ndarray) -> tuple[int, int, float]:
+    """Images robust for ``run`` only, for ``baseline`` only, and the exact two-sided sign test's p
+    that the two are equally likely (McNemar's exact test on the paired judgement)."""
+    wins, losses = int(np.sum(run & ~baseline)), int(np.sum(~run & baseline))
+    n, k = wins + losses, min(wins, losses)
+    tail = sum(math.comb(n, i) for i in range(k + 1)) / 2**n if n else 1.0
+    return wins, losses, min(1.0, 2 * tail)
+
+
+def paired_table(name: str, rows: dict[str, dict[str, Any]]) -> tuple[list[str], list[list[str]]] | None:
+    """Each run's seeds against each seed of the budget's baseline, image by image (:func:`sign_test`);
+    None unless the baseline and another run have seeds that carry ``pair_robust``."""
+    n, base = BUDGETS[name].n, BUDGETS[name].baseline
+    robust = lambda row: {s: unpacked(v["pair_robust"], n) for s, v in row["seeds"].items() if "pair_robust" in v}  # noqa: E731
+    against = robust(rows[base]) if base in rows else {}
+    if not against:
+        return None
+    header = ["run", "seed", *(f"vs {base} s{s}: run only / {base} only (p)" for s in sorted(against, key=int))]
+    table = []
+    for run, row in ((r, row) for r, row in rows.items() if r != base):
+        for seed, mask in sorted(robust(row).items(), key=lambda item: int(item[0])):
+            tests = [sign_test(mask, against[s]) for s in sorted(against, key=int)]
+            table.append([run, f"s{seed}", *(f"{wins} / {losses} ({p:.2g})" for wins, losses, p in tests)])
+    return (header, table) if table else None
 
 
 def frontier(rows: dict[str, dict[str, Any]]) -> list[str]:
@@ -345,6 +388,10 @@ def report(out: Path, names: list[str], record: Path | None) -> None:
                  "the range over seeds (per seed); cost = gradient computations per training example")  # fmt: skip
         print(f"{title}\n{text_table(header, table)}\n")
         markdown += [f"### {title}", "", markdown_table(header, table), ""]
+        if (pairs := paired_table(name, rows)) is not None:
+            title = f"budget {name}: image by image against {BUDGETS[name].baseline}, exact two-sided sign test"
+            print(f"{title}\n{text_table(*pairs)}\n")
+            markdown += [f"### {title}", "", markdown_table(*pairs), ""]
     if len(stored) > 1:
         header = ["run", "cost", *(f"{n} %" for n in stored), *(f"{n} rank" for n in stored)]
         ranks = {n: sorted(rows, key=lambda r: -mean(per_seed(rows[r], "pair"))) for n, rows in stored.items()}

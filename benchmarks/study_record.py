@@ -3,8 +3,9 @@
 A study's outputs (checkpoints, logs, ``results.json``) stay on the machine that made them; the
 record keeps, per budget and run, the cost, the label and per seed (``"S"``) what ``--report`` reads
 from them (clean, pair and whole-suite robust %, the monitor and the training attack per epoch, when
-it was judged). A report on another machine merges its own judgements over it, seed by seed, so a
-study that spans machines still reports, ranks and plots every run it judged.
+it was judged, and which of the judged images the pair left robust, packed: :func:`packed`). A report
+on another machine merges its own judgements over it, seed by seed, so a study that spans machines
+still reports, ranks, plots and pairs every run it judged.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from benchmarks.common import write_json
 
@@ -22,6 +25,16 @@ Rows = dict[str, dict[str, Any]]  # run -> {"cost", "label", "one_gradient", "se
 def per_seed(row: dict[str, Any], key: str) -> list[Any]:
     """``key`` of each of the row's seeds that has it, in seed order."""
     return [row["seeds"][s][key] for s in sorted(row["seeds"], key=int) if key in row["seeds"][s]]
+
+
+def packed(robust: np.ndarray) -> str:
+    """Per-example booleans (images 0 .. n-1) as hex, 8 images a byte (1,000 images: 250 characters)."""
+    return np.packbits(np.asarray(robust, dtype=bool)).tobytes().hex()
+
+
+def unpacked(text: str, n: int) -> np.ndarray:
+    """:func:`packed`'s ``n`` booleans back."""
+    return np.unpackbits(np.frombuffer(bytes.fromhex(text), dtype=np.uint8), count=n).astype(bool)
 
 
 def merged(recorded: Rows, measured: Rows) -> Rows:

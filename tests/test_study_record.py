@@ -5,8 +5,10 @@ merge back; the committed record's rows are runs of their budget's grid at the g
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from benchmarks import cheap_training
@@ -29,14 +31,18 @@ def row(cost: int, **seeds: dict) -> dict:
 PGD2 = {"name": "pgd", "eps": 0.3, "alpha": 0.375, "steps": 2}
 
 
-def judged_here(folder: Path, name: str, accuracy: float, inner: dict = PGD2) -> None:
-    """evaluate.py's results.json for ``name`` as the report reads it (no logs: empty series)."""
+def judged_here(folder: Path, name: str, accuracy: float, inner: dict = PGD2, robust: np.ndarray | None = None,
+                start: int = 0) -> None:  # fmt: skip
+    """evaluate.py's results.json for ``name`` as the report reads it (no logs: empty series) and,
+    given ``robust``, its correctness.npz for the test images from ``start``."""
     path = folder / "results" / name / "results.json"
     path.parent.mkdir(parents=True)
     path.write_text(json.dumps({
         "created": "2026-12-03T12:00:00+00:00", "checkpoint": {"training": {"inner": inner}},
         "results": {"clean": {"accuracy": 0.98}, "suite": {"accuracy": accuracy}},
     }))  # fmt: skip
+    if robust is not None:
+        np.savez_compressed(path.parent / "correctness.npz", index=start + np.arange(robust.size), suite=robust)
 
 
 def test_a_seed_judged_here_replaces_its_record_and_the_rest_of_the_record_stays(study) -> None:
@@ -128,3 +134,47 @@ def test_the_committed_record_holds_runs_of_their_budgets_grid_at_the_grids_cost
             assert recorded["cost"] == grid[name].cost(study.BUDGETS[budget]), (budget, name)
             assert all("pair" in s and "clean" in s for s in recorded["seeds"].values()), (budget, name)
             assert {int(s) for s in recorded["seeds"]} <= set(grid[name].seeds), (budget, name)
+
+
+def test_sign_test_is_the_exact_two_sided_binomial(study) -> None:
+    """22 images robust for the run only against 8 for the baseline only: p = 2 P(X <= 8), X ~ B(30, 1/2)
+    = 0.0161; images robust (or fooled) for both do not count. Controls: 5 / 5 gives p = 1, and the
+    test is symmetric in its two arguments."""
+    run, base = np.zeros(100, bool), np.zeros(100, bool)
+    run[:22], base[22:30], run[30:90], base[30:90] = True, True, True, True
+    wins, losses, p = study.sign_test(run, base)
+    assert (wins, losses) == (22, 8) and p == pytest.approx(0.016125, abs=1e-6)
+    assert study.sign_test(base, run) == (8, 22, p)
+    assert study.sign_test(run[17:27], base[17:27]) == (5, 5, 1.0)
+    assert study.sign_test(run[30:], base[30:]) == (0, 0, 1.0)
+
+
+def test_the_record_keeps_each_seeds_robust_images_so_a_later_machine_can_pair_them(
+    study, tmp_path, monkeypatch, capsys
+) -> None:
+    """The smoke budget with pgd2 as its baseline: pgd2 seed 0 was judged on another machine (its
+    per-example result only in the record), pqgd2_b100 here. The record gains pqgd2_b100's robust
+    images, packed, and the report pairs them with the recorded pgd2's: 9 / 3 of 50. Control: a
+    judgement of images 10..59 (not the budget's first 50) records nothing to pair, and no table."""
+    monkeypatch.setitem(study.BUDGETS, "smoke", replace(study.BUDGETS["smoke"], baseline="pgd2"))
+    rng = np.random.default_rng(0)
+    baseline = rng.random(50) < 0.5
+    run = baseline.copy()
+    run[np.flatnonzero(~baseline)[:9]] = True
+    run[np.flatnonzero(baseline)[:3]] = False
+    record = tmp_path / "record.json"
+    recorded = {"pgd2": row(9, **{"0": {**seed(50.0), "pair_robust": study.packed(baseline)}})}
+    record.write_text(json.dumps({"budgets": {"smoke": recorded}}))
+    folder = tmp_path / "cheap_training" / "smoke"
+    judged_here(folder, "pqgd2_b100_s0", run.mean(), {"name": "pqgd", "eps": 0.3, "steps": 2, "b": 100}, run)
+    study.report(tmp_path, ["smoke"], record)
+    shown = capsys.readouterr().out
+    kept = json.loads(record.read_text())["budgets"]["smoke"]["pqgd2_b100"]["seeds"]["0"]["pair_robust"]
+    assert np.array_equal(study.unpacked(kept, 50), run) and len(kept) == 14  # 50 bits: 7 bytes
+    assert "image by image against pgd2" in shown and "9 / 3 (0.15)" in shown
+    other = tmp_path / "other"
+    judged_here(other / "cheap_training" / "smoke", "pqgd2_b100_s0", run.mean(), robust=run, start=10)
+    record.write_text(json.dumps({"budgets": {"smoke": recorded}}))
+    study.report(other, ["smoke"], record)
+    assert "image by image" not in capsys.readouterr().out
+    assert "pair_robust" not in json.loads(record.read_text())["budgets"]["smoke"]["pqgd2_b100"]["seeds"]["0"]
