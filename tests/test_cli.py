@@ -52,15 +52,16 @@ def built(tmp_path: Path, *argv: str):
     return build_cli([*argv, *output_roots(tmp_path)])
 
 
-def test_main_job_flags_resolve_to_paper_defaults(capsys: pytest.CaptureFixture) -> None:
+def test_main_job_flags_resolve_to_the_configs_recipe(capsys: pytest.CaptureFixture) -> None:
+    """The main job trains with 10-step PQGD (b 100, alpha eps / steps) at eps 0.4, beyond the
+    0.3 that validation, the monitor (no radius of its own) and evaluate.py attack at; plain
+    ``train.py`` is the same run."""
     cfg = resolved_config(capsys, "--inner", "pqgd", "--steps", "10")
     inner = cfg["model"]["inner"]
     assert inner["class_path"] == "qgtrain.attacks.PQGD"
-    assert (
-        inner["init_args"]["steps"] == 10
-        and inner["init_args"]["eps"] == 0.3
-        and inner["init_args"]["b"] >= 100
-    )
+    assert inner["init_args"].items() >= {"steps": 10, "eps": 0.4, "alpha": pytest.approx(0.04), "b": 100}.items()
+    assert cfg["model"]["val_attack"]["init_args"]["eps"] == 0.3 and cfg["robustness"]["eps"] is None
+    assert resolved_config(capsys)["model"] == cfg["model"]
     assert cfg["model"]["net"]["class_path"] == "qgtrain.models.MadryMNIST"
     assert cfg["data"]["class_path"] == "qgtrain.data.MNISTDataModule"
     assert cfg["trainer"]["inference_mode"] is False
@@ -156,21 +157,39 @@ def test_inner_resets_alpha_and_b_only_when_it_changes_the_configs_class(
     capsys: pytest.CaptureFixture, tmp_path: Path
 ) -> None:
     """The config's alpha and b were chosen for its own class: a class other than the config's takes
-    its own b and step-size rule (eps / steps for PQGD: 0.03 at 10 steps, the robust study's); naming
-    the config's own class keeps the config's values, and a given --alpha wins over both."""
+    its own b and step-size rule (PGD's 2.5 eps / steps: 0.075 at eps 0.3 and 10 steps); naming the
+    config's own class keeps the config's values (mnist.yaml's alpha: null, PQGD's eps / steps), and
+    a given --alpha wins over both."""
     config = yaml.safe_load((CONFIGS / "mnist.yaml").read_text())["model"]["inner"]
-    assert config["class_path"] == "qgtrain.attacks.PGD" and config["init_args"]["alpha"] == 0.12
+    assert config["class_path"] == "qgtrain.attacks.PQGD" and config["init_args"]["alpha"] is None
 
     def inner(*argv: str) -> dict:
         return resolved_config(capsys, *argv)["model"]["inner"]["init_args"]
 
-    assert inner("--inner", "pqgd", "--steps", "10").items() >= {"alpha": 0.03, "b": 100, "steps": 10}.items()
-    assert built(tmp_path, "--inner", "pqgd", "--steps", "10").model.inner.alpha == pytest.approx(0.03)
-    assert inner("--inner", "pgd", "--steps", "10")["alpha"] == 0.12  # the config's class: kept
-    assert inner("--inner", "pqgd", "--alpha", "0.05")["alpha"] == 0.05
-    fast = ("--config", str(CONFIGS / "mnist_fast.yaml"))  # a PQGD config: --inner pqgd keeps its values
+    assert inner("--inner", "pqgd", "--steps", "10").items() >= {"alpha": 0.04, "b": 100, "steps": 10}.items()
+    assert built(tmp_path, "--inner", "pqgd", "--steps", "10").model.inner.alpha == pytest.approx(0.04)
+    pgd = inner("--inner", "pgd", "--steps", "10")
+    assert pgd["alpha"] == pytest.approx(0.075) and pgd["b"] == 1
+    assert inner("--inner", "pgd", "--alpha", "0.05")["alpha"] == 0.05
+    fast = ("--config", str(CONFIGS / "mnist_fast.yaml"))  # a PQGD config with its own alpha: kept
     assert inner(*fast, "--inner", "pqgd", "--b", "200").items() >= {"alpha": 0.075, "b": 200}.items()
     assert inner(*fast, "--inner", "pgd")["alpha"] == 0.075 and inner(*fast, "--inner", "pgd")["b"] == 1  # PGD's rule
+
+
+def test_another_inner_class_trains_at_the_threat_models_radius(capsys: pytest.CaptureFixture) -> None:
+    """mnist.yaml's PQGD trains at eps 0.4, beyond the 0.3 it is validated at: that radius is part of
+    its recipe, so ``--inner pgd`` (Madry's PGD-40, say) trains at the validation attack's 0.3, as
+    ``b`` and ``alpha`` reset; --inner pqgd keeps 0.4. Controls: --eps before or after --inner wins,
+    and Fashion-MNIST's config (no overshoot) keeps its 0.2."""
+
+    def radius(*argv: str) -> float:
+        return resolved_config(capsys, *argv)["model"]["inner"]["init_args"]["eps"]
+
+    assert radius("--inner", "pgd", "--steps", "40", "--alpha", "0.01") == 0.3
+    assert radius("--inner", "nfgsm") == 0.3
+    assert radius("--inner", "pqgd", "--steps", "5") == 0.4
+    assert radius("--eps", "0.25", "--inner", "pgd") == 0.25 and radius("--inner", "pgd", "--eps", "0.25") == 0.25
+    assert radius("--dataset", "fashion_mnist", "--inner", "pgd") == 0.2
 
 
 def test_print_config_shows_the_step_size_the_rule_gives_after_every_flag(
@@ -183,19 +202,20 @@ def test_print_config_shows_the_step_size_the_rule_gives_after_every_flag(
     def alpha(*argv: str) -> float:
         return resolved_config(capsys, *argv)["model"]["inner"]["init_args"]["alpha"]
 
-    assert alpha("--inner", "pqgd", "--steps", "10") == 0.03
+    assert alpha("--inner", "pqgd", "--steps", "10") == pytest.approx(0.04)
     assert alpha("--inner", "pqgd", "--steps", "20", "--eps", "0.2") == pytest.approx(0.01)  # after --inner
-    assert alpha("--steps", "20", "--inner", "pqgd") == pytest.approx(0.015)
-    assert built(tmp_path, "--inner", "pqgd", "--steps", "20").model.inner.alpha == pytest.approx(0.015)
+    assert alpha("--steps", "20", "--inner", "pqgd") == pytest.approx(0.02)
+    assert built(tmp_path, "--inner", "pqgd", "--steps", "20").model.inner.alpha == pytest.approx(0.02)
     assert alpha("--inner", "pqgd", "--alpha", "0.05") == 0.05  # control: given, kept
-    assert alpha("--inner", "pgd", "--steps", "20") == 0.12  # control: the config's own value, kept
+    fast = ("--config", str(CONFIGS / "mnist_fast.yaml"))
+    assert alpha(*fast, "--inner", "pqgd", "--steps", "20") == 0.075  # control: the config's own value, kept
     val_attack = resolved_config(capsys, "--model.val_attack.init_args.alpha", "null")["model"]["val_attack"]
     assert val_attack["init_args"]["alpha"] == pytest.approx(2.5 * 0.3 / 10)  # PGD's rule, the same way
 
 
 def test_inner_switch_takes_the_new_classs_start(capsys: pytest.CaptureFixture) -> None:
-    """configs/mnist.yaml starts PGD in the ball (random_start: true); --inner rgd takes RGD's own
-    start at x. Controls: --inner pgd (the config's class) keeps the config's start, and a
+    """configs/mnist.yaml starts PQGD in the ball (random_start: true); --inner rgd takes RGD's own
+    start at x. Controls: --inner pqgd (the config's class) keeps the config's start, and a
     random_start given after the switch wins."""
     config = yaml.safe_load((CONFIGS / "mnist.yaml").read_text())["model"]["inner"]["init_args"]
     assert config["random_start"] is True
@@ -204,7 +224,7 @@ def test_inner_switch_takes_the_new_classs_start(capsys: pytest.CaptureFixture) 
         return resolved_config(capsys, *argv)["model"]["inner"]["init_args"]["random_start"]
 
     assert start("--inner", "rgd") is False
-    assert start("--inner", "pgd") is True
+    assert start("--inner", "pqgd") is True
     assert start("--inner", "rgd", "--model.inner.init_args.random_start", "true") is True
 
 
@@ -354,8 +374,8 @@ def test_help_starts_with_the_short_flags_and_their_resolved_defaults(
     first = text.splitlines()[: 2 * len(SHORT_FLAGS) + 1]
     assert first[0].startswith("Short flags") and "mnist.yaml" in first[0]
     table = "\n".join(first)
-    for shown in ("--dataset mnist ", "--inner pgd ", "--steps 10 ", "--eps 0.3 ", "--net madry_mnist "):
-        assert shown in table, shown
+    for shown in ("--dataset mnist ", "--inner pqgd ", "--steps 10 ", "--eps 0.4/0.3 ", "--net madry_mnist "):
+        assert shown in table, shown  # --eps: the inner attack's radius, then validation's (they differ)
     assert "sets model.inner.init_args.eps, model.val_attack.init_args.eps" in table
     # The values come from the resolved config, so another config file shows its own.
     fast = "\n".join(help_text("--config", str(CONFIGS / "mnist_fast.yaml")).splitlines()[:20])

@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import yaml
 
 from benchmarks import cheap_training
 
@@ -122,3 +123,28 @@ def test_runs_plans_only_the_named_runs_and_refuses_an_unknown_one_naming_the_gr
     message = capsys.readouterr().err
     assert refused.value.code == 2 and message.count("\n") == 1
     assert "no run atta3 in budget cpu" in message and "atta2_b100" in message
+
+
+def test_each_grid_run_trains_at_the_judged_radius_unless_its_flags_set_another(
+    study, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """configs/mnist.yaml trains at eps 0.4 since 2026-12-07; the study's commands start with
+    ``--eps 0.3``, so the recorded rows stay the recipes they were: ``main`` PQGD-10 at 0.3 (alpha
+    0.03), ``pgd10`` at 0.3 (alpha 0.12), ``main_eps04`` at 0.4 (alpha 0.04); validation at 0.3.
+    Control: ``main``'s command without that prefix trains at the config's 0.4."""
+    from qgtrain.cli.train import main as train_main
+
+    def inner(command: list[str]) -> dict:
+        with pytest.raises(SystemExit):
+            train_main([*command[command.index("train.py") + 1 :], "--print_config"])
+        model = yaml.safe_load(capsys.readouterr().out)["model"]
+        assert model["val_attack"]["init_args"]["eps"] == 0.3
+        return model["inner"]["init_args"]
+
+    plan = study.Study(study.BUDGETS["main"], tmp_path, None, None)
+    command = {run.name: plan.train(run, 0).command for run in study.BUDGETS["main"].grid}
+    assert inner(command["main"]).items() >= {"eps": 0.3, "alpha": pytest.approx(0.03), "b": 100}.items()
+    assert inner(command["pgd10"]).items() >= {"eps": 0.3, "alpha": 0.12}.items()
+    assert inner(command["main_eps04"]).items() >= {"eps": 0.4, "alpha": pytest.approx(0.04)}.items()
+    bare = [arg for arg in command["main"] if arg not in study.AT_THE_THREAT_MODEL]
+    assert inner(bare)["eps"] == 0.4

@@ -156,8 +156,10 @@ def refuse_arguments_without_an_attack(config: Namespace, given: Mapping[str, st
 
 def switch_attack(parser: Any, namespace: Namespace, name: str) -> None:
     """``--inner NAME``: the inner attack becomes NAME's class, or null. Another class than the
-    config's takes its own ``b``, ``random_start`` (and a single-step class its ``steps``) and
-    ``alpha: null`` (its rule), unless a flag before ``--inner`` set them; other arguments carry over."""
+    config's takes its own ``b``, ``random_start`` (and a single-step class its ``steps``),
+    ``alpha: null`` (its rule) and the threat model's ``eps`` (the validation attack's: a config's
+    training radius beyond it, mnist.yaml's 0.4, belongs to the config's recipe), unless a flag
+    before ``--inner`` set them; other arguments carry over."""
     cls, current, set_before = ATTACKS.get(name), namespace.get("model.inner"), parser.set_before_inner.pop(0)
     if cls is None:
         namespace["model.inner"] = None
@@ -168,6 +170,9 @@ def switch_attack(parser: Any, namespace: Namespace, name: str) -> None:
         args |= {k: v for k, v in carried.items() if k in args and (k not in specific or f"{INNER}.{k}" in set_before)}
         if "alpha" in args and f"{INNER}.alpha" not in set_before:
             args["alpha"] = None
+        threat = namespace.get(VALIDATION + ".eps") if namespace.get("model.val_attack") is not None else None
+        if "eps" in args and threat is not None and f"{INNER}.eps" not in set_before:
+            args["eps"] = threat
         namespace["model.inner"] = Namespace(class_path=class_path(cls), init_args=Namespace(**args))
 
 
@@ -233,6 +238,10 @@ def short_flag_help(config: Any = None, source: str = "") -> str:
     """The table: each flag with its value in ``config`` and the keys it sets."""
 
     def shown(row: ShortFlag) -> str:
+        if config is not None and row.choices is None and len(row.keys) > 1:  # --eps 0.4/0.3: each key's, where they differ
+            values = list(dict.fromkeys(str(config.get(key)) for key in row.keys if config.get(key) is not None))
+            if len(values) > 1:
+                return "/".join(values)
         value = config.get("data" if row.flag == "--dataset" else row.keys[0]) if config is not None else None
         if row.choices is not None:
             if row.flag == "--inner" and config is not None and value is None:
