@@ -175,7 +175,8 @@ def _record_trainer(seen: dict[str, Any]) -> Any:
 
 
 def test_the_readme_main_job_resolves_to_pqgd_10(recorder: dict[str, Any]) -> None:
-    """The Quickstart's main job, exactly as written there: PQGD-10, b 100, alpha 0.03, MadryMNIST."""
+    """The Quickstart's main job, exactly as written there: PQGD-10, b 100, trained at eps 0.4 with
+    alpha eps / k = 0.04 (validated at 0.3), MadryMNIST."""
     quickstart = next(
         argv for where, script, argv, _ in COMMANDS if where.startswith("README") and script == "train"
     )
@@ -184,7 +185,8 @@ def test_the_readme_main_job_resolves_to_pqgd_10(recorder: dict[str, Any]) -> No
         train_cli.main(quickstart)
     inner, net = recorder["module"].inner, recorder["module"].net
     assert type(inner).__name__ == "PQGD" and (inner.steps, inner.b) == (10, 100)
-    assert inner.alpha == pytest.approx(0.03) and type(net).__name__ == "MadryMNIST"
+    assert (inner.eps, recorder["module"].val_attack.eps) == (0.4, 0.3)
+    assert inner.alpha == pytest.approx(0.04) and type(net).__name__ == "MadryMNIST"
 
 
 def test_a_printed_config_trains_the_same_run(
