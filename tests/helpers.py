@@ -265,7 +265,7 @@ def ddp_fit(method: str, root: Path, folder: Path, epochs: int) -> tuple[dict, l
 
 
 ONE_STEP_ARGS = [
-    "--net", "tiny_cnn", "--inner", "pgd", "--steps", "1",
+    "--net", "tiny_cnn", "--inner", "pgd", "--steps", "1", "--alpha", "0.75",  # alpha given: not the rule's of steps
     "--data.init_args.train_subset", "100", "--data.init_args.val_size", "100",
     "--trainer.limit_train_batches", "1", "--trainer.limit_val_batches", "1",
     "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",

@@ -147,13 +147,16 @@ def test_apgd_takes_the_transcribed_algorithms_steps(case, name: str) -> None:
         assert bool((model(evaluation.x_adv[expected_fooled]).argmax(1) != y[expected_fooled]).all())
 
     # Controls: each former rule of ours in place of AutoAttack's gives other points on these examples
-    # (from a random start the first step raises the cross-entropy anyway; the late judgement shows on
-    # one example fooled at a halving, on the cross-entropy).
+    # (from a random start the first step raises the cross-entropy anyway). The late judgement shows
+    # only on an example fooled at a halving, which depends on the CPU's arithmetic (an AVX2 machine
+    # has none here): where the transcription itself gives the same points under that rule, no
+    # implementation could be told apart by it, and only the first control applies.
     controls = [{"condition_1": "paper"}, {"first_rise": "paper"} if name == "apgd_t" else {"judged": "after halving"}]
-    for rules in controls:
+    for i, rules in enumerate(controls):
         other_best, _, other_points = reference_apgd(model, x, y, start, target, **rules)
         changed = not torch.equal(best, other_best) or not torch.equal(evaluation.x_adv, other_points)
-        assert changed, f"{rules} gives the same points here: no control"
+        observable = i == 0 or "judged" not in rules or not torch.equal(other_points, expected_points)
+        assert changed or not observable, f"{rules} gives the same points here: no control"
 
 
 def test_the_random_start_is_autoattacks(case) -> None:
