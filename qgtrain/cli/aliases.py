@@ -170,7 +170,7 @@ def switch_attack(parser: Any, namespace: Namespace, name: str) -> None:
         args |= {k: v for k, v in carried.items() if k in args and (k not in specific or f"{INNER}.{k}" in set_before)}
         if "alpha" in args and f"{INNER}.alpha" not in set_before:
             args["alpha"] = None
-        threat = namespace.get(VALIDATION + ".eps") if namespace.get("model.val_attack") is not None else None
+        threat = namespace.get(f"{VALIDATION}.eps") if namespace.get("model.val_attack") is not None else None
         if "eps" in args and threat is not None and f"{INNER}.eps" not in set_before:
             args["eps"] = threat
         namespace["model.inner"] = Namespace(class_path=class_path(cls), init_args=Namespace(**args))
@@ -239,7 +239,7 @@ def short_flag_help(config: Any = None, source: str = "") -> str:
 
     def shown(row: ShortFlag) -> str:
         if config is not None and row.choices is None and len(row.keys) > 1:  # --eps 0.4/0.3: each key's, where they differ
-            values = list(dict.fromkeys(str(config.get(key)) for key in row.keys if config.get(key) is not None))
+            values = list(dict.fromkeys(str(v) for key in row.keys if (v := config.get(key)) is not None))
             if len(values) > 1:
                 return "/".join(values)
         value = config.get("data" if row.flag == "--dataset" else row.keys[0]) if config is not None else None
