@@ -79,6 +79,29 @@ def test_resuming_with_another_run_definition_is_one_line_naming_the_flag(
         train_cli.main(argv)
 
 
+def test_the_suggested_flags_resume_when_one_change_moves_another_value(
+    data_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """PQGD's α comes from its rule ε / steps: another ``--steps`` changes the recorded α too, and α
+    comes first in the record. The refusal's suggestion names every flag, so appending it as printed
+    resumes (naming only the first, ``--alpha 0.4``, would be refused again for the steps)."""
+    monkeypatch.setenv("QGTRAIN_DATA", str(data_root))
+    torch.set_num_threads(1)
+    rule = [a for a in ONE_STEP_ARGS if a not in ("--alpha", "0.75")]
+    rule[rule.index("pgd")] = "pqgd"
+    argv = [*rule, "--run-name", "r", *output_roots(tmp_path), "--epochs", "1"]
+    assert call_main(train_cli.main, argv) == 0
+    monkeypatch.setattr(L.Trainer, "fit", no_training)
+    refused = [*argv[: argv.index("--epochs")], "--epochs", "2", "--resume", "last", "--steps", "2"]
+    assert call_main(train_cli.main, refused) == 2
+    (line,) = error_lines(capsys.readouterr().err)
+    assert "was trained with inner.alpha 0.4, this run has 0.2 (and inner.steps)" in line, line
+    suggestion = line.split("; resume with ")[1].split(", or pass")[0]
+    assert suggestion == "--alpha 0.4 --steps 1", line
+    with pytest.raises(AssertionError, match="training started"):  # as printed, accepted
+        train_cli.main([*refused, *suggestion.split()])
+
+
 def test_an_older_checkpoint_without_the_optimizer_record_is_checked_by_its_state(
     run: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:

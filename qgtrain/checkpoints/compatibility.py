@@ -218,17 +218,19 @@ def check_run_record(
     average_key: str | None = None,
 ) -> list[tuple[str, Any, Any]]:  # fmt: skip
     """The differences between what ``checkpoint`` records (:func:`record_differences`) and this run:
-    without ``override`` the first is refused in one line naming the flag that resumes as recorded;
-    with it they are returned (logged by the caller, kept in the new checkpoints by
-    :class:`WeightsOrigin`)."""
+    without ``override`` they are refused in one line naming the first and the flags that resume as
+    recorded, all of them (a changed ``--steps`` also changes the α of PQGD's rule ε / steps: the
+    flag the user changed may come second); with it they are returned (logged by the caller, kept in
+    the new checkpoints by :class:`WeightsOrigin`)."""
     differences = record_differences(checkpoint, this_run, optimizer, average_key)
     if differences and not override:
         key, recorded, wanted = differences[0]
         also = f" (and {', '.join(d[0] for d in differences[1:])})" if len(differences) > 1 else ""
-        as_recorded = (
-            f"{flag_of(key)} {recorded}"
-            if recorded != "another optimizer"
-            else (f"{flag_of(key)} of the run that wrote it")
+        as_recorded = " ".join(
+            dict.fromkeys(
+                f"{flag_of(k)} {old}" if old != "another optimizer" else f"{flag_of(k)} of the run that wrote it"
+                for k, old, _ in differences
+            )
         )
         raise ResumeError(
             f"--resume: {path} was trained with {key} {recorded}, this run has {wanted}{also}; resume "
