@@ -137,6 +137,20 @@ def test_eps_warmup_ramps_the_inner_radius() -> None:
     assert radii == sorted(radii) and radii[-1] == pytest.approx(0.3)
 
 
+@pytest.mark.parametrize(
+    ("eps", "clip", "warns"),
+    [(0.4, (0.0, 1.0), False), (0.5, (0.0, 1.0), True), (0.5, (-1.0, 1.0), False), (1.0, (-1.0, 1.0), True)],
+)
+def test_a_training_radius_that_reaches_the_mid_range_image_warns(
+    eps: float, clip: tuple[float, float], warns: bool, recwarn: pytest.WarningsRecorder
+) -> None:
+    AdversarialTraining(TinyCNN(width=4), PGD(eps=eps, alpha=0.1, steps=2, clip=clip))
+    messages = [str(w.message) for w in recwarn if "half the input range" in str(w.message)]
+    assert len(messages) == warns
+    if warns:
+        assert f"constant {(clip[0] + clip[1]) / 2:g} image" in messages[0]
+
+
 def test_short_pgd_training_learns_and_gains_robustness(data_root: Path) -> None:
     """One short epoch on 4000 real MNIST images: clean accuracy far above chance, robust accuracy
     above an untrained network's, measured with the same attack on held-out test images."""

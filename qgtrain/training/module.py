@@ -96,6 +96,23 @@ def warn_if_probabilities(outputs: torch.Tensor) -> None:
         )
 
 
+def warn_if_radius_erases_inputs(inner: Attack | None) -> None:
+    """An L-inf ball of radius >= half the input range holds the constant mid-range image around every
+    input: the inner maximiser can erase any example, no classifier is robust at that radius, and the
+    min-max collapses to chance (MNIST at eps 0.5: docs/RESULTS.md section 3)."""
+    eps, clip = getattr(inner, "eps", None), getattr(inner, "clip", None)
+    if eps is None or clip is None:
+        return
+    half_range = (clip[1] - clip[0]) / 2
+    if eps >= half_range:
+        rank_zero_warn(
+            f"the inner attack's eps {eps:g} is at least half the input range {tuple(clip)}: every input "
+            f"reaches the constant {clip[0] + half_range:g} image, so no classifier is robust at the "
+            "training radius and training collapses to chance; train at a smaller eps",
+            category=UserWarning,
+        )
+
+
 def default_val_attack() -> PGD:
     return PGD(eps=DEFAULT_EPS, alpha=0.04, steps=10)
 
@@ -264,6 +281,7 @@ class AdversarialTraining(L.LightningModule):
             raise ValueError(f"awp_gamma must be a number >= 0 (0: no AWP), got {awp_gamma!r}")
         if isinstance(awp_warmup_epochs, bool) or not isinstance(awp_warmup_epochs, int) or awp_warmup_epochs < 0:  # fmt: skip
             raise ValueError(f"awp_warmup_epochs must be an integer >= 0, got {awp_warmup_epochs!r}")
+        warn_if_radius_erases_inputs(inner)
         free = getattr(inner, "reuses_training_backward", False)
         if objective in OBJECTIVE_ATTACK_LOSS:
             if inner is None:
